@@ -1,0 +1,1 @@
+"""Datasets (embedded offline defaults first) and federated partitioning."""

@@ -1,0 +1,1 @@
+"""Federated training: aggregation math, client logic and the simulation runner."""

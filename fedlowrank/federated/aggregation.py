@@ -1,0 +1,149 @@
+"""Heterogeneous-rank aggregation of factorized models, matching tensors by key.
+
+A factorized layer appears in a state dict as ``<prefix>.U`` (m, r) and ``<prefix>.V`` (r, n);
+everything else is an ordinary tensor. No rule needs to know the architecture.
+
+Rules:
+* ``fedlmt``: every client trains the same rank; FedAvg of U and V (FedLMT).
+* ``slice``: client k trains the first r_k rank slots; each slot j is averaged over the
+  clients with r_k > j (FjORD / HeteroFL style). Untrained slots keep their value.
+* ``product``: the global layer is the best rank-R factorization of Σ_k w_k U_k V_k,
+  computed exactly from the stacked factors (FedHM / FlexLoRA style), no dense matrix.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fedlowrank.lowrank.layers import rank_from_budget
+from fedlowrank.lowrank.spectrum import balanced_factors, factored_svd, refactorize_sum
+
+State = dict[str, Tensor]
+
+
+def factor_prefixes(state: State) -> list[str]:
+    """Prefixes ``p`` with both ``p.U`` and ``p.V`` 2-D tensors in ``state``."""
+    out = []
+    for k, v in state.items():
+        if k.endswith(".U") and v.ndim == 2:
+            p = k[:-2]
+            if f"{p}.V" in state and state[f"{p}.V"].ndim == 2:
+                out.append(p)
+    return out
+
+
+def layer_ranks(state: State) -> dict[str, int]:
+    return {p: state[f"{p}.U"].shape[1] for p in factor_prefixes(state)}
+
+
+def budget_ranks(global_state: State, ratio: float | None = None, rank: int | None = None) -> dict[str, int]:
+    """Per-layer rank of a client budget, capped by the global model's rank."""
+    out = {}
+    for p in factor_prefixes(global_state):
+        m, R = global_state[f"{p}.U"].shape
+        n = global_state[f"{p}.V"].shape[1]
+        out[p] = min(R, rank_from_budget(min(m, n), rank=rank, ratio=ratio))
+    return out
+
+
+def client_view(global_state: State, ranks: dict[str, int], rule: str) -> State:
+    """The model a client with per-layer ``ranks`` downloads.
+
+    ``slice``/``fedlmt``: the first r slots. ``product``: the best rank-r approximation
+    (factored SVD of the global factors, balanced).
+    """
+    out: State = {}
+    pref = set(factor_prefixes(global_state))
+    for k, v in global_state.items():
+        p = k[:-2]
+        if p in pref and k.endswith((".U", ".V")):
+            continue
+        out[k] = v.clone()
+    for p in pref:
+        U, V, r = global_state[f"{p}.U"], global_state[f"{p}.V"], ranks[p]
+        if rule == "product" and r < U.shape[1]:
+            P, S, Qh = factored_svd(U, V)
+            Ur, Vr = balanced_factors(P, S, Qh, r)
+        else:
+            Ur, Vr = U[:, :r], V[:r]
+        out[f"{p}.U"], out[f"{p}.V"] = Ur.contiguous().clone(), Vr.contiguous().clone()
+    return out
+
+
+def expected_shapes(view: State) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in view.items()}
+
+
+def validate_update(update: State, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Reason to reject a client update (missing/extra keys, wrong shape, non-finite), or None."""
+    missing = sorted(set(expected) - set(update))
+    extra = sorted(set(update) - set(expected))
+    if missing or extra:
+        return f"key mismatch: missing={missing[:5]} extra={extra[:5]}"
+    for k, shape in expected.items():
+        t = update[k]
+        if tuple(t.shape) != shape:
+            return f"shape mismatch for {k}: got {tuple(t.shape)}, expected {shape}"
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return f"non-finite values in {k}"
+    return None
+
+
+def _normalise(weights: list[float]) -> list[float]:
+    if not weights or any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"aggregation weights must be non-negative with a positive sum, got {weights}")
+    s = float(sum(weights))
+    return [w / s for w in weights]
+
+
+def aggregate(global_state: State, updates: list[State], weights: list[float], rule: str) -> State:
+    """New global state from validated client ``updates`` weighted by ``weights`` (e.g. #examples)."""
+    if rule not in ("fedlmt", "slice", "product"):
+        raise ValueError(f"unknown aggregation rule {rule!r}")
+    if not updates:
+        return {k: v.clone() for k, v in global_state.items()}
+    w = _normalise(weights)
+    pref = factor_prefixes(global_state)
+    factor_keys = {f"{p}.{s}" for p in pref for s in "UV"}
+    new: State = {}
+    for k, g in global_state.items():  # ordinary tensors: FedAvg (ints: keep the first client's)
+        if k in factor_keys:
+            continue
+        if g.is_floating_point():
+            new[k] = sum(wi * u[k].to(g.dtype) for wi, u in zip(w, updates))  # type: ignore[assignment]
+        else:
+            new[k] = updates[0][k].clone()
+    for p in pref:
+        gU, gV = global_state[f"{p}.U"], global_state[f"{p}.V"]
+        Us = [u[f"{p}.U"] for u in updates]
+        Vs = [u[f"{p}.V"] for u in updates]
+        if rule == "fedlmt":
+            if any(U.shape != gU.shape for U in Us):
+                raise ValueError(f"fedlmt needs every client at the global rank for {p}")
+            new[f"{p}.U"] = sum(wi * U for wi, U in zip(w, Us))  # type: ignore[assignment]
+            new[f"{p}.V"] = sum(wi * V for wi, V in zip(w, Vs))  # type: ignore[assignment]
+        elif rule == "slice":
+            new[f"{p}.U"], new[f"{p}.V"] = _slice_average(gU, gV, Us, Vs, w)
+        else:
+            U, V = refactorize_sum(Us, Vs, w, gU.shape[1])
+            new[f"{p}.U"], new[f"{p}.V"] = U.to(gU.dtype), V.to(gV.dtype)
+    return {k: new[k] for k in global_state}  # keep key order
+
+
+def _slice_average(gU: Tensor, gV: Tensor, Us: list[Tensor], Vs: list[Tensor], w: list[float]) -> tuple[Tensor, Tensor]:
+    """Slot-wise weighted average over the clients that trained each rank slot."""
+    R = gU.shape[1]
+    num_U, num_V = torch.zeros_like(gU), torch.zeros_like(gV)
+    den = torch.zeros(R, dtype=gU.dtype, device=gU.device)
+    for wi, U, V in zip(w, Us, Vs):
+        r = U.shape[1]
+        num_U[:, :r] += wi * U
+        num_V[:r] += wi * V
+        den[:r] += wi
+    trained = den > 0
+    U, V = gU.clone(), gV.clone()
+    U[:, trained] = num_U[:, trained] / den[trained]
+    V[trained] = num_V[trained] / den[trained, None]
+    return U, V

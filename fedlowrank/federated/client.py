@@ -1,0 +1,109 @@
+"""Client-side logic: rebuild the model at the received ranks, train locally, report."""
+from __future__ import annotations
+
+import functools
+import logging
+import random
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedlowrank.config import FederatedRun
+from fedlowrank.data.partition import client_dataset, partition_indices
+from fedlowrank.data.vision import ImageData, load_image_data
+from fedlowrank.lowrank import count_params, lowrank_modules
+from fedlowrank.lowrank.layers import rank_from_budget
+from fedlowrank.models.build import build_lowrank_vision
+from fedlowrank.training.loop import train_classifier
+
+from .aggregation import State
+
+log = logging.getLogger(__name__)
+
+
+class SimulatedClientFailure(RuntimeError):
+    """Raised on purpose to simulate a device dropping out of a round."""
+
+
+@functools.lru_cache(maxsize=4)
+def _image_data(name: str, root: str, download: bool, seed: int) -> ImageData:
+    return load_image_data(name, root=root, download=download, seed=seed)
+
+
+@functools.lru_cache(maxsize=8)
+def _partitions(name: str, root: str, download: bool, seed: int, kind: str, n: int, alpha: float,
+                min_size: int) -> list[np.ndarray]:
+    data = _image_data(name, root, download, seed)
+    return partition_indices(data.y_train, kind, n, alpha, seed + 42, min_size)
+
+
+def client_data(run: FederatedRun, partition_id: int, num_partitions: int):
+    d, f = run.data, run.fed
+    data = _image_data(d.name, d.root, d.download, d.seed)
+    parts = _partitions(d.name, d.root, d.download, d.seed, f.partition, num_partitions, f.alpha, f.min_partition_size)
+    return client_dataset(data.x_train, data.y_train, parts[partition_id])
+
+
+def model_from_state(run: FederatedRun, state: State) -> nn.Module:
+    """Model skeleton whose factorized layers take the ranks found in ``state``, then loaded."""
+    model = build_lowrank_vision(run.model, run.data.name, rank=1)
+    for name, layer in lowrank_modules(model).items():
+        U, V = state.get(f"{name}.U"), state.get(f"{name}.V")
+        if U is None or V is None:
+            raise KeyError(f"state has no factors for layer {name!r}")
+        layer._replace_factors(U.detach().clone(), V.detach().clone())
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def check_budget(model: nn.Module, budget: dict[str, float | int]) -> None:
+    """A device refuses a model larger than its rank budget."""
+    for name, layer in lowrank_modules(model).items():
+        allowed = rank_from_budget(layer.full_rank, rank=budget.get("rank"), ratio=budget.get("ratio"))  # type: ignore[arg-type]
+        if layer.rank > allowed:
+            raise ValueError(f"layer {name} has rank {layer.rank} > budget {allowed} ({budget})")
+
+
+def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state: State,
+                server_round: int) -> tuple[State, dict[str, float]]:
+    """Train the received model on this client's partition; returns (state, metrics)."""
+    f = run.fed
+    rng = random.Random(f"{run.seed}-{server_round}-{partition_id}")
+    if rng.random() < f.dropout_prob:
+        raise SimulatedClientFailure(f"client {partition_id} dropped out in round {server_round}")
+    torch.manual_seed(run.seed * 100_003 + server_round * 1009 + partition_id)
+    budget = f.budget(partition_id)
+    model = model_from_state(run, state)
+    check_budget(model, budget)
+    ds = client_data(run, partition_id, num_partitions)
+    loader = DataLoader(ds, batch_size=f.batch_size, shuffle=True)
+    opt = torch.optim.SGD(model.parameters(), lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
+    stats = train_classifier(model, loader, opt, epochs=f.local_epochs, max_steps=f.local_steps,
+                             frob_decay=f.frob_decay)
+    layers = lowrank_modules(model)
+    metrics = {
+        "train_loss": stats["loss"], "train_accuracy": stats["accuracy"], "steps": stats["steps"],
+        "num-examples": float(len(ds)), "partition_id": float(partition_id),
+        "rank_sum": float(sum(m.rank for m in layers.values())),
+        "rank_ratio": float(np.mean([m.rank / m.full_rank for m in layers.values()])) if layers else 1.0,
+        "params": float(count_params(model)),
+    }
+    new_state = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
+    return inject_fault(f.fault_map().get(partition_id), new_state, partition_id), metrics
+
+
+def inject_fault(kind: str | None, state: State, partition_id: int) -> State:
+    """Corrupt an update on purpose (config ``fed.faults``) to exercise server-side checks."""
+    if kind is None:
+        return state
+    if kind == "crash":
+        raise SimulatedClientFailure(f"client {partition_id} crashed (injected fault)")
+    key = next(k for k in state if k.endswith(".U"))
+    bad = dict(state)
+    if kind == "nan":
+        bad[key] = state[key].clone().fill_(float("nan"))
+    elif kind == "shape":
+        bad[key] = torch.cat([state[key], state[key][:, :1]], dim=1)
+    return bad

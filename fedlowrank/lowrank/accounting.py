@@ -1,0 +1,39 @@
+"""Parameter, FLOP and byte accounting."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .layers import LowRankMixin
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_flops(model: nn.Module, *inputs: torch.Tensor, backward: bool = False) -> int:
+    """FLOPs of one forward (and optionally backward) pass, via ``torch.utils.flop_counter``."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(*inputs)
+        if backward:
+            (out if isinstance(out, torch.Tensor) else out[0]).float().sum().backward()
+    return int(counter.get_total_flops())
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> int:
+    """Bytes of a tensor dict as sent on the wire (numel × element size)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def compression_summary(model: nn.Module) -> dict[str, float]:
+    """Dense-equivalent vs actual parameter counts of the factorized layers."""
+    dense = fact = 0
+    for m in model.modules():
+        if isinstance(m, LowRankMixin):
+            dense += m.dense_params()
+            fact += m.factor_params()
+    total = count_params(model)
+    return {"params": total, "factorized_params": fact, "dense_equiv_params": dense,
+            "params_if_dense": total - fact + dense, "ratio": total / max(1, total - fact + dense)}

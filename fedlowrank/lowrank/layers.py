@@ -1,0 +1,267 @@
+"""Factorized layers: ``W ≈ U @ V`` with an explicit, changeable rank.
+
+Both layers store two 2-D factors so every rank operation (spectrum, truncation,
+aggregation) is shared:
+
+* ``LowRankLinear``: U (out, r), V (r, in); ``y = x Vᵀ Uᵀ + b``.
+* ``LowRankConv2d``: U (out, r), V (r, in·kh·kw); a k×k conv with r filters followed by
+  a 1×1 conv to ``out`` channels.
+
+Rank changes are explicit calls (``set_rank``/``truncate``/``grow``); ``forward`` never
+changes state. Callers owning an optimizer must remap its state afterwards
+(see :func:`fedlowrank.training.optim.remap_optimizer_state`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .spectrum import balanced_factors, factored_svd, factored_svdvals
+
+
+def rank_from_budget(full_rank: int, rank: int | None = None, ratio: float | None = None) -> int:
+    """Resolve a rank budget: an absolute ``rank`` or a ``ratio`` of ``full_rank``, in [1, full_rank]."""
+    if (rank is None) == (ratio is None):
+        raise ValueError("give exactly one of rank= or ratio=")
+    if rank is not None:
+        if int(rank) != rank or rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        return min(int(rank), full_rank)
+    if not (0.0 < float(ratio) <= 1.0):  # type: ignore[arg-type]
+        raise ValueError(f"rank ratio must be in (0, 1], got {ratio!r}")
+    return max(1, min(full_rank, int(math.ceil(float(ratio) * full_rank - 1e-9))))  # type: ignore[arg-type]
+
+
+class LowRankMixin(nn.Module):
+    """Shared factor algebra. Subclasses define ``forward`` and ``weight_shape``."""
+
+    U: nn.Parameter  # (out, r)
+    V: nn.Parameter  # (r, fan_in)
+
+    def _init_factors(self, out_dim: int, fan_in: int, rank: int, device=None, dtype=None) -> None:
+        full = min(out_dim, fan_in)
+        if not 1 <= rank <= full:
+            raise ValueError(f"rank must be in [1, {full}] for a {out_dim}x{fan_in} weight, got {rank}")
+        self.U = nn.Parameter(torch.empty(out_dim, rank, device=device, dtype=dtype))
+        self.V = nn.Parameter(torch.empty(rank, fan_in, device=device, dtype=dtype))
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def rank(self) -> int:
+        return self.U.shape[1]
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.U.shape[0], self.V.shape[1])
+
+    def weight_2d(self) -> Tensor:
+        """Dense (out, fan_in) product. For merging/tests only; training never needs it."""
+        return self.U @ self.V
+
+    # ------------------------------------------------------------------ init
+    def spectral_init_(self, dense_2d: Tensor | None = None) -> None:
+        """Set factors to the balanced rank-r truncated SVD of ``dense_2d`` (default: a
+        fresh Kaiming-uniform dense init, i.e. spectral initialisation)."""
+        out_dim, fan_in = self.U.shape[0], self.V.shape[1]
+        if dense_2d is None:
+            dense_2d = torch.empty(out_dim, fan_in, device=self.U.device)
+            nn.init.kaiming_uniform_(dense_2d, a=math.sqrt(5))
+        if tuple(dense_2d.shape) != (out_dim, fan_in):
+            raise ValueError(f"dense weight shape {tuple(dense_2d.shape)} != {(out_dim, fan_in)}")
+        work = dense_2d.detach().double() if dense_2d.dtype == torch.float64 else dense_2d.detach().float()
+        P, S, Qh = torch.linalg.svd(work, full_matrices=False)
+        U, V = balanced_factors(P, S, Qh, self.rank)
+        with torch.no_grad():
+            self.U.copy_(U)
+            self.V.copy_(V)
+
+    # ------------------------------------------------------------------ spectrum / regularisation
+    def spectrum(self) -> Tensor:
+        """Singular values (descending, length ≤ r) of U·V from the thin factors."""
+        return factored_svdvals(self.U, self.V)
+
+    def frobenius_decay(self) -> Tensor:
+        """‖U V‖_F² = tr((UᵀU)(VVᵀ)) — differentiable, O((m+n) r²), no dense product."""
+        return ((self.U.T @ self.U) * (self.V @ self.V.T)).sum()
+
+    # ------------------------------------------------------------------ rank changes
+    def set_rank(self, rank: int) -> None:
+        """Truncate (optimal, via factored SVD) or grow (function unchanged) to ``rank``."""
+        if rank < self.rank:
+            self.truncate(rank)
+        elif rank > self.rank:
+            self.grow(rank)
+
+    def truncate(self, rank: int) -> None:
+        """Best rank-``rank`` approximation of U·V (Eckart–Young), balanced factors."""
+        if not 1 <= rank <= self.rank:
+            raise ValueError(f"truncate needs 1 <= rank <= {self.rank}, got {rank}")
+        P, S, Qh = factored_svd(self.U, self.V)
+        U, V = balanced_factors(P, S, Qh, rank)
+        self._replace_factors(U, V)
+
+    def grow(self, rank: int, std: float | None = None) -> None:
+        """Append ``rank - r`` components: new V rows random, new U columns zero, so the
+        layer's function is unchanged while both get gradients (as in LoRA)."""
+        if not self.rank <= rank <= self.full_rank:
+            raise ValueError(f"grow needs {self.rank} <= rank <= {self.full_rank}, got {rank}")
+        extra = rank - self.rank
+        if extra == 0:
+            return
+        fan_in = self.V.shape[1]
+        std = (1.0 / math.sqrt(fan_in)) if std is None else std
+        newV = torch.randn(extra, fan_in, device=self.V.device, dtype=self.V.dtype) * std
+        newU = torch.zeros(self.U.shape[0], extra, device=self.U.device, dtype=self.U.dtype)
+        self._replace_factors(torch.cat([self.U.detach(), newU], 1), torch.cat([self.V.detach(), newV], 0))
+
+    def _replace_factors(self, U: Tensor, V: Tensor) -> None:
+        req = self.U.requires_grad
+        self.U = nn.Parameter(U.to(self.U.dtype).contiguous(), requires_grad=req)
+        self.V = nn.Parameter(V.to(self.V.dtype).contiguous(), requires_grad=req)
+
+    # ------------------------------------------------------------------ accounting
+    def dense_params(self) -> int:
+        return self.U.shape[0] * self.V.shape[1]
+
+    def factor_params(self) -> int:
+        return self.U.numel() + self.V.numel()
+
+
+class LowRankLinear(LowRankMixin):
+    """Linear layer ``y = x Vᵀ Uᵀ + b``. x: (..., in) → y: (..., out)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, bias: bool = True,
+        device=None, dtype=None, init: str = "spectral",
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_factors(out_features, in_features, rank, device, dtype)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.use_kernel = False  # set by fedlowrank.kernels.enable_kernels
+        if init == "spectral":
+            self.spectral_init_()
+        elif init == "random":
+            nn.init.normal_(self.U, std=(1.0 / rank) ** 0.5)
+            nn.init.normal_(self.V, std=(1.0 / in_features) ** 0.5)
+        else:
+            raise ValueError(f"unknown init {init!r} (spectral|random)")
+        if self.bias is not None:
+            bound = 1 / math.sqrt(in_features)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_features, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.use_kernel and x.is_cuda:
+            from fedlowrank.kernels import lowrank_linear
+
+            return lowrank_linear(x, self.U, self.V, self.bias)
+        return F.linear(F.linear(x, self.V), self.U, self.bias)  # (..., r) → (..., out)
+
+    @classmethod
+    def from_dense(cls, layer: nn.Linear, rank: int | None = None, ratio: float | None = None) -> "LowRankLinear":
+        """SVD-initialised factorization of a dense ``nn.Linear`` (best rank-r approximation)."""
+        r = rank_from_budget(min(layer.out_features, layer.in_features), rank, ratio)
+        new = cls(layer.in_features, layer.out_features, r, bias=layer.bias is not None,
+                  device=layer.weight.device, dtype=layer.weight.dtype, init="random")
+        new.spectral_init_(layer.weight.data)
+        if layer.bias is not None:
+            new.bias.data.copy_(layer.bias.data)  # type: ignore[union-attr]
+        return new
+
+    def merge(self) -> nn.Linear:
+        """Dense ``nn.Linear`` computing the same function."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.U.device, dtype=self.U.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight_2d())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def flops_per_token(self) -> int:
+        return 2 * self.rank * (self.in_features + self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}/{self.full_rank}, bias={self.bias is not None}"
+
+
+class LowRankConv2d(LowRankMixin):
+    """Conv2d as a k×k conv to r channels (V) then a 1×1 conv to ``out`` (U).
+
+    x: (N, C_in, H, W) → (N, C_out, H', W').
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], rank: int,
+        stride=1, padding=0, dilation=1, bias: bool = True, padding_mode: str = "zeros",
+        device=None, dtype=None, init: str = "spectral",
+    ) -> None:
+        super().__init__()
+        if padding_mode != "zeros":
+            raise ValueError("LowRankConv2d supports padding_mode='zeros' only")
+        ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, ks
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        fan_in = in_channels * ks[0] * ks[1]
+        self._init_factors(out_channels, fan_in, rank, device, dtype)
+        self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype)) if bias else None
+        if init == "spectral":
+            self.spectral_init_()
+        elif init == "random":
+            nn.init.normal_(self.U, std=(1.0 / rank) ** 0.5)
+            nn.init.normal_(self.V, std=(1.0 / fan_in) ** 0.5)
+        else:
+            raise ValueError(f"unknown init {init!r} (spectral|random)")
+        if self.bias is not None:
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return (self.out_channels, self.in_channels, *self.kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = self.rank
+        h = F.conv2d(x, self.V.view(r, self.in_channels, *self.kernel_size), None,
+                     self.stride, self.padding, self.dilation)  # (N, r, H', W')
+        return F.conv2d(h, self.U.view(self.out_channels, r, 1, 1), self.bias)  # (N, out, H', W')
+
+    @classmethod
+    def from_dense(cls, layer: nn.Conv2d, rank: int | None = None, ratio: float | None = None) -> "LowRankConv2d":
+        if layer.groups != 1:
+            raise ValueError("grouped convolutions cannot be factorized")
+        if isinstance(layer.padding, str):
+            raise ValueError("string padding is not supported; use explicit padding")
+        out_c, in_c, kh, kw = layer.weight.shape
+        r = rank_from_budget(min(out_c, in_c * kh * kw), rank, ratio)
+        new = cls(in_c, out_c, (kh, kw), r, layer.stride, layer.padding, layer.dilation,
+                  bias=layer.bias is not None, padding_mode=layer.padding_mode,
+                  device=layer.weight.device, dtype=layer.weight.dtype, init="random")
+        new.spectral_init_(layer.weight.data.reshape(out_c, -1))
+        if layer.bias is not None:
+            new.bias.data.copy_(layer.bias.data)  # type: ignore[union-attr]
+        return new
+
+    def merge(self) -> nn.Conv2d:
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                         self.padding, self.dilation, bias=self.bias is not None,
+                         device=self.U.device, dtype=self.U.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight_2d().view(self.weight_shape))
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
+
+    def flops_per_position(self) -> int:
+        return 2 * self.rank * (self.V.shape[1] + self.out_channels)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, rank={self.rank}/{self.full_rank}")

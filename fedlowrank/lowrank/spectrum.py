@@ -1,0 +1,89 @@
+"""Spectral utilities on thin factors: never form the dense m×n product.
+
+For ``W = A @ B`` with ``A: (m, r)`` and ``B: (r, n)``:
+``A = Q_a R_a`` and ``Bᵀ = Q_b R_b`` (reduced QR), so ``W = Q_a (R_a R_bᵀ) Q_bᵀ``;
+an SVD of the small ``r×r`` core gives the SVD of W in O((m+n) r² + r³).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _work(t: Tensor) -> Tensor:
+    """Detached copy in a precision fit for QR/SVD: float64 stays, everything else float32."""
+    return t.detach().double() if t.dtype == torch.float64 else t.detach().float()
+
+
+def factored_svd(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``A @ B`` from the factors.
+
+    Args:
+        A: (m, r) left factor.  B: (r, n) right factor.
+    Returns:
+        ``(P, S, Qh)`` with ``A @ B == P @ diag(S) @ Qh``; P: (m, k), S: (k,), Qh: (k, n),
+        ``k = min(m, n, r)``, S sorted descending.
+    """
+    if A.ndim != 2 or B.ndim != 2 or A.shape[1] != B.shape[0]:
+        raise ValueError(f"factored_svd needs (m,r) @ (r,n), got {tuple(A.shape)} @ {tuple(B.shape)}")
+    dtype = A.dtype
+    A32, B32 = _work(A), _work(B)
+    Qa, Ra = torch.linalg.qr(A32, mode="reduced")  # (m, ka), (ka, r)
+    Qb, Rb = torch.linalg.qr(B32.T, mode="reduced")  # (n, kb), (kb, r)
+    core = Ra @ Rb.T  # (ka, kb)
+    P, S, Qh = torch.linalg.svd(core, full_matrices=False)
+    return (Qa @ P).to(dtype), S.to(dtype), (Qh @ Qb.T).to(dtype)
+
+
+def factored_svdvals(A: Tensor, B: Tensor) -> Tensor:
+    """Singular values of ``A @ B`` (descending) from the thin factors."""
+    A32, B32 = _work(A), _work(B)
+    Ra = torch.linalg.qr(A32, mode="r").R
+    Rb = torch.linalg.qr(B32.T, mode="r").R
+    return torch.linalg.svdvals(Ra @ Rb.T).to(A.dtype)
+
+
+def balanced_factors(P: Tensor, S: Tensor, Qh: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Split a truncated SVD into balanced factors ``U = P√S`` (m, rank), ``V = √S Qh`` (rank, n).
+
+    If ``rank`` exceeds the number of singular values the extra slots are zero-padded.
+    """
+    k = min(rank, S.numel())
+    root = S[:k].clamp_min(0).sqrt()
+    U = P[:, :k] * root
+    V = root[:, None] * Qh[:k]
+    if rank > k:
+        U = torch.cat([U, U.new_zeros(U.shape[0], rank - k)], dim=1)
+        V = torch.cat([V, V.new_zeros(rank - k, V.shape[1])], dim=0)
+    return U, V
+
+
+def refactorize_sum(
+    lefts: list[Tensor], rights: list[Tensor], weights: list[float], rank: int
+) -> tuple[Tensor, Tensor]:
+    """Best rank-``rank`` factors of ``Σ_k w_k U_k V_k`` without any dense matrix.
+
+    ``Σ w_k U_k V_k = [w_1 U_1, …, w_K U_K] @ [V_1; …; V_K]`` is itself a product of thin
+    factors of inner size ``Σ r_k``; its factored SVD is truncated to ``rank``.
+    Args: lefts: K tensors (m, r_k); rights: K tensors (r_k, n); weights: K floats.
+    Returns: U (m, rank), V (rank, n).
+    """
+    if not (len(lefts) == len(rights) == len(weights)) or not lefts:
+        raise ValueError("refactorize_sum needs equally many (>0) lefts, rights and weights")
+    A = torch.cat([w * U for w, U in zip(weights, lefts)], dim=1)
+    B = torch.cat(list(rights), dim=0)
+    P, S, Qh = factored_svd(A, B)
+    return balanced_factors(P, S, Qh, rank)
+
+
+def explained_rank(S: Tensor, threshold: float) -> int:
+    """Smallest k with ``Σ_{i<k} s_i² / Σ s_i² ≥ threshold`` (InRank's explained ratio)."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"explained-ratio threshold must be in (0, 1], got {threshold}")
+    energy = S.double().pow(2)
+    total = energy.sum()
+    if total <= 0:
+        return 1
+    cum = torch.cumsum(energy, 0) / total
+    k = int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype) - 1e-12).item()) + 1
+    return min(k, S.numel())

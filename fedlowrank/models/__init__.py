@@ -1,0 +1,1 @@
+"""Model definitions (dense); factorize them with fedlowrank.lowrank.factorize."""

@@ -1,0 +1,44 @@
+"""Build (factorized) models from plain config dicts."""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from torch import nn
+
+from fedlowrank.lowrank import factorize
+
+from .vision import VISION_MODELS, VisionConfig, build_vision_model
+
+_LOWRANK_KEYS = ("family", "name", "skip", "targets")
+
+
+def vision_config(model: dict[str, Any], data_name: str) -> VisionConfig:
+    from fedlowrank.config import IMAGE_SPECS
+
+    if data_name not in IMAGE_SPECS:
+        raise ValueError(f"no image spec for dataset {data_name!r}")
+    c, s, k = IMAGE_SPECS[data_name]
+    kw = {k_: v for k_, v in model.items() if k_ not in _LOWRANK_KEYS}
+    valid = {f.name for f in fields(VisionConfig)}
+    unknown = sorted(set(kw) - valid)
+    if unknown:
+        raise ValueError(f"model: unknown key(s) {unknown} for a vision model; valid: {sorted(valid | set(_LOWRANK_KEYS))}")
+    kw.update(in_channels=c, image_size=s, num_classes=k)
+    return VisionConfig(**kw)
+
+
+def validate_vision_model(model: dict[str, Any], data_name: str) -> None:
+    if model.get("family", "vision") != "vision":
+        raise ValueError(f"federated mode needs a vision model (model.family=vision), got {model.get('family')!r}")
+    cfg = vision_config(model, data_name)
+    if cfg.arch not in VISION_MODELS:
+        raise ValueError(f"unknown vision arch {cfg.arch!r}; choose from {sorted(VISION_MODELS)}")
+
+
+def build_lowrank_vision(model: dict[str, Any], data_name: str, ratio: float | None = None,
+                         rank: int | None = None) -> nn.Module:
+    """Dense vision model, then factorized with the budget; ``model['skip']`` layers stay dense."""
+    net = build_vision_model(vision_config(model, data_name))
+    factorize(net, rank=rank, ratio=ratio, targets=model.get("targets"), skip=model.get("skip"))
+    return net

@@ -1,0 +1,1 @@
+"""Training loops, schedulers and optimizer utilities."""

@@ -1,0 +1,63 @@
+"""One train loop / evaluation shared by central mode and federated clients (classification)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedlowrank.lowrank import frobenius_decay
+
+
+def train_classifier(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    epochs: int = 1,
+    max_steps: int | None = None,
+    frob_decay: float = 0.0,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Cross-entropy training with optional Frobenius decay on factorized layers.
+
+    Raises FloatingPointError on a non-finite loss (the caller decides what a failure means).
+    Returns mean loss, accuracy and optimizer steps taken.
+    """
+    model.train()
+    total, correct, loss_sum, steps = 0, 0, 0.0, 0
+    for _ in range(epochs):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            obj = loss + frob_decay * frobenius_decay(model) if frob_decay > 0 else loss
+            if not torch.isfinite(obj):
+                raise FloatingPointError(f"non-finite training loss at step {steps}: {obj.item()}")
+            optimizer.zero_grad(set_to_none=True)
+            obj.backward()
+            optimizer.step()
+            steps += 1
+            loss_sum += loss.item() * len(y)
+            total += len(y)
+            correct += (logits.argmax(-1) == y).sum().item()
+            if max_steps is not None and steps >= max_steps:
+                break
+        if max_steps is not None and steps >= max_steps:
+            break
+    return {"loss": loss_sum / max(1, total), "accuracy": correct / max(1, total), "steps": float(steps)}
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu") -> dict[str, float]:
+    model.eval()
+    total, correct, loss_sum = 0, 0, 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        total += len(y)
+    loss = loss_sum / max(1, total)
+    return {"loss": loss if math.isfinite(loss) else float("nan"), "accuracy": correct / max(1, total)}

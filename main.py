@@ -1,0 +1,38 @@
+"""Entry point: ``python main.py mode=federated`` or ``python main.py mode=central experiment=...``."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from fedlowrank.config import ConfigError
+
+log = logging.getLogger("fedlowrank")
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    with open_dict(cfg):
+        if cfg.get("out_dir") is None:
+            cfg.out_dir = HydraConfig.get().runtime.output_dir
+    logging.getLogger("flwr").propagate = False  # Flower has its own console handler
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mode = cfg.get("run_mode")
+    try:
+        if mode == "federated":
+            from fedlowrank.federated.runner import run
+        elif mode == "central":
+            from fedlowrank.central import run  # type: ignore[no-redef]
+        else:
+            raise ConfigError(f"unknown mode {mode!r} (federated|central)")
+        run(cfg)
+    except ConfigError as e:
+        log.error("invalid configuration: %s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Each aggregation rule against a hand computation; validation of client updates."""
+import math
+
+import pytest
+import torch
+
+from fedlowrank.federated.aggregation import (
+    aggregate, budget_ranks, client_view, expected_shapes, factor_prefixes, validate_update,
+)
+
+
+def _global(R=3, m=4, n=5):
+    return {"fc.U": torch.randn(m, R), "fc.V": torch.randn(R, n), "fc.bias": torch.randn(m),
+            "head.weight": torch.randn(2, m), "bn.num_batches_tracked": torch.tensor(7)}
+
+
+def _client(g, r):
+    return {"fc.U": torch.randn(g["fc.U"].shape[0], r), "fc.V": torch.randn(r, g["fc.V"].shape[1]),
+            "fc.bias": torch.randn_like(g["fc.bias"]), "head.weight": torch.randn_like(g["head.weight"]),
+            "bn.num_batches_tracked": torch.tensor(9)}
+
+
+def test_factor_prefixes_and_budget_ranks():
+    g = _global(R=4, m=10, n=8)
+    assert factor_prefixes(g) == ["fc"]
+    assert budget_ranks(g, ratio=0.25) == {"fc": 2}  # ceil(0.25 * 8)
+    assert budget_ranks(g, ratio=1.0) == {"fc": 4}  # capped at the global rank
+    assert budget_ranks(g, rank=3) == {"fc": 3}
+
+
+def test_fedlmt_is_fedavg_of_factors():
+    g = _global()
+    a, b = _client(g, 3), _client(g, 3)
+    new = aggregate(g, [a, b], [1.0, 3.0], "fedlmt")
+    for k in ("fc.U", "fc.V", "fc.bias", "head.weight"):
+        assert torch.allclose(new[k], 0.25 * a[k] + 0.75 * b[k])
+    assert int(new["bn.num_batches_tracked"]) == 9
+    with pytest.raises(ValueError):
+        aggregate(g, [_client(g, 2)], [1.0], "fedlmt")
+
+
+def test_slice_averages_each_slot_over_its_trainers():
+    g = _global(R=3)
+    a, b = _client(g, 1), _client(g, 2)  # weights 2 and 6
+    new = aggregate(g, [a, b], [2.0, 6.0], "slice")
+    # slot 0: both clients; slot 1: only b; slot 2: nobody -> global kept
+    assert torch.allclose(new["fc.U"][:, 0], (2 * a["fc.U"][:, 0] + 6 * b["fc.U"][:, 0]) / 8)
+    assert torch.allclose(new["fc.V"][0], (2 * a["fc.V"][0] + 6 * b["fc.V"][0]) / 8)
+    assert torch.allclose(new["fc.U"][:, 1], b["fc.U"][:, 1])
+    assert torch.allclose(new["fc.V"][1], b["fc.V"][1])
+    assert torch.equal(new["fc.U"][:, 2], g["fc.U"][:, 2]) and torch.equal(new["fc.V"][2], g["fc.V"][2])
+    assert torch.allclose(new["fc.bias"], 0.25 * a["fc.bias"] + 0.75 * b["fc.bias"])
+
+
+def test_product_is_best_rank_R_of_average_product():
+    g = _global(R=3, m=8, n=9)
+    cs = [_client(g, r) for r in (1, 2, 3)]
+    w = [1.0, 1.0, 2.0]
+    new = aggregate(g, cs, w, "product")
+    avg = sum(wi * c["fc.U"] @ c["fc.V"] for wi, c in zip(w, cs)) / 4
+    s = torch.linalg.svdvals(avg)
+    err = (new["fc.U"] @ new["fc.V"] - avg).norm().item()
+    assert math.isclose(err, s[3:].norm().item(), rel_tol=1e-4, abs_tol=1e-5)
+    assert new["fc.U"].shape == (8, 3) and new["fc.V"].shape == (3, 9)
+    # balanced factors: UᵀU == VVᵀ == diag(S)
+    assert torch.allclose(new["fc.U"].T @ new["fc.U"], new["fc.V"] @ new["fc.V"].T, atol=1e-4)
+
+
+def test_client_view_prefix_and_product_truncation():
+    g = _global(R=4, m=6, n=7)
+    v = client_view(g, {"fc": 2}, "slice")
+    assert torch.equal(v["fc.U"], g["fc.U"][:, :2]) and torch.equal(v["fc.V"], g["fc.V"][:2])
+    p = client_view(g, {"fc": 2}, "product")
+    W = g["fc.U"] @ g["fc.V"]
+    s = torch.linalg.svdvals(W)
+    assert math.isclose((p["fc.U"] @ p["fc.V"] - W).norm().item(), s[2:].norm().item(), rel_tol=1e-4)
+    assert torch.equal(v["head.weight"], g["head.weight"])
+
+
+def test_validate_update_rejects_bad_replies():
+    g = _global()
+    exp = expected_shapes(client_view(g, {"fc": 2}, "slice"))
+    good = _client(g, 2)
+    assert validate_update(good, exp) is None
+    nan = dict(good, **{"fc.U": good["fc.U"].clone().fill_(float("nan"))})
+    assert "non-finite" in validate_update(nan, exp)
+    assert "shape" in validate_update(_client(g, 3), exp)
+    missing = {k: v for k, v in good.items() if k != "fc.bias"}
+    assert "missing" in validate_update(missing, exp)
+    inf = dict(good, **{"head.weight": good["head.weight"] * float("inf")})
+    assert validate_update(inf, exp) is not None
+
+
+def test_aggregate_rejects_bad_weights_and_rule():
+    g = _global()
+    with pytest.raises(ValueError):
+        aggregate(g, [_client(g, 3)], [0.0], "slice")
+    with pytest.raises(ValueError):
+        aggregate(g, [_client(g, 3)], [1.0], "median")

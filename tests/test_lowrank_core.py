@@ -10,7 +10,15 @@ from fedlowrank.lowrank import (
     factored_svdvals, factorize, frobenius_decay, lowrank_modules, rank_from_budget, refactorize_sum,
 )
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Exact comparisons in float64, restored afterwards so other test modules are unaffected."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def rel(a, b):

@@ -88,12 +88,12 @@ class LowRankMixin(nn.Module):
         return ((self.U.T @ self.U) * (self.V @ self.V.T)).sum()
 
     # ------------------------------------------------------------------ rank changes
-    def set_rank(self, rank: int) -> None:
+    def set_rank(self, rank: int, generator: torch.Generator | None = None) -> None:
         """Truncate (optimal, via factored SVD) or grow (function unchanged) to ``rank``."""
         if rank < self.rank:
             self.truncate(rank)
         elif rank > self.rank:
-            self.grow(rank)
+            self.grow(rank, generator=generator)
 
     def truncate(self, rank: int) -> None:
         """Best rank-``rank`` approximation of U·V (Eckart–Young), balanced factors."""
@@ -103,7 +103,7 @@ class LowRankMixin(nn.Module):
         U, V = balanced_factors(P, S, Qh, rank)
         self._replace_factors(U, V)
 
-    def grow(self, rank: int, std: float | None = None) -> None:
+    def grow(self, rank: int, std: float | None = None, generator: torch.Generator | None = None) -> None:
         """Append ``rank - r`` components: new V rows random, new U columns zero, so the
         layer's function is unchanged while both get gradients (as in LoRA)."""
         if not self.rank <= rank <= self.full_rank:
@@ -113,7 +113,8 @@ class LowRankMixin(nn.Module):
             return
         fan_in = self.V.shape[1]
         std = (1.0 / math.sqrt(fan_in)) if std is None else std
-        newV = torch.randn(extra, fan_in, device=self.V.device, dtype=self.V.dtype) * std
+        # drawn on the CPU so a seeded generator gives identical rows on every process/device
+        newV = (torch.randn(extra, fan_in, generator=generator) * std).to(self.V.device, self.V.dtype)
         newU = torch.zeros(self.U.shape[0], extra, device=self.U.device, dtype=self.U.dtype)
         self._replace_factors(torch.cat([self.U.detach(), newU], 1), torch.cat([self.V.detach(), newV], 0))
 

@@ -1,0 +1,139 @@
+"""Typed config of central (single-node, multi-process) language-model pretraining."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedlowrank.config import ConfigError, to_dataclass
+from fedlowrank.methods.inrank import InRankConfig
+
+LM_ARCHS = ("gpt2", "llama")
+TEXT_DATA = ("pydoc", "shakespeare", "file", "wikitext103", "c4")
+
+
+@dataclass
+class LMConfig:
+    family: str = "lm"
+    arch: str = "gpt2"
+    size: str = "tiny"
+    dropout: float = 0.0
+    # low rank: none (dense) | fixed (rank/ratio) | inrank (ranks grow; needs method=inrank)
+    lowrank: str = "none"
+    rank: int | None = None
+    ratio: float | None = None
+    targets: list[str] = field(default_factory=lambda: [r"attn\.", r"mlp\."])
+    skip: list[str] = field(default_factory=lambda: ["lm_head"])
+
+
+@dataclass
+class TextDataConfig:
+    name: str = "pydoc"
+    tokenizer: str = "byte"  # byte | gpt2 (BPE from the HF hub)
+    path: str | None = None
+    val_fraction: float = 0.1
+    max_chars: int | None = None
+    cache_dir: str | None = "data/cache"
+    root: str = "data"
+    download: bool = True
+    seed: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    batch_size: int = 8  # per process, per micro-batch
+    grad_accum: int = 1
+    block_size: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 50
+    eval_iters: int = 8
+    log_interval: int = 10
+    ckpt_interval: int = 100
+    devices: int = 1  # >1 without torchrun: spawn that many workers
+    dist: str = "ddp"  # ddp | fsdp (FSDP2)
+    backend: str | None = None  # default: nccl on CUDA, gloo on CPU
+    precision: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp32
+    resume: str | None = None  # checkpoint dir, or "auto" = <out_dir>/checkpoints/last if present
+    stop_after: int | None = None  # stop (with a checkpoint) after this step, e.g. to fit a job's time limit
+    progress: bool = True
+    use_kernels: bool = False  # Triton fused low-rank linear on CUDA
+    compile: bool = False
+
+    def validate(self) -> None:
+        for k in ("max_steps", "batch_size", "grad_accum", "block_size", "eval_iters", "log_interval",
+                  "eval_interval", "ckpt_interval", "devices"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"trainer.{k} must be >= 1, got {getattr(self, k)}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ConfigError("trainer.lr must be > 0, min_lr_ratio in [0, 1], warmup_steps >= 0")
+        if self.dist not in ("ddp", "fsdp"):
+            raise ConfigError(f"trainer.dist must be ddp or fsdp, got {self.dist!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"trainer.precision must be auto|bf16|fp32, got {self.precision!r}")
+
+
+@dataclass
+class CentralRun:
+    model: LMConfig
+    data: TextDataConfig
+    trainer: TrainerConfig
+    method: dict[str, Any]
+    out_dir: str
+    seed: int = 0
+
+    def inrank(self) -> InRankConfig | None:
+        return to_dataclass(InRankConfig, self.method, "method") if self.method.get("name") == "inrank" else None
+
+    def validate(self) -> None:
+        m, t = self.model, self.trainer
+        t.validate()
+        if m.arch not in LM_ARCHS:
+            raise ConfigError(f"model.arch must be one of {LM_ARCHS} in central mode, got {m.arch!r}")
+        if m.lowrank not in ("none", "fixed", "inrank"):
+            raise ConfigError(f"model.lowrank must be none|fixed|inrank, got {m.lowrank!r}")
+        if m.lowrank == "fixed":
+            if (m.rank is None) == (m.ratio is None):
+                raise ConfigError("model.lowrank=fixed needs exactly one of model.rank / model.ratio")
+            if m.rank is not None and m.rank <= 0:
+                raise ConfigError(f"model.rank must be > 0, got {m.rank}")
+            if m.ratio is not None and not 0 < m.ratio <= 1:
+                raise ConfigError(f"model.ratio must be in (0, 1], got {m.ratio}")
+        if self.data.name not in TEXT_DATA:
+            raise ConfigError(f"data.name must be a text corpus {TEXT_DATA} in central mode, got {self.data.name!r}")
+        name = self.method.get("name", "none")
+        if name not in ("none", "inrank"):
+            raise ConfigError(f"method {name!r} is not available in central mode yet (none|inrank)")
+        if (name == "inrank") != (m.lowrank == "inrank"):
+            raise ConfigError("method=inrank and model.lowrank=inrank go together")
+        if name == "inrank":
+            try:
+                ir = self.inrank()
+                ir.validate()  # type: ignore[union-attr]
+            except (TypeError, ValueError) as e:
+                raise ConfigError(str(e)) from e
+            if t.dist == "fsdp" and ir.stage == 1:  # type: ignore[union-attr]
+                raise ConfigError("InRank stage 1 changes parameter shapes, which FSDP2 sharding does not allow; "
+                                  "use trainer.dist=ddp for stage 1 (stage 2 works with fsdp)")
+
+
+def central_run_from_cfg(cfg: DictConfig | dict) -> CentralRun:
+    cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    run = CentralRun(
+        model=to_dataclass(LMConfig, cfg.get("model", {}), "model"),
+        data=to_dataclass(TextDataConfig, cfg.get("data", {}), "data"),
+        trainer=to_dataclass(TrainerConfig, cfg.get("trainer", {}), "trainer"),
+        method=OmegaConf.to_container(cfg.get("method", {}) or {}, resolve=True),  # type: ignore[arg-type]
+        out_dir=str(cfg.get("out_dir") or os.path.join("outputs", "central")),
+        seed=int(cfg.get("seed", 0)),
+    )
+    run.validate()
+    return run

@@ -1,0 +1,305 @@
+"""Language-model pretraining loop: DDP/FSDP2, grad accumulation, cosine LR, bf16 autocast,
+eval perplexity, exact resume, TensorBoard, InRank stage 1 → compressed checkpoint → stage 2."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from fedlowrank.data.text import TextData, get_batch, load_text_data
+from fedlowrank.lowrank import count_params, factorize, lowrank_modules, model_ranks, set_ranks
+from fedlowrank.methods.inrank import InRank
+from fedlowrank.models.gpt2 import GPT2, GPT2Config
+from fedlowrank.models.llama import Llama, LlamaConfig
+from fedlowrank.training.optim import param_groups, remap_optimizer_state
+from fedlowrank.training.schedulers import cosine_lr
+
+from .config import CentralRun
+from .dist import (DistEnv, full_state, init_dist, load_checkpoint_meta, load_optimizer_state, load_weights,
+                   save_checkpoint, wrap_model)
+
+log = logging.getLogger(__name__)
+
+
+def build_lm(run: CentralRun, vocab_size: int) -> nn.Module:
+    """Dense GPT-2/LLaMA, factorized per ``model.lowrank`` (fixed budget or InRank's start rank)."""
+    m, t = run.model, run.trainer
+    if m.arch == "gpt2":
+        model: nn.Module = GPT2(GPT2Config.from_size(m.size, vocab_size=vocab_size, block_size=t.block_size,
+                                                     dropout=m.dropout))
+    else:
+        model = Llama(LlamaConfig.from_size(m.size, vocab_size=vocab_size, block_size=t.block_size))
+    if m.lowrank == "fixed":
+        factorize(model, rank=m.rank, ratio=m.ratio, targets=m.targets, skip=m.skip)
+    elif m.lowrank == "inrank":
+        ir = run.inrank()
+        factorize(model, rank=ir.init_rank + ir.buffer, targets=m.targets, skip=m.skip)  # type: ignore[union-attr]
+    return model
+
+
+def _broadcast(obj, env: DistEnv):
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _mean(x: float, env: DistEnv) -> float:
+    if not env.distributed:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.item() / env.world
+
+
+class Trainer:
+    def __init__(self, run: CentralRun, env: DistEnv, data: TextData) -> None:
+        self.run, self.env, self.data, self.t = run, env, data, run.trainer
+        self.out = Path(run.out_dir)
+        self.bf16 = env.device.type == "cuda" and self.t.precision in ("auto", "bf16")
+        self.ir_cfg = run.inrank()
+        self.inrank = InRank(self.ir_cfg, run.seed) if self.ir_cfg else None
+        self.stage = self.ir_cfg.stage if self.ir_cfg else 0
+        self.step = 0
+        self.losses: list[tuple[int, float]] = []
+        self.evals: list[dict] = []
+        self.writer = None
+        torch.manual_seed(run.seed)  # identical init on every process
+        self.model = build_lm(run, data.vocab_size)
+        if self.inrank is not None and self.stage == 1:
+            self.inrank.prepare(self.model)
+        trainer_state = self._restore()
+        self.model.to(env.device)
+        if self.t.use_kernels and env.device.type == "cuda":
+            from fedlowrank.kernels import enable_kernels
+
+            enable_kernels(self.model)
+        self.wrapped = wrap_model(self.model, env, self.t.dist, self.bf16)
+        self.opt = self._make_optimizer()
+        if trainer_state is not None:
+            load_optimizer_state(self.wrapped, self.opt, trainer_state["optimizer"], self.t.dist, env)
+            self._set_rng(trainer_state["rng"][env.rank])
+        else:
+            torch.manual_seed(run.seed * 1000 + env.rank)  # dropout stream per process
+
+    # ------------------------------------------------------------------ setup helpers
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(param_groups(self.wrapped, self.t.weight_decay), lr=self.t.lr,
+                                 betas=(self.t.beta1, self.t.beta2), fused=self.env.device.type == "cuda")
+
+    def _restore(self) -> dict | None:
+        """Load a stage-1 checkpoint (InRank stage 2) and/or a resume checkpoint. Returns trainer state."""
+        if self.stage == 2 and self.ir_cfg and self.ir_cfg.stage == 2:
+            meta = load_checkpoint_meta(Path(self.ir_cfg.stage1_ckpt))  # type: ignore[arg-type]
+            set_ranks(self.model, meta["ranks"])
+            load_weights(self.model, Path(self.ir_cfg.stage1_ckpt))  # type: ignore[arg-type]
+            self.step = int(meta["step"])
+            log.info("InRank stage 2 from %s at step %d", self.ir_cfg.stage1_ckpt, self.step)
+        path = self.t.resume
+        if path == "auto":
+            path = str(self.out / "checkpoints" / "last") if (self.out / "checkpoints" / "last" / "meta.json").is_file() else None
+        if not path:
+            return None
+        meta = load_checkpoint_meta(Path(path))
+        set_ranks(self.model, meta["ranks"])
+        load_weights(self.model, Path(path))
+        self.step, self.stage = int(meta["step"]), int(meta.get("stage", self.stage))
+        self.losses = [tuple(x) for x in meta.get("losses", [])]  # type: ignore[misc]
+        self.evals = meta.get("evals", [])
+        log.info("resumed from %s at step %d (stage %d)", path, self.step, self.stage)
+        return torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)
+
+    # ------------------------------------------------------------------ rank changes
+    def _apply_rank_change(self, change) -> None:
+        """Run ``change(model)`` (which replaces factor Parameters), then remap optimizer state
+        and re-wrap DDP so it tracks the new parameters."""
+        old = dict(self.model.named_parameters())
+        reset = change(self.model)
+        new = dict(self.model.named_parameters())
+        mapping = {old[n]: new[n] for n in new if n in old and old[n] is not new[n]}
+        remap_optimizer_state(self.opt, mapping, reset={old[n] for n in (reset or set()) if n in old})
+        self.wrapped = wrap_model(self.model, self.env, self.t.dist, self.bf16)
+
+    def _inrank_hooks(self) -> None:
+        ir = self.inrank
+        if ir is None or self.stage != 1:
+            return
+        if ir.due(self.step):
+            targets = _broadcast(ir.targets(self.model) if self.env.is_main else None, self.env)
+            grow = {n: r for n, r in targets.items() if r > lowrank_modules(self.model)[n].rank}
+            if grow:
+                self._apply_rank_change(lambda m: ir.apply(m, grow, self.step))
+        if self.step == ir.cfg.stage1_steps:
+            ranks = _broadcast(ir.compressed_ranks(self.model) if self.env.is_main else None, self.env)
+            self._apply_rank_change(lambda m: ir.compress(m, ranks))
+            self.stage = 2
+            if self.env.is_main:
+                save_checkpoint(self.out / "stage1", self.model.state_dict(), self._meta(), None)
+                log.info("InRank stage 1 done at step %d: compressed checkpoint %s (%d params)", self.step,
+                         self.out / "stage1", count_params(self.model))
+            self._barrier()
+
+    # ------------------------------------------------------------------ loop
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        with self._autocast():
+            logits = model(x)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+
+    def train_step(self) -> float:
+        t, env = self.t, self.env
+        lr = cosine_lr(self.step, t.max_steps, t.lr, t.warmup_steps, t.min_lr_ratio)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        total = 0.0
+        for micro in range(t.grad_accum):
+            x, y = get_batch(self.data.train, t.batch_size, t.block_size, self.run.seed, self.step, env.rank, micro)
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            sync = micro == t.grad_accum - 1 or not (env.distributed and t.dist == "ddp")
+            ctx = contextlib.nullcontext() if sync else self.wrapped.no_sync()  # type: ignore[operator]
+            with ctx:
+                loss = self._loss(x, y, self.wrapped) / t.grad_accum
+                loss.backward()
+            total += loss.detach()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), t.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1  # counts optimizer steps only
+        return total  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.wrapped.eval()
+        losses = []
+        for i in range(self.t.eval_iters):
+            x, y = get_batch(self.data.val, self.t.batch_size, self.t.block_size, self.run.seed + 1, i, self.env.rank)
+            losses.append(self._loss(x.to(self.env.device), y.to(self.env.device), self.wrapped).item())
+        self.wrapped.train()
+        loss = _mean(sum(losses) / len(losses), self.env)
+        return {"step": self.step, "loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+    def fit(self) -> dict:
+        t, env = self.t, self.env
+        if env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tb"))
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (env.is_main and t.progress), desc="train")
+        tokens_per_step = t.batch_size * t.block_size * t.grad_accum * env.world
+        t0, s0, tps = time.perf_counter(), self.step, 0.0
+        end = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
+        while self.step < end:
+            loss_t = self.train_step()
+            self._inrank_hooks()
+            if self.step % t.log_interval == 0 or self.step == t.max_steps:
+                loss = _mean(float(loss_t), env)
+                if not math.isfinite(loss):
+                    raise FloatingPointError(f"non-finite training loss {loss} at step {self.step}")
+                if env.device.type == "cuda":
+                    torch.cuda.synchronize()
+                tps = tokens_per_step * (self.step - s0) / max(1e-9, time.perf_counter() - t0)
+                t0, s0 = time.perf_counter(), self.step
+                self.losses.append((self.step, loss))
+                self._log_scalars(loss, tps)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}")
+            if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                ev = self.evaluate()
+                self.evals.append(ev)
+                if self.writer:
+                    self.writer.add_scalar("eval/loss", ev["loss"], self.step)
+                    self.writer.add_scalar("eval/ppl", ev["ppl"], self.step)
+            if self.step % t.ckpt_interval == 0 or self.step in (t.max_steps, end):
+                self.save()
+            bar.update(1)
+        bar.close()
+        summary = {"step": self.step, "stage": self.stage, "final_eval": self.evals[-1] if self.evals else None,
+                   "losses": self.losses, "evals": self.evals, "params": count_params(self.model),
+                   "ranks": model_ranks(self.model), "tokens_per_s": tps,
+                   "inrank_history": self.inrank.history if self.inrank else [],
+                   "replica_max_diff": self.replica_divergence()}
+        if env.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            if self.writer:
+                self.writer.close()
+        return summary
+
+    @torch.no_grad()
+    def replica_divergence(self) -> float:
+        """Max difference of a per-parameter digest across processes (0.0 = identical replicas)."""
+        if not (self.env.distributed and self.t.dist == "ddp"):
+            return 0.0
+        digest = torch.stack([torch.stack([p.double().sum(), p.double().square().sum(), p.double().flatten()[0]])
+                              for _, p in sorted(self.model.named_parameters())]).flatten().to(self.env.device)
+        gathered = [torch.empty_like(digest) for _ in range(self.env.world)]
+        dist.all_gather(gathered, digest)
+        return max((g - gathered[0]).abs().max().item() for g in gathered)
+
+    def _log_scalars(self, loss: float, tps: float) -> None:
+        if not self.writer:
+            return
+        w, s = self.writer, self.step
+        w.add_scalar("train/loss", loss, s)
+        w.add_scalar("train/ppl", math.exp(min(loss, 50.0)), s)
+        w.add_scalar("train/lr", self.opt.param_groups[0]["lr"], s)
+        w.add_scalar("train/tokens_per_s", tps, s)
+        w.add_scalar("model/params", count_params(self.model), s)
+        for name, r in model_ranks(self.model).items():
+            w.add_scalar(f"rank/{name}", r, s)
+        w.flush()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _meta(self) -> dict:
+        return {"step": self.step, "stage": self.stage, "ranks": model_ranks(self.model), "losses": self.losses,
+                "evals": self.evals, "arch": self.run.model.arch, "size": self.run.model.size,
+                "vocab_size": self.data.vocab_size}
+
+    def _barrier(self) -> None:
+        if self.env.distributed:
+            dist.barrier()
+
+    def _get_rng(self) -> dict:
+        return {"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.env.device) if self.env.device.type == "cuda" else None}
+
+    def _set_rng(self, st: dict) -> None:
+        torch.set_rng_state(st["cpu"])
+        if st.get("cuda") is not None and self.env.device.type == "cuda":
+            torch.cuda.set_rng_state(st["cuda"], self.env.device)
+
+    def save(self) -> None:
+        """Checkpoint: full weights (safetensors), optimizer, every process's RNG state, meta."""
+        msd, osd = full_state(self.wrapped, self.opt, self.t.dist, self.env)
+        rng = [self._get_rng()]
+        if self.env.distributed:
+            rng = [None] * self.env.world  # type: ignore[list-item]
+            dist.all_gather_object(rng, self._get_rng())
+        if self.env.is_main:
+            save_checkpoint(self.out / "checkpoints" / "last", msd, self._meta(),
+                            {"optimizer": osd, "rng": rng, "step": self.step})
+        self._barrier()
+
+
+def train(run: CentralRun) -> dict:
+    """Entry point of one process (plain, torchrun, or spawned)."""
+    env = init_dist(run.trainer.backend)
+    try:
+        data = load_text_data(run.data.name, run.data.tokenizer, run.data.path, run.data.val_fraction,
+                              run.data.max_chars, run.data.cache_dir)
+        return Trainer(run, env, data).fit()
+    finally:
+        if env.distributed and dist.is_initialized():
+            dist.destroy_process_group()

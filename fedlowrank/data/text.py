@@ -1,0 +1,146 @@
+"""Text corpora and tokenizers for language-model pretraining.
+
+Offline default: Python's own documentation text (``pydoc_data.topics``) with a byte-level
+tokenizer (vocab 256). Real runs: WikiText-103 / C4 via HF ``datasets`` with the GPT-2 BPE
+tokenizer (``tokenizers``); both need the internet once and fail with a clear error offline.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocab 256, lossless, needs nothing."""
+
+    vocab_size = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class BPETokenizer:
+    """GPT-2 byte-level BPE from the HF hub (``tokenizers``)."""
+
+    def __init__(self, name: str = "gpt2") -> None:
+        try:
+            from tokenizers import Tokenizer
+
+            self.tok = Tokenizer.from_pretrained(name)
+        except Exception as e:
+            raise RuntimeError(f"could not load the BPE tokenizer {name!r} ({e}); it is downloaded from the "
+                               "Hugging Face hub on first use: connect once or use data.tokenizer=byte") from e
+        self.vocab_size = self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(list(ids))
+
+
+def pydoc_text() -> str:
+    """~466 kB of English/Python prose that ships with CPython."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def hf_text(name: str, max_chars: int | None) -> tuple[str, str]:
+    """(train, validation) text of a HF dataset; clear error when offline."""
+    try:
+        from datasets import load_dataset
+
+        if name == "wikitext103":
+            ds = load_dataset("wikitext", "wikitext-103-raw-v1")
+            tr, va = ds["train"]["text"], ds["validation"]["text"]
+        elif name == "c4":
+            tr = load_dataset("allenai/c4", "en", split="train", streaming=True)
+            va = load_dataset("allenai/c4", "en", split="validation", streaming=True)
+            limit = max_chars or 50_000_000
+
+            def take(it, n):
+                out, size = [], 0
+                for row in it:
+                    out.append(row["text"])
+                    size += len(row["text"])
+                    if size >= n:
+                        break
+                return out
+
+            tr, va = take(tr, limit), take(va, max(1, limit // 100))
+        else:
+            raise ValueError(name)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise RuntimeError(f"could not load dataset {name!r} from the Hugging Face hub ({e}); "
+                           "it needs internet access (or a populated HF cache). Offline, use data=pydoc.") from e
+    tr_text, va_text = "\n".join(tr), "\n".join(va)
+    if max_chars:
+        tr_text = tr_text[:max_chars]
+    return tr_text, va_text
+
+
+@dataclass
+class TextData:
+    train: torch.Tensor  # (N,) int64 token ids
+    val: torch.Tensor  # (M,) int64
+    vocab_size: int
+
+
+def load_text_data(name: str, tokenizer: str = "byte", path: str | None = None, val_fraction: float = 0.1,
+                   max_chars: int | None = None, cache_dir: str | None = None) -> TextData:
+    """Tokenized train/val streams. ``name``: pydoc | shakespeare | file | wikitext103 | c4."""
+    tok = ByteTokenizer() if tokenizer == "byte" else BPETokenizer(tokenizer)
+    if name in ("pydoc", "shakespeare", "file"):
+        if name == "pydoc":
+            text = pydoc_text()
+        else:
+            p = Path(path or "../shared/data/tinyshakespeare.txt")
+            if not p.is_file():
+                raise FileNotFoundError(f"text file {p} not found (set data.path)")
+            text = p.read_text(encoding="utf-8")
+        if max_chars:
+            text = text[:max_chars]
+        ids = np.asarray(tok.encode(text), dtype=np.int64)
+        n_val = max(1, int(len(ids) * val_fraction))
+        train, val = ids[:-n_val], ids[-n_val:]
+    elif name in ("wikitext103", "c4"):
+        cache = Path(cache_dir) / f"{name}_{tokenizer}_{max_chars}.npz" if cache_dir else None
+        if cache is not None and cache.is_file():
+            z = np.load(cache)
+            train, val = z["train"], z["val"]
+        else:
+            tr, va = hf_text(name, max_chars)
+            train, val = np.asarray(tok.encode(tr), dtype=np.int64), np.asarray(tok.encode(va), dtype=np.int64)
+            if cache is not None:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(cache, train=train, val=val)
+    else:
+        raise ValueError(f"unknown text dataset {name!r} (pydoc|shakespeare|file|wikitext103|c4)")
+    return TextData(torch.from_numpy(train), torch.from_numpy(val), tok.vocab_size)
+
+
+def get_batch(tokens: torch.Tensor, batch_size: int, block_size: int, seed: int, step: int,
+              rank: int = 0, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows, a pure function of (seed, step, rank, micro): resuming reproduces batches.
+
+    Returns x, y: (batch_size, block_size) int64, y shifted by one.
+    """
+    if len(tokens) <= block_size + 1:
+        raise ValueError(f"corpus of {len(tokens)} tokens is shorter than block_size {block_size} + 1")
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 101 + micro)
+    ix = torch.randint(len(tokens) - block_size - 1, (batch_size,), generator=g)
+    x = torch.stack([tokens[i: i + block_size] for i in ix.tolist()])
+    y = torch.stack([tokens[i + 1: i + 1 + block_size] for i in ix.tolist()])
+    return x, y

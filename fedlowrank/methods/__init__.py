@@ -1,0 +1,1 @@
+"""Methods acting on factorized layers: InRank, ReLoRA, WeLore."""

@@ -1,0 +1,144 @@
+"""Central LM pretraining on CPU: DDP replicas, exact resume, InRank stages, optimizer state."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from fedlowrank.central import central_run_from_cfg, launch
+from fedlowrank.config import ConfigError
+from fedlowrank.lowrank import LowRankLinear, lowrank_modules
+from fedlowrank.methods.inrank import InRank, InRankConfig
+from fedlowrank.training.optim import remap_optimizer_state
+from fedlowrank.training.schedulers import cosine_lr
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+FAST = ["trainer.progress=false", "trainer.batch_size=4", "trainer.block_size=32", "trainer.eval_iters=2",
+        "trainer.warmup_steps=2", "data.max_chars=60000"]
+
+
+def _run(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*FAST, f"out_dir={tmp_path}", *overrides])
+    return central_run_from_cfg(cfg)
+
+
+def test_ddp_two_processes_keep_replicas_identical_through_rank_growth(tmp_path):
+    run = _run(tmp_path, "experiment=gpt2_inrank", "trainer.devices=2", "trainer.max_steps=16",
+               "trainer.grad_accum=2", "method.init_rank=1", "method.buffer=1", "method.check_interval=4",
+               "method.stage1_steps=12", "trainer.log_interval=4", "trainer.eval_interval=8")
+    res = launch(run)
+    assert res["step"] == 16 and res["stage"] == 2
+    assert any(h["changes"] for h in res["inrank_history"])  # ranks grew while wrapped in DDP
+    assert res["replica_max_diff"] == 0.0
+
+
+@pytest.mark.parametrize("stop", [6, 13])  # mid stage 1 (grown ranks) and after compression
+def test_resume_reproduces_loss_trajectory(tmp_path, stop):
+    common = ["experiment=gpt2_inrank", "trainer.max_steps=18", "trainer.log_interval=1", "trainer.eval_interval=9",
+              "method.init_rank=1", "method.buffer=2", "method.check_interval=3", "method.stage1_steps=10",
+              "model.dropout=0.1"]
+    full = launch(_run(tmp_path / "full", *common))
+    part = _run(tmp_path / "part", *common, f"trainer.stop_after={stop}")
+    first = launch(part)
+    assert first["step"] == stop
+    second = launch(_run(tmp_path / "part", *common, "trainer.resume=auto"))
+    assert second["step"] == 18
+    a = dict((s, l) for s, l in full["losses"])
+    b = dict((s, l) for s, l in second["losses"])
+    assert sorted(b) == list(range(1, 19))
+    for s in range(1, 19):
+        assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), f"step {s}: {b[s]} vs {a[s]}"
+    assert second["ranks"] == full["ranks"]
+
+
+def test_inrank_grows_then_stage2_loads_compressed_checkpoint(tmp_path):
+    s1 = launch(_run(tmp_path / "s1", "experiment=gpt2_inrank", "trainer.max_steps=30", "method.init_rank=1",
+                     "method.buffer=2", "method.check_interval=5", "method.stage1_steps=30", "trainer.lr=1e-2",
+                     "trainer.eval_interval=30"))
+    grown = [h for h in s1["inrank_history"] if h["changes"]]
+    assert grown, "no layer grew"
+    assert max(v[1] for h in grown for v in h["changes"].values()) > 3  # above init_rank + buffer
+    meta = json.loads((tmp_path / "s1" / "stage1" / "meta.json").read_text())
+    assert meta["ranks"] == s1["ranks"] and meta["step"] == 30
+    s2 = launch(_run(tmp_path / "s2", "experiment=gpt2_inrank", "trainer.max_steps=34", "method.stage=2",
+                     f"method.stage1_ckpt={tmp_path / 's1' / 'stage1'}", "trainer.log_interval=1",
+                     "trainer.eval_interval=34"))
+    assert s2["ranks"] == meta["ranks"] and s2["losses"][0][0] == 31  # continued, fixed ranks
+    fresh = launch(_run(tmp_path / "fresh", "experiment=gpt2_fixed", "model.ratio=0.1", "trainer.max_steps=1",
+                        "trainer.log_interval=1", "trainer.eval_interval=1"))
+    assert s2["losses"][0][1] < fresh["losses"][0][1] - 0.3  # starts from trained weights, not from scratch
+
+
+def test_step_counter_counts_optimizer_steps_only(tmp_path):
+    res = launch(_run(tmp_path, "experiment=gpt2_full", "trainer.max_steps=5", "trainer.grad_accum=3",
+                      "trainer.log_interval=1", "trainer.eval_interval=2", "model=llama"))
+    assert [s for s, _ in res["losses"]] == [1, 2, 3, 4, 5]
+    assert [e["step"] for e in res["evals"]] == [2, 4, 5]
+
+
+def test_optimizer_state_follows_rank_growth():
+    layer = LowRankLinear(12, 10, rank=3)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    layer(torch.randn(4, 12)).square().sum().backward()
+    opt.step()
+    oldU, oldV = layer.U, layer.V
+    mU = opt.state[oldU]["exp_avg"].clone()
+    layer.grow(5)
+    remap_optimizer_state(opt, {oldU: layer.U, oldV: layer.V})
+    st = opt.state[layer.U]
+    assert st["exp_avg"].shape == (10, 5) and torch.equal(st["exp_avg"][:, :3], mU)
+    assert st["exp_avg"][:, 3:].abs().sum() == 0 and oldU not in opt.state
+    assert any(p is layer.U for p in opt.param_groups[0]["params"])
+    layer(torch.randn(4, 12)).square().sum().backward()
+    opt.step()  # the optimizer works with the new shapes
+
+
+def test_inrank_targets_follow_explained_ratio():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LowRankLinear(32, 32, rank=8))
+    layer = model[0]
+    with torch.no_grad():  # spectrum 10, 5, 1, 0.1, ... → 90% energy at k = 2
+        P, _ = torch.linalg.qr(torch.randn(32, 8))
+        Q, _ = torch.linalg.qr(torch.randn(32, 8))
+        S = torch.tensor([10.0, 5.0, 1.0, 0.1, 0.1, 0.1, 0.1, 0.1])
+        layer.U.copy_(P * S.sqrt())
+        layer.V.copy_((Q * S.sqrt()).T)
+    ir = InRank(InRankConfig(threshold=0.9, init_rank=2, buffer=3))
+    assert ir.targets(model) == {"0": 5}
+    assert ir.compressed_ranks(model) == {"0": 2}
+    assert ir.update(model, step=25) == {}  # 5 < 8: nothing to grow
+    layer.truncate(3)
+    assert ir.update(model, step=50) == {"0": 5} and layer.rank == 5
+
+
+def test_central_config_errors():
+    with pytest.raises(ConfigError, match="go together"):
+        _run("x", "mode=central", "method=inrank")
+    with pytest.raises(ConfigError, match="FSDP2"):
+        _run("x", "experiment=gpt2_inrank", "trainer.dist=fsdp")
+    with pytest.raises(ConfigError, match="model.ratio"):
+        _run("x", "experiment=gpt2_fixed", "model.ratio=1.5")
+    with pytest.raises(ConfigError, match="threshold"):
+        _run("x", "experiment=gpt2_inrank", "method.threshold=0")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["mode=central", "data=digits", "out_dir=x"])
+    with pytest.raises(ConfigError, match="text corpus"):
+        central_run_from_cfg(cfg)
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0, 100, 1.0, warmup_steps=10) == pytest.approx(0.1)
+    assert cosine_lr(10, 100, 1.0, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(1.0)
+    assert cosine_lr(100, 100, 1.0, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert cosine_lr(55, 100, 1.0, warmup_steps=10, min_lr_ratio=0.0) == pytest.approx(0.5)
+
+
+def test_lowrank_modules_in_gpt2_and_llama_targets(tmp_path):
+    from fedlowrank.central.trainer import build_lm
+
+    for exp in ("gpt2_fixed", "llama_inrank"):
+        run = _run(tmp_path, f"experiment={exp}")
+        names = list(lowrank_modules(build_lm(run, 256)))
+        assert names and all(("attn" in n or "mlp" in n) for n in names)

@@ -53,6 +53,18 @@ def test_resume_reproduces_loss_trajectory(tmp_path, stop):
     assert second["ranks"] == full["ranks"]
 
 
+def test_fsdp2_two_processes_train_and_resume_exactly(tmp_path):
+    common = ["experiment=gpt2_fixed", "model.ratio=0.25", "trainer.devices=2", "trainer.dist=fsdp",
+              "trainer.max_steps=12", "trainer.log_interval=1", "trainer.eval_interval=6"]
+    full = launch(_run(tmp_path / "full", *common))
+    launch(_run(tmp_path / "part", *common, "trainer.stop_after=7"))
+    resumed = launch(_run(tmp_path / "part", *common, "trainer.resume=auto"))
+    assert [s for s, _ in resumed["losses"]] == list(range(1, 13))
+    for (s, a), (_, b) in zip(full["losses"], resumed["losses"]):
+        assert b == pytest.approx(a, rel=1e-5), s
+    assert full["losses"][-1][1] < full["losses"][0][1]
+
+
 def test_inrank_grows_then_stage2_loads_compressed_checkpoint(tmp_path):
     s1 = launch(_run(tmp_path / "s1", "experiment=gpt2_inrank", "trainer.max_steps=30", "method.init_rank=1",
                      "method.buffer=2", "method.check_interval=5", "method.stage1_steps=30", "trainer.lr=1e-2",

@@ -108,6 +108,13 @@ def save_checkpoint(path: Path, model_state: dict, meta: dict, trainer_state: di
     tmp.rename(path)  # atomic-ish: a crash mid-save never leaves a half checkpoint at ``path``
 
 
+def tied_duplicates(model: nn.Module) -> set[str]:
+    """Names of parameters that are aliases of an earlier one (e.g. a tied ``lm_head.weight``)."""
+    all_names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    unique = {n for n, _ in model.named_parameters()}
+    return {n for n in all_names if n not in unique}
+
+
 def load_checkpoint_meta(path: Path) -> dict:
     f = Path(path) / "meta.json"
     if not f.is_file():
@@ -118,7 +125,7 @@ def load_checkpoint_meta(path: Path) -> dict:
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load ``model.safetensors`` into an (unwrapped) model whose ranks already match."""
     missing, unexpected = load_model(model, str(Path(path) / "model.safetensors"), strict=False)
-    tied = {n for n in missing if n.endswith("lm_head.weight")}
+    tied = tied_duplicates(model)
     if set(missing) - tied or unexpected:
         raise RuntimeError(f"checkpoint mismatch: missing={sorted(set(missing) - tied)[:5]} unexpected={unexpected[:5]}")
 

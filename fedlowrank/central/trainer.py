@@ -24,7 +24,7 @@ from fedlowrank.training.schedulers import cosine_lr
 
 from .config import CentralRun
 from .dist import (DistEnv, full_state, init_dist, load_checkpoint_meta, load_optimizer_state, load_weights,
-                   save_checkpoint, wrap_model)
+                   save_checkpoint, tied_duplicates, wrap_model)
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +287,8 @@ class Trainer:
         if self.env.distributed:
             rng = [None] * self.env.world  # type: ignore[list-item]
             dist.all_gather_object(rng, self._get_rng())
+        tied = tied_duplicates(self.model)
+        msd = {k: v for k, v in msd.items() if k not in tied}  # FSDP gathers tied weights twice
         if self.env.is_main:
             save_checkpoint(self.out / "checkpoints" / "last", msd, self._meta(),
                             {"optimizer": osd, "rng": rng, "step": self.step})

@@ -40,7 +40,9 @@ print("INTERPRETER_OK")
 
 
 def test_kernel_matches_reference_in_triton_interpreter():
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8):
+        pytest.skip(f"the interpreter path is tested with the project's triton (>=3.8), found {triton.__version__}")
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-c", INTERP_SCRIPT], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)

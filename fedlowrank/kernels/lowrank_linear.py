@@ -78,23 +78,29 @@ if HAVE_TRITON:
                      mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _blocks(M: int, N: int, R: int) -> tuple[int, int, int, int, int, int]:
+def _blocks(M: int, K: int, N: int, R: int, cfg: dict | None = None) -> tuple[int, int, int, int, int, int, int, int]:
+    """Tile sizes: (BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N, n_splits, tiles_per_prog, num_warps, num_stages)."""
+    cfg = cfg or {}
     BLOCK_R = max(16, triton.next_power_of_2(R))
-    BLOCK_M = 64 if BLOCK_R <= 64 else (32 if BLOCK_R <= 128 else 16)
-    BLOCK_K, BLOCK_N = (64, 64) if not INTERPRET else (32, 32)
+    # defaults from benchmarks/sweep_kernel.py on an H100 (bf16, GPT-2 shapes)
+    BLOCK_M = cfg.get("BLOCK_M", 64 if BLOCK_R <= 128 else 32)
+    BLOCK_K = cfg.get("BLOCK_K", 64 if not INTERPRET else 32)
+    BLOCK_N = cfg.get("BLOCK_N", (128 if N >= 4096 else 64) if not INTERPRET else 32)
     n_tiles = triton.cdiv(N, BLOCK_N)
     m_progs = triton.cdiv(M, BLOCK_M)
     # enough programs to fill the GPU; each extra N split recomputes h (cheap: r ≪ N)
-    splits = 1 if INTERPRET else max(1, min(n_tiles, triton.cdiv(264, m_progs)))
-    return BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N, splits, triton.cdiv(n_tiles, splits)
+    splits = 1 if INTERPRET else cfg.get("splits", 4 if N > K and m_progs < 200 else 1)
+    splits = min(splits, n_tiles)
+    warps = cfg.get("num_warps", 4 if BLOCK_R <= 64 else 8)
+    return BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N, splits, triton.cdiv(n_tiles, splits), warps, cfg.get("num_stages", 3)
 
 
-def lowrank_forward_triton(x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> Tensor:
-    """x2 (M, K), U (N, r), V (r, K) -> (M, N) with the fused kernel."""
+def lowrank_forward_triton(x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None, cfg: dict | None = None) -> Tensor:
+    """x2 (M, K), U (N, r), V (r, K) -> (M, N) with the fused kernel (``cfg`` overrides tile sizes)."""
     M, K = x2.shape
     N, R = U.shape
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    BM, BK, BR, BN, splits, tiles = _blocks(M, N, R)
+    BM, BK, BR, BN, splits, tiles, warps, stages = _blocks(M, K, N, R, cfg)
     U, V = U.to(x2.dtype), V.to(x2.dtype)
     b = bias.to(x2.dtype) if bias is not None else y  # dummy pointer when no bias
     ieee = x2.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
@@ -104,7 +110,7 @@ def lowrank_forward_triton(x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None
         x2.stride(0), x2.stride(1), V.stride(1), V.stride(0), U.stride(1), U.stride(0), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, CAST_FP32=INTERPRET, IEEE=ieee and not INTERPRET,
         BLOCK_M=BM, BLOCK_K=BK, BLOCK_R=BR, BLOCK_N=BN, TILES_PER_PROG=tiles,
-        num_warps=4 if BR <= 64 else 8,
+        num_warps=warps, num_stages=stages,
     )
     return y
 

@@ -80,7 +80,7 @@ def explained_rank(S: Tensor, threshold: float) -> int:
     """Smallest k with ``Σ_{i<k} s_i² / Σ s_i² ≥ threshold`` (InRank's explained ratio)."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"explained-ratio threshold must be in (0, 1], got {threshold}")
-    energy = S.double().pow(2)
+    energy = S.detach().double().cpu().pow(2)
     total = energy.sum()
     if total <= 0:
         return 1

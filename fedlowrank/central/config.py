@@ -110,8 +110,10 @@ class CentralRun:
         if self.data.name not in TEXT_DATA:
             raise ConfigError(f"data.name must be a text corpus {TEXT_DATA} in central mode, got {self.data.name!r}")
         name = self.method.get("name", "none")
-        if name not in ("none", "inrank"):
-            raise ConfigError(f"method {name!r} is not available in central mode yet (none|inrank)")
+        if name not in ("none", "inrank", "relora", "welore"):
+            raise ConfigError(f"unknown method {name!r} (none|inrank|relora|welore)")
+        if name in ("relora", "welore"):
+            self._validate_dense_method(name)
         if (name == "inrank") != (m.lowrank == "inrank"):
             raise ConfigError("method=inrank and model.lowrank=inrank go together")
         if name == "inrank":
@@ -123,6 +125,28 @@ class CentralRun:
             if t.dist == "fsdp" and ir.stage == 1:  # type: ignore[union-attr]
                 raise ConfigError("InRank stage 1 changes parameter shapes, which FSDP2 sharding does not allow; "
                                   "use trainer.dist=ddp for stage 1 (stage 2 works with fsdp)")
+
+
+    def _validate_dense_method(self, name: str) -> None:
+        """ReLoRA and WeLore act on dense models; FSDP2 allows no restructuring after sharding."""
+        from fedlowrank.methods.relora import ReLoRAConfig
+        from fedlowrank.methods.welore import WeLoreConfig
+
+        if self.model.lowrank != "none":
+            raise ConfigError(f"method={name} works on a dense model: set model.lowrank=none")
+        cls = ReLoRAConfig if name == "relora" else WeLoreConfig
+        try:
+            mc = to_dataclass(cls, self.method, "method")
+            mc.validate()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from e
+        if self.trainer.dist == "fsdp":
+            if name == "relora" and mc.warm_start_steps > 0:  # type: ignore[union-attr]
+                raise ConfigError("ReLoRA's full-rank warm start attaches adapters mid-run, which FSDP2 sharding "
+                                  "does not allow: use trainer.dist=ddp or method.warm_start_steps=0")
+            if name == "welore" and mc.pretrain_steps > 0:  # type: ignore[union-attr]
+                raise ConfigError("WeLore replaces layers after pretraining, which FSDP2 sharding does not allow: "
+                                  "use trainer.dist=ddp, or method.from_ckpt with method.pretrain_steps=0")
 
 
 def central_run_from_cfg(cfg: DictConfig | dict) -> CentralRun:

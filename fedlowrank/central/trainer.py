@@ -15,14 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlowrank.data.text import TextData, get_batch, load_text_data
-from fedlowrank.lowrank import count_params, factorize, lowrank_modules, model_ranks, set_ranks
-from fedlowrank.methods.inrank import InRank
+from fedlowrank.lowrank import count_params, factorize, model_ranks, set_ranks
 from fedlowrank.models.gpt2 import GPT2, GPT2Config
 from fedlowrank.models.llama import Llama, LlamaConfig
 from fedlowrank.training.optim import param_groups, remap_optimizer_state
-from fedlowrank.training.schedulers import cosine_lr
 
 from .config import CentralRun
+from .hooks import make_hook
 from .dist import (DistEnv, full_state, init_dist, load_checkpoint_meta, load_optimizer_state, load_weights,
                    save_checkpoint, tied_duplicates, wrap_model)
 
@@ -66,25 +65,18 @@ class Trainer:
         self.run, self.env, self.data, self.t = run, env, data, run.trainer
         self.out = Path(run.out_dir)
         self.bf16 = env.device.type == "cuda" and self.t.precision in ("auto", "bf16")
-        self.ir_cfg = run.inrank()
-        self.inrank = InRank(self.ir_cfg, run.seed) if self.ir_cfg else None
-        self.stage = self.ir_cfg.stage if self.ir_cfg else 0
         self.step = 0
         self.losses: list[tuple[int, float]] = []
         self.evals: list[dict] = []
         self.writer = None
         torch.manual_seed(run.seed)  # identical init on every process
         self.model = build_lm(run, data.vocab_size)
-        if self.inrank is not None and self.stage == 1:
-            self.inrank.prepare(self.model)
-        trainer_state = self._restore()
+        self.hook = make_hook(run.method, run.seed)
+        trainer_state = self._resume()
+        if trainer_state is None:
+            self.hook.setup(self)
         self.model.to(env.device)
-        if self.t.use_kernels and env.device.type == "cuda":
-            from fedlowrank.kernels import enable_kernels
-
-            enable_kernels(self.model)
-        self.wrapped = wrap_model(self.model, env, self.t.dist, self.bf16)
-        self.opt = self._make_optimizer()
+        self._wrap()
         if trainer_state is not None:
             load_optimizer_state(self.wrapped, self.opt, trainer_state["optimizer"], self.t.dist, env)
             self._set_rng(trainer_state["rng"][env.rank])
@@ -92,34 +84,43 @@ class Trainer:
             torch.manual_seed(run.seed * 1000 + env.rank)  # dropout stream per process
 
     # ------------------------------------------------------------------ setup helpers
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(param_groups(self.wrapped, self.t.weight_decay), lr=self.t.lr,
-                                 betas=(self.t.beta1, self.t.beta2), fused=self.env.device.type == "cuda")
+    def _wrap(self) -> None:
+        if self.t.use_kernels and self.env.device.type == "cuda":
+            from fedlowrank.kernels import enable_kernels
 
-    def _restore(self) -> dict | None:
-        """Load a stage-1 checkpoint (InRank stage 2) and/or a resume checkpoint. Returns trainer state."""
-        if self.stage == 2 and self.ir_cfg and self.ir_cfg.stage == 2:
-            meta = load_checkpoint_meta(Path(self.ir_cfg.stage1_ckpt))  # type: ignore[arg-type]
-            set_ranks(self.model, meta["ranks"])
-            load_weights(self.model, Path(self.ir_cfg.stage1_ckpt))  # type: ignore[arg-type]
-            self.step = int(meta["step"])
-            log.info("InRank stage 2 from %s at step %d", self.ir_cfg.stage1_ckpt, self.step)
+            enable_kernels(self.model)
+        self.wrapped = wrap_model(self.model, self.env, self.t.dist, self.bf16)
+        self.opt = torch.optim.AdamW(param_groups(self.wrapped, self.t.weight_decay), lr=self.t.lr,
+                                     betas=(self.t.beta1, self.t.beta2), fused=self.env.device.type == "cuda")
+
+    def rebuild(self) -> None:
+        """After a structural change (adapters attached, layers replaced, params frozen):
+        move new modules to the device, re-wrap and start a fresh optimizer over trainable params."""
+        self.model.to(self.env.device)
+        self._wrap()
+
+    def _resume(self) -> dict | None:
+        """Restore structure (method state, ranks) and weights from a checkpoint; trainer state or None."""
         path = self.t.resume
         if path == "auto":
-            path = str(self.out / "checkpoints" / "last") if (self.out / "checkpoints" / "last" / "meta.json").is_file() else None
+            last = self.out / "checkpoints" / "last"
+            path = str(last) if (last / "meta.json").is_file() else None
         if not path:
             return None
         meta = load_checkpoint_meta(Path(path))
+        self.hook.restore(self, meta.get("method_state", {}))
         set_ranks(self.model, meta["ranks"])
         load_weights(self.model, Path(path))
-        self.step, self.stage = int(meta["step"]), int(meta.get("stage", self.stage))
+        self.step = int(meta["step"])
         self.losses = [tuple(x) for x in meta.get("losses", [])]  # type: ignore[misc]
         self.evals = meta.get("evals", [])
-        log.info("resumed from %s at step %d (stage %d)", path, self.step, self.stage)
+        log.info("resumed from %s at step %d", path, self.step)
         return torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)
 
-    # ------------------------------------------------------------------ rank changes
-    def _apply_rank_change(self, change) -> None:
+    def broadcast(self, obj):
+        return _broadcast(obj, self.env)
+
+    def apply_rank_change(self, change) -> None:
         """Run ``change(model)`` (which replaces factor Parameters), then remap optimizer state
         and re-wrap DDP so it tracks the new parameters."""
         old = dict(self.model.named_parameters())
@@ -128,25 +129,6 @@ class Trainer:
         mapping = {old[n]: new[n] for n in new if n in old and old[n] is not new[n]}
         remap_optimizer_state(self.opt, mapping, reset={old[n] for n in (reset or set()) if n in old})
         self.wrapped = wrap_model(self.model, self.env, self.t.dist, self.bf16)
-
-    def _inrank_hooks(self) -> None:
-        ir = self.inrank
-        if ir is None or self.stage != 1:
-            return
-        if ir.due(self.step):
-            targets = _broadcast(ir.targets(self.model) if self.env.is_main else None, self.env)
-            grow = {n: r for n, r in targets.items() if r > lowrank_modules(self.model)[n].rank}
-            if grow:
-                self._apply_rank_change(lambda m: ir.apply(m, grow, self.step))
-        if self.step == ir.cfg.stage1_steps:
-            ranks = _broadcast(ir.compressed_ranks(self.model) if self.env.is_main else None, self.env)
-            self._apply_rank_change(lambda m: ir.compress(m, ranks))
-            self.stage = 2
-            if self.env.is_main:
-                save_checkpoint(self.out / "stage1", self.model.state_dict(), self._meta(), None)
-                log.info("InRank stage 1 done at step %d: compressed checkpoint %s (%d params)", self.step,
-                         self.out / "stage1", count_params(self.model))
-            self._barrier()
 
     # ------------------------------------------------------------------ loop
     def _autocast(self):
@@ -159,7 +141,7 @@ class Trainer:
 
     def train_step(self) -> float:
         t, env = self.t, self.env
-        lr = cosine_lr(self.step, t.max_steps, t.lr, t.warmup_steps, t.min_lr_ratio)
+        lr = self.hook.lr(self, self.step)
         for g in self.opt.param_groups:
             g["lr"] = lr
         total = 0.0
@@ -204,7 +186,7 @@ class Trainer:
         end = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
         while self.step < end:
             loss_t = self.train_step()
-            self._inrank_hooks()
+            self.hook.after_step(self)
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
                 loss = _mean(float(loss_t), env)
                 if not math.isfinite(loss):
@@ -226,16 +208,27 @@ class Trainer:
                 self.save()
             bar.update(1)
         bar.close()
-        summary = {"step": self.step, "stage": self.stage, "final_eval": self.evals[-1] if self.evals else None,
+        summary = {"step": self.step, "final_eval": self.evals[-1] if self.evals else None,
                    "losses": self.losses, "evals": self.evals, "params": count_params(self.model),
+                   "trainable_params": count_params(self.model, trainable_only=True),
+                   "optimizer_state_bytes": self.optimizer_state_bytes(),
                    "ranks": model_ranks(self.model), "tokens_per_s": tps,
-                   "inrank_history": self.inrank.history if self.inrank else [],
-                   "replica_max_diff": self.replica_divergence()}
+                   "replica_max_diff": self.replica_divergence(), **self.hook.summary()}
         if env.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             if self.writer:
                 self.writer.close()
         return summary
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state held by this process (shards under FSDP2)."""
+        n = 0
+        for st in self.opt.state.values():
+            for v in st.values():
+                if torch.is_tensor(v):
+                    v = v.to_local() if hasattr(v, "to_local") else v
+                    n += v.numel() * v.element_size()
+        return n
 
     @torch.no_grad()
     def replica_divergence(self) -> float:
@@ -262,12 +255,13 @@ class Trainer:
         w.flush()
 
     # ------------------------------------------------------------------ checkpoints
-    def _meta(self) -> dict:
-        return {"step": self.step, "stage": self.stage, "ranks": model_ranks(self.model), "losses": self.losses,
+    def meta(self) -> dict:
+        return {"step": self.step, "method_state": self.hook.state(), "ranks": model_ranks(self.model),
+                "losses": self.losses,
                 "evals": self.evals, "arch": self.run.model.arch, "size": self.run.model.size,
                 "vocab_size": self.data.vocab_size}
 
-    def _barrier(self) -> None:
+    def barrier(self) -> None:
         if self.env.distributed:
             dist.barrier()
 
@@ -290,9 +284,9 @@ class Trainer:
         tied = tied_duplicates(self.model)
         msd = {k: v for k, v in msd.items() if k not in tied}  # FSDP gathers tied weights twice
         if self.env.is_main:
-            save_checkpoint(self.out / "checkpoints" / "last", msd, self._meta(),
+            save_checkpoint(self.out / "checkpoints" / "last", msd, self.meta(),
                             {"optimizer": osd, "rng": rng, "step": self.step})
-        self._barrier()
+        self.barrier()
 
 
 def train(run: CentralRun) -> dict:

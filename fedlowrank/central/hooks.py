@@ -1,0 +1,181 @@
+"""Method hooks for the central trainer: each method (InRank, ReLoRA, WeLore) is a small
+policy object called at fixed points; the trainer owns wrapping, optimizers and checkpoints."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedlowrank.config import to_dataclass
+from fedlowrank.lowrank import count_params, lowrank_modules, set_ranks
+from fedlowrank.methods.inrank import InRank, InRankConfig
+from fedlowrank.methods.relora import ReLoRA, ReLoRAConfig
+from fedlowrank.methods.welore import WeLoreConfig, WeLorePlan, apply_welore, freeze_non_lrc, welore_compress
+from fedlowrank.training.schedulers import cosine_lr
+
+from .dist import load_checkpoint_meta, load_weights, save_checkpoint
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+class Hook:
+    """No method: dense or fixed-rank training."""
+
+    def setup(self, tr: "Trainer") -> None:
+        """Fresh run, before the model is wrapped."""
+
+    def restore(self, tr: "Trainer", state: dict) -> None:
+        """Resume: rebuild the model structure recorded in ``state`` before weights are loaded."""
+
+    def lr(self, tr: "Trainer", step: int) -> float:
+        t = tr.t
+        return cosine_lr(step, t.max_steps, t.lr, t.warmup_steps, t.min_lr_ratio)
+
+    def after_step(self, tr: "Trainer") -> None:
+        """After optimizer step ``tr.step`` (1-based count of steps done)."""
+
+    def state(self) -> dict:
+        return {}
+
+    def summary(self) -> dict:
+        return {}
+
+
+class InRankHook(Hook):
+    def __init__(self, cfg: InRankConfig, seed: int) -> None:
+        self.ir = InRank(cfg, seed)
+        self.stage = cfg.stage
+
+    def setup(self, tr: "Trainer") -> None:
+        if self.stage == 1:
+            self.ir.prepare(tr.model)
+            return
+        path = Path(self.ir.cfg.stage1_ckpt)  # type: ignore[arg-type]
+        meta = load_checkpoint_meta(path)
+        set_ranks(tr.model, meta["ranks"])
+        load_weights(tr.model, path)
+        tr.step = int(meta["step"])
+        log.info("InRank stage 2 from %s at step %d", path, tr.step)
+
+    def restore(self, tr: "Trainer", state: dict) -> None:
+        self.stage = int(state.get("stage", self.stage))
+
+    def after_step(self, tr: "Trainer") -> None:
+        ir = self.ir
+        if self.stage != 1:
+            return
+        if ir.due(tr.step):
+            targets = tr.broadcast(ir.targets(tr.model) if tr.env.is_main else None)
+            grow = {n: r for n, r in targets.items() if r > lowrank_modules(tr.model)[n].rank}
+            if grow:
+                tr.apply_rank_change(lambda m: ir.apply(m, grow, tr.step))
+        if tr.step == ir.cfg.stage1_steps:
+            ranks = tr.broadcast(ir.compressed_ranks(tr.model) if tr.env.is_main else None)
+            tr.apply_rank_change(lambda m: ir.compress(m, ranks))
+            self.stage = 2
+            if tr.env.is_main:
+                save_checkpoint(tr.out / "stage1", tr.model.state_dict(), tr.meta(), None)
+                log.info("InRank stage 1 done at step %d: compressed checkpoint %s (%d params)", tr.step,
+                         tr.out / "stage1", count_params(tr.model))
+            tr.barrier()
+
+    def state(self) -> dict:
+        return {"stage": self.stage}
+
+    def summary(self) -> dict:
+        return {"stage": self.stage, "inrank_history": self.ir.history}
+
+
+class ReLoRAHook(Hook):
+    def __init__(self, cfg: ReLoRAConfig, seed: int) -> None:
+        self.rl = ReLoRA(cfg, seed)
+        self.wrapped = False
+        self.restarts = 0
+
+    def setup(self, tr: "Trainer") -> None:
+        if self.rl.cfg.warm_start_steps == 0:
+            self.rl.wrap(tr.model)
+            self.wrapped = True
+
+    def restore(self, tr: "Trainer", state: dict) -> None:
+        self.restarts = int(state.get("restarts", 0))
+        if state.get("wrapped"):
+            self.rl.wrap(tr.model)
+            self.wrapped = True
+
+    def lr(self, tr: "Trainer", step: int) -> float:
+        t = tr.t
+        return self.rl.lr(step, t.max_steps, t.lr, t.warmup_steps, t.min_lr_ratio)
+
+    def after_step(self, tr: "Trainer") -> None:
+        if not self.wrapped and tr.step == self.rl.cfg.warm_start_steps:
+            self.rl.wrap(tr.model)
+            self.wrapped = True
+            tr.rebuild()
+            log.info("ReLoRA: full-rank warm start done at step %d; adapters attached", tr.step)
+        elif self.wrapped and self.rl.is_restart(tr.step):
+            self.rl.restart(tr.model, tr.opt, tr.step)
+            self.restarts += 1
+
+    def state(self) -> dict:
+        return {"wrapped": self.wrapped, "restarts": self.restarts}
+
+    def summary(self) -> dict:
+        return {"relora_restarts": self.restarts}
+
+
+class WeLoreHook(Hook):
+    def __init__(self, cfg: WeLoreConfig) -> None:
+        self.cfg = cfg
+        self.plan: WeLorePlan | None = None
+        self.report: dict = {}
+
+    def setup(self, tr: "Trainer") -> None:
+        if self.cfg.from_ckpt:
+            load_weights(tr.model, Path(self.cfg.from_ckpt))
+            log.info("WeLore: loaded dense weights from %s", self.cfg.from_ckpt)
+        if self.cfg.pretrain_steps == 0:
+            self._compress(tr, evaluate=False)
+
+    def restore(self, tr: "Trainer", state: dict) -> None:
+        self.report = state.get("report", {})
+        if state.get("plan"):
+            self.plan = WeLorePlan(**state["plan"])
+            apply_welore(tr.model, self.plan, from_weights=False)
+            freeze_non_lrc(tr.model, self.plan, self.cfg.train_extra)
+
+    def _compress(self, tr: "Trainer", evaluate: bool) -> None:
+        before = count_params(tr.model)
+        if evaluate:
+            self.report["dense_eval"] = tr.evaluate()
+        self.plan = welore_compress(tr.model, self.cfg)  # deterministic: identical on every process
+        self.report.update(params_before=before, params_after=count_params(tr.model),
+                           trainable_params=count_params(tr.model, trainable_only=True), step=tr.step)
+
+    def after_step(self, tr: "Trainer") -> None:
+        if self.plan is None and tr.step == self.cfg.pretrain_steps:
+            self._compress(tr, evaluate=True)
+            tr.rebuild()
+            self.report["compressed_eval"] = tr.evaluate()
+            log.info("WeLore at step %d: ppl %.3f -> %.3f after compression", tr.step,
+                     self.report["dense_eval"]["ppl"], self.report["compressed_eval"]["ppl"])
+
+    def state(self) -> dict:
+        return {"plan": self.plan.to_dict() if self.plan else None, "report": self.report}
+
+    def summary(self) -> dict:
+        return {"welore": {**self.report, **({"plan": self.plan.to_dict()} if self.plan else {})}}
+
+
+def make_hook(method: dict, seed: int) -> Hook:
+    name = method.get("name", "none")
+    if name == "inrank":
+        return InRankHook(to_dataclass(InRankConfig, method, "method"), seed)
+    if name == "relora":
+        return ReLoRAHook(to_dataclass(ReLoRAConfig, method, "method"), seed)
+    if name == "welore":
+        return WeLoreHook(to_dataclass(WeLoreConfig, method, "method"))
+    return Hook()

@@ -129,12 +129,40 @@ class FederatedRun:
         self.data.validate()
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
+        from fedlowrank.methods.relora import ReLoRAConfig
+        from fedlowrank.methods.welore import WeLoreConfig
         from fedlowrank.models.build import validate_vision_model
+
+        name = self.method.get("name", "none")
+        if name not in ("none", "relora", "welore"):
+            raise ConfigError(f"method {name!r} is not available in federated mode (none|relora|welore)")
+        if name != "none":
+            try:
+                mc = to_dataclass(ReLoRAConfig if name == "relora" else WeLoreConfig, self.method, "method")
+                mc.validate()
+            except (TypeError, ValueError) as e:
+                raise ConfigError(str(e)) from e
+            self._check_targets(mc)
 
         try:
             validate_vision_model(self.model, self.data.name)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+
+
+    def _check_targets(self, mc) -> None:
+        """The method's target/skip regexes must select at least one nn.Linear of the model."""
+        from fedlowrank.methods.welore import target_linears
+        from fedlowrank.models.build import vision_config
+        from fedlowrank.models.vision import build_vision_model
+
+        try:
+            model = build_vision_model(vision_config(self.model, self.data.name))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        if not target_linears(model, mc.targets, mc.skip):
+            raise ConfigError(f"method.targets={mc.targets} / method.skip={mc.skip} select no nn.Linear of "
+                              f"model {self.model.get('arch')!r}")
 
 
 def federated_run_from_cfg(cfg: DictConfig | dict) -> FederatedRun:

@@ -13,14 +13,14 @@ import random
 import time
 from collections.abc import Callable, Iterable
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlowrank.config import FederatedRun
-from fedlowrank.federated.aggregation import (
-    State, aggregate, budget_ranks, client_view, expected_shapes, layer_ranks, validate_update,
-)
+from fedlowrank.federated.aggregation import State, validate_update
+from fedlowrank.federated.methods import FedMethod
 from fedlowrank.lowrank import state_bytes
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,9 @@ def from_record(record: ArrayRecord) -> State:
 class HeteroRankStrategy(Strategy):
     """Aggregates factorized models trained at different ranks. Tensors are matched by key."""
 
-    def __init__(self, run: FederatedRun, global_state: State, writer=None,
+    def __init__(self, run: FederatedRun, method: FedMethod, global_state: State, writer=None,
                  on_round_end: Callable[[int, State, dict], None] | None = None) -> None:
-        self.run, self.rule = run, run.strategy
+        self.run, self.rule, self.method = run, run.strategy, method
         self.global_state = global_state
         self.writer = writer
         self.on_round_end = on_round_end
@@ -78,11 +78,6 @@ class HeteroRankStrategy(Strategy):
             self.budgets[node] = {"rank": int(cfg["rank"])} if "rank" in cfg else {"ratio": float(cfg["ratio"])}
         log.info("known client budgets: %s", {self.partition[n]: b for n, b in self.budgets.items()})
 
-    def ranks_for(self, node: int) -> dict[str, int]:
-        if self.rule == "fedlmt":  # one common rank: the global model itself
-            return layer_ranks(self.global_state)
-        return budget_ranks(self.global_state, **self.budgets[node])  # type: ignore[arg-type]
-
     # ----------------------------------------------------------------- train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -93,8 +88,8 @@ class HeteroRankStrategy(Strategy):
         self.sent, self._round_down = {}, 0
         msgs = []
         for node in sampled:
-            view = client_view(self.global_state, self.ranks_for(node), self.rule)
-            self.sent[node] = expected_shapes(view)
+            view = self.method.view(self.global_state, self.budgets[node])
+            self.sent[node] = self.method.expected(view, self.budgets[node])
             self._round_down += state_bytes(view)
             cfg = ConfigRecord({"server-round": server_round})
             msgs.append(Message(RecordDict({"arrays": to_record(view), "config": cfg}), dst_node_id=node,
@@ -133,7 +128,15 @@ class HeteroRankStrategy(Strategy):
             weights.append(n)
             per_client.append({"pid": pid, **metrics})
         if updates:
-            self.global_state = aggregate(self.global_state, updates, weights, self.rule)
+            new = self.method.aggregate(self.global_state, updates, weights)
+            bad = [k for k, v in new.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+            if bad:  # finite updates can still overflow when combined: never publish a broken model
+                log.error("round %d: aggregated model has non-finite values in %s; keeping the previous global "
+                          "model", server_round, bad[:3])
+                rejected += len(updates)
+                updates, weights, per_client = [], [], []
+            else:
+                self.global_state = new
         else:
             log.warning("round %d: no valid update; global model unchanged", server_round)
         tot = sum(weights) or 1.0
@@ -174,18 +177,9 @@ class HeteroRankStrategy(Strategy):
         return None
 
     def summary(self) -> None:
-        log.info("HeteroRankStrategy(rule=%s, clients=%d, rounds=%d, budgets=%s)", self.rule,
-                 self.run.fed.num_clients, self.run.fed.rounds,
+        log.info("HeteroRankStrategy(rule=%s, method=%s, clients=%d, rounds=%d, budgets=%s)", self.rule,
+                 self.method.name, self.run.fed.num_clients, self.run.fed.rounds,
                  self.run.fed.ranks if self.run.fed.ranks is not None else self.run.fed.rank_ratios)
 
 
-def global_model_budget(run: FederatedRun) -> dict[str, float | int]:
-    """Budget of the server's global model: the largest (slice/product) or smallest (fedlmt)."""
-    f = run.fed
-    pick = min if run.strategy == "fedlmt" else max
-    if f.ranks is not None:
-        return {"rank": int(pick(f.ranks[i % len(f.ranks)] for i in range(f.num_clients)))}
-    return {"ratio": float(pick(f.rank_ratios[i % len(f.rank_ratios)] for i in range(f.num_clients)))}
-
-
-__all__ = ["HeteroRankStrategy", "from_record", "global_model_budget", "to_record"]
+__all__ = ["HeteroRankStrategy", "from_record", "to_record"]

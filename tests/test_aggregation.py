@@ -97,3 +97,19 @@ def test_aggregate_rejects_bad_weights_and_rule():
         aggregate(g, [_client(g, 3)], [0.0], "slice")
     with pytest.raises(ValueError):
         aggregate(g, [_client(g, 3)], [1.0], "median")
+
+
+def test_merge_adapters_folds_every_client_product_exactly():
+    from fedlowrank.federated.aggregation import merge_adapters
+
+    g = {"fc.weight": torch.randn(6, 5), "fc.bias": torch.randn(6), "head.weight": torch.randn(2, 6)}
+    ups = []
+    for r, s in ((1, 2.0), (3, 0.5)):  # heterogeneous adapter ranks and scalings
+        ups.append({"fc.adapter.U": torch.randn(6, r), "fc.adapter.V": torch.randn(r, 5),
+                    "fc.scaling": torch.tensor(s), "fc.base.bias": torch.randn(6)})
+    new = merge_adapters(g, ups, [1.0, 3.0])
+    expect = g["fc.weight"] + 0.25 * 2.0 * ups[0]["fc.adapter.U"] @ ups[0]["fc.adapter.V"] \
+        + 0.75 * 0.5 * ups[1]["fc.adapter.U"] @ ups[1]["fc.adapter.V"]
+    assert torch.allclose(new["fc.weight"], expect, atol=1e-6)
+    assert torch.allclose(new["fc.bias"], 0.25 * ups[0]["fc.base.bias"] + 0.75 * ups[1]["fc.base.bias"])
+    assert torch.equal(new["head.weight"], g["head.weight"])  # not trained: unchanged

@@ -65,3 +65,26 @@ def test_federated_strategies_learn_with_dropout(tmp_path, strategy):
     if strategy == "fedlmt":  # everyone trains the smallest budget
         ratios = {c["rank_ratio"] for r in res["rounds_detail"] for c in r["clients"]}
         assert len(ratios) == 1
+
+
+def test_federated_relora_heterogeneous_adapters_merge_each_round(tmp_path):
+    res = run(_cfg(tmp_path, "experiment=fed_relora", "fed.rounds=4", "fed.num_clients=3",
+                   "fed.rank_ratios=[0.1,0.5,1.0]"))
+    r1 = res["rounds_detail"][0]
+    assert r1["clients_ok"] == 3 and r1["rejected"] == 0
+    ratios = sorted(c["rank_ratio"] for c in r1["clients"])
+    assert ratios[0] < ratios[1] < ratios[2]  # adapters follow each client's budget
+    assert all(c["trainable_params"] < c["params"] for c in r1["clients"])  # base frozen
+    assert r1["upload_bytes"] < r1["download_bytes"]  # adapters up, dense model down
+    assert res["final"]["global_accuracy"] > res["initial"]["global_accuracy"] + 0.3
+
+
+def test_federated_from_welore_compressed_model(tmp_path):
+    res = run(_cfg(tmp_path, "experiment=fed_welore", "fed.rounds=3", "fed.num_clients=3",
+                   "method.pretrain_steps=60"))
+    state = load_file(str(tmp_path / "checkpoints" / "last.safetensors"))
+    ranks = {k[:-2]: v.shape[1] for k, v in state.items() if k.endswith(".U")}
+    assert ranks and "head.U" not in ranks  # LRCs only where WeLore chose them; head kept dense
+    c = res["rounds_detail"][0]["clients"][0]
+    assert c["trainable_params"] < c["params"]  # only the low-rank components train
+    assert res["final"]["global_accuracy"] > 0.6

@@ -147,3 +147,27 @@ def _slice_average(gU: Tensor, gV: Tensor, Us: list[Tensor], Vs: list[Tensor], w
     U[:, trained] = num_U[:, trained] / den[trained]
     V[trained] = num_V[trained] / den[trained, None]
     return U, V
+
+
+def merge_adapters(global_state: State, updates: list[State], weights: list[float]) -> State:
+    """Federated ReLoRA: fold every client's adapter product into the dense global weights,
+    ``W_p += Σ_k w_k s_k B_k A_k`` (exact for any mix of client ranks: merging is linear),
+    and FedAvg any other trained tensor the clients sent (``p.base.x`` maps to ``p.x``)."""
+    w = _normalise(weights)
+    new = {k: v.clone() for k, v in global_state.items()}
+    prefixes = sorted({k[: -len(".adapter.U")] for u in updates for k in u if k.endswith(".adapter.U")})
+    for p in prefixes:
+        if f"{p}.weight" not in new:
+            raise KeyError(f"global model has no dense weight {p}.weight for adapter {p}")
+        delta = sum(wi * u[f"{p}.scaling"].float() * (u[f"{p}.adapter.U"].float() @ u[f"{p}.adapter.V"].float())
+                    for wi, u in zip(w, updates))
+        new[f"{p}.weight"] = new[f"{p}.weight"] + delta.to(new[f"{p}.weight"].dtype)  # type: ignore[union-attr]
+    skip = (".adapter.U", ".adapter.V", ".scaling")
+    extra = sorted({k for u in updates for k in u if not k.endswith(skip)})
+    for k in extra:
+        gk = k.replace(".base.", ".")
+        if gk not in new:
+            raise KeyError(f"client sent {k!r}, which matches no global tensor")
+        if new[gk].is_floating_point():
+            new[gk] = sum(wi * u[k].to(new[gk].dtype) for wi, u in zip(w, updates))  # type: ignore[assignment]
+    return new

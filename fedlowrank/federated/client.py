@@ -13,9 +13,10 @@ from torch.utils.data import DataLoader
 from fedlowrank.config import FederatedRun
 from fedlowrank.data.partition import client_dataset, partition_indices
 from fedlowrank.data.vision import ImageData, load_image_data
-from fedlowrank.lowrank import count_params, lowrank_modules
+from fedlowrank.lowrank import conform_to_state, count_params, lowrank_modules
 from fedlowrank.lowrank.layers import rank_from_budget
-from fedlowrank.models.build import build_lowrank_vision
+from fedlowrank.models.build import vision_config
+from fedlowrank.models.vision import build_vision_model
 from fedlowrank.training.loop import train_classifier
 
 from .aggregation import State
@@ -47,13 +48,9 @@ def client_data(run: FederatedRun, partition_id: int, num_partitions: int):
 
 
 def model_from_state(run: FederatedRun, state: State) -> nn.Module:
-    """Model skeleton whose factorized layers take the ranks found in ``state``, then loaded."""
-    model = build_lowrank_vision(run.model, run.data.name, rank=1)
-    for name, layer in lowrank_modules(model).items():
-        U, V = state.get(f"{name}.U"), state.get(f"{name}.V")
-        if U is None or V is None:
-            raise KeyError(f"state has no factors for layer {name!r}")
-        layer._replace_factors(U.detach().clone(), V.detach().clone())
+    """Dense skeleton of the configured model, reshaped to the factors/adapters in ``state``, loaded."""
+    model = build_vision_model(vision_config(run.model, run.data.name))
+    conform_to_state(model, state)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -74,12 +71,17 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
     if rng.random() < f.dropout_prob:
         raise SimulatedClientFailure(f"client {partition_id} dropped out in round {server_round}")
     torch.manual_seed(run.seed * 100_003 + server_round * 1009 + partition_id)
+    from .methods import fed_method
+
+    method = fed_method(run)
     budget = f.budget(partition_id)
     model = model_from_state(run, state)
+    method.prepare_client(model, budget)
     check_budget(model, budget)
     ds = client_data(run, partition_id, num_partitions)
     loader = DataLoader(ds, batch_size=f.batch_size, shuffle=True)
-    opt = torch.optim.SGD(model.parameters(), lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
     stats = train_classifier(model, loader, opt, epochs=f.local_epochs, max_steps=f.local_steps,
                              frob_decay=f.frob_decay)
     layers = lowrank_modules(model)
@@ -88,10 +90,9 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
         "num-examples": float(len(ds)), "partition_id": float(partition_id),
         "rank_sum": float(sum(m.rank for m in layers.values())),
         "rank_ratio": float(np.mean([m.rank / m.full_rank for m in layers.values()])) if layers else 1.0,
-        "params": float(count_params(model)),
+        "params": float(count_params(model)), "trainable_params": float(count_params(model, trainable_only=True)),
     }
-    new_state = {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
-    return inject_fault(f.fault_map().get(partition_id), new_state, partition_id), metrics
+    return inject_fault(f.fault_map().get(partition_id), method.payload(model), partition_id), metrics
 
 
 def inject_fault(kind: str | None, state: State, partition_id: int) -> State:

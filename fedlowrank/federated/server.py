@@ -15,21 +15,13 @@ from torch.utils.data import DataLoader
 from fedlowrank.config import FederatedRun
 from fedlowrank.data.vision import load_image_data
 from fedlowrank.lowrank import count_params, state_bytes
-from fedlowrank.models.build import build_lowrank_vision
 from fedlowrank.training.loop import evaluate_classifier
 
-from .aggregation import State, budget_ranks, client_view
+from .aggregation import State
 from .client import model_from_state
+from .methods import fed_method
 
 log = logging.getLogger(__name__)
-
-
-def initial_global_state(run: FederatedRun) -> State:
-    from server.strategy import global_model_budget
-
-    torch.manual_seed(run.seed)
-    model = build_lowrank_vision(run.model, run.data.name, **global_model_budget(run))  # type: ignore[arg-type]
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def dense_model_bytes(run: FederatedRun) -> int:
@@ -55,10 +47,10 @@ def run_server(grid: Grid, run: FederatedRun) -> dict:
 
     def evaluate(rnd: int, state: State) -> dict[str, float]:
         res = {f"global_{k}": v for k, v in evaluate_classifier(model_from_state(run, state), test_loader).items()}
-        if run.fed.eval_budgets and run.strategy != "fedlmt":
+        if run.fed.eval_budgets and run.strategy != "fedlmt" and method.name != "relora":
             for b in budgets:
                 bd = dict(b)
-                view = client_view(state, budget_ranks(state, **bd), run.strategy)  # type: ignore[arg-type]
+                view = method.view(state, bd)
                 tag = "_".join(f"{k}{v}" for k, v in bd.items())
                 res[f"{tag}_accuracy"] = evaluate_classifier(model_from_state(run, view), test_loader)["accuracy"]
         for k, v in res.items():
@@ -73,8 +65,9 @@ def run_server(grid: Grid, run: FederatedRun) -> dict:
             save_file({k: v.contiguous() for k, v in state.items()}, str(out / "checkpoints" / "last.safetensors"),
                       metadata={"round": str(rnd), "strategy": run.strategy})
 
-    init = initial_global_state(run)
-    strategy = HeteroRankStrategy(run, init, writer=writer, on_round_end=on_round_end)
+    method = fed_method(run)
+    init = method.initial_state()
+    strategy = HeteroRankStrategy(run, method, init, writer=writer, on_round_end=on_round_end)
     strategy.start(grid, to_record(init), num_rounds=run.fed.rounds, timeout=run.fed.timeout,
                    evaluate_fn=lambda rnd, arrays: MetricRecord(evaluate(rnd, strategy.global_state)))
     writer.close()

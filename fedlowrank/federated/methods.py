@@ -1,0 +1,151 @@
+"""What a method changes in federated training: the global starting model, what a client
+downloads, trains and uploads, and how updates are combined. One object per run; no
+per-architecture branches (tensors are matched by key)."""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedlowrank.config import FederatedRun, to_dataclass
+from fedlowrank.lowrank import add_lora
+from fedlowrank.methods.relora import ReLoRAConfig
+from fedlowrank.methods.welore import WeLoreConfig, welore_compress
+from fedlowrank.models.build import build_lowrank_vision, vision_config
+from fedlowrank.models.vision import build_vision_model
+
+from .aggregation import State, aggregate, budget_ranks, client_view, expected_shapes, layer_ranks, merge_adapters
+
+log = logging.getLogger(__name__)
+Budget = dict[str, Any]
+
+
+def _float_state(model: nn.Module) -> State:
+    return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in model.state_dict().items()}
+
+
+class FedMethod:
+    name = "none"
+    """Factorized training (no extra method): the global model is factorized at the largest
+    (slice/product) or smallest (fedlmt) budget; clients get it cut to their budget."""
+
+    def __init__(self, run: FederatedRun) -> None:
+        self.run = run
+
+    def global_budget(self) -> Budget:
+        f = self.run.fed
+        pick = min if self.run.strategy == "fedlmt" else max
+        if f.ranks is not None:
+            return {"rank": int(pick(f.ranks[i % len(f.ranks)] for i in range(f.num_clients)))}
+        return {"ratio": float(pick(f.rank_ratios[i % len(f.rank_ratios)] for i in range(f.num_clients)))}
+
+    def initial_state(self) -> State:
+        torch.manual_seed(self.run.seed)
+        return _float_state(build_lowrank_vision(self.run.model, self.run.data.name, **self.global_budget()))
+
+    def ranks(self, global_state: State, budget: Budget) -> dict[str, int]:
+        if self.run.strategy == "fedlmt":
+            return layer_ranks(global_state)
+        return budget_ranks(global_state, **budget)
+
+    def view(self, global_state: State, budget: Budget) -> State:
+        return client_view(global_state, self.ranks(global_state, budget), self.run.strategy)
+
+    def prepare_client(self, model: nn.Module, budget: Budget) -> None:
+        """Client side, after loading the view: attach/freeze what the method needs."""
+
+    def payload(self, model: nn.Module) -> State:
+        return _float_state(model)
+
+    def expected(self, view: State, budget: Budget) -> dict[str, tuple[int, ...]]:
+        return expected_shapes(view)
+
+    def aggregate(self, global_state: State, updates: list[State], weights: list[float]) -> State:
+        return aggregate(global_state, updates, weights, self.run.strategy)
+
+
+class ReLoRAFed(FedMethod):
+    name = "relora"
+    """Clients train fresh LoRA adapters (rank from their budget) on the frozen dense global
+    model; the server merges every client's product into the dense weights each round."""
+
+    def __init__(self, run: FederatedRun) -> None:
+        super().__init__(run)
+        self.cfg = to_dataclass(ReLoRAConfig, run.method, "method")
+
+    def initial_state(self) -> State:
+        torch.manual_seed(self.run.seed)
+        return _float_state(build_vision_model(vision_config(self.run.model, self.run.data.name)))
+
+    def view(self, global_state: State, budget: Budget) -> State:
+        return {k: v.clone() for k, v in global_state.items()}
+
+    def prepare_client(self, model: nn.Module, budget: Budget) -> None:
+        add_lora(model, r=budget.get("rank"), ratio=budget.get("ratio"), alpha=self.cfg.alpha,
+                 dropout=self.cfg.dropout, targets=self.cfg.targets or None, skip=self.cfg.skip)
+        for n, p in model.named_parameters():
+            p.requires_grad_(".adapter." in f".{n}" or any(re.search(x, n) for x in self.cfg.train_extra))
+
+    def payload(self, model: nn.Module) -> State:
+        keep = {n for n, p in model.named_parameters() if p.requires_grad}
+        return {k: v for k, v in _float_state(model).items() if k in keep or k.endswith(".scaling")}
+
+    def expected(self, view: State, budget: Budget) -> dict[str, tuple[int, ...]]:
+        model = build_vision_model(vision_config(self.run.model, self.run.data.name))
+        self.prepare_client(model, budget)
+        return expected_shapes(self.payload(model))
+
+    def aggregate(self, global_state: State, updates: list[State], weights: list[float]) -> State:
+        return merge_adapters(global_state, updates, weights)
+
+
+class WeLoreFed(FedMethod):
+    name = "welore"
+    """The federated starting point is a trained dense model compressed by WeLore
+    (non-uniform ranks); clients fine-tune only its low-rank components, at their budget."""
+
+    def __init__(self, run: FederatedRun) -> None:
+        super().__init__(run)
+        self.cfg = to_dataclass(WeLoreConfig, run.method, "method")
+
+    def initial_state(self) -> State:
+        from safetensors.torch import load_file
+
+        torch.manual_seed(self.run.seed)
+        model = build_vision_model(vision_config(self.run.model, self.run.data.name))
+        if self.cfg.from_ckpt:
+            model.load_state_dict(load_file(self.cfg.from_ckpt))
+            log.info("WeLore: dense starting model from %s", self.cfg.from_ckpt)
+        elif self.cfg.pretrain_steps > 0:
+            self._pretrain(model)
+        welore_compress(model, self.cfg)
+        return _float_state(model)
+
+    def _pretrain(self, model: nn.Module) -> None:
+        """Stand-in for a model trained elsewhere: a few SGD steps on the training split."""
+        from fedlowrank.data.vision import load_image_data
+
+        d = self.run.data
+        data = load_image_data(d.name, d.root, d.download, d.seed)
+        g = torch.Generator().manual_seed(self.run.seed)
+        opt = torch.optim.SGD(model.parameters(), lr=self.run.fed.lr, momentum=0.9)
+        for _ in range(self.cfg.pretrain_steps):
+            idx = torch.randint(len(data.y_train), (self.run.fed.batch_size,), generator=g)
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        log.info("WeLore: pretrained the dense model for %d steps (loss %.3f)", self.cfg.pretrain_steps, loss.item())
+
+    def prepare_client(self, model: nn.Module, budget: Budget) -> None:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.endswith((".U", ".V")) or any(re.search(x, n) for x in self.cfg.train_extra))
+
+
+def fed_method(run: FederatedRun) -> FedMethod:
+    name = run.method.get("name", "none")
+    return {"none": FedMethod, "relora": ReLoRAFed, "welore": WeLoreFed}[name](run)

@@ -25,7 +25,7 @@ def _run(tmp_path, *overrides):
 
 
 def test_ddp_two_processes_keep_replicas_identical_through_rank_growth(tmp_path):
-    run = _run(tmp_path, "experiment=gpt2_inrank", "trainer.devices=2", "trainer.max_steps=16",
+    run = _run(tmp_path, "experiment=gpt2_inrank", "trainer.devices=2", "trainer.device=cpu", "trainer.max_steps=16",
                "trainer.grad_accum=2", "method.init_rank=1", "method.buffer=1", "method.check_interval=4",
                "method.stage1_steps=12", "trainer.log_interval=4", "trainer.eval_interval=8")
     res = launch(run)
@@ -54,7 +54,7 @@ def test_resume_reproduces_loss_trajectory(tmp_path, stop):
 
 
 def test_fsdp2_two_processes_train_and_resume_exactly(tmp_path):
-    common = ["experiment=gpt2_fixed", "model.ratio=0.25", "trainer.devices=2", "trainer.dist=fsdp",
+    common = ["experiment=gpt2_fixed", "model.ratio=0.25", "trainer.devices=2", "trainer.device=cpu", "trainer.dist=fsdp",
               "trainer.max_steps=12", "trainer.log_interval=1", "trainer.eval_interval=6"]
     full = launch(_run(tmp_path / "full", *common))
     launch(_run(tmp_path / "part", *common, "trainer.stop_after=7"))

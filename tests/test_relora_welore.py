@@ -119,14 +119,14 @@ def _lora_skeleton():
 
 
 def test_relora_ddp_keeps_replicas_identical(tmp_path):
-    res = launch(_run(tmp_path, "experiment=llama_relora", "trainer.devices=2", "trainer.max_steps=12",
+    res = launch(_run(tmp_path, "experiment=llama_relora", "trainer.devices=2", "trainer.device=cpu", "trainer.max_steps=12",
                       "method.warm_start_steps=3", "method.reset_every=3", "method.restart_warmup_steps=1",
                       "trainer.eval_interval=12"))
     assert res["relora_restarts"] >= 2 and res["replica_max_diff"] == 0.0
 
 
 def test_relora_fsdp2_runs_and_learns(tmp_path):
-    res = launch(_run(tmp_path, "experiment=llama_relora", "trainer.devices=2", "trainer.dist=fsdp",
+    res = launch(_run(tmp_path, "experiment=llama_relora", "trainer.devices=2", "trainer.device=cpu", "trainer.dist=fsdp",
                       "trainer.max_steps=16", "method.warm_start_steps=0", "method.reset_every=5",
                       "method.restart_warmup_steps=1", "trainer.log_interval=1", "trainer.eval_interval=16",
                       "trainer.lr=1e-2", "method.r=4"))

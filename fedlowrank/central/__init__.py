@@ -20,7 +20,7 @@ def _spawned(local_rank: int, run: CentralRun, port: int, world: int) -> None:
                         format=f"[%(asctime)s][rank{local_rank}][%(name)s][%(levelname)s] - %(message)s")
     os.environ.update(RANK=str(local_rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local_rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if not torch.cuda.is_available():
+    if run.trainer.device == "cpu" or not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     from .trainer import train
 

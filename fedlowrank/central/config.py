@@ -59,6 +59,7 @@ class TrainerConfig:
     log_interval: int = 10
     ckpt_interval: int = 100
     devices: int = 1  # >1 without torchrun: spawn that many workers
+    device: str = "auto"  # auto (CUDA if available) | cuda | cpu
     dist: str = "ddp"  # ddp | fsdp (FSDP2)
     backend: str | None = None  # default: nccl on CUDA, gloo on CPU
     precision: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp32
@@ -77,6 +78,16 @@ class TrainerConfig:
             raise ConfigError("trainer.lr must be > 0, min_lr_ratio in [0, 1], warmup_steps >= 0")
         if self.dist not in ("ddp", "fsdp"):
             raise ConfigError(f"trainer.dist must be ddp or fsdp, got {self.dist!r}")
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ConfigError(f"trainer.device must be auto|cuda|cpu, got {self.device!r}")
+        import torch
+
+        cuda = self.device != "cpu" and torch.cuda.is_available()
+        if self.device == "cuda" and not cuda:
+            raise ConfigError("trainer.device=cuda but no CUDA device is available")
+        if cuda and self.devices > torch.cuda.device_count():
+            raise ConfigError(f"trainer.devices={self.devices} but only {torch.cuda.device_count()} GPU(s) are "
+                              "visible (one process per GPU); use trainer.device=cpu for CPU processes")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"trainer.precision must be auto|bf16|fp32, got {self.precision!r}")
 

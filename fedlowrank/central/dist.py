@@ -35,11 +35,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_dist(backend: str | None = None) -> DistEnv:
+def init_dist(backend: str | None = None, device: str = "auto") -> DistEnv:
     """Join the process group described by torchrun-style env vars (RANK, WORLD_SIZE, LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    cuda = device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda", local % max(1, torch.cuda.device_count())) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

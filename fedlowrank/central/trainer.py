@@ -291,7 +291,7 @@ class Trainer:
 
 def train(run: CentralRun) -> dict:
     """Entry point of one process (plain, torchrun, or spawned)."""
-    env = init_dist(run.trainer.backend)
+    env = init_dist(run.trainer.backend, run.trainer.device)
     try:
         data = load_text_data(run.data.name, run.data.tokenizer, run.data.path, run.data.val_fraction,
                               run.data.max_chars, run.data.cache_dir)

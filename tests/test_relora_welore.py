@@ -18,7 +18,7 @@ from fedlowrank.models.llama import Llama, LlamaConfig
 from fedlowrank.training.schedulers import cosine_lr, jagged_cosine_lr
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-FAST = ["trainer.progress=false", "trainer.batch_size=4", "trainer.block_size=32", "trainer.eval_iters=2",
+FAST = ["trainer.progress=false", "trainer.device=cpu", "trainer.batch_size=4", "trainer.block_size=32", "trainer.eval_iters=2",
         "trainer.warmup_steps=2", "data.max_chars=60000"]
 
 

@@ -57,13 +57,15 @@ def wrap_model(model: nn.Module, env: DistEnv, kind: str, bf16: bool) -> nn.Modu
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mesh = init_device_mesh(env.device.type, (env.world,))  # explicit: CPU processes on a GPU host stay on CPU
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     blocks = getattr(model, "h", None) or getattr(model, "layers", None)
     for block in blocks or []:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 

@@ -78,7 +78,7 @@ if HAVE_TRITON:
                      mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def _blocks(M: int, K: int, N: int, R: int, cfg: dict | None = None) -> tuple[int, int, int, int, int, int, int, int]:
+def _blocks(M: int, K: int, N: int, R: int, cfg: dict | None = None, elem_bytes: int = 2) -> tuple[int, int, int, int, int, int, int, int]:
     """Tile sizes: (BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N, n_splits, tiles_per_prog, num_warps, num_stages)."""
     cfg = cfg or {}
     BLOCK_R = max(16, triton.next_power_of_2(R))
@@ -92,7 +92,8 @@ def _blocks(M: int, K: int, N: int, R: int, cfg: dict | None = None) -> tuple[in
     splits = 1 if INTERPRET else cfg.get("splits", 4 if N > K and m_progs < 200 else 1)
     splits = min(splits, n_tiles)
     warps = cfg.get("num_warps", 4 if BLOCK_R <= 64 else 8)
-    return BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N, splits, triton.cdiv(n_tiles, splits), warps, cfg.get("num_stages", 3)
+    stages = cfg.get("num_stages", 3 if BLOCK_R * elem_bytes <= 256 else 2)  # wide fp32 tiles: less smem
+    return BLOCK_M, BLOCK_K, BLOCK_R, BLOCK_N, splits, triton.cdiv(n_tiles, splits), warps, stages
 
 
 def lowrank_forward_triton(x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None, cfg: dict | None = None) -> Tensor:
@@ -100,18 +101,27 @@ def lowrank_forward_triton(x2: Tensor, U: Tensor, V: Tensor, bias: Tensor | None
     M, K = x2.shape
     N, R = U.shape
     y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    BM, BK, BR, BN, splits, tiles, warps, stages = _blocks(M, K, N, R, cfg)
+    BM, BK, BR, BN, splits, tiles, warps, stages = _blocks(M, K, N, R, cfg, x2.element_size())
     U, V = U.to(x2.dtype), V.to(x2.dtype)
     b = bias.to(x2.dtype) if bias is not None else y  # dummy pointer when no bias
     ieee = x2.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    grid = (triton.cdiv(M, BM), splits)
-    _lowrank_fwd_kernel[grid](
-        x2, V, U, b, y, M, K, N, R,
-        x2.stride(0), x2.stride(1), V.stride(1), V.stride(0), U.stride(1), U.stride(0), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, CAST_FP32=INTERPRET, IEEE=ieee and not INTERPRET,
-        BLOCK_M=BM, BLOCK_K=BK, BLOCK_R=BR, BLOCK_N=BN, TILES_PER_PROG=tiles,
-        num_warps=warps, num_stages=stages,
-    )
+
+    def launch(BM: int, BK: int, BN: int, splits: int, tiles: int, warps: int, stages: int) -> None:
+        _lowrank_fwd_kernel[(triton.cdiv(M, BM), splits)](
+            x2, V, U, b, y, M, K, N, R,
+            x2.stride(0), x2.stride(1), V.stride(1), V.stride(0), U.stride(1), U.stride(0), y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, CAST_FP32=INTERPRET, IEEE=ieee and not INTERPRET,
+            BLOCK_M=BM, BLOCK_K=BK, BLOCK_R=BR, BLOCK_N=BN, TILES_PER_PROG=tiles,
+            num_warps=warps, num_stages=stages,
+        )
+
+    try:
+        launch(BM, BK, BN, splits, tiles, warps, stages)
+    except Exception as e:  # triton's OutOfResources (shared memory) on unusual shapes: smallest tiles
+        if "resource" not in type(e).__name__.lower() and "resource" not in str(e).lower():
+            raise
+        BN2 = 32
+        launch(min(BM, 32), 32, BN2, 1, triton.cdiv(N, BN2), 4, 1)
     return y
 
 

@@ -34,7 +34,7 @@ def main() -> None:
                     continue
                 t = timeit(lambda: lowrank_forward_triton(x, U, V, None, cfg), warmup=2, iters=10, cuda=True)
                 best.append((t, cfg))
-            except Exception as e:  # out of resources etc.
+            except Exception:  # out of resources etc.
                 continue
         best.sort(key=lambda b: b[0])
         floor = 2 * (M * K + M * N) / 3.0e12

@@ -1,10 +1,8 @@
 """Central LM pretraining on CPU: DDP replicas, exact resume, InRank stages, optimizer state."""
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from fedlowrank.central import central_run_from_cfg, launch
 from fedlowrank.config import ConfigError
@@ -13,15 +11,8 @@ from fedlowrank.methods.inrank import InRank, InRankConfig
 from fedlowrank.training.optim import remap_optimizer_state
 from fedlowrank.training.schedulers import cosine_lr
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-FAST = ["trainer.progress=false", "trainer.device=cpu", "trainer.batch_size=4", "trainer.block_size=32", "trainer.eval_iters=2",
-        "trainer.warmup_steps=2", "data.max_chars=60000"]
-
-
-def _run(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[*FAST, f"out_dir={tmp_path}", *overrides])
-    return central_run_from_cfg(cfg)
+from helpers import central_run as _run
+from helpers import compose_cfg
 
 
 def test_ddp_two_processes_keep_replicas_identical_through_rank_growth(tmp_path):
@@ -134,8 +125,7 @@ def test_central_config_errors():
         _run("x", "experiment=gpt2_fixed", "model.ratio=1.5")
     with pytest.raises(ConfigError, match="threshold"):
         _run("x", "experiment=gpt2_inrank", "method.threshold=0")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["mode=central", "data=digits", "out_dir=x"])
+    cfg = compose_cfg("mode=central", "data=digits", "out_dir=x")
     with pytest.raises(ConfigError, match="text corpus"):
         central_run_from_cfg(cfg)
 

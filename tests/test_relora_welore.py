@@ -1,12 +1,10 @@
 """ReLoRA and WeLore: merge invariance, pruning, schedule, reduction targets, trainer integration."""
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 
-from fedlowrank.central import central_run_from_cfg, launch
+from fedlowrank.central import launch
 from fedlowrank.config import ConfigError
 from fedlowrank.lowrank import LowRankLinear, add_lora, lora_modules
 from fedlowrank.methods.relora import ReLoRA, ReLoRAConfig, prune_tensor_
@@ -17,15 +15,7 @@ from fedlowrank.models.gpt2 import GPT2, GPT2Config
 from fedlowrank.models.llama import Llama, LlamaConfig
 from fedlowrank.training.schedulers import cosine_lr, jagged_cosine_lr
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-FAST = ["trainer.progress=false", "trainer.device=cpu", "trainer.batch_size=4", "trainer.block_size=32", "trainer.eval_iters=2",
-        "trainer.warmup_steps=2", "data.max_chars=60000"]
-
-
-def _run(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[*FAST, f"out_dir={tmp_path}", *overrides])
-    return central_run_from_cfg(cfg)
+from helpers import central_run as _run
 
 
 # ----------------------------------------------------------------------------- ReLoRA

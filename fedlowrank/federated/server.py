@@ -6,7 +6,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
 from flwr.app import MetricRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file

@@ -40,13 +40,27 @@ class LowRankMixin(nn.Module):
 
     U: nn.Parameter  # (out, r)
     V: nn.Parameter  # (r, fan_in)
+    bias: nn.Parameter | None
 
-    def _init_factors(self, out_dim: int, fan_in: int, rank: int, device=None, dtype=None) -> None:
+    def _init_factors(self, out_dim: int, fan_in: int, rank: int, bias: bool, init: str, device=None,
+                      dtype=None) -> None:
+        """Create U (out, r), V (r, fan_in) and the bias, initialised by ``init`` (spectral|random)."""
         full = min(out_dim, fan_in)
         if not 1 <= rank <= full:
             raise ValueError(f"rank must be in [1, {full}] for a {out_dim}x{fan_in} weight, got {rank}")
+        if init not in ("spectral", "random"):
+            raise ValueError(f"unknown init {init!r} (spectral|random)")
         self.U = nn.Parameter(torch.empty(out_dim, rank, device=device, dtype=dtype))
         self.V = nn.Parameter(torch.empty(rank, fan_in, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_dim, device=device, dtype=dtype)) if bias else None
+        if init == "spectral":
+            self.spectral_init_()
+        else:
+            nn.init.normal_(self.U, std=(1.0 / rank) ** 0.5)
+            nn.init.normal_(self.V, std=(1.0 / fan_in) ** 0.5)
+        if self.bias is not None:
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -140,19 +154,8 @@ class LowRankLinear(LowRankMixin):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_factors(out_features, in_features, rank, device, dtype)
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self._init_factors(out_features, in_features, rank, bias, init, device, dtype)
         self.use_kernel = False  # set by fedlowrank.kernels.enable_kernels
-        if init == "spectral":
-            self.spectral_init_()
-        elif init == "random":
-            nn.init.normal_(self.U, std=(1.0 / rank) ** 0.5)
-            nn.init.normal_(self.V, std=(1.0 / in_features) ** 0.5)
-        else:
-            raise ValueError(f"unknown init {init!r} (spectral|random)")
-        if self.bias is not None:
-            bound = 1 / math.sqrt(in_features)
-            nn.init.uniform_(self.bias, -bound, bound)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -211,18 +214,7 @@ class LowRankConv2d(LowRankMixin):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, ks
         self.stride, self.padding, self.dilation = stride, padding, dilation
         fan_in = in_channels * ks[0] * ks[1]
-        self._init_factors(out_channels, fan_in, rank, device, dtype)
-        self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype)) if bias else None
-        if init == "spectral":
-            self.spectral_init_()
-        elif init == "random":
-            nn.init.normal_(self.U, std=(1.0 / rank) ** 0.5)
-            nn.init.normal_(self.V, std=(1.0 / fan_in) ** 0.5)
-        else:
-            raise ValueError(f"unknown init {init!r} (spectral|random)")
-        if self.bias is not None:
-            bound = 1 / math.sqrt(fan_in)
-            nn.init.uniform_(self.bias, -bound, bound)
+        self._init_factors(out_channels, fan_in, rank, bias, init, device, dtype)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:

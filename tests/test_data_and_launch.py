@@ -1,0 +1,85 @@
+"""Data loading errors, partitions, torchrun launch and central TensorBoard logs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedlowrank.central import launch
+from fedlowrank.data.partition import partition_indices
+from fedlowrank.data.text import ByteTokenizer, get_batch, load_text_data
+from fedlowrank.data.vision import load_cifar10_data, load_digits_data
+from helpers import central_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cifar_missing_offline_gives_clear_error(tmp_path):
+    with pytest.raises(RuntimeError, match="CIFAR-10 is not available.*data=digits"):
+        load_cifar10_data(tmp_path, download=False)
+
+
+def test_hub_data_and_bpe_fail_clearly_offline():
+    code = (
+        "from fedlowrank.data.text import load_text_data\n"
+        "for kw in (dict(name='wikitext103', tokenizer='byte', cache_dir=None), dict(name='pydoc', tokenizer='gpt2')):\n"
+        "    try:\n        load_text_data(**kw)\n    except RuntimeError as e:\n        print('ERR', e)\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300).stdout
+    errs = [line for line in out.splitlines() if line.startswith("ERR")]
+    assert len(errs) == 2, out
+    assert "data=pydoc" in errs[0] and "data.tokenizer=byte" in errs[1]
+
+
+def test_text_data_and_batches_are_deterministic():
+    data = load_text_data("pydoc")
+    assert data.vocab_size == 256 and len(data.train) > 300_000 and len(data.val) > 30_000
+    x1, y1 = get_batch(data.train, 4, 16, seed=0, step=7)
+    x2, _ = get_batch(data.train, 4, 16, seed=0, step=7)
+    x3, _ = get_batch(data.train, 4, 16, seed=0, step=8)
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3) and torch.equal(x1[:, 1:], y1[:, :-1])
+    tok = ByteTokenizer()
+    assert tok.decode(tok.encode("naïve λ")) == "naïve λ"
+
+
+def test_iid_and_dirichlet_partitions():
+    y = load_digits_data().y_train
+    iid = partition_indices(y, "iid", 5)
+    allidx = np.concatenate(iid)
+    assert len(allidx) == len(y) and len(set(allidx.tolist())) == len(y)  # disjoint cover
+    skew = partition_indices(y, "dirichlet", 5, alpha=0.1, min_size=5)
+    dists = np.stack([np.bincount(y[torch.as_tensor(p)].numpy(), minlength=10) / len(p) for p in skew])
+    iid_d = np.stack([np.bincount(y[torch.as_tensor(p)].numpy(), minlength=10) / len(p) for p in iid])
+    assert dists.max(1).mean() > iid_d.max(1).mean() + 0.15  # label skew
+
+
+def test_torchrun_launch_two_cpu_processes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           "main.py", "experiment=gpt2_inrank", "trainer.device=cpu", f"out_dir={tmp_path}", "trainer.max_steps=12",
+           "method.stage1_steps=8", "method.check_interval=4", "method.init_rank=1", "method.buffer=1",
+           "trainer.progress=false", "trainer.block_size=32", "trainer.batch_size=4", "data.max_chars=50000",
+           f"hydra.run.dir={tmp_path}/hydra"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["step"] == 12 and s["replica_max_diff"] == 0.0 and s["stage"] == 2
+
+
+def test_central_tensorboard_has_loss_ppl_rank_and_throughput(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    launch(central_run(tmp_path, "experiment=gpt2_inrank", "trainer.max_steps=10", "trainer.log_interval=2",
+                       "trainer.eval_interval=5", "method.stage1_steps=6", "method.check_interval=3"))
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for t in ("train/loss", "train/ppl", "train/lr", "train/tokens_per_s", "eval/loss", "eval/ppl", "model/params"):
+        assert t in tags, sorted(tags)
+    assert any(t.startswith("rank/h.0.attn.c_attn") for t in tags)
+    assert [e.step for e in acc.Scalars("eval/ppl")] == [5, 10]

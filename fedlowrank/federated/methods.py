@@ -76,6 +76,7 @@ class ReLoRAFed(FedMethod):
     def __init__(self, run: FederatedRun) -> None:
         super().__init__(run)
         self.cfg = to_dataclass(ReLoRAConfig, run.method, "method")
+        self._expected: dict[tuple, dict[str, tuple[int, ...]]] = {}  # budget -> reply shapes
 
     def initial_state(self) -> State:
         torch.manual_seed(self.run.seed)
@@ -95,9 +96,13 @@ class ReLoRAFed(FedMethod):
         return {k: v for k, v in _float_state(model).items() if k in keep or k.endswith(".scaling")}
 
     def expected(self, view: State, budget: Budget) -> dict[str, tuple[int, ...]]:
-        model = build_vision_model(vision_config(self.run.model, self.run.data.name))
-        self.prepare_client(model, budget)
-        return expected_shapes(self.payload(model))
+        """Shapes of a client's reply: depend only on its budget (the dense model never changes shape)."""
+        key = tuple(sorted(budget.items()))
+        if key not in self._expected:
+            model = build_vision_model(vision_config(self.run.model, self.run.data.name))
+            self.prepare_client(model, budget)
+            self._expected[key] = expected_shapes(self.payload(model))
+        return self._expected[key]
 
     def aggregate(self, global_state: State, updates: list[State], weights: list[float]) -> State:
         return merge_adapters(global_state, updates, weights)

@@ -12,8 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlowrank.config import FederatedRun, to_dataclass
-from fedlowrank.lowrank import add_lora
-from fedlowrank.methods.relora import ReLoRAConfig
+from fedlowrank.methods.relora import ReLoRA, ReLoRAConfig
 from fedlowrank.methods.welore import WeLoreConfig, welore_compress
 from fedlowrank.models.build import build_lowrank_vision, vision_config
 from fedlowrank.models.vision import build_vision_model
@@ -55,6 +54,10 @@ class FedMethod:
     def view(self, global_state: State, budget: Budget) -> State:
         return client_view(global_state, self.ranks(global_state, budget), self.run.strategy)
 
+    def budget_views(self) -> bool:
+        """Whether clients with different budgets download different models."""
+        return self.run.strategy != "fedlmt"
+
     def prepare_client(self, model: nn.Module, budget: Budget) -> None:
         """Client side, after loading the view: attach/freeze what the method needs."""
 
@@ -85,11 +88,11 @@ class ReLoRAFed(FedMethod):
     def view(self, global_state: State, budget: Budget) -> State:
         return {k: v.clone() for k, v in global_state.items()}
 
+    def budget_views(self) -> bool:
+        return False  # every client downloads the same dense model
+
     def prepare_client(self, model: nn.Module, budget: Budget) -> None:
-        add_lora(model, r=budget.get("rank"), ratio=budget.get("ratio"), alpha=self.cfg.alpha,
-                 dropout=self.cfg.dropout, targets=self.cfg.targets or None, skip=self.cfg.skip)
-        for n, p in model.named_parameters():
-            p.requires_grad_(".adapter." in f".{n}" or any(re.search(x, n) for x in self.cfg.train_extra))
+        ReLoRA(self.cfg).wrap(model, r=budget.get("rank"), ratio=budget.get("ratio"))
 
     def payload(self, model: nn.Module) -> State:
         keep = {n for n, p in model.named_parameters() if p.requires_grad}

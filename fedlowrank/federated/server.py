@@ -46,7 +46,7 @@ def run_server(grid: Grid, run: FederatedRun) -> dict:
 
     def evaluate(rnd: int, state: State) -> dict[str, float]:
         res = {f"global_{k}": v for k, v in evaluate_classifier(model_from_state(run, state), test_loader).items()}
-        if run.fed.eval_budgets and run.strategy != "fedlmt" and method.name != "relora":
+        if run.fed.eval_budgets and method.budget_views():
             for b in budgets:
                 bd = dict(b)
                 view = method.view(state, bd)

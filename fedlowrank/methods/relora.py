@@ -75,10 +75,13 @@ class ReLoRA:
         cfg.validate()
         self.cfg, self.seed = cfg, seed
 
-    def wrap(self, model: nn.Module) -> list[str]:
-        """Attach adapters to target linears and freeze everything but adapters (+ ``train_extra``)."""
-        names = add_lora(model, r=self.cfg.r, alpha=self.cfg.alpha, dropout=self.cfg.dropout,
-                         targets=self.cfg.targets, skip=self.cfg.skip)
+    def wrap(self, model: nn.Module, r: int | None = None, ratio: float | None = None) -> list[str]:
+        """Attach adapters to target linears and freeze everything but adapters (+ ``train_extra``).
+        The adapter rank is ``cfg.r`` unless a budget (``r`` or ``ratio`` of full rank) is given."""
+        if r is None and ratio is None:
+            r = self.cfg.r
+        names = add_lora(model, r=r, ratio=ratio, alpha=self.cfg.alpha, dropout=self.cfg.dropout,
+                         targets=self.cfg.targets or None, skip=self.cfg.skip)
         self.freeze(model)
         return names
 

@@ -113,3 +113,25 @@ def test_merge_adapters_folds_every_client_product_exactly():
     assert torch.allclose(new["fc.weight"], expect, atol=1e-6)
     assert torch.allclose(new["fc.bias"], 0.25 * ups[0]["fc.base.bias"] + 0.75 * ups[1]["fc.base.bias"])
     assert torch.equal(new["head.weight"], g["head.weight"])  # not trained: unchanged
+
+
+@pytest.mark.parametrize("strategy,expect", [("fedlmt", 0.1), ("slice", 1.0), ("product", 1.0)])
+def test_global_rank_is_the_smallest_budget_under_fedlmt(strategy, expect):
+    """FedLMT trains one common rank every client can afford: the smallest budget."""
+    from fedlowrank.config import federated_run_from_cfg
+    from fedlowrank.federated.methods import fed_method
+    from fedlowrank.federated.aggregation import layer_ranks
+    from helpers import compose_cfg
+
+    run = federated_run_from_cfg(compose_cfg("mode=federated", f"strategy={strategy}", "fed.num_clients=3",
+                                             "fed.rank_ratios=[0.5,0.1,1.0]", "out_dir=unused"))
+    method = fed_method(run)
+    assert method.global_budget() == {"ratio": expect}
+    state = method.initial_state()
+    from fedlowrank.lowrank import rank_from_budget
+
+    ranks = layer_ranks(state)
+    assert ranks
+    for name, r in ranks.items():  # every factorized layer built at that budget
+        full = min(state[f"{name}.U"].shape[0], state[f"{name}.V"].shape[1])
+        assert r == rank_from_budget(full, ratio=expect)

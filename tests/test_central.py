@@ -42,6 +42,12 @@ def test_resume_reproduces_loss_trajectory(tmp_path, stop):
     for s in range(1, 19):
         assert b[s] == pytest.approx(a[s], rel=1e-5, abs=1e-6), f"step {s}: {b[s]} vs {a[s]}"
     assert second["ranks"] == full["ranks"]
+    assert second["inrank_history"] == full["inrank_history"]  # rank history survives the resume
+    assert any(h["changes"] for h in full["inrank_history"])
+    # throughput covers the whole run, both segments and both stages
+    assert second["tokens_seen"] == full["tokens_seen"] == 18 * 4 * 32
+    assert second["train_time_s"] > 0 and second["tokens_per_s"] == pytest.approx(
+        second["tokens_seen"] / second["train_time_s"])
 
 
 def test_fsdp2_two_processes_train_and_resume_exactly(tmp_path):
@@ -108,12 +114,33 @@ def test_inrank_targets_follow_explained_ratio():
         S = torch.tensor([10.0, 5.0, 1.0, 0.1, 0.1, 0.1, 0.1, 0.1])
         layer.U.copy_(P * S.sqrt())
         layer.V.copy_((Q * S.sqrt()).T)
-    ir = InRank(InRankConfig(threshold=0.9, init_rank=2, buffer=3))
+    ir = InRank(InRankConfig(threshold=0.9, init_rank=2, buffer=3, rule="energy"))
     assert ir.targets(model) == {"0": 5}
     assert ir.compressed_ranks(model) == {"0": 2}
     assert ir.update(model, step=25) == {}  # 5 < 8: nothing to grow
     layer.truncate(3)
     assert ir.update(model, step=50) == {"0": 5} and layer.rank == 5
+
+
+def test_inrank_default_rule_is_the_papers_variance_ratio():
+    """Default: 1 - var(tail)/var(s) over the spectrum padded to min(m, n), as the reference."""
+    from fedlowrank.lowrank import explained_variance_rank
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LowRankLinear(16, 16, rank=12, init="random"))
+    layer = model[0]
+    with torch.no_grad():
+        P, _ = torch.linalg.qr(torch.randn(16, 12))
+        Q, _ = torch.linalg.qr(torch.randn(16, 12))
+        S = torch.linspace(3.0, 0.5, 12)
+        layer.U.copy_(P * S.sqrt())
+        layer.V.copy_((Q * S.sqrt()).T)
+    cfg = InRankConfig(buffer=4)
+    assert cfg.rule == "variance"
+    k = explained_variance_rank(S, cfg.threshold, n_total=16)
+    assert k == 9  # independent of the factor rank: the tail is padded to min(m, n) = 16
+    assert InRank(cfg).targets(model) == {"0": k + 4}
+    assert InRank(InRankConfig(buffer=4, rule="energy")).targets(model) != {"0": k + 4}
 
 
 def test_central_config_errors():

@@ -83,3 +83,49 @@ def test_central_tensorboard_has_loss_ppl_rank_and_throughput(tmp_path):
         assert t in tags, sorted(tags)
     assert any(t.startswith("rank/h.0.attn.c_attn") for t in tags)
     assert [e.step for e in acc.Scalars("eval/ppl")] == [5, 10]
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_textfile_with_held_out_eval_file_and_full_eval(tmp_path):
+    from fedlowrank.central.dist import init_dist
+    from fedlowrank.central.trainer import Trainer
+    import torch.nn.functional as F
+
+    train = _write(tmp_path / "train.txt", "the quick brown fox jumps over the lazy dog. " * 200)
+    held = _write(tmp_path / "eval.txt", "pack my box with five dozen liquor jugs! " * 7)
+    data = load_text_data("textfile", train_path=train, eval_path=held)
+    assert data.train.tolist() == list(Path(train).read_bytes())  # all of the train file trains
+    assert data.val.tolist() == list(Path(held).read_bytes())  # the eval file is the eval split
+    run = central_run(tmp_path / "out", "mode=central", "data=textfile", f"data.train_path={train}", f"data.eval_path={held}",
+                      "trainer.eval_full=true", "trainer.max_steps=2")
+    tr = Trainer(run, init_dist(None, "cpu"), data)
+    ev = tr.evaluate()
+    # independent: every non-overlapping 32-token window of the eval file, token-weighted mean
+    n, B, losses = len(data.val), 32, []
+    with torch.no_grad():
+        tr.model.eval()
+        for s in range(0, n - B, B):
+            x, y = data.val[s: s + B][None], data.val[s + 1: s + 1 + B][None]
+            losses.append(F.cross_entropy(tr.model(x)[0], y[0], reduction="sum").item())
+    assert len(losses) == (n - 1) // B and ev["loss"] == pytest.approx(sum(losses) / (len(losses) * B), rel=1e-5)
+    res = launch(run)
+    assert res["final_eval"]["step"] == 2
+
+
+def test_textfile_errors_name_the_file_and_split(tmp_path):
+    from fedlowrank.config import ConfigError
+
+    train = _write(tmp_path / "train.txt", "enough text to train on. " * 50)
+    short = _write(tmp_path / "short.txt", "too short")
+    with pytest.raises(ConfigError, match="data.train_path"):
+        central_run(tmp_path / "o", "mode=central", "data=textfile")
+    with pytest.raises(ConfigError, match="data.eval_path=.*nope.txt.*not a file"):
+        central_run(tmp_path / "o", "mode=central", "data=textfile", f"data.train_path={train}", f"data.eval_path={tmp_path}/nope.txt")
+    run = central_run(tmp_path / "o", "mode=central", "data=textfile", f"data.train_path={train}", f"data.eval_path={short}")
+    with pytest.raises(ValueError, match=r"eval split of data=textfile .*train.txt.*9 tokens"):
+        launch(run)
+    assert not (tmp_path / "o" / "checkpoints").exists()  # rejected before any training

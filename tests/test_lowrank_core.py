@@ -1,6 +1,7 @@
 """Math of the factorized core: forward, SVD init, spectrum, decay, rank changes, accounting."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -73,6 +74,9 @@ def test_spectrum_from_thin_factors_matches_dense_svdvals(m, n, r):
 
 def test_frobenius_decay_equals_dense_formula_with_gradients():
     layer = LowRankLinear(17, 9, rank=4)
+    with torch.no_grad():  # random, non-orthogonal factors: UᵀU and VVᵀ are not diagonal
+        layer.U.copy_(torch.randn_like(layer.U))
+        layer.V.copy_(torch.randn_like(layer.V))
     fd = layer.frobenius_decay()
     dense = (layer.U @ layer.V).pow(2).sum()
     assert math.isclose(fd.item(), dense.item(), rel_tol=1e-12)
@@ -169,3 +173,28 @@ def test_explained_rank():
     assert explained_rank(S, 0.95) == 3
     with pytest.raises(ValueError):
         explained_rank(S, 1.5)
+
+
+def _reference_explained_variance(s: np.ndarray, k: int) -> float:
+    """InRank reference: 1 - var(s - s_current) / var(s), s_current = s with s[k:] zeroed."""
+    cur = s.copy()
+    cur[k:] = 0
+    return 1.0 - np.var(s - cur, ddof=1) / np.var(s, ddof=1)
+
+
+def test_explained_variance_rule_matches_the_reference_formula():
+    from fedlowrank.lowrank import explained_variance_rank, explained_variance_ratios
+
+    rng = np.random.default_rng(0)
+    for r, n_total in ((6, 6), (12, 40), (30, 64)):
+        S = np.sort(rng.gamma(0.5, size=r))[::-1]
+        padded = np.concatenate([S, np.zeros(n_total - r)])  # the reference's svdvals of a dense product
+        ratios = explained_variance_ratios(torch.tensor(S.copy()), n_total).numpy()
+        for k in range(1, r + 1):
+            assert ratios[k] == pytest.approx(_reference_explained_variance(padded, k), abs=1e-12)
+        for thr in (0.5, 0.8, 0.9, 0.99):
+            hit = [k for k in range(1, r + 1) if _reference_explained_variance(padded, k) > thr]
+            assert explained_variance_rank(torch.tensor(S.copy()), thr, n_total) == (hit[0] if hit else r)
+    # not the energy rule: a slowly decaying spectrum needs different k under the two rules
+    S = torch.linspace(1.0, 0.1, 20)
+    assert explained_variance_rank(S, 0.9, 20) != explained_rank(S, 0.9)

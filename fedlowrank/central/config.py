@@ -11,7 +11,7 @@ from fedlowrank.config import ConfigError, to_dataclass
 from fedlowrank.methods.inrank import InRankConfig
 
 LM_ARCHS = ("gpt2", "llama")
-TEXT_DATA = ("pydoc", "shakespeare", "file", "wikitext103", "c4")
+TEXT_DATA = ("pydoc", "shakespeare", "file", "textfile", "wikitext103", "c4")
 
 
 @dataclass
@@ -33,6 +33,8 @@ class TextDataConfig:
     name: str = "pydoc"
     tokenizer: str = "byte"  # byte | gpt2 (BPE from the HF hub)
     path: str | None = None
+    train_path: str | None = None  # data=textfile: your corpus
+    eval_path: str | None = None  # data=textfile: optional held-out eval file
     val_fraction: float = 0.1
     max_chars: int | None = None
     cache_dir: str | None = "data/cache"
@@ -56,6 +58,7 @@ class TrainerConfig:
     grad_clip: float = 1.0
     eval_interval: int = 50
     eval_iters: int = 8
+    eval_full: bool = False  # evaluate on every non-overlapping window of the eval split
     log_interval: int = 10
     ckpt_interval: int = 100
     devices: int = 1  # >1 without torchrun: spawn that many workers
@@ -120,6 +123,13 @@ class CentralRun:
                 raise ConfigError(f"model.ratio must be in (0, 1], got {m.ratio}")
         if self.data.name not in TEXT_DATA:
             raise ConfigError(f"data.name must be a text corpus {TEXT_DATA} in central mode, got {self.data.name!r}")
+        if self.data.name == "textfile":
+            if not self.data.train_path:
+                raise ConfigError("data=textfile needs data.train_path=<UTF-8 text file>")
+            for key in ("train_path", "eval_path"):
+                path = getattr(self.data, key)
+                if path and not os.path.isfile(path):
+                    raise ConfigError(f"data.{key}={path!r} is not a file")
         name = self.method.get("name", "none")
         if name not in ("none", "inrank", "relora", "welore"):
             raise ConfigError(f"unknown method {name!r} (none|inrank|relora|welore)")

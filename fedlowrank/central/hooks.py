@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 from fedlowrank.config import to_dataclass
 from fedlowrank.lowrank import count_params, lowrank_modules, set_ranks
 from fedlowrank.methods.inrank import InRank, InRankConfig
-from fedlowrank.methods.relora import ReLoRA, ReLoRAConfig
+from fedlowrank.methods.relora import ReLoRA, ReLoRAConfig, adapter_param_groups
 from fedlowrank.methods.welore import WeLoreConfig, WeLorePlan, apply_welore, freeze_non_lrc, welore_compress
+from fedlowrank.training.optim import param_groups
 from fedlowrank.training.schedulers import cosine_lr
 
 from .dist import load_checkpoint_meta, load_weights, save_checkpoint
@@ -33,6 +34,10 @@ class Hook:
     def lr(self, tr: "Trainer", step: int) -> float:
         t = tr.t
         return cosine_lr(step, t.max_steps, t.lr, t.warmup_steps, t.min_lr_ratio)
+
+    def param_groups(self, tr: "Trainer") -> list[dict]:
+        """AdamW parameter groups over the trainable parameters."""
+        return param_groups(tr.wrapped, tr.t.weight_decay)
 
     def after_step(self, tr: "Trainer") -> None:
         """After optimizer step ``tr.step`` (1-based count of steps done)."""
@@ -62,6 +67,7 @@ class InRankHook(Hook):
 
     def restore(self, tr: "Trainer", state: dict) -> None:
         self.stage = int(state.get("stage", self.stage))
+        self.ir.history = list(state.get("history", []))
 
     def after_step(self, tr: "Trainer") -> None:
         ir = self.ir
@@ -83,7 +89,7 @@ class InRankHook(Hook):
             tr.barrier()
 
     def state(self) -> dict:
-        return {"stage": self.stage}
+        return {"stage": self.stage, "history": self.ir.history}
 
     def summary(self) -> dict:
         return {"stage": self.stage, "inrank_history": self.ir.history}
@@ -109,6 +115,11 @@ class ReLoRAHook(Hook):
     def lr(self, tr: "Trainer", step: int) -> float:
         t = tr.t
         return self.rl.lr(step, t.max_steps, t.lr, t.warmup_steps, t.min_lr_ratio)
+
+    def param_groups(self, tr: "Trainer") -> list[dict]:
+        if not self.wrapped:
+            return super().param_groups(tr)
+        return adapter_param_groups(tr.model, tr.t.weight_decay, (tr.t.beta1, tr.t.beta2), self.rl.cfg)
 
     def after_step(self, tr: "Trainer") -> None:
         if not self.wrapped and tr.step == self.rl.cfg.warm_start_steps:
@@ -145,7 +156,7 @@ class WeLoreHook(Hook):
         if state.get("plan"):
             self.plan = WeLorePlan(**state["plan"])
             apply_welore(tr.model, self.plan, from_weights=False)
-            freeze_non_lrc(tr.model, self.plan, self.cfg.train_extra)
+            freeze_non_lrc(tr.model, self.plan, self.cfg.train_extra, self.cfg.train_norms)
 
     def _compress(self, tr: "Trainer", evaluate: bool) -> None:
         before = count_params(tr.model)

@@ -14,11 +14,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fedlowrank.data.text import TextData, get_batch, load_text_data
+from fedlowrank.data.text import TextData, check_splits, eval_windows, get_batch, load_text_data
 from fedlowrank.lowrank import count_params, factorize, model_ranks, set_ranks
 from fedlowrank.models.gpt2 import GPT2, GPT2Config
 from fedlowrank.models.llama import Llama, LlamaConfig
-from fedlowrank.training.optim import param_groups, remap_optimizer_state
+from fedlowrank.training.optim import remap_optimizer_state
 
 from .config import CentralRun
 from .hooks import make_hook
@@ -66,6 +66,7 @@ class Trainer:
         self.out = Path(run.out_dir)
         self.bf16 = env.device.type == "cuda" and self.t.precision in ("auto", "bf16")
         self.step = 0
+        self.tokens_seen, self.train_time = 0, 0.0  # whole-run throughput, carried across resume
         self.losses: list[tuple[int, float]] = []
         self.evals: list[dict] = []
         self.writer = None
@@ -90,7 +91,7 @@ class Trainer:
 
             enable_kernels(self.model)
         self.wrapped = wrap_model(self.model, self.env, self.t.dist, self.bf16)
-        self.opt = torch.optim.AdamW(param_groups(self.wrapped, self.t.weight_decay), lr=self.t.lr,
+        self.opt = torch.optim.AdamW(self.hook.param_groups(self), lr=self.t.lr,
                                      betas=(self.t.beta1, self.t.beta2), fused=self.env.device.type == "cuda")
 
     def rebuild(self) -> None:
@@ -114,6 +115,8 @@ class Trainer:
         self.step = int(meta["step"])
         self.losses = [tuple(x) for x in meta.get("losses", [])]  # type: ignore[misc]
         self.evals = meta.get("evals", [])
+        self.tokens_seen = int(meta.get("tokens_seen", 0))
+        self.train_time = float(meta.get("train_time_s", 0.0))
         log.info("resumed from %s at step %d", path, self.step)
         return torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)
 
@@ -163,13 +166,31 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Mean next-token loss on the eval split: ``eval_iters`` random batches, or every
+        non-overlapping window (``eval_full``, windows shared out across processes)."""
         self.wrapped.eval()
-        losses = []
-        for i in range(self.t.eval_iters):
-            x, y = get_batch(self.data.val, self.t.batch_size, self.t.block_size, self.run.seed + 1, i, self.env.rank)
-            losses.append(self._loss(x.to(self.env.device), y.to(self.env.device), self.wrapped).item())
+        t, env = self.t, self.env
+        if t.eval_full:
+            starts = eval_windows(self.data.val, t.block_size)[env.rank::env.world]
+            tot = torch.zeros(2, dtype=torch.float64, device=env.device)
+            for i in range(0, len(starts), t.batch_size):
+                ix = starts[i: i + t.batch_size].tolist()
+                x = torch.stack([self.data.val[j: j + t.block_size] for j in ix]).to(env.device)
+                y = torch.stack([self.data.val[j + 1: j + 1 + t.block_size] for j in ix]).to(env.device)
+                with self._autocast():
+                    logits = self.wrapped(x)
+                tot[0] += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum")
+                tot[1] += y.numel()
+            if env.distributed:
+                dist.all_reduce(tot)
+            loss = (tot[0] / tot[1].clamp_min(1)).item()
+        else:
+            losses = []
+            for i in range(t.eval_iters):
+                x, y = get_batch(self.data.val, t.batch_size, t.block_size, self.run.seed + 1, i, env.rank)
+                losses.append(self._loss(x.to(env.device), y.to(env.device), self.wrapped).item())
+            loss = _mean(sum(losses) / len(losses), env)
         self.wrapped.train()
-        loss = _mean(sum(losses) / len(losses), self.env)
         return {"step": self.step, "loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
     def fit(self) -> dict:
@@ -183,21 +204,24 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not (env.is_main and t.progress), desc="train")
         tokens_per_step = t.batch_size * t.block_size * t.grad_accum * env.world
         t0, s0, tps = time.perf_counter(), self.step, 0.0
+        loop_start, side = time.perf_counter(), 0.0  # side: eval + checkpoint time, left out of throughput
         end = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
         while self.step < end:
             loss_t = self.train_step()
             self.hook.after_step(self)
+            self.tokens_seen += tokens_per_step
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
                 loss = _mean(float(loss_t), env)
                 if not math.isfinite(loss):
                     raise FloatingPointError(f"non-finite training loss {loss} at step {self.step}")
-                if env.device.type == "cuda":
-                    torch.cuda.synchronize()
+                self._sync()
                 tps = tokens_per_step * (self.step - s0) / max(1e-9, time.perf_counter() - t0)
                 t0, s0 = time.perf_counter(), self.step
                 self.losses.append((self.step, loss))
                 self._log_scalars(loss, tps)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}")
+            self._sync()
+            ts = time.perf_counter()
             if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                 ev = self.evaluate()
                 self.evals.append(ev)
@@ -205,20 +229,34 @@ class Trainer:
                     self.writer.add_scalar("eval/loss", ev["loss"], self.step)
                     self.writer.add_scalar("eval/ppl", ev["ppl"], self.step)
             if self.step % t.ckpt_interval == 0 or self.step in (t.max_steps, end):
+                self.train_time += ts - loop_start - side  # bank the training time so far in the checkpoint
+                side, loop_start = 0.0, time.perf_counter()
+                ts = loop_start
                 self.save()
+            side += time.perf_counter() - ts
             bar.update(1)
         bar.close()
+        self._sync()
+        self.train_time += time.perf_counter() - loop_start - side
         summary = {"step": self.step, "final_eval": self.evals[-1] if self.evals else None,
                    "losses": self.losses, "evals": self.evals, "params": count_params(self.model),
                    "trainable_params": count_params(self.model, trainable_only=True),
                    "optimizer_state_bytes": self.optimizer_state_bytes(),
-                   "ranks": model_ranks(self.model), "tokens_per_s": tps,
+                   "ranks": model_ranks(self.model),
+                   # whole run (every stage, resumed segments included), eval and checkpoints left out
+                   "tokens_per_s": self.tokens_seen / max(1e-9, self.train_time),
+                   "tokens_seen": self.tokens_seen, "train_time_s": self.train_time,
+                   "tokens_per_s_last_interval": tps,
                    "replica_max_diff": self.replica_divergence(), **self.hook.summary()}
         if env.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             if self.writer:
                 self.writer.close()
         return summary
+
+    def _sync(self) -> None:
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state held by this process (shards under FSDP2)."""
@@ -257,7 +295,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict:
         return {"step": self.step, "method_state": self.hook.state(), "ranks": model_ranks(self.model),
-                "losses": self.losses,
+                "losses": self.losses, "tokens_seen": self.tokens_seen, "train_time_s": self.train_time,
                 "evals": self.evals, "arch": self.run.model.arch, "size": self.run.model.size,
                 "vocab_size": self.data.vocab_size}
 
@@ -293,8 +331,10 @@ def train(run: CentralRun) -> dict:
     """Entry point of one process (plain, torchrun, or spawned)."""
     env = init_dist(run.trainer.backend, run.trainer.device)
     try:
-        data = load_text_data(run.data.name, run.data.tokenizer, run.data.path, run.data.val_fraction,
-                              run.data.max_chars, run.data.cache_dir)
+        d = run.data
+        data = load_text_data(d.name, d.tokenizer, d.path, d.val_fraction, d.max_chars, d.cache_dir,
+                              train_path=d.train_path, eval_path=d.eval_path)
+        check_splits(data, run.trainer.block_size, f"data={d.name}" + (f" ({d.train_path})" if d.train_path else ""))
         return Trainer(run, env, data).fit()
     finally:
         if env.distributed and dist.is_initialized():

@@ -98,18 +98,39 @@ class TextData:
     vocab_size: int
 
 
+def _read(path: str | Path, what: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what}: text file {p} not found")
+    return p.read_text(encoding="utf-8")
+
+
 def load_text_data(name: str, tokenizer: str = "byte", path: str | None = None, val_fraction: float = 0.1,
-                   max_chars: int | None = None, cache_dir: str | None = None) -> TextData:
-    """Tokenized train/val streams. ``name``: pydoc | shakespeare | file | wikitext103 | c4."""
+                   max_chars: int | None = None, cache_dir: str | None = None, train_path: str | None = None,
+                   eval_path: str | None = None) -> TextData:
+    """Tokenized train/val streams. ``name``: pydoc | shakespeare | file | textfile | wikitext103 | c4.
+
+    ``textfile``: your own corpus, ``train_path`` (required) and an optional held-out
+    ``eval_path``; without it the last ``val_fraction`` of the train file is held out.
+    """
     tok = ByteTokenizer() if tokenizer == "byte" else BPETokenizer(tokenizer)
-    if name in ("pydoc", "shakespeare", "file"):
+    if name == "textfile":
+        if not train_path:
+            raise ValueError("data=textfile needs data.train_path")
+        text = _read(train_path, "data.train_path")
+        if max_chars:
+            text = text[:max_chars]
+        ids = np.asarray(tok.encode(text), dtype=np.int64)
+        if eval_path:
+            train, val = ids, np.asarray(tok.encode(_read(eval_path, "data.eval_path")), dtype=np.int64)
+        else:
+            n_val = max(1, int(len(ids) * val_fraction))
+            train, val = ids[:-n_val], ids[-n_val:]
+    elif name in ("pydoc", "shakespeare", "file"):
         if name == "pydoc":
             text = pydoc_text()
         else:
-            p = Path(path or "../shared/data/tinyshakespeare.txt")
-            if not p.is_file():
-                raise FileNotFoundError(f"text file {p} not found (set data.path)")
-            text = p.read_text(encoding="utf-8")
+            text = _read(path or "../shared/data/tinyshakespeare.txt", "data.path")
         if max_chars:
             text = text[:max_chars]
         ids = np.asarray(tok.encode(text), dtype=np.int64)
@@ -127,8 +148,21 @@ def load_text_data(name: str, tokenizer: str = "byte", path: str | None = None, 
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 np.savez(cache, train=train, val=val)
     else:
-        raise ValueError(f"unknown text dataset {name!r} (pydoc|shakespeare|file|wikitext103|c4)")
+        raise ValueError(f"unknown text dataset {name!r} (pydoc|shakespeare|file|textfile|wikitext103|c4)")
     return TextData(torch.from_numpy(train), torch.from_numpy(val), tok.vocab_size)
+
+
+def check_splits(data: TextData, block_size: int, source: str) -> None:
+    """Reject a split too short for one ``block_size`` window, naming it (before any training)."""
+    for split, ids in (("train", data.train), ("eval", data.val)):
+        if len(ids) <= block_size + 1:
+            raise ValueError(f"the {split} split of {source} has {len(ids)} tokens, fewer than one window of "
+                             f"trainer.block_size + 1 = {block_size + 1}: give more text or a smaller block_size")
+
+
+def eval_windows(tokens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Start offsets of the non-overlapping ``block_size`` windows covering the split."""
+    return torch.arange(0, len(tokens) - block_size - 1 + 1, block_size)
 
 
 def get_batch(tokens: torch.Tensor, batch_size: int, block_size: int, seed: int, step: int,

@@ -149,6 +149,12 @@ def _slice_average(gU: Tensor, gV: Tensor, Us: list[Tensor], Vs: list[Tensor], w
     return U, V
 
 
+def _lora_scale(update: State, prefix: str) -> torch.Tensor:
+    """A client's adapter scale: tanh(c) when it was learned, else its fixed alpha / r."""
+    c = update.get(f"{prefix}.scale_param")
+    return torch.tanh(c.float()) if c is not None else update[f"{prefix}.scaling"].float()
+
+
 def merge_adapters(global_state: State, updates: list[State], weights: list[float]) -> State:
     """Federated ReLoRA: fold every client's adapter product into the dense global weights,
     ``W_p += Σ_k w_k s_k B_k A_k`` (exact for any mix of client ranks: merging is linear),
@@ -159,10 +165,10 @@ def merge_adapters(global_state: State, updates: list[State], weights: list[floa
     for p in prefixes:
         if f"{p}.weight" not in new:
             raise KeyError(f"global model has no dense weight {p}.weight for adapter {p}")
-        delta = sum(wi * u[f"{p}.scaling"].float() * (u[f"{p}.adapter.U"].float() @ u[f"{p}.adapter.V"].float())
+        delta = sum(wi * _lora_scale(u, p) * (u[f"{p}.adapter.U"].float() @ u[f"{p}.adapter.V"].float())
                     for wi, u in zip(w, updates))
         new[f"{p}.weight"] = new[f"{p}.weight"] + delta.to(new[f"{p}.weight"].dtype)  # type: ignore[union-attr]
-    skip = (".adapter.U", ".adapter.V", ".scaling")
+    skip = (".adapter.U", ".adapter.V", ".scaling", ".scale_param")
     extra = sorted({k for u in updates for k in u if not k.endswith(skip)})
     for k in extra:
         gk = k.replace(".base.", ".")

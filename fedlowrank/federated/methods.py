@@ -13,7 +13,7 @@ from torch import nn
 
 from fedlowrank.config import FederatedRun, to_dataclass
 from fedlowrank.methods.relora import ReLoRA, ReLoRAConfig
-from fedlowrank.methods.welore import WeLoreConfig, welore_compress
+from fedlowrank.methods.welore import WeLoreConfig, is_norm_param, welore_compress
 from fedlowrank.models.build import build_lowrank_vision, vision_config
 from fedlowrank.models.vision import build_vision_model
 
@@ -151,7 +151,8 @@ class WeLoreFed(FedMethod):
 
     def prepare_client(self, model: nn.Module, budget: Budget) -> None:
         for n, p in model.named_parameters():
-            p.requires_grad_(n.endswith((".U", ".V")) or any(re.search(x, n) for x in self.cfg.train_extra))
+            p.requires_grad_(n.endswith((".U", ".V")) or (self.cfg.train_norms and is_norm_param(model, n))
+                             or any(re.search(x, n) for x in self.cfg.train_extra))
 
 
 def fed_method(run: FederatedRun) -> FedMethod:

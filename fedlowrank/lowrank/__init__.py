@@ -3,11 +3,12 @@ from .accounting import compression_summary, count_flops, count_params, state_by
 from .factorize import FACTORIZERS, conform_to_state, densify, factorize, frobenius_decay, lowrank_modules, model_ranks, set_ranks
 from .lora import LoRALinear, add_lora, lora_modules, merge_lora
 from .layers import LowRankConv2d, LowRankLinear, LowRankMixin, rank_from_budget
-from .spectrum import balanced_factors, explained_rank, factored_svd, factored_svdvals, refactorize_sum
+from .spectrum import (balanced_factors, explained_rank, explained_variance_rank, explained_variance_ratios,
+                       factored_svd, factored_svdvals, refactorize_sum)
 
 __all__ = [
     "FACTORIZERS", "conform_to_state", "LoRALinear", "add_lora", "lora_modules", "merge_lora", "LowRankConv2d", "LowRankLinear", "LowRankMixin", "balanced_factors", "compression_summary",
-    "count_flops", "count_params", "densify", "explained_rank", "factored_svd", "factored_svdvals", "factorize",
+    "count_flops", "count_params", "densify", "explained_rank", "explained_variance_rank", "explained_variance_ratios", "factored_svd", "factored_svdvals", "factorize",
     "frobenius_decay", "lowrank_modules", "model_ranks", "rank_from_budget", "refactorize_sum", "set_ranks",
     "state_bytes",
 ]

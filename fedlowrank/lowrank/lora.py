@@ -1,7 +1,8 @@
 """LoRA adapters on frozen dense linears (Hu et al. 2021), built on the factorized core:
 the adapter is a :class:`LowRankLinear` with ``U = B`` (out, r) and ``V = A`` (r, in).
 
-``y = base(x) + s · B A dropout(x)``, ``s = alpha / r``. ``merge()`` folds ``s·B·A`` into the
+``y = base(x) + s · B A dropout(x)``, ``s = alpha / r`` (or ``s = tanh(c)`` with a learned scalar
+``c`` when ``trainable_scaling``, as ReLoRA's ``--train_scaling``). ``merge()`` folds ``s·B·A`` into the
 base weight; ``reinit()`` draws a fresh A (Kaiming-uniform) and zeroes B, so right after a
 merge + reinit the layer computes the same function and both factors get gradients.
 """
@@ -20,7 +21,8 @@ from .layers import LowRankLinear
 class LoRALinear(nn.Module):
     """Frozen ``base`` (nn.Linear) plus a trainable rank-r adapter. x (..., in) -> (..., out)."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float = 1.0, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Linear, r: int, alpha: float = 1.0, dropout: float = 0.0,
+                 trainable_scaling: bool = False) -> None:
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
@@ -32,6 +34,8 @@ class LoRALinear(nn.Module):
         self.adapter = LowRankLinear(base.in_features, base.out_features, r, bias=False,
                                      device=base.weight.device, dtype=base.weight.dtype, init="random")
         self.register_buffer("scaling", torch.tensor(float(alpha) / r, dtype=torch.float32))
+        # learned scale s = tanh(c); c starts at 1 and is reset to 1 by reinit()
+        self.scale_param = nn.Parameter(torch.ones((), device=base.weight.device)) if trainable_scaling else None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reinit()
 
@@ -39,8 +43,16 @@ class LoRALinear(nn.Module):
     def rank(self) -> int:
         return self.adapter.rank
 
+    def scale(self) -> Tensor:
+        """The adapter's scale s (a 0-d tensor): alpha / r, or tanh(c) when learned."""
+        return torch.tanh(self.scale_param) if self.scale_param is not None else self.scaling
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """A, B (and c): the parameters a ReLoRA restart re-initialises."""
+        return list(self.adapter.parameters()) + ([self.scale_param] if self.scale_param is not None else [])
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + self.scaling.to(x.dtype) * self.adapter(self.dropout(x))
+        return self.base(x) + self.scale().to(x.dtype) * self.adapter(self.dropout(x))
 
     @torch.no_grad()
     def reinit(self, generator: torch.Generator | None = None) -> None:
@@ -51,12 +63,14 @@ class LoRALinear(nn.Module):
         newA = torch.empty(A.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
         _assign(A, newA)
         self.adapter.U.zero_()
+        if self.scale_param is not None:
+            self.scale_param.fill_(1.0)
 
     @torch.no_grad()
     def delta(self) -> Tensor:
         """s·B·A (out, in) as a full tensor (gathers FSDP2 shards)."""
         B, A = _full(self.adapter.U), _full(self.adapter.V)
-        return self.scaling.to(torch.float32) * (B.float() @ A.float())
+        return _full(self.scale()).to(torch.float32) * (B.float() @ A.float())
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -100,7 +114,7 @@ def _add(param: Tensor, value: Tensor) -> None:
 
 def add_lora(model: nn.Module, r: int | None = None, alpha: float = 1.0, dropout: float = 0.0,
              targets: Iterable[str] | None = None, skip: Iterable[str] | None = None,
-             ratio: float | None = None) -> list[str]:
+             ratio: float | None = None, trainable_scaling: bool = False) -> list[str]:
     """Wrap matching ``nn.Linear`` modules with :class:`LoRALinear` (rank ``r`` or ``ratio`` of full rank)."""
     from .layers import rank_from_budget
 
@@ -112,7 +126,7 @@ def add_lora(model: nn.Module, r: int | None = None, alpha: float = 1.0, dropout
         if (targets is not None and not _matches(name, targets)) or _matches(name, skip):
             continue
         rank = rank_from_budget(min(m.in_features, m.out_features), rank=r, ratio=ratio)
-        _set_submodule(model, name, LoRALinear(m, rank, alpha, dropout))
+        _set_submodule(model, name, LoRALinear(m, rank, alpha, dropout, trainable_scaling))
         names.append(name)
     if not names:
         raise ValueError(f"add_lora: no nn.Linear matched targets={targets} skip={skip}")

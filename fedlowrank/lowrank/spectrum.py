@@ -76,8 +76,38 @@ def refactorize_sum(
     return balanced_factors(P, S, Qh, rank)
 
 
+def explained_variance_ratios(S: Tensor, n_total: int | None = None) -> Tensor:
+    """InRank's explained ratio for every k = 0..n: ``1 - var(s_tail(k)) / var(s)``, where
+    ``s_tail(k)`` is s with its k leading values set to zero (the paper / reference code).
+    ``s`` is padded with zeros to ``n_total`` values: the reference takes the singular values of
+    the dense product, min(m, n) of them, most ~0 beyond the factor rank. Returns (n+1,) float64."""
+    s = S.detach().double().cpu().flatten()
+    n = max(int(n_total or 0), s.numel())
+    s = torch.cat([s, s.new_zeros(n - s.numel())])
+    if n < 2:
+        return torch.ones(n + 1, dtype=torch.float64)
+    # tail sums over i >= k, for k = 0..n
+    t1 = torch.cat([s.flip(0).cumsum(0).flip(0), s.new_zeros(1)])
+    t2 = torch.cat([s.square().flip(0).cumsum(0).flip(0), s.new_zeros(1)])
+    var_tail = (t2 - t1.square() / n) / (n - 1)
+    var_all = var_tail[0]
+    if var_all <= 0:
+        return torch.ones(n + 1, dtype=torch.float64)
+    return 1.0 - var_tail / var_all
+
+
+def explained_variance_rank(S: Tensor, threshold: float, n_total: int | None = None) -> int:
+    """Smallest k ≥ 1 whose explained ratio ``1 - var(tail)/var(s)`` exceeds ``threshold``
+    (InRank's rule); ``len(S)`` when none does."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"explained-ratio threshold must be in (0, 1], got {threshold}")
+    ratios = explained_variance_ratios(S, n_total)[1: S.numel() + 1]
+    hit = torch.nonzero(ratios > threshold)
+    return int(hit[0].item()) + 1 if hit.numel() else max(1, S.numel())
+
+
 def explained_rank(S: Tensor, threshold: float) -> int:
-    """Smallest k with ``Σ_{i<k} s_i² / Σ s_i² ≥ threshold`` (InRank's explained ratio)."""
+    """Smallest k with ``Σ_{i<k} s_i² / Σ s_i² ≥ threshold`` (energy rule)."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"explained-ratio threshold must be in (0, 1], got {threshold}")
     energy = S.detach().double().cpu().pow(2)

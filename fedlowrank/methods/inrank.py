@@ -1,10 +1,12 @@
 """InRank (Zhao et al. 2023, "InRank: Incremental Low-Rank Learning") as a trainer hook.
 
 Every factorized layer starts at ``init_rank + buffer``. Every ``check_interval`` optimizer
-steps after ``warmup_steps``, the explained-ratio rank k (smallest k whose leading singular
-values hold ``threshold`` of the spectral energy, computed from the thin factors) is found;
-if ``k + buffer`` exceeds the current rank, the layer grows to it (new slots keep the
-function unchanged). Stage 1 ends after ``stage1_steps``: layers are truncated to their
+steps after ``warmup_steps``, the explained-ratio rank k is found from the spectrum of the thin
+factors; if ``k + buffer`` exceeds the current rank, the layer grows to it (new slots keep the
+function unchanged). ``rule=variance`` (default) is the paper's explained ratio
+``1 - var(s_tail)/var(s)`` exactly as in the reference code (jiaweizzhao/InRank: tail = s with
+its k leading values zeroed, s padded with zeros to min(m, n), smallest k whose ratio exceeds
+the threshold); ``rule=energy`` is ``Σ_{i<k} s_i² / Σ s_i² ≥ threshold``. Stage 1 ends after ``stage1_steps``: layers are truncated to their
 explained rank and saved as a compressed checkpoint; stage 2 trains at those fixed ranks.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedlowrank.lowrank import explained_rank, lowrank_modules
+from fedlowrank.lowrank import explained_rank, explained_variance_rank, lowrank_modules
 
 log = logging.getLogger(__name__)
 
@@ -23,17 +25,20 @@ log = logging.getLogger(__name__)
 @dataclass
 class InRankConfig:
     name: str = "inrank"
+    rule: str = "variance"  # variance (paper: 1 - var(tail)/var(s)) | energy (sum of s^2)
     threshold: float = 0.9
-    init_rank: int = 4
-    buffer: int = 4
+    init_rank: int = 2  # reference init_modes
+    buffer: int = 16  # extra slots above the explained rank: the most a layer grows per check
     warmup_steps: int = 0
-    check_interval: int = 25
+    check_interval: int = 25  # reference gap_iter
     stage1_steps: int = 100
-    max_rank_ratio: float = 1.0
+    max_rank_ratio: float = 1.0  # cap as a fraction of full rank (the reference caps at 0.5)
     stage: int = 1  # 1: grow then compress and continue at fixed rank; 2: start from stage1_ckpt
     stage1_ckpt: str | None = None
 
     def validate(self) -> None:
+        if self.rule not in ("variance", "energy"):
+            raise ValueError(f"method.rule must be variance|energy, got {self.rule!r}")
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"method.threshold must be in (0, 1], got {self.threshold}")
         if self.init_rank < 1 or self.buffer < 0:
@@ -59,6 +64,13 @@ class InRank:
     def _cap(self, layer) -> int:
         return max(1, int(self.cfg.max_rank_ratio * layer.full_rank))
 
+    def explained(self, layer) -> int:
+        """The layer's explained-ratio rank under ``cfg.rule``."""
+        S = layer.spectrum()
+        if self.cfg.rule == "variance":
+            return explained_variance_rank(S, self.cfg.threshold, n_total=layer.full_rank)
+        return explained_rank(S, self.cfg.threshold)
+
     def prepare(self, model: nn.Module) -> dict[str, int]:
         """Set every factorized layer to ``init_rank + buffer`` (capped)."""
         ranks = {}
@@ -77,7 +89,7 @@ class InRank:
         """Per layer: min(cap, explained rank + buffer), from the spectrum of the thin factors."""
         out = {}
         for name, layer in lowrank_modules(model).items():
-            k = explained_rank(layer.spectrum(), self.cfg.threshold)
+            k = self.explained(layer)
             out[name] = min(self._cap(layer), k + self.cfg.buffer)
         return out
 
@@ -108,7 +120,7 @@ class InRank:
     @torch.no_grad()
     def compressed_ranks(self, model: nn.Module) -> dict[str, int]:
         """Explained rank of every layer (stage-2 ranks)."""
-        return {name: max(1, min(layer.rank, explained_rank(layer.spectrum(), self.cfg.threshold)))
+        return {name: max(1, min(layer.rank, self.explained(layer)))
                 for name, layer in lowrank_modules(model).items()}
 
     @torch.no_grad()

@@ -2,8 +2,16 @@
 
 Optional full-rank warm start, then LoRA adapters on frozen dense linears. Every
 ``reset_every`` steps: merge ``W += s·B·A`` into the frozen weight, re-initialise A (Kaiming)
-and B (zeros), prune the adapters' optimizer state (magnitude or random, ``prune_ratio``),
-and restart the learning rate with a short linear warm-up (jagged cosine schedule).
+and B (zeros), prune the adapters' optimizer state, and restart the learning rate with a short
+linear ramp (jagged cosine). As in the reference code (Guitaricet/relora), every parameter
+that is not a wrapped frozen weight (embeddings, norms, lm_head, biases) trains too
+(``train_base``), and the phase after the warm start gets its own warm-up + cosine cycle.
+
+Differences from the reference, on purpose:
+- a pruned optimizer entry loses *both* Adam moments (the reference prunes ``exp_avg`` and
+  ``exp_avg_sq`` with separate masks, so an entry can keep m and lose v and step by lr·m/eps);
+- with ``trainable_scaling`` the scale is re-initialised to its start value at a restart (the
+  reference zeroes it, which leaves B = 0 and tanh(0) = 0: no factor gets a gradient again).
 """
 from __future__ import annotations
 
@@ -14,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from fedlowrank.lowrank.lora import add_lora, lora_modules
-from fedlowrank.training.schedulers import jagged_cosine_lr
+from fedlowrank.lowrank.lora import LoRALinear, add_lora, lora_modules
+from fedlowrank.training.schedulers import cosine_lr, jagged_cosine_lr
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +39,16 @@ class ReLoRAConfig:
     warm_start_steps: int = 0  # full-rank steps before the adapters are attached
     reset_every: int = 50  # merge-and-reinit cycle length (optimizer steps)
     restart_warmup_steps: int = 10  # linear LR ramp after each restart
-    prune_ratio: float = 0.9
-    prune: str = "magnitude"  # magnitude | random
-    train_extra: list[str] = field(default_factory=list)  # regexes of non-adapter params that also train
+    # reference default (--reset_optimizer_on_relora): random pruning of 99.9% of the state
+    prune_ratio: float = 0.999
+    prune: str = "random"  # random | magnitude (by |exp_avg|; both moments pruned together)
+    train_base: bool = True  # non-adapter, non-wrapped params (embeddings, norms, head, biases) train
+    train_extra: list[str] = field(default_factory=list)  # regexes of further params that train
+    trainable_scaling: bool = False  # s = tanh(c), c learned (reference --train_scaling)
+    lr: float | None = None  # peak LR after the warm start (null: trainer.lr)
+    warmup_steps: int | None = None  # first warm-up after the warm start (null: trainer.warmup_steps)
+    adapter_beta2: float | None = None  # Adam β2 of the adapters (reference: 0.999; null: trainer.beta2)
+    adapter_weight_decay: float | None = None  # (reference: 0.0; null: trainer.weight_decay)
 
     def validate(self) -> None:
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
@@ -46,6 +61,14 @@ class ReLoRAConfig:
             raise ValueError(f"method.prune_ratio must be in [0, 1], got {self.prune_ratio}")
         if self.prune not in ("magnitude", "random"):
             raise ValueError(f"method.prune must be magnitude|random, got {self.prune!r}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"method.lr must be > 0, got {self.lr}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ValueError(f"method.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.adapter_beta2 is not None and not 0.0 <= self.adapter_beta2 < 1.0:
+            raise ValueError(f"method.adapter_beta2 must be in [0, 1), got {self.adapter_beta2}")
+        if self.adapter_weight_decay is not None and self.adapter_weight_decay < 0:
+            raise ValueError(f"method.adapter_weight_decay must be >= 0, got {self.adapter_weight_decay}")
 
 
 def _local(t: Tensor) -> Tensor:
@@ -53,19 +76,28 @@ def _local(t: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def prune_tensor_(t: Tensor, ratio: float, mode: str, generator: torch.Generator | None = None) -> int:
-    """Zero exactly round(ratio·numel) entries of ``t`` in place: the smallest |values|
-    (magnitude) or a uniformly random subset. FSDP2 shards are pruned shard by shard."""
+def prune_mask(t: Tensor, ratio: float, mode: str, generator: torch.Generator | None = None) -> Tensor:
+    """Boolean mask (shape of the local shard) with exactly round(ratio·numel) True entries:
+    the smallest |t| (magnitude) or a uniformly random subset."""
     flat = _local(t).reshape(-1)
     k = int(round(ratio * flat.numel()))
-    if k <= 0:
-        return 0
-    if mode == "magnitude":
-        idx = torch.topk(flat.abs().float(), k, largest=False).indices
-    else:
-        idx = torch.randperm(flat.numel(), generator=generator)[:k].to(flat.device)
-    flat[idx] = 0
-    return k
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+    if k > 0:
+        if mode == "magnitude":
+            idx = torch.topk(flat.abs().float(), k, largest=False).indices
+        else:
+            idx = torch.randperm(flat.numel(), generator=generator)[:k].to(flat.device)
+        mask[idx] = True
+    return mask.view(_local(t).shape)
+
+
+@torch.no_grad()
+def prune_tensor_(t: Tensor, ratio: float, mode: str, generator: torch.Generator | None = None) -> int:
+    """Zero exactly round(ratio·numel) entries of ``t`` in place (see :func:`prune_mask`).
+    FSDP2 shards are pruned shard by shard."""
+    mask = prune_mask(t, ratio, mode, generator)
+    _local(t)[mask] = 0
+    return int(mask.sum())
 
 
 class ReLoRA:
@@ -76,18 +108,29 @@ class ReLoRA:
         self.cfg, self.seed = cfg, seed
 
     def wrap(self, model: nn.Module, r: int | None = None, ratio: float | None = None) -> list[str]:
-        """Attach adapters to target linears and freeze everything but adapters (+ ``train_extra``).
+        """Attach adapters to target linears and set what trains (see :meth:`freeze`).
         The adapter rank is ``cfg.r`` unless a budget (``r`` or ``ratio`` of full rank) is given."""
         if r is None and ratio is None:
             r = self.cfg.r
         names = add_lora(model, r=r, ratio=ratio, alpha=self.cfg.alpha, dropout=self.cfg.dropout,
-                         targets=self.cfg.targets or None, skip=self.cfg.skip)
+                         targets=self.cfg.targets or None, skip=self.cfg.skip,
+                         trainable_scaling=self.cfg.trainable_scaling)
         self.freeze(model)
         return names
 
     def freeze(self, model: nn.Module) -> None:
+        """Adapters train; wrapped base weights are frozen; everything else trains when
+        ``train_base`` (the reference), or only when it matches ``train_extra``."""
+        frozen = {f"{n}.base.weight" for n in lora_modules(model)}
         for n, p in model.named_parameters():
-            p.requires_grad_(".adapter." in f".{n}" or any(re.search(x, n) for x in self.cfg.train_extra))
+            adapter = ".adapter." in f".{n}" or n.endswith(".scale_param")
+            extra = any(re.search(x, n) for x in self.cfg.train_extra)
+            p.requires_grad_(adapter or extra or (self.cfg.train_base and n not in frozen))
+
+    @staticmethod
+    def adapter_params(model: nn.Module) -> list[nn.Parameter]:
+        """Parameters whose optimizer state a restart prunes (A, B and a trainable scale)."""
+        return [p for m in lora_modules(model).values() for p in m.adapter_parameters()]
 
     def is_restart(self, step: int) -> bool:
         """A merge-and-reinit happens after optimizer step ``step``."""
@@ -95,9 +138,14 @@ class ReLoRA:
         return step > w and (step - w) % self.cfg.reset_every == 0
 
     def lr(self, step: int, max_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
-        first = self.cfg.warm_start_steps if self.cfg.warm_start_steps > 0 else self.cfg.reset_every
-        return jagged_cosine_lr(step, max_steps, lr, warmup_steps, self.cfg.reset_every,
-                                self.cfg.restart_warmup_steps, min_lr_ratio, first_restart=first)
+        """Warm start: the full-rank run's cosine. Afterwards a new cycle over the remaining
+        steps (own peak LR and warm-up), with a ramp after every restart (jagged cosine)."""
+        c, w = self.cfg, self.cfg.warm_start_steps
+        if step < w:
+            return cosine_lr(step, max_steps, lr, warmup_steps, min_lr_ratio)
+        return jagged_cosine_lr(step - w, max(1, max_steps - w), c.lr or lr,
+                                warmup_steps if c.warmup_steps is None else c.warmup_steps,
+                                c.reset_every, c.restart_warmup_steps, min_lr_ratio)
 
     @torch.no_grad()
     def restart(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
@@ -108,13 +156,44 @@ class ReLoRA:
             mods[name].merge()
             mods[name].reinit(generator=g)
         if optimizer is not None:
-            self.prune_state(optimizer, [p for m in mods.values() for p in m.adapter.parameters()], step)
-        log.info("ReLoRA restart at step %d: merged %d adapters, pruned %.0f%% of their optimizer state (%s)",
+            self.prune_state(optimizer, self.adapter_params(model), step)
+        log.info("ReLoRA restart at step %d: merged %d adapters, pruned %.1f%% of their optimizer state (%s)",
                  step, len(mods), 100 * self.cfg.prune_ratio, self.cfg.prune)
 
     def prune_state(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], step: int) -> None:
+        """Zero the same entries of every per-element state tensor of each parameter. The
+        mask comes from ``exp_avg`` (magnitude) or one random draw, so no entry keeps a first
+        moment without its second moment."""
         g = torch.Generator().manual_seed(self.seed * 31 + step)
         for p in params:
-            for v in optimizer.state.get(p, {}).values():
-                if torch.is_tensor(v) and v.ndim > 0 and v.shape == p.shape:
-                    prune_tensor_(v, self.cfg.prune_ratio, self.cfg.prune, g)
+            st = optimizer.state.get(p, {})
+            moments = [v for v in st.values() if torch.is_tensor(v) and v.ndim > 0 and v.shape == p.shape]
+            if not moments:
+                continue
+            ref = st.get("exp_avg", moments[0])
+            mask = prune_mask(ref, self.cfg.prune_ratio, self.cfg.prune, g)
+            for v in moments:
+                _local(v)[mask] = 0
+
+
+def adapter_param_groups(model: nn.Module, weight_decay: float, betas: tuple[float, float],
+                         cfg: ReLoRAConfig) -> list[dict]:
+    """AdamW groups with the adapters' own β2 / weight decay (ReLoRA reference: 0.999 / 0)."""
+    from fedlowrank.training.optim import param_groups
+
+    adapters = {id(p) for p in ReLoRA.adapter_params(model)}
+    base = param_groups(model, weight_decay, exclude=adapters)
+    ad = [p for p in ReLoRA.adapter_params(model) if p.requires_grad]
+    b2 = betas[1] if cfg.adapter_beta2 is None else cfg.adapter_beta2
+    wd = weight_decay if cfg.adapter_weight_decay is None else cfg.adapter_weight_decay
+    groups = [g for g in base if g["params"]]
+    mats = [p for p in ad if p.ndim >= 2]
+    scal = [p for p in ad if p.ndim < 2]
+    if mats:
+        groups.append({"params": mats, "weight_decay": wd, "betas": (betas[0], b2)})
+    if scal:
+        groups.append({"params": scal, "weight_decay": 0.0, "betas": (betas[0], b2)})
+    return groups
+
+
+__all__ = ["LoRALinear", "ReLoRA", "ReLoRAConfig", "adapter_param_groups", "prune_mask", "prune_tensor_"]

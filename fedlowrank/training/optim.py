@@ -5,11 +5,12 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, exclude: set[int] | None = None) -> list[dict]:
     """AdamW groups: matrices (ndim ≥ 2, incl. U/V factors) decay; biases, norms, gains don't.
-    Parameters are ordered by name so checkpoints map state deterministically."""
+    Parameters are ordered by name so checkpoints map state deterministically; those whose
+    ``id`` is in ``exclude`` are left out (a caller puts them in groups of its own)."""
     named = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad), key=lambda t: t[0])
-    seen: set[int] = set()
+    seen: set[int] = set(exclude or ())
     decay, no_decay = [], []
     for _, p in named:
         if id(p) in seen:  # tied weights appear once

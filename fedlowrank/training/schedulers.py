@@ -14,15 +14,15 @@ def cosine_lr(step: int, max_steps: int, lr: float, warmup_steps: int = 0, min_l
 
 
 def jagged_cosine_lr(step: int, max_steps: int, lr: float, warmup_steps: int, restart_every: int,
-                     restart_warmup_steps: int, min_lr_ratio: float = 0.1, first_restart: int | None = None) -> float:
-    """ReLoRA's jagged schedule: the global cosine (with its initial warm-up), multiplied by a
-    linear ramp from 0 over ``restart_warmup_steps`` after every restart. Restarts happen at
-    ``first_restart + k·restart_every`` (k ≥ 0; default first restart = ``restart_every``)."""
-    base = cosine_lr(step, max_steps, lr, warmup_steps, min_lr_ratio)
-    first = restart_every if first_restart is None else first_restart
-    if restart_every <= 0 or step < max(first, 1) or restart_warmup_steps <= 0:
-        return base
-    since = (step - first) % restart_every
-    if since < restart_warmup_steps:
-        return base * since / restart_warmup_steps
-    return base
+                     restart_warmup_steps: int, min_lr_ratio: float = 0.1) -> float:
+    """ReLoRA's jagged schedule (the reference's ``cosine_restarts``): one cosine over
+    ``max_steps`` with its initial warm-up; after every restart (steps ``k·restart_every``,
+    k ≥ 1) a linear ramp over ``restart_warmup_steps`` up to the cosine's value at the ramp's end.
+    ``step`` is the 0-based index of the step about to be taken."""
+    if step < warmup_steps or restart_every <= 0 or restart_warmup_steps <= 0 or step < restart_every:
+        return cosine_lr(step, max_steps, lr, warmup_steps, min_lr_ratio)
+    since = step % restart_every
+    if since >= restart_warmup_steps:
+        return cosine_lr(step, max_steps, lr, warmup_steps, min_lr_ratio)
+    top = cosine_lr(step - since + restart_warmup_steps, max_steps, lr, warmup_steps, min_lr_ratio)
+    return top * (since + 1) / (restart_warmup_steps + 1)

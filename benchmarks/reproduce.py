@@ -13,7 +13,6 @@ tokens/s over the whole run (every stage; eval and checkpoints left out).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -32,16 +31,16 @@ SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinysha
 # per config: shared trainer settings and each method's overrides (what differs from full rank)
 CONFIGS: dict[str, dict] = {
     "cpu": {
-        "common": ["model.size=mini", "trainer.max_steps=600", "trainer.batch_size=16", "trainer.block_size=128",
+        "common": ["model.size=mini", "trainer.max_steps=1500", "trainer.batch_size=16", "trainer.block_size=128",
                    "trainer.lr=3e-3", "trainer.warmup_steps=30", "trainer.device=cpu"],
         "runs": {
             "full rank": ["experiment=llama_full"],
             "fixed rank 0.25": ["experiment=llama_full", "model.lowrank=fixed", "model.ratio=0.25"],
-            "InRank": ["experiment=llama_inrank", "method.stage1_steps=200", "method.check_interval=25",
+            "InRank": ["experiment=llama_inrank", "method.stage1_steps=500", "method.check_interval=25",
                        "method.init_rank=2", "method.buffer=16"],
-            "ReLoRA": ["experiment=llama_relora", "method.r=32", "method.alpha=32", "method.warm_start_steps=150",
-                       "method.reset_every=150", "method.restart_warmup_steps=10", "method.warmup_steps=10"],
-            "WeLore": ["experiment=llama_welore", "method.pretrain_steps=450", "method.target_reduction=0.5",
+            "ReLoRA": ["experiment=llama_relora", "method.r=32", "method.alpha=32", "method.warm_start_steps=375",
+                       "method.reset_every=375", "method.restart_warmup_steps=20", "method.warmup_steps=20"],
+            "WeLore": ["experiment=llama_welore", "method.pretrain_steps=1200", "method.target_reduction=0.5",
                        "method.kind=params"],
         },
     },
@@ -191,7 +190,8 @@ def main() -> None:
     emit("reproduce", {**meta, "targets": verdict, "results": rows}, str(out / "reproduce.json"))
 
 
-_STEP_KEYS = ("method.stage1_steps=", "method.warm_start_steps=", "method.reset_every=", "method.pretrain_steps=")
+_STEP_KEYS = ("method.stage1_steps=", "method.warm_start_steps=", "method.reset_every=", "method.pretrain_steps=",
+              "method.restart_warmup_steps=", "method.warmup_steps=", "method.check_interval=")
 
 
 def _scale(override: str, f: float) -> str:

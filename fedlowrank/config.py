@@ -1,7 +1,10 @@
 """Typed, validated configs built from the Hydra tree. Errors surface before any training."""
 from __future__ import annotations
 
+import math
 import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -9,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 STRATEGIES = ("fedlmt", "slice", "product")
 PARTITIONS = ("iid", "dirichlet")
-FAULTS = ("nan", "shape", "crash")
+FAULTS = ("nan", "shape", "crash", "scale", "weight", "metrics")
+ROBUST = ("none", "median", "trimmed_mean")
 IMAGE_SPECS = {"digits": (1, 8, 10), "cifar10": (3, 32, 10)}  # channels, size, classes
 
 
@@ -17,14 +21,58 @@ class ConfigError(ValueError):
     """Invalid configuration, raised before any training starts."""
 
 
+def check_type(value: Any, hint: Any, where: str) -> Any:
+    """``value`` if it matches type ``hint`` (ints accepted for floats), else :class:`ConfigError`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in (a for a in args if a is not type(None)):
+            try:
+                return check_type(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [check_type(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
 def to_dataclass(cls, node: Any, where: str):
-    """Build dataclass ``cls`` from a config node, rejecting unknown keys."""
+    """Build dataclass ``cls`` from a config node: unknown keys and values of the wrong type
+    (per the dataclass annotations) are rejected with the key's full name."""
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    return cls(**data)
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()})
 
 
 @dataclass
@@ -50,7 +98,16 @@ class FedConfig:
     client_gpus: float = 0.0
     eval_budgets: bool = True  # also evaluate the global model truncated to each client budget
     checkpoint_every: int = 1
-    # Fault injection for robustness studies: ["<client id>:<nan|shape|crash>", ...].
+    keep_checkpoints: int = 2  # complete per-round checkpoints kept under <out_dir>/checkpoints
+    resume: str | None = None  # "auto": continue from the newest complete round checkpoint in out_dir
+    # Defences against hostile clients (see fedlowrank.federated.robust)
+    robust: str = "none"  # none | median | trimmed_mean (coordinate-wise; fedlmt and slice)
+    trim_ratio: float = 0.1  # fraction cut from each end for trimmed_mean
+    clip_norm: float | None = None  # clip each client's change (update - what it downloaded) to this L2 norm
+    max_weight: float = 1e6  # aggregation weight cap (weights are also capped at the known partition size)
+    max_abs_value: float = 1e4  # replies with a larger tensor entry are rejected
+    max_failed_rounds: int = 3  # this many rounds in a row without a valid update stop the run (error)
+    # Fault injection for robustness studies: ["<client id>:<nan|shape|crash|scale|weight|metrics>", ...].
     faults: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
@@ -79,9 +136,31 @@ class FedConfig:
             raise ConfigError(f"fed.partition must be one of {PARTITIONS}, got {self.partition!r}")
         if self.partition == "dirichlet" and self.alpha <= 0:
             raise ConfigError(f"fed.alpha must be > 0, got {self.alpha}")
-        self.fault_map()
+        faults = self.fault_map()
+        if any(pid >= self.num_clients for pid in faults):
+            raise ConfigError(f"fed.faults names client(s) {sorted(p for p in faults if p >= self.num_clients)} but "
+                              f"fed.num_clients={self.num_clients} (ids 0..{self.num_clients - 1})")
         if self.frob_decay < 0 or self.weight_decay < 0:
             raise ConfigError("fed.frob_decay and fed.weight_decay must be >= 0")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.max_failed_rounds < 1:
+            raise ConfigError("fed.checkpoint_every, fed.keep_checkpoints and fed.max_failed_rounds must be >= 1")
+        if self.resume not in (None, "auto"):
+            raise ConfigError(f"fed.resume must be null or 'auto', got {self.resume!r}")
+        if self.robust not in ROBUST:
+            raise ConfigError(f"fed.robust must be one of {ROBUST}, got {self.robust!r}")
+        if not 0.0 <= self.trim_ratio < 0.5:
+            raise ConfigError(f"fed.trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"fed.clip_norm must be > 0 (or null), got {self.clip_norm}")
+        if not (self.max_weight > 0 and self.max_abs_value > 0 and self.timeout > 0):
+            raise ConfigError("fed.max_weight, fed.max_abs_value and fed.timeout must be > 0")
+        if self.client_cpus <= 0 or self.client_gpus < 0:
+            raise ConfigError(f"fed.client_cpus must be > 0 (0 makes Ray wait forever), got {self.client_cpus}; "
+                              f"fed.client_gpus >= 0, got {self.client_gpus}")
+        if not (math.isfinite(self.lr) and math.isfinite(self.momentum)) or not 0 <= self.momentum < 1:
+            raise ConfigError(f"fed.lr must be finite and fed.momentum in [0, 1), got {self.lr}, {self.momentum}")
+        if self.min_partition_size < 0:
+            raise ConfigError(f"fed.min_partition_size must be >= 0, got {self.min_partition_size}")
 
     def fault_map(self) -> dict[int, str]:
         """Parsed ``faults``: client id -> fault kind."""
@@ -129,6 +208,9 @@ class FederatedRun:
         self.data.validate()
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
+        if self.fed.robust != "none" and (self.strategy == "product" or self.method.get("name") == "relora"):
+            raise ConfigError(f"fed.robust={self.fed.robust} needs strategy fedlmt or slice without ReLoRA (product "
+                              "and adapter merges combine products, not coordinates); use fed.clip_norm there")
         from fedlowrank.methods.relora import ReLoRAConfig
         from fedlowrank.methods.welore import WeLoreConfig
         from fedlowrank.models.build import validate_vision_model
@@ -136,6 +218,9 @@ class FederatedRun:
         name = self.method.get("name", "none")
         if name not in ("none", "relora", "welore"):
             raise ConfigError(f"method {name!r} is not available in federated mode (none|relora|welore)")
+        ckpt = self.method.get("from_ckpt")
+        if ckpt and not os.path.isfile(str(ckpt)):
+            raise ConfigError(f"method.from_ckpt={ckpt!r} is not an existing file (a dense model.safetensors)")
         if name != "none":
             try:
                 mc = to_dataclass(ReLoRAConfig if name == "relora" else WeLoreConfig, self.method, "method")

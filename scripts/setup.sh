@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (Python 3.11) and install fedlowrank with its test extras from pyproject.toml.
+# Create .venv (Python 3.11) and install fedlowrank with its test extras from pyproject.toml,
+# pinned to the versions in constraints.txt (regenerate: pip freeze --exclude-editable > constraints.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-}
@@ -13,5 +14,5 @@ fi
 if [ -z "$PY" ]; then echo "setup.sh: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; fi
 if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
 echo "setup.sh: environment ready in .venv"

@@ -17,7 +17,12 @@ def make_server_app(run: FederatedRun, results: dict | None = None) -> ServerApp
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        summary = run_server(grid, run)
+        try:
+            summary = run_server(grid, run)
+        except Exception as e:  # the simulation engine only logs ServerApp errors: hand the cause back
+            if results is not None:
+                results["error"] = f"{type(e).__name__}: {e}"
+            raise
         if results is not None:
             results.update(summary)
 

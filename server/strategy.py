@@ -21,9 +21,15 @@ from flwr.serverapp.strategy import Strategy
 from fedlowrank.config import FederatedRun
 from fedlowrank.federated.aggregation import State, validate_update
 from fedlowrank.federated.methods import FedMethod
+from fedlowrank.federated.robust import (RejectedReply, bounded_weight, check_metrics, check_values, clip_update,
+                                         robust_aggregate)
 from fedlowrank.lowrank import state_bytes
 
 log = logging.getLogger(__name__)
+
+
+class NoValidUpdates(RuntimeError):
+    """Too many rounds in a row without a single valid client update."""
 
 
 def to_record(state: State) -> ArrayRecord:
@@ -37,20 +43,44 @@ def from_record(record: ArrayRecord) -> State:
 
 
 class HeteroRankStrategy(Strategy):
-    """Aggregates factorized models trained at different ranks. Tensors are matched by key."""
+    """Aggregates factorized models trained at different ranks. Tensors are matched by key.
+
+    Nothing a client reports is trusted: partition ids must be unique and in range, weights are
+    capped by the partition sizes the server computed itself (``sizes``) and ``fed.max_weight``,
+    and any malformed reply is rejected and logged. ``round_offset`` continues a resumed run.
+    """
 
     def __init__(self, run: FederatedRun, method: FedMethod, global_state: State, writer=None,
-                 on_round_end: Callable[[int, State, dict], None] | None = None) -> None:
+                 on_round_end: Callable[[int, State, dict], None] | None = None, sizes: list[int] | None = None,
+                 round_offset: int = 0) -> None:
         self.run, self.rule, self.method = run, run.strategy, method
         self.global_state = global_state
         self.writer = writer
         self.on_round_end = on_round_end
+        self.sizes = sizes
+        self.round_offset = round_offset
         self.budgets: dict[int, dict[str, float | int]] = {}  # node_id -> budget
         self.partition: dict[int, int] = {}  # node_id -> partition id
-        self.sent: dict[int, dict[str, tuple[int, ...]]] = {}  # node_id -> expected reply shapes
+        self.sent: dict[int, State] = {}  # node_id -> the view it downloaded this round
+        self.expected: dict[int, dict[str, tuple[int, ...]]] = {}  # node_id -> expected reply shapes
         self.rng = random.Random(run.seed)
-        self.down_bytes = 0
         self.history: list[dict] = []
+        self.failed_rounds = 0  # consecutive rounds without a valid update
+        self.resumed_budgets: dict[int, dict] = {}  # partition id -> budget saved in the round checkpoint
+
+    # ----------------------------------------------------------------- resume
+    def state(self) -> dict:
+        """JSON-able strategy state (sampling RNG, failure streak); the round is the caller's."""
+        v, internal, gauss = self.rng.getstate()
+        return {"rng": [v, list(internal), gauss], "failed_rounds": self.failed_rounds,
+                "budgets": {str(self.partition[n]): b for n, b in self.budgets.items()}}
+
+    def restore(self, st: dict, history: list[dict]) -> None:
+        v, internal, gauss = st["rng"]
+        self.rng.setstate((v, tuple(internal), gauss))
+        self.failed_rounds = int(st["failed_rounds"])
+        self.history = list(history)
+        self.resumed_budgets = {int(p): b for p, b in st.get("budgets", {}).items()}
 
     # ----------------------------------------------------------------- discovery
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -60,6 +90,22 @@ class HeteroRankStrategy(Strategy):
                 raise TimeoutError(f"only {len(nodes)} of {need} nodes connected within {self.run.fed.timeout}s")
             time.sleep(0.5)
         return nodes
+
+    def _check_budget(self, cfg: ConfigRecord) -> tuple[int, dict[str, float | int]]:
+        pid = cfg["partition_id"]
+        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < self.run.fed.num_clients:
+            raise ValueError(f"partition id {pid!r} outside 0..{self.run.fed.num_clients - 1}")
+        if pid in self.partition.values():
+            raise ValueError(f"partition id {pid} is already claimed by another node")
+        if "rank" in cfg:
+            r = cfg["rank"]
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise ValueError(f"rank budget {r!r} is not a positive integer")
+            return pid, {"rank": r}
+        r = cfg["ratio"]
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) <= 1.0:
+            raise ValueError(f"ratio budget {r!r} is not in (0, 1]")
+        return pid, {"ratio": float(r)}
 
     def _discover(self, grid: Grid) -> None:
         """Ask nodes we do not know yet for their partition id and rank budget."""
@@ -73,82 +119,116 @@ class HeteroRankStrategy(Strategy):
             if reply.has_error():
                 log.warning("budget query to node %d failed: %s", node, reply.error.reason)
                 continue
-            cfg = reply.content["budget"]
-            self.partition[node] = int(cfg["partition_id"])
-            self.budgets[node] = {"rank": int(cfg["rank"])} if "rank" in cfg else {"ratio": float(cfg["ratio"])}
+            try:
+                pid, budget = self._check_budget(reply.content["budget"])
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("node %d: ignored, bad budget reply (%s)", node, e)
+                continue
+            self.partition[node], self.budgets[node] = pid, budget
+            if pid in self.resumed_budgets and self.resumed_budgets[pid] != budget:
+                log.warning("client %d now reports budget %s; before the resume it had %s", pid, budget,
+                            self.resumed_budgets[pid])
         log.info("known client budgets: %s", {self.partition[n]: b for n, b in self.budgets.items()})
 
     # ----------------------------------------------------------------- train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        rnd = server_round + self.round_offset
         self._discover(grid)
-        nodes = sorted(self.budgets)
-        k = max(1, math.ceil(self.run.fed.fraction_train * len(nodes)))
-        sampled = sorted(self.rng.sample(nodes, k))
-        self.sent, self._round_down = {}, 0
+        by_pid = {self.partition[n]: n for n in self.budgets}
+        pids = sorted(by_pid)  # sample partition ids, not node ids: the same clients on every run and resume
+        k = max(1, math.ceil(self.run.fed.fraction_train * len(pids))) if pids else 0
+        sampled = sorted(self.rng.sample(pids, k))
+        self.sent, self.expected, self._round_down = {}, {}, 0
         msgs = []
-        for node in sampled:
+        for pid in sampled:
+            node = by_pid[pid]
             view = self.method.view(self.global_state, self.budgets[node])
-            self.sent[node] = self.method.expected(view, self.budgets[node])
+            self.expected[node] = self.method.expected(view, self.budgets[node])
+            self.sent[node] = view
             self._round_down += state_bytes(view)
-            cfg = ConfigRecord({"server-round": server_round})
+            cfg = ConfigRecord({"server-round": rnd})
             msgs.append(Message(RecordDict({"arrays": to_record(view), "config": cfg}), dst_node_id=node,
                                 message_type=MessageType.TRAIN))
-        log.info("round %d: sent models to %d/%d clients (%d bytes)", server_round, len(msgs), len(nodes),
-                 self._round_down)
+        log.info("round %d: sent models to %d/%d clients (%d bytes)", rnd, len(msgs), len(pids), self._round_down)
         return msgs
 
+    def _check_reply(self, reply: Message) -> tuple[State, dict[str, float], float]:
+        """(update, metrics, weight) of a reply the server will aggregate, else :class:`RejectedReply`."""
+        node = reply.metadata.src_node_id
+        if node not in self.sent:
+            raise RejectedReply("reply from a node that was not sent a model this round")
+        f = self.run.fed
+        try:
+            state = from_record(reply.content["arrays"])
+            metrics = dict(reply.content["metrics"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise RejectedReply(f"malformed reply ({e})") from e
+        reason = validate_update(state, self.expected.get(node, {}))
+        if reason is not None:
+            raise RejectedReply(reason)
+        sent = self.sent[node]
+        check_values(state, {k: v.dtype for k, v in sent.items()}, f.max_abs_value)
+        metrics = check_metrics(metrics, f.max_abs_value)
+        known = self.sizes[self.partition[node]] if self.sizes is not None else None
+        weight = bounded_weight(metrics["num-examples"], known, f.max_weight)
+        if f.clip_norm is not None:
+            state, norm = clip_update(sent, state, f.clip_norm)
+            metrics["update_norm"] = norm
+        return state, metrics, weight
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        updates, weights, failures, rejected, up = [], [], 0, 0, 0
-        per_client: list[dict[str, float]] = []
+        rnd = server_round + self.round_offset
+        valid, failures, rejected, up = [], 0, 0, 0
         for reply in replies:
-            node = reply.metadata.src_node_id
-            pid = self.partition.get(node, -1)
+            pid = self.partition.get(reply.metadata.src_node_id, -1)
             if reply.has_error():
                 failures += 1
-                log.warning("round %d: client %d failed: %s", server_round, pid, reply.error.reason)
+                log.warning("round %d: client %d failed: %s", rnd, pid, reply.error.reason.strip().splitlines()[-1:])
                 continue
             try:
-                state = from_record(reply.content["arrays"])
-                metrics = dict(reply.content["metrics"])
-            except (KeyError, TypeError, ValueError) as e:
+                up += state_bytes(from_record(reply.content["arrays"])) if "arrays" in reply.content else 0
+                state, metrics, weight = self._check_reply(reply)
+            except Exception as e:  # anything a client sends must not stop the server
                 rejected += 1
-                log.warning("round %d: rejected client %d: malformed reply (%s)", server_round, pid, e)
+                log.warning("round %d: rejected update of client %d: %s", rnd, pid, e)
                 continue
-            up += state_bytes(state)
-            reason = validate_update(state, self.sent.get(node, {}))
-            n = float(metrics.get("num-examples", 0.0))
-            if reason is None and not (math.isfinite(n) and n > 0):
-                reason = f"bad num-examples {n}"
-            if reason is not None:
-                rejected += 1
-                log.warning("round %d: rejected update of client %d: %s", server_round, pid, reason)
-                continue
-            updates.append(state)
-            weights.append(n)
-            per_client.append({"pid": pid, **metrics})
+            valid.append((pid, state, weight, {"pid": pid, **metrics, "weight": weight}))
+        valid.sort(key=lambda v: v[0])  # fixed order: sums are bit-reproducible whatever the arrival order
+        updates, weights, per_client = [v[1] for v in valid], [v[2] for v in valid], [v[3] for v in valid]
         if updates:
-            new = self.method.aggregate(self.global_state, updates, weights)
+            if self.run.fed.robust != "none":
+                new = robust_aggregate(self.global_state, updates, self.rule, self.run.fed.robust, self.run.fed.trim_ratio)
+            else:
+                new = self.method.aggregate(self.global_state, updates, weights)
             bad = [k for k, v in new.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
             if bad:  # finite updates can still overflow when combined: never publish a broken model
                 log.error("round %d: aggregated model has non-finite values in %s; keeping the previous global "
-                          "model", server_round, bad[:3])
+                          "model", rnd, bad[:3])
                 rejected += len(updates)
                 updates, weights, per_client = [], [], []
             else:
                 self.global_state = new
+        if not updates:
+            self.failed_rounds += 1
+            log.warning("round %d: no valid update (%d failed, %d rejected); global model unchanged (%d round(s) "
+                        "in a row)", rnd, failures, rejected, self.failed_rounds)
         else:
-            log.warning("round %d: no valid update; global model unchanged", server_round)
+            self.failed_rounds = 0
         tot = sum(weights) or 1.0
         summary = {
-            "round": server_round, "clients_ok": len(updates), "failures": failures, "rejected": rejected,
+            "round": rnd, "clients_ok": len(updates), "failures": failures, "rejected": rejected,
             "upload_bytes": up, "download_bytes": self._round_down,
             "train_loss": sum(w * c["train_loss"] for w, c in zip(weights, per_client)) / tot if updates else float("nan"),
         }
-        self._log_round(server_round, summary, per_client)
+        self._log_round(rnd, summary, per_client)
         self.history.append({**summary, "clients": per_client})
         if self.on_round_end is not None:
-            self.on_round_end(server_round, self.global_state, summary)
+            self.on_round_end(rnd, self.global_state, summary)
+        if self.failed_rounds >= self.run.fed.max_failed_rounds:
+            raise NoValidUpdates(f"{self.failed_rounds} rounds in a row (up to round {rnd}) without a valid client "
+                                 f"update ({failures} failed, {rejected} rejected in the last); stopping. See the "
+                                 "warnings above for each client's reason.")
         mr = MetricRecord({k: float(v) for k, v in summary.items() if k != "round"})
         return to_record(self.global_state), mr
 
@@ -182,4 +262,4 @@ class HeteroRankStrategy(Strategy):
                  self.run.fed.ranks if self.run.fed.ranks is not None else self.run.fed.rank_ratios)
 
 
-__all__ = ["HeteroRankStrategy", "from_record", "to_record"]
+__all__ = ["HeteroRankStrategy", "NoValidUpdates", "from_record", "to_record"]

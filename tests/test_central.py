@@ -69,7 +69,7 @@ def test_inrank_grows_then_stage2_loads_compressed_checkpoint(tmp_path):
     grown = [h for h in s1["inrank_history"] if h["changes"]]
     assert grown, "no layer grew"
     assert max(v[1] for h in grown for v in h["changes"].values()) > 3  # above init_rank + buffer
-    meta = json.loads((tmp_path / "s1" / "stage1" / "meta.json").read_text())
+    meta = json.loads((tmp_path / "s1" / "stage1" / "last" / "meta.json").read_text())  # stage1/step-<n>, last -> it
     assert meta["ranks"] == s1["ranks"] and meta["step"] == 30
     s2 = launch(_run(tmp_path / "s2", "experiment=gpt2_inrank", "trainer.max_steps=34", "method.stage=2",
                      f"method.stage1_ckpt={tmp_path / 's1' / 'stage1'}", "trainer.log_interval=1",

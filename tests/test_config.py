@@ -85,3 +85,16 @@ def test_main_rejects_bad_config_before_training(tmp_path):
     assert "invalid configuration" in proc.stderr + proc.stdout and "(0, 1]" in proc.stderr + proc.stdout
     assert not (tmp_path / "tb").exists()  # nothing started
     assert time.time() - t0 < 60
+
+
+@pytest.mark.parametrize("override, key", [
+    ("fed.rounds=abc", "fed.rounds"), ("fed.rank_ratios=0.5", "fed.rank_ratios"), ("fed.lr=fast", "fed.lr"),
+    ("fed.eval_budgets=3", "fed.eval_budgets"), ("fed.ranks=[4,x]", r"fed.ranks\[1\]"), ("model.hidden=wide", "model.hidden"),
+    ("mode=central model.size=huge", "model.size"), ("mode=central trainer.max_steps=1.5", "trainer.max_steps"),
+    ("mode=central trainer.lr=[1]", "trainer.lr"), ("mode=central trainer.compile=maybe", "trainer.compile"),
+])
+def test_wrong_types_name_the_key(override, key):
+    """Values of the wrong type are refused by the typed schema with the key's name, not a traceback."""
+    cfg = _compose(override.split())
+    with pytest.raises(ConfigError, match=key):
+        _validate(cfg)

@@ -66,7 +66,7 @@ def test_torchrun_launch_two_cpu_processes(tmp_path):
            "trainer.progress=false", "trainer.block_size=32", "trainer.batch_size=4", "data.max_chars=50000",
            f"hydra.run.dir={tmp_path}/hydra"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["step"] == 12 and s["replica_max_diff"] == 0.0 and s["stage"] == 2
 

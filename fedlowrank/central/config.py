@@ -66,19 +66,29 @@ class TrainerConfig:
     dist: str = "ddp"  # ddp | fsdp (FSDP2)
     backend: str | None = None  # default: nccl on CUDA, gloo on CPU
     precision: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp32
-    resume: str | None = None  # checkpoint dir, or "auto" = <out_dir>/checkpoints/last if present
+    resume: str | None = None  # checkpoint dir, or "auto" = newest complete one under <out_dir>/checkpoints
+    keep_checkpoints: int = 2  # complete checkpoints kept under <out_dir>/checkpoints (step-<n>, last -> newest)
     stop_after: int | None = None  # stop (with a checkpoint) after this step, e.g. to fit a job's time limit
     progress: bool = True
     use_kernels: bool = False  # Triton fused low-rank linear on CUDA
-    compile: bool = False
+    compile: bool = False  # torch.compile the training forward (re-compiled after each rank change)
+    compile_backend: str = "inductor"  # any torch.compile backend, e.g. aot_eager (no C++ compiler needed)
 
     def validate(self) -> None:
         for k in ("max_steps", "batch_size", "grad_accum", "block_size", "eval_iters", "log_interval",
-                  "eval_interval", "ckpt_interval", "devices"):
+                  "eval_interval", "ckpt_interval", "devices", "keep_checkpoints"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"trainer.{k} must be >= 1, got {getattr(self, k)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ConfigError("trainer.lr must be > 0, min_lr_ratio in [0, 1], warmup_steps >= 0")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ConfigError(f"trainer.stop_after must be >= 1 (or null), got {self.stop_after}")
+        if self.compile:
+            import torch._dynamo
+
+            if self.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+                raise ConfigError(f"trainer.compile_backend {self.compile_backend!r} is not a torch.compile backend: "
+                                  f"{torch._dynamo.list_backends(exclude_tags=())}")
         if self.dist not in ("ddp", "fsdp"):
             raise ConfigError(f"trainer.dist must be ddp or fsdp, got {self.dist!r}")
         if self.device not in ("auto", "cuda", "cpu"):
@@ -112,6 +122,12 @@ class CentralRun:
         t.validate()
         if m.arch not in LM_ARCHS:
             raise ConfigError(f"model.arch must be one of {LM_ARCHS} in central mode, got {m.arch!r}")
+        from fedlowrank.models.gpt2 import GPT2_SIZES
+        from fedlowrank.models.llama import LLAMA_SIZES
+
+        sizes = GPT2_SIZES if m.arch == "gpt2" else LLAMA_SIZES
+        if m.size not in sizes:
+            raise ConfigError(f"model.size {m.size!r} is not a {m.arch} size; choose from {sorted(sizes)}")
         if m.lowrank not in ("none", "fixed", "inrank"):
             raise ConfigError(f"model.lowrank must be none|fixed|inrank, got {m.lowrank!r}")
         if m.lowrank == "fixed":
@@ -121,6 +137,11 @@ class CentralRun:
                 raise ConfigError(f"model.rank must be > 0, got {m.rank}")
             if m.ratio is not None and not 0 < m.ratio <= 1:
                 raise ConfigError(f"model.ratio must be in (0, 1], got {m.ratio}")
+        if not 0.0 < self.data.val_fraction < 1.0 and not (self.data.name == "textfile" and self.data.eval_path):
+            raise ConfigError(f"data.val_fraction must be in (0, 1) (the held-out eval split), got "
+                              f"{self.data.val_fraction}")
+        if self.data.max_chars is not None and self.data.max_chars < 1:
+            raise ConfigError(f"data.max_chars must be >= 1 (or null), got {self.data.max_chars}")
         if self.data.name not in TEXT_DATA:
             raise ConfigError(f"data.name must be a text corpus {TEXT_DATA} in central mode, got {self.data.name!r}")
         if self.data.name == "textfile":
@@ -130,6 +151,7 @@ class CentralRun:
                 path = getattr(self.data, key)
                 if path and not os.path.isfile(path):
                     raise ConfigError(f"data.{key}={path!r} is not a file")
+        self._check_paths()
         name = self.method.get("name", "none")
         if name not in ("none", "inrank", "relora", "welore"):
             raise ConfigError(f"unknown method {name!r} (none|inrank|relora|welore)")
@@ -147,6 +169,16 @@ class CentralRun:
                 raise ConfigError("InRank stage 1 changes parameter shapes, which FSDP2 sharding does not allow; "
                                   "use trainer.dist=ddp for stage 1 (stage 2 works with fsdp)")
 
+
+    def _check_paths(self) -> None:
+        """Checkpoint and data paths named in the config exist (before any process starts)."""
+        checks = [("trainer.resume", self.trainer.resume if self.trainer.resume != "auto" else None, "dir"),
+                  ("method.from_ckpt", self.method.get("from_ckpt"), "dir"),
+                  ("method.stage1_ckpt", self.method.get("stage1_ckpt"), "dir"),
+                  ("data.path", self.data.path, "file")]
+        for key, path, kind in checks:
+            if path and not (os.path.isdir(path) if kind == "dir" else os.path.isfile(path)):
+                raise ConfigError(f"{key}={path!r} is not an existing {'directory' if kind == 'dir' else 'file'}")
 
     def _validate_dense_method(self, name: str) -> None:
         """ReLoRA and WeLore act on dense models; FSDP2 allows no restructuring after sharding."""

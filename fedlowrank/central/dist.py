@@ -9,8 +9,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
+
+from fedlowrank.checkpoint import load_tensors, point_link, prune, read_json, write_checkpoint_dir
 
 
 @dataclass
@@ -94,20 +96,22 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, osd
         optimizer.load_state_dict(osd)
 
 
-def save_checkpoint(path: Path, model_state: dict, meta: dict, trainer_state: dict | None) -> None:
-    """``model.safetensors`` (weights), ``meta.json`` (ranks, step, config), ``trainer.pt`` (optimizer, RNG)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    holder = _StateHolder(model_state)
-    save_model(holder, str(tmp / "model.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / "trainer.pt")
-    if path.exists():
-        import shutil
+def save_checkpoint(root: Path, step: int, model_state: dict, meta: dict, trainer_state: dict | None,
+                    keep: int = 2) -> Path:
+    """Atomically write ``root/step-<step>/`` with ``model.safetensors`` (weights), ``meta.json`` (ranks,
+    step, config), ``trainer.pt`` (optimizer, RNG; tensors and plain containers only) and a verified
+    manifest; then point ``root/last`` at it and keep the newest ``keep`` complete checkpoints."""
 
-        shutil.rmtree(path)
-    tmp.rename(path)  # atomic-ish: a crash mid-save never leaves a half checkpoint at ``path``
+    def write(tmp: Path) -> None:
+        save_model(_StateHolder(model_state), str(tmp / "model.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / "trainer.pt")
+
+    path = write_checkpoint_dir(Path(root) / f"step-{step:09d}", write)
+    point_link(Path(root) / "last", path)
+    prune(root, keep)
+    return path
 
 
 def tied_duplicates(model: nn.Module) -> set[str]:
@@ -117,19 +121,35 @@ def tied_duplicates(model: nn.Module) -> set[str]:
     return {n for n in all_names if n not in unique}
 
 
-def load_checkpoint_meta(path: Path) -> dict:
-    f = Path(path) / "meta.json"
-    if not f.is_file():
+def resolve_checkpoint(path: Path | str) -> Path:
+    """A checkpoint directory, or a checkpoint root whose ``last`` link points at one."""
+    path = Path(path)
+    if not (path / "meta.json").is_file() and (path / "last" / "meta.json").is_file():
+        path = path / "last"
+    if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (missing meta.json)")
-    return json.loads(f.read_text())
+    return path.resolve()
+
+
+def load_checkpoint_meta(path: Path) -> dict:
+    return read_json(resolve_checkpoint(path) / "meta.json")
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load ``model.safetensors`` into an (unwrapped) model whose ranks already match."""
-    missing, unexpected = load_model(model, str(Path(path) / "model.safetensors"), strict=False)
-    tied = tied_duplicates(model)
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint mismatch: missing={sorted(set(missing) - tied)[:5]} unexpected={unexpected[:5]}")
+    f = Path(path) / "model.safetensors"
+    f = f if f.is_file() else resolve_checkpoint(path) / "model.safetensors"
+    tensors = load_tensors(f)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    # tied parameters are stored once (under either name): one loaded name covers the whole group
+    groups: dict[int, set[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), set()).add(n)
+    covered = {n for g in groups.values() if g & set(tensors) for n in g}
+    really_missing = sorted(set(missing) - covered)
+    if really_missing or unexpected:
+        raise RuntimeError(f"checkpoint {f} does not match the model: missing={really_missing[:5]} "
+                           f"unexpected={unexpected[:5]}")
 
 
 class _StateHolder(nn.Module):

@@ -83,7 +83,7 @@ class InRankHook(Hook):
             tr.apply_rank_change(lambda m: ir.compress(m, ranks))
             self.stage = 2
             if tr.env.is_main:
-                save_checkpoint(tr.out / "stage1", tr.model.state_dict(), tr.meta(), None)
+                save_checkpoint(tr.out / "stage1", tr.step, tr.model.state_dict(), tr.meta(), None, keep=1)
                 log.info("InRank stage 1 done at step %d: compressed checkpoint %s (%d params)", tr.step,
                          tr.out / "stage1", count_params(tr.model))
             tr.barrier()

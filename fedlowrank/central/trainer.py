@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fedlowrank.checkpoint import is_complete, latest_complete, load_torch_state
 from fedlowrank.data.text import TextData, check_splits, eval_windows, get_batch, load_text_data
 from fedlowrank.lowrank import count_params, factorize, model_ranks, set_ranks
 from fedlowrank.models.gpt2 import GPT2, GPT2Config
@@ -23,7 +24,7 @@ from fedlowrank.training.optim import remap_optimizer_state
 from .config import CentralRun
 from .hooks import make_hook
 from .dist import (DistEnv, full_state, init_dist, load_checkpoint_meta, load_optimizer_state, load_weights,
-                   save_checkpoint, tied_duplicates, wrap_model)
+                   resolve_checkpoint, save_checkpoint, tied_duplicates, wrap_model)
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class Trainer:
         self.losses: list[tuple[int, float]] = []
         self.evals: list[dict] = []
         self.writer = None
+        self.compiles = 0
         torch.manual_seed(run.seed)  # identical init on every process
         self.model = build_lm(run, data.vocab_size)
         self.hook = make_hook(run.method, run.seed)
@@ -91,6 +93,7 @@ class Trainer:
 
             enable_kernels(self.model)
         self.wrapped = wrap_model(self.model, self.env, self.t.dist, self.bf16)
+        self._compile()
         self.opt = torch.optim.AdamW(self.hook.param_groups(self), lr=self.t.lr,
                                      betas=(self.t.beta1, self.t.beta2), fused=self.env.device.type == "cuda")
 
@@ -104,10 +107,13 @@ class Trainer:
         """Restore structure (method state, ranks) and weights from a checkpoint; trainer state or None."""
         path = self.t.resume
         if path == "auto":
-            last = self.out / "checkpoints" / "last"
-            path = str(last) if (last / "meta.json").is_file() else None
+            newest = latest_complete(self.out / "checkpoints")
+            path = str(newest) if newest is not None else None
         if not path:
             return None
+        path = str(resolve_checkpoint(path))
+        if not is_complete(Path(path)):
+            log.warning("resuming from %s, which has no manifest matching its files (incomplete or altered)", path)
         meta = load_checkpoint_meta(Path(path))
         self.hook.restore(self, meta.get("method_state", {}))
         set_ranks(self.model, meta["ranks"])
@@ -118,7 +124,7 @@ class Trainer:
         self.tokens_seen = int(meta.get("tokens_seen", 0))
         self.train_time = float(meta.get("train_time_s", 0.0))
         log.info("resumed from %s at step %d", path, self.step)
-        return torch.load(Path(path) / "trainer.pt", map_location="cpu", weights_only=False)
+        return load_torch_state(Path(path) / "trainer.pt")  # weights_only: a planted pickle cannot run code
 
     def broadcast(self, obj):
         return _broadcast(obj, self.env)
@@ -132,6 +138,15 @@ class Trainer:
         mapping = {old[n]: new[n] for n in new if n in old and old[n] is not new[n]}
         remap_optimizer_state(self.opt, mapping, reset={old[n] for n in (reset or set()) if n in old})
         self.wrapped = wrap_model(self.model, self.env, self.t.dist, self.bf16)
+        self._compile()
+
+    def _compile(self) -> None:
+        """``self.forward``: the wrapped model, compiled with ``trainer.compile`` (a new graph only after a
+        structural change, counted in ``self.compiles``)."""
+        self.forward: nn.Module = self.wrapped
+        if self.t.compile:
+            self.forward = torch.compile(self.wrapped, backend=self.t.compile_backend)  # type: ignore[assignment]
+            self.compiles += 1
 
     # ------------------------------------------------------------------ loop
     def _autocast(self):
@@ -154,7 +169,7 @@ class Trainer:
             sync = micro == t.grad_accum - 1 or not (env.distributed and t.dist == "ddp")
             ctx = contextlib.nullcontext() if sync else self.wrapped.no_sync()  # type: ignore[operator]
             with ctx:
-                loss = self._loss(x, y, self.wrapped) / t.grad_accum
+                loss = self._loss(x, y, self.forward) / t.grad_accum
                 loss.backward()
             total += loss.detach()
         if t.grad_clip > 0:
@@ -208,12 +223,11 @@ class Trainer:
         end = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
         while self.step < end:
             loss_t = self.train_step()
+            self._check_finite(loss_t)
             self.hook.after_step(self)
             self.tokens_seen += tokens_per_step
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
                 loss = _mean(float(loss_t), env)
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"non-finite training loss {loss} at step {self.step}")
                 self._sync()
                 tps = tokens_per_step * (self.step - s0) / max(1e-9, time.perf_counter() - t0)
                 t0, s0 = time.perf_counter(), self.step
@@ -247,12 +261,23 @@ class Trainer:
                    "tokens_per_s": self.tokens_seen / max(1e-9, self.train_time),
                    "tokens_seen": self.tokens_seen, "train_time_s": self.train_time,
                    "tokens_per_s_last_interval": tps,
-                   "replica_max_diff": self.replica_divergence(), **self.hook.summary()}
+                   "replica_max_diff": self.replica_divergence(), "compiles": self.compiles,
+                   **self.hook.summary()}
         if env.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             if self.writer:
                 self.writer.close()
         return summary
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Stop at the first step whose loss (on any process) is not finite, before it is checkpointed.
+        The last checkpoint on disk stays the newest finite one."""
+        bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
+        if self.env.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise FloatingPointError(f"non-finite training loss {float(loss):.4g} at step {self.step}; training "
+                                     f"stopped; the newest finite checkpoint is kept in {self.out / 'checkpoints'}")
 
     def _sync(self) -> None:
         if self.env.device.type == "cuda":
@@ -322,8 +347,8 @@ class Trainer:
         tied = tied_duplicates(self.model)
         msd = {k: v for k, v in msd.items() if k not in tied}  # FSDP gathers tied weights twice
         if self.env.is_main:
-            save_checkpoint(self.out / "checkpoints" / "last", msd, self.meta(),
-                            {"optimizer": osd, "rng": rng, "step": self.step})
+            save_checkpoint(self.out / "checkpoints", self.step, msd, self.meta(),
+                            {"optimizer": osd, "rng": rng, "step": self.step}, keep=self.t.keep_checkpoints)
         self.barrier()
 
 
@@ -335,7 +360,10 @@ def train(run: CentralRun) -> dict:
         data = load_text_data(d.name, d.tokenizer, d.path, d.val_fraction, d.max_chars, d.cache_dir,
                               train_path=d.train_path, eval_path=d.eval_path)
         check_splits(data, run.trainer.block_size, f"data={d.name}" + (f" ({d.train_path})" if d.train_path else ""))
-        return Trainer(run, env, data).fit()
+        summary = Trainer(run, env, data).fit()
+        if env.distributed:
+            dist.barrier()  # every rank leaves its last collective before rank 0 (the store host) tears down
+        return summary
     finally:
         if env.distributed and dist.is_initialized():
             dist.destroy_process_group()

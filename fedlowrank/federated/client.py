@@ -40,11 +40,16 @@ def _partitions(name: str, root: str, download: bool, seed: int, kind: str, n: i
     return partition_indices(data.y_train, kind, n, alpha, seed + 42, min_size)
 
 
-def client_data(run: FederatedRun, partition_id: int, num_partitions: int):
+def client_partitions(run: FederatedRun, num_partitions: int) -> list[np.ndarray]:
+    """Index arrays of every client's training examples (cached per process)."""
     d, f = run.data, run.fed
+    return _partitions(d.name, d.root, d.download, d.seed, f.partition, num_partitions, f.alpha, f.min_partition_size)
+
+
+def client_data(run: FederatedRun, partition_id: int, num_partitions: int):
+    d = run.data
     data = _image_data(d.name, d.root, d.download, d.seed)
-    parts = _partitions(d.name, d.root, d.download, d.seed, f.partition, num_partitions, f.alpha, f.min_partition_size)
-    return client_dataset(data.x_train, data.y_train, parts[partition_id])
+    return client_dataset(data.x_train, data.y_train, client_partitions(run, num_partitions)[partition_id])
 
 
 def model_from_state(run: FederatedRun, state: State) -> nn.Module:
@@ -92,19 +97,31 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
         "rank_ratio": float(np.mean([m.rank / m.full_rank for m in layers.values()])) if layers else 1.0,
         "params": float(count_params(model)), "trainable_params": float(count_params(model, trainable_only=True)),
     }
-    return inject_fault(f.fault_map().get(partition_id), method.payload(model), partition_id), metrics
+    return inject_fault(f.fault_map().get(partition_id), method.payload(model), metrics, state, partition_id)
 
 
-def inject_fault(kind: str | None, state: State, partition_id: int) -> State:
-    """Corrupt an update on purpose (config ``fed.faults``) to exercise server-side checks."""
+def inject_fault(kind: str | None, update: State, metrics: dict, received: State,
+                 partition_id: int) -> tuple[State, dict]:
+    """Corrupt a reply on purpose (config ``fed.faults``) to exercise the server's defences:
+    ``nan``/``shape`` break a factor, ``crash`` fails the job, ``scale`` sends a finite but 100x
+    blown-up change (a model-replacement attack), ``weight`` claims 1e9 examples, ``metrics``
+    drops ``train_loss`` and sends a non-number."""
     if kind is None:
-        return state
+        return update, metrics
     if kind == "crash":
         raise SimulatedClientFailure(f"client {partition_id} crashed (injected fault)")
-    key = next(k for k in state if k.endswith(".U"))
-    bad = dict(state)
+    bad, meta = dict(update), dict(metrics)
+    key = next((k for k in update if k.endswith(".U")), next(iter(update)))
     if kind == "nan":
-        bad[key] = state[key].clone().fill_(float("nan"))
+        bad[key] = update[key].clone().fill_(float("nan"))
     elif kind == "shape":
-        bad[key] = torch.cat([state[key], state[key][:, :1]], dim=1)
-    return bad
+        bad[key] = torch.cat([update[key], update[key][:, :1]], dim=1)
+    elif kind == "scale":
+        bad = {k: (received[k] + 100.0 * (v - received[k]) if k in received and v.is_floating_point()
+                   and received[k].shape == v.shape else v) for k, v in update.items()}
+    elif kind == "weight":
+        meta["num-examples"] = 1e9
+    elif kind == "metrics":
+        meta.pop("train_loss")
+        meta["rank_ratio"] = float("inf")
+    return bad, meta

@@ -6,7 +6,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from fedlowrank.config import FederatedRun, federated_run_from_cfg
+from fedlowrank.config import ConfigError, FederatedRun, federated_run_from_cfg
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -18,9 +18,32 @@ def compose_cfg(overrides: list[str] | None = None):
         return compose("config", overrides=list(overrides or []))
 
 
+# keys that name files on the machine that runs the app: never taken from a remote run config
+PATH_KEYS = ("out_dir", "data.root", "data.cache_dir", "data.path", "data.train_path", "data.eval_path",
+             "method.from_ckpt", "method.stage1_ckpt", "trainer.resume", "hydra")
+
+
+def check_remote_overrides(overrides: list[str]) -> None:
+    """Reject overrides that would make a node read or write paths chosen by whoever submitted the run."""
+    for o in overrides:
+        key = o.lstrip("+~").split("=", 1)[0].strip()
+        if any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in PATH_KEYS):
+            raise ConfigError(f"run config override {o!r} sets a file path ({key}); paths are local to each "
+                              "machine and cannot come from a remote run config")
+
+
+def local_out_dir(value: str) -> str:
+    """``out-dir`` of the run config: a relative path below the app's working directory."""
+    p = Path(value)
+    if p.is_absolute() or ".." in p.parts:
+        raise ConfigError(f"run config out-dir {value!r} must be a relative path without '..' (it is resolved in "
+                          "the ServerApp's working directory)")
+    return str(p)
+
+
 def run_from_run_config(run_config: dict[str, Any]) -> FederatedRun:
     overrides = shlex.split(str(run_config.get("overrides", "")))
+    check_remote_overrides(overrides)
     cfg = compose_cfg(["mode=federated", *overrides])
-    if cfg.get("out_dir") is None:
-        cfg.out_dir = str(run_config.get("out-dir", "outputs/flwr"))
+    cfg.out_dir = local_out_dir(str(run_config.get("out-dir", "outputs/flwr")))
     return federated_run_from_cfg(cfg)

@@ -121,12 +121,12 @@ class WeLoreFed(FedMethod):
         self.cfg = to_dataclass(WeLoreConfig, run.method, "method")
 
     def initial_state(self) -> State:
-        from safetensors.torch import load_file
+        from fedlowrank.checkpoint import load_tensors
 
         torch.manual_seed(self.run.seed)
         model = build_vision_model(vision_config(self.run.model, self.run.data.name))
         if self.cfg.from_ckpt:
-            model.load_state_dict(load_file(self.cfg.from_ckpt))
+            model.load_state_dict(load_tensors(self.cfg.from_ckpt))
             log.info("WeLore: dense starting model from %s", self.cfg.from_ckpt)
         elif self.cfg.pretrain_steps > 0:
             self._pretrain(model)

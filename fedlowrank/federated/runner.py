@@ -20,6 +20,7 @@ def run(cfg: DictConfig) -> dict:
     from server.server_app import make_server_app
 
     fr = federated_run_from_cfg(cfg)
+    check_partitions(fr)
     os.makedirs(fr.out_dir, exist_ok=True)
     cuda = torch.cuda.is_available()
     backend = {
@@ -30,8 +31,34 @@ def run(cfg: DictConfig) -> dict:
     results: dict = {}
     log.info("federated run: strategy=%s clients=%d rounds=%d budgets=%s out=%s", fr.strategy, fr.fed.num_clients,
              fr.fed.rounds, fr.fed.ranks or fr.fed.rank_ratios, fr.out_dir)
-    run_simulation(server_app=make_server_app(fr, results), client_app=make_client_app(fr),
-                   num_supernodes=fr.fed.num_clients, backend_config=backend)
+    from fedlowrank.federated import reaper
+
+    watchdog = reaper.start()  # a killed run takes its Ray processes with it
+    try:
+        run_simulation(server_app=make_server_app(fr, results), client_app=make_client_app(fr),
+                       num_supernodes=fr.fed.num_clients, backend_config=backend)
+    finally:
+        reaper.stop(watchdog)
+    if "error" in results:
+        raise RuntimeError(f"federated run failed: {results['error']} (logs in {fr.out_dir})")
     if not results:
         raise RuntimeError(f"federated simulation produced no result; see the log above and {fr.out_dir}")
     return results
+
+
+def check_partitions(fr) -> None:
+    """Every client gets data under the configured partitioning, checked before Ray starts."""
+    from fedlowrank.config import ConfigError
+    from fedlowrank.federated.server import partition_sizes
+
+    try:
+        sizes = partition_sizes(fr)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"cannot partition data={fr.data.name} for fed.num_clients={fr.fed.num_clients} with "
+                          f"fed.partition={fr.fed.partition} fed.min_partition_size={fr.fed.min_partition_size}: "
+                          f"{e}") from e
+    empty = [i for i, n in enumerate(sizes) if n < max(1, fr.fed.min_partition_size)]
+    if empty:
+        raise ConfigError(f"client(s) {empty[:10]} get fewer than max(1, fed.min_partition_size="
+                          f"{fr.fed.min_partition_size}) examples (sizes {sizes[:10]}); lower fed.num_clients or "
+                          "fed.min_partition_size")

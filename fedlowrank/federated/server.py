@@ -11,6 +11,8 @@ from flwr.serverapp import Grid
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
+from fedlowrank.checkpoint import (append_jsonl, atomic_write_bytes, latest_complete, load_tensors, prune, read_json,
+                                   read_jsonl, write_checkpoint_dir)
 from fedlowrank.config import FederatedRun
 from fedlowrank.data.vision import load_image_data
 from fedlowrank.lowrank import count_params, state_bytes
@@ -30,8 +32,57 @@ def dense_model_bytes(run: FederatedRun) -> int:
     return sum(p.numel() * 4 for p in build_vision_model(vision_config(run.model, run.data.name)).state_dict().values())
 
 
+def _save_round(out: Path, run: FederatedRun, rnd: int, state: State, strategy_state: dict) -> None:
+    """Round checkpoint ``checkpoints/round-<n>/`` (global model + strategy state, verified manifest)
+    and an atomically replaced ``checkpoints/last.safetensors``."""
+    from safetensors.torch import save
+
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    meta = {"round": str(rnd), "strategy": run.strategy}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "global.safetensors"), metadata=meta)
+        (tmp / "strategy.json").write_text(json.dumps({"round": rnd, **strategy_state}))
+
+    write_checkpoint_dir(out / "checkpoints" / f"round-{rnd:06d}", write)
+    prune(out / "checkpoints", run.fed.keep_checkpoints, prefix="round-")
+    atomic_write_bytes(out / "checkpoints" / "last.safetensors", save(tensors, metadata=meta))
+
+
+def _resume_point(out: Path, run: FederatedRun) -> tuple[int, State, dict, list[dict], dict] | None:
+    """(round, global state, strategy state, round history, evals) of the newest complete round
+    checkpoint, or None. The JSONL log is cut back to that round (later lines were never checkpointed)."""
+    if run.fed.resume != "auto":
+        return None
+    ckpt = latest_complete(out / "checkpoints", prefix="round-")
+    if ckpt is None:
+        log.info("fed.resume=auto: no complete round checkpoint in %s; starting at round 1", out)
+        return None
+    st = read_json(ckpt / "strategy.json")
+    rnd = int(st.pop("round"))
+    records = [r for r in read_jsonl(out / "rounds.jsonl") if r["round"] <= rnd]
+    evals = {int(r["round"]): r["eval"] for r in records if "eval" in r}
+    history = [r["train"] for r in records if "train" in r]
+    _rewrite_jsonl(out / "rounds.jsonl", records)
+    log.info("fed.resume=auto: continuing after round %d from %s", rnd, ckpt)
+    return rnd, load_tensors(ckpt / "global.safetensors"), st, history, evals
+
+
+def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(r, default=float) + "\n" for r in records).encode())
+
+
+def partition_sizes(run: FederatedRun) -> list[int]:
+    """Training examples of every client, computed by the server itself (never taken from a client)."""
+    from .client import client_partitions
+
+    return [len(p) for p in client_partitions(run, run.fed.num_clients)]
+
+
 def run_server(grid: Grid, run: FederatedRun) -> dict:
-    """Run all rounds on ``grid``; returns (and writes ``metrics.json``) the run summary."""
+    """Run all rounds on ``grid``; returns (and writes ``metrics.json``) the run summary.
+    Every round appends to ``rounds.jsonl`` and checkpoints the global model and strategy state,
+    so ``fed.resume=auto`` continues a killed run where its last complete round ended."""
     from torch.utils.tensorboard import SummaryWriter
 
     from server.strategy import HeteroRankStrategy, to_record
@@ -42,7 +93,11 @@ def run_server(grid: Grid, run: FederatedRun) -> dict:
     data = load_image_data(run.data.name, run.data.root, run.data.download, run.data.seed)
     test_loader = DataLoader(data.test_set(), batch_size=256)
     budgets = sorted({tuple(run.fed.budget(i).items()) for i in range(run.fed.num_clients)})
-    evals: dict[int, dict[str, float]] = {}
+    method = fed_method(run)
+    resumed = _resume_point(out, run)
+    done, evals = (resumed[0], resumed[4]) if resumed else (0, {})
+    if not resumed and (out / "rounds.jsonl").exists():
+        (out / "rounds.jsonl").unlink()  # a fresh run does not append to an old run's log
 
     def evaluate(rnd: int, state: State) -> dict[str, float]:
         res = {f"global_{k}": v for k, v in evaluate_classifier(model_from_state(run, state), test_loader).items()}
@@ -55,28 +110,33 @@ def run_server(grid: Grid, run: FederatedRun) -> dict:
         for k, v in res.items():
             writer.add_scalar(f"global/{k}", v, rnd)
         writer.flush()
+        if rnd not in evals:
+            append_jsonl(out / "rounds.jsonl", {"round": rnd, "eval": res})
         evals[rnd] = res
         log.info("round %d global eval: %s", rnd, {k: round(v, 4) for k, v in res.items()})
         return res
 
     def on_round_end(rnd: int, state: State, summary: dict) -> None:
+        append_jsonl(out / "rounds.jsonl", {"round": rnd, "train": strategy.history[-1]})
         if rnd % run.fed.checkpoint_every == 0 or rnd == run.fed.rounds:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(out / "checkpoints" / "last.safetensors"),
-                      metadata={"round": str(rnd), "strategy": run.strategy})
+            _save_round(out, run, rnd, state, strategy.state())
 
-    method = fed_method(run)
-    init = method.initial_state()
-    strategy = HeteroRankStrategy(run, method, init, writer=writer, on_round_end=on_round_end)
-    strategy.start(grid, to_record(init), num_rounds=run.fed.rounds, timeout=run.fed.timeout,
-                   evaluate_fn=lambda rnd, arrays: MetricRecord(evaluate(rnd, strategy.global_state)))
+    init = resumed[1] if resumed else method.initial_state()
+    strategy = HeteroRankStrategy(run, method, init, writer=writer, on_round_end=on_round_end,
+                                  sizes=partition_sizes(run), round_offset=done)
+    if resumed:
+        strategy.restore(resumed[2], resumed[3])
+    if done < run.fed.rounds:
+        strategy.start(grid, to_record(init), num_rounds=run.fed.rounds - done, timeout=run.fed.timeout,
+                       evaluate_fn=lambda rnd, arrays: MetricRecord(evaluate(rnd + done, strategy.global_state)))
     writer.close()
     final = evals.get(run.fed.rounds, {})
     summary = {
         "strategy": run.strategy, "rounds": run.fed.rounds, "num_clients": run.fed.num_clients,
-        "final": final, "initial": evals.get(0, {}), "rounds_detail": strategy.history,
+        "final": final, "initial": evals.get(0, {}), "rounds_detail": strategy.history, "resumed_after": done,
         "global_params": count_params(model_from_state(run, strategy.global_state)),
         "global_model_bytes": state_bytes(strategy.global_state), "dense_model_bytes": dense_model_bytes(run),
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+    atomic_write_bytes(out / "metrics.json", json.dumps(summary, indent=2, default=float).encode())
     log.info("federated run finished: final %s; logs in %s", final, os.fspath(out))
     return summary

@@ -1,6 +1,7 @@
 """Build (factorized) models from plain config dicts."""
 from __future__ import annotations
 
+import typing
 from dataclasses import fields
 from typing import Any
 
@@ -25,7 +26,10 @@ def vision_config(model: dict[str, Any], data_name: str) -> VisionConfig:
     if unknown:
         raise ValueError(f"model: unknown key(s) {unknown} for a vision model; valid: {sorted(valid | set(_LOWRANK_KEYS))}")
     kw.update(in_channels=c, image_size=s, num_classes=k)
-    return VisionConfig(**kw)
+    from fedlowrank.config import check_type
+
+    hints = typing.get_type_hints(VisionConfig)
+    return VisionConfig(**{k_: check_type(v, hints[k_], f"model.{k_}") for k_, v in kw.items()})
 
 
 def validate_vision_model(model: dict[str, Any], data_name: str) -> None:

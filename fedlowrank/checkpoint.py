@@ -1,0 +1,213 @@
+"""Crash-safe files: atomic checkpoint directories with a verified manifest, atomic single
+files, fsync'd JSONL logs, and loaders whose errors name the file.
+
+A checkpoint directory is written as ``<name>.tmp``; every file is fsync'd, then a
+``manifest.json`` (size and SHA-256 of each file) is written and fsync'd, the directory is
+renamed to ``<name>`` and the parent directory fsync'd. A directory without a manifest that
+matches its files is never used, so the previous good checkpoint stays the newest complete one
+until the new one is whole.
+
+Tests simulate a kill at each stage with ``FEDLOWRANK_CRASH_AT=<stage>@<checkpoint name>``
+(see :data:`STAGES`): the process exits at once, as a SIGKILL would leave it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STAGES = ("files_written", "manifest_written", "renamed", "linked")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or corrupted (the message names the file)."""
+
+
+def _crash_point(stage: str, name: str) -> None:
+    if os.environ.get("FEDLOWRANK_CRASH_AT") == f"{stage}@{name}":  # fault injection for the kill tests
+        log.error("simulated kill at checkpoint stage %r", stage)
+        os._exit(70)
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (its entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checkpoint_dir(final: Path, write: Callable[[Path], None]) -> Path:
+    """Atomically create directory ``final`` with the files ``write(tmp_dir)`` puts in it."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)  # leftovers of a save that was killed
+    tmp.mkdir(parents=True)
+    write(tmp)
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    for p in files:
+        fsync_path(p)
+    _crash_point("files_written", final.name)
+    manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _digest(p)} for p in files}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    fsync_path(tmp / MANIFEST)
+    fsync_path(tmp)
+    _crash_point("manifest_written", final.name)
+    if final.exists():  # same name saved twice (e.g. re-run of a step): replace only once the new one is whole
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    fsync_path(final.parent)
+    _crash_point("renamed", final.name)
+    return final
+
+
+def is_complete(path: Path) -> bool:
+    """True when ``path`` has a manifest and every listed file has the recorded size and digest."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        return all((path / n).is_file() and (path / n).stat().st_size == m["bytes"] and _digest(path / n) == m["sha256"]
+                   for n, m in manifest.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def complete_checkpoints(root: Path, prefix: str = "step-") -> list[Path]:
+    """Complete checkpoint directories under ``root`` named ``<prefix><number>``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        num = p.name[len(prefix):]
+        if p.is_dir() and p.name.startswith(prefix) and num.isdigit():
+            found.append((int(num), p))
+    return [p for _, p in sorted(found) if is_complete(p)]
+
+
+def latest_complete(root: Path, prefix: str = "step-") -> Path | None:
+    """The newest complete checkpoint under ``root``; incomplete ones are skipped with a warning."""
+    root = Path(root)
+    done = complete_checkpoints(root, prefix)
+    skipped = [p.name for p in root.glob(f"{prefix}*") if p.is_dir() and p not in done] if root.is_dir() else []
+    if skipped:
+        log.warning("ignoring incomplete checkpoint(s) %s in %s", sorted(skipped), root)
+    return done[-1] if done else None
+
+
+def point_link(link: Path, target: Path) -> None:
+    """Atomically make symlink ``link`` point at ``target`` (a sibling directory)."""
+    link = Path(link)
+    tmp = link.with_name(link.name + ".lnk")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(Path(target).name, tmp)
+    if link.exists() and not link.is_symlink():  # a directory from an older layout
+        shutil.rmtree(link)
+    os.replace(tmp, link)
+    fsync_path(link.parent)
+    _crash_point("linked", Path(target).name)
+
+
+def prune(root: Path, keep: int, prefix: str = "step-") -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (and stale ``.tmp`` leftovers)."""
+    done = complete_checkpoints(root, prefix)
+    for p in done[: max(0, len(done) - keep)]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` via a fsync'd temporary file and an atomic rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one JSON line and fsync it."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSONL log; a last line cut by a kill is dropped, any other bad line is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                log.warning("%s: dropping a truncated last line", path)
+                break
+            raise CheckpointError(f"{path}: line {i + 1} is corrupted ({e})") from e
+    return out
+
+
+def read_json(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupted or truncated JSON ({e})") from e
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file as a dict (no pickle)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for bad headers / truncation
+        raise CheckpointError(f"{path}: corrupted or truncated safetensors file ({e})") from e
+
+
+def load_torch_state(path: Path) -> dict:
+    """Optimizer/RNG state saved with ``torch.save``, loaded with ``weights_only=True`` (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for forbidden globals, RuntimeError/EOFError for truncation
+        raise CheckpointError(f"{path}: refused or corrupted ({type(e).__name__}: {str(e)[:300]})") from e

@@ -1,0 +1,110 @@
+"""Defences against hostile or broken clients: reply checks, bounded weights, update-norm
+clipping, and coordinate-wise median / trimmed-mean aggregation of factors.
+
+Median and trimmed mean need every contribution to a coordinate to mean the same thing. That
+holds for ``fedlmt`` (one rank for all) and ``slice`` (rank slot j is averaged over the clients
+that trained it, so the robust statistic is taken slot by slot); ``product`` re-factorizes a
+weighted sum of products and ReLoRA merges adapter products, so those support clipping only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .aggregation import State, factor_prefixes
+
+ROBUST = ("none", "median", "trimmed_mean")
+REQUIRED_METRICS = ("train_loss", "num-examples", "rank_sum", "rank_ratio")
+
+
+class RejectedReply(ValueError):
+    """A client reply the server will not aggregate (the message says why)."""
+
+
+def check_metrics(metrics: dict, max_abs: float) -> dict[str, float]:
+    """Finite float metrics with the required keys and plausible magnitudes, or :class:`RejectedReply`."""
+    missing = [k for k in REQUIRED_METRICS if k not in metrics]
+    if missing:
+        raise RejectedReply(f"metrics lack {missing}")
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise RejectedReply(f"metric {k!r} is not a number ({type(v).__name__})")
+        v = float(v)
+        if not math.isfinite(v) or abs(v) > max(max_abs, 1e12):
+            raise RejectedReply(f"metric {k!r} = {v} is not finite or out of range")
+        out[k] = v
+    if out["num-examples"] <= 0 or not 0.0 <= out["rank_ratio"] <= 1.0 or out["train_loss"] < 0:
+        raise RejectedReply(f"implausible metrics num-examples={out['num-examples']} "
+                            f"rank_ratio={out['rank_ratio']} train_loss={out['train_loss']}")
+    return out
+
+
+def check_values(update: State, expected_dtypes: dict[str, torch.dtype], max_abs: float) -> None:
+    """Dtypes as sent and magnitudes below ``max_abs`` (finite, shape and key checks are in validate_update)."""
+    for k, t in update.items():
+        want = expected_dtypes.get(k)
+        if want is not None and t.dtype != want:
+            raise RejectedReply(f"{k} has dtype {t.dtype}, expected {want}")
+        if t.is_floating_point() and t.numel() and float(t.abs().max()) > max_abs:
+            raise RejectedReply(f"{k} has values of magnitude {float(t.abs().max()):.3g} > {max_abs:g}")
+
+
+def bounded_weight(reported: float, known: int | None, cap: float) -> float:
+    """Aggregation weight: the client's count, never above what the server knows (its partition
+    size) or the cap."""
+    w = min(reported, float(cap))
+    return min(w, float(known)) if known is not None else w
+
+
+def clip_update(view: State, update: State, max_norm: float) -> tuple[State, float]:
+    """Scale the client's change ``update - view`` to L2 norm <= ``max_norm`` (keys the view lacks,
+    e.g. fresh adapters, count from zero). Returns (clipped update, original norm)."""
+    deltas = {k: u.double() - (view[k].double() if k in view and view[k].shape == u.shape else 0.0)
+              for k, u in update.items() if u.is_floating_point()}
+    norm = math.sqrt(sum(float(d.square().sum()) for d in deltas.values()))
+    if norm <= max_norm:
+        return update, norm
+    s = max_norm / norm
+    out = dict(update)
+    for k, d in deltas.items():
+        base = update[k].double() - d
+        out[k] = (base + s * d).to(update[k].dtype)
+    return out, norm
+
+
+def _reduce(stack: Tensor, kind: str, trim: float) -> Tensor:
+    """Coordinate-wise median or trimmed mean over dim 0 (the clients)."""
+    n = stack.shape[0]
+    if kind == "median":
+        return stack.median(dim=0).values if n % 2 else stack.sort(dim=0).values[n // 2 - 1: n // 2 + 1].mean(0)
+    k = min(int(math.floor(trim * n)), (n - 1) // 2)
+    return stack.sort(dim=0).values[k: n - k].mean(0)
+
+
+def robust_aggregate(global_state: State, updates: list[State], rule: str, kind: str, trim: float = 0.1) -> State:
+    """Coordinate-wise ``kind`` (median | trimmed_mean) of the updates, unweighted, slot by slot for
+    ``slice`` factors (slots nobody trained keep their value)."""
+    if rule not in ("fedlmt", "slice"):
+        raise ValueError(f"robust aggregation {kind!r} needs rule fedlmt or slice, not {rule!r}")
+    pref = factor_prefixes(global_state)
+    fkeys = {f"{p}.{s}" for p in pref for s in "UV"}
+    new: State = {}
+    for k, g in global_state.items():
+        if k in fkeys:
+            continue
+        new[k] = (_reduce(torch.stack([u[k].to(g.dtype) for u in updates]), kind, trim) if g.is_floating_point()
+                  else updates[0][k].clone())
+    for p in pref:
+        U, V = global_state[f"{p}.U"].clone(), global_state[f"{p}.V"].clone()
+        ranks = [u[f"{p}.U"].shape[1] for u in updates]
+        lo = 0
+        for hi in sorted(set(ranks)):  # slots [lo, hi) were trained by every client with rank >= hi
+            idx = [i for i, r in enumerate(ranks) if r >= hi]
+            U[:, lo:hi] = _reduce(torch.stack([updates[i][f"{p}.U"][:, lo:hi].to(U.dtype) for i in idx]), kind, trim)
+            V[lo:hi] = _reduce(torch.stack([updates[i][f"{p}.V"][lo:hi].to(V.dtype) for i in idx]), kind, trim)
+            lo = hi
+        new[f"{p}.U"], new[f"{p}.V"] = U, V
+    return {k: new[k] for k in global_state}

@@ -1,0 +1,174 @@
+"""Hostile or broken clients: robust statistics against numpy, clipping, bounded weights, malformed
+replies, and an attacking client in a (Ray-free) federated loop."""
+import numpy as np
+import pytest
+import torch
+from fedgrid import FakeGrid, run_rounds
+from hydra import compose, initialize_config_dir
+
+from fedlowrank.config import ConfigError, federated_run_from_cfg
+from fedlowrank.federated.methods import fed_method
+from fedlowrank.federated.robust import (RejectedReply, bounded_weight, check_metrics, clip_update, robust_aggregate)
+from fedlowrank.federated.server import partition_sizes
+from server.strategy import HeteroRankStrategy, NoValidUpdates
+
+from helpers import CONF
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _run(tmp_path, *overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["mode=federated", f"out_dir={tmp_path}", "fed.num_clients=5",
+                                           "fed.eval_budgets=false", *overrides])
+    return federated_run_from_cfg(cfg)
+
+
+def _np_trimmed(x: np.ndarray, trim: float) -> np.ndarray:
+    n = x.shape[0]
+    k = min(int(np.floor(trim * n)), (n - 1) // 2)
+    return np.sort(x, axis=0)[k: n - k].mean(0)
+
+
+@pytest.mark.parametrize("kind", ["median", "trimmed_mean"])
+def test_robust_slice_is_slotwise_statistic_against_numpy(kind):
+    g = {"fc.U": torch.randn(6, 4), "fc.V": torch.randn(4, 5), "fc.bias": torch.randn(6)}
+    ranks = [1, 2, 4, 4, 4]
+    ups = [{"fc.U": torch.randn(6, r), "fc.V": torch.randn(r, 5), "fc.bias": torch.randn(6)} for r in ranks]
+    new = robust_aggregate(g, ups, "slice", kind, trim=0.2)
+    stat = (lambda x: np.median(x, axis=0)) if kind == "median" else (lambda x: _np_trimmed(x, 0.2))
+    for j in range(4):  # slot j: every client whose rank exceeds j
+        who = [u for u, r in zip(ups, ranks) if r > j]
+        np.testing.assert_allclose(new["fc.U"][:, j].numpy(), stat(np.stack([u["fc.U"][:, j].numpy() for u in who])),
+                                   rtol=1e-6)
+        np.testing.assert_allclose(new["fc.V"][j].numpy(), stat(np.stack([u["fc.V"][j].numpy() for u in who])),
+                                   rtol=1e-6)
+    np.testing.assert_allclose(new["fc.bias"].numpy(), stat(np.stack([u["fc.bias"].numpy() for u in ups])), rtol=1e-6)
+    with pytest.raises(ValueError, match="fedlmt or slice"):
+        robust_aggregate(g, ups, "product", kind)
+
+
+def test_clip_scales_only_the_change_and_keeps_its_direction():
+    view = {"a": torch.randn(5, 3), "b": torch.randn(4)}
+    upd = {"a": view["a"] + 10 * torch.randn(5, 3), "b": view["b"] + 10 * torch.randn(4)}
+    clipped, norm = clip_update(view, upd, 1.0)
+    d0 = torch.cat([(upd[k] - view[k]).flatten() for k in "ab"]).double()
+    d1 = torch.cat([(clipped[k] - view[k]).flatten() for k in "ab"]).double()
+    assert norm == pytest.approx(float(d0.norm()), rel=1e-6)
+    assert float(d1.norm()) == pytest.approx(1.0, rel=1e-4)
+    assert float(torch.nn.functional.cosine_similarity(d0, d1, dim=0)) > 0.9999
+    small = {"a": view["a"] + 1e-3, "b": view["b"]}
+    assert clip_update(view, small, 1.0)[0] is small
+
+
+def test_weights_are_bounded_and_bad_metrics_rejected():
+    assert bounded_weight(1e30, 300, 1e6) == 300.0
+    assert bounded_weight(1e30, None, 1e6) == 1e6
+    assert bounded_weight(120.0, 300, 1e6) == 120.0
+    ok = {"train_loss": 0.5, "num-examples": 10.0, "rank_sum": 4.0, "rank_ratio": 0.5}
+    assert check_metrics(ok, 1e4)["train_loss"] == 0.5
+    for bad, why in (({k: v for k, v in ok.items() if k != "train_loss"}, "lack"), ({**ok, "rank_sum": "x"}, "not a"),
+                     ({**ok, "train_loss": float("nan")}, "finite"), ({**ok, "rank_ratio": 3.0}, "implausible")):
+        with pytest.raises(RejectedReply, match=why):
+            check_metrics(bad, 1e4)
+
+
+def _strategy(run, **kw):
+    method = fed_method(run)
+    return HeteroRankStrategy(run, method, method.initial_state(), sizes=partition_sizes(run), **kw)
+
+
+def _accuracy(run, state):
+    from torch.utils.data import DataLoader
+
+    from fedlowrank.data.vision import load_image_data
+    from fedlowrank.federated.client import model_from_state
+    from fedlowrank.training.loop import evaluate_classifier
+
+    data = load_image_data(run.data.name, run.data.root, run.data.download, run.data.seed)
+    return evaluate_classifier(model_from_state(run, state), DataLoader(data.test_set(), batch_size=256))["accuracy"]
+
+
+def test_one_attacking_client_median_and_clipping_defend(tmp_path):
+    """Client 0 sends a finite, 100x blown-up change every round (model replacement). Plain
+    averaging is taken over; coordinate-wise median and norm clipping keep the model useful."""
+    common = ("strategy=fedlmt", "fed.local_steps=30", "fed.lr=0.03", "fed.rank_ratios=[0.5]", "fed.max_failed_rounds=10")
+    acc = {}
+    for name, extra in {"clean": (), "attack": ('fed.faults=["0:scale"]',),
+                        "median": ('fed.faults=["0:scale"]', "fed.robust=median"),
+                        "clip": ('fed.faults=["0:scale"]', "fed.clip_norm=2.0")}.items():
+        run = _run(tmp_path / name, *common, *extra)
+        st = _strategy(run)
+        run_rounds(st, FakeGrid(run), 5)
+        acc[name] = _accuracy(run, st.global_state)
+    assert acc["clean"] > 0.75, acc
+    assert acc["attack"] < acc["clean"] - 0.3, acc
+    assert acc["median"] > acc["clean"] - 0.1, acc
+    assert acc["clip"] > acc["clean"] - 0.1, acc
+
+
+def test_inflated_example_count_changes_nothing_and_bad_replies_are_rejected(tmp_path):
+    common = ("strategy=slice", "fed.rounds=2", "fed.local_steps=5")
+    clean_run = _run(tmp_path / "c", *common)
+    clean = _strategy(clean_run)
+    run_rounds(clean, FakeGrid(clean_run), 2)
+    liar_run = _run(tmp_path / "l", *common, 'fed.faults=["0:weight"]')
+    liar = _strategy(liar_run)
+    run_rounds(liar, FakeGrid(liar_run), 2)
+    for k in clean.global_state:  # the claim of 1e9 examples is capped at the size the server knows
+        assert torch.equal(clean.global_state[k], liar.global_state[k]), k
+    bad_run = _run(tmp_path / "b", *common, 'fed.faults=["1:metrics","2:nan"]')
+    st = _strategy(bad_run)
+    run_rounds(st, FakeGrid(bad_run), 2)
+    assert [(r["clients_ok"], r["rejected"]) for r in st.history] == [(3, 2), (3, 2)]
+
+
+def test_forged_partition_ids_are_ignored(tmp_path):
+    run = _run(tmp_path, "fed.rounds=1", "fed.local_steps=2")
+    st = _strategy(run)
+    grid = FakeGrid(run, {1: {"partition_id": 0, "ratio": 1.0}, 2: {"partition_id": 99, "ratio": 0.5},
+                          3: {"partition_id": 3, "ratio": 7.0}})
+    run_rounds(st, grid, 1)
+    assert sorted(st.partition.values()) == [0, 4]  # duplicate, out-of-range and bad-budget nodes left out
+    assert st.history[0]["clients_ok"] == 2
+
+
+def test_rounds_without_valid_update_stop_the_run(tmp_path):
+    run = _run(tmp_path, "fed.rounds=5", "fed.local_steps=2", "fed.max_failed_rounds=2", "fed.num_clients=2",
+               'fed.faults=["0:crash","1:nan"]')
+    st = _strategy(run)
+    with pytest.raises(NoValidUpdates, match="2 rounds in a row"):
+        run_rounds(st, FakeGrid(run), 5)
+    assert len(st.history) == 2
+
+
+@pytest.mark.parametrize("bad, key", [("fed.client_cpus=0", "client_cpus"), ("fed.lr=nan", "fed.lr"),
+                                      ("fed.robust=mean", "fed.robust"), ('fed.faults=["9:nan"]', "fed.faults"),
+                                      ("fed.checkpoint_every=0", "checkpoint_every"),
+                                      ("fed.resume=yes", "fed.resume")])
+def test_bad_federated_settings_rejected_before_work(tmp_path, bad, key):
+    with pytest.raises(ConfigError, match=key):
+        _run(tmp_path, bad)
+    with pytest.raises(ConfigError, match="product"):
+        _run(tmp_path, "strategy=product", "fed.robust=median")
+
+
+def test_partitions_that_leave_clients_without_data_fail_before_ray(tmp_path):
+    from fedlowrank.federated.runner import check_partitions
+
+    with pytest.raises(ConfigError, match="min_partition_size"):
+        check_partitions(_run(tmp_path, "fed.min_partition_size=100000"))
+
+
+def test_remote_run_config_cannot_choose_file_paths():
+    from fedlowrank.federated.deploy import run_from_run_config
+
+    for o in ("out_dir=/tmp/x", "data.root=/etc", "method.from_ckpt=/x.safetensors", "hydra.run.dir=/x",
+              "+data.root=/x"):
+        with pytest.raises(ConfigError, match="file path"):
+            run_from_run_config({"overrides": o})
+    for d in ("/abs", "../up", "a/../../b"):
+        with pytest.raises(ConfigError, match="relative"):
+            run_from_run_config({"out-dir": d})
+    fr = run_from_run_config({"overrides": "strategy=product fed.rounds=2", "out-dir": "outputs/x"})
+    assert fr.strategy == "product" and fr.fed.rounds == 2 and fr.out_dir == "outputs/x"

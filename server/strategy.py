@@ -193,14 +193,16 @@ class HeteroRankStrategy(Strategy):
                 rejected += 1
                 log.warning("round %d: rejected update of client %d: %s", rnd, pid, e)
                 continue
-            valid.append((pid, state, weight, {"pid": pid, **metrics, "weight": weight}))
+            valid.append((pid, state, weight, {"pid": pid, **metrics, "weight": weight},
+                          self.sent[reply.metadata.src_node_id]))
         valid.sort(key=lambda v: v[0])  # fixed order: sums are bit-reproducible whatever the arrival order
         updates, weights, per_client = [v[1] for v in valid], [v[2] for v in valid], [v[3] for v in valid]
+        views = [v[4] for v in valid]
         if updates:
             if self.run.fed.robust != "none":
                 new = robust_aggregate(self.global_state, updates, self.rule, self.run.fed.robust, self.run.fed.trim_ratio)
             else:
-                new = self.method.aggregate(self.global_state, updates, weights)
+                new = self.method.aggregate(self.global_state, updates, weights, views)
             bad = [k for k, v in new.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
             if bad:  # finite updates can still overflow when combined: never publish a broken model
                 log.error("round %d: aggregated model has non-finite values in %s; keeping the previous global "

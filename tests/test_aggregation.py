@@ -135,3 +135,23 @@ def test_global_rank_is_the_smallest_budget_under_fedlmt(strategy, expect):
     for name, r in ranks.items():  # every factorized layer built at that budget
         full = min(state[f"{name}.U"].shape[0], state[f"{name}.V"].shape[1])
         assert r == rank_from_budget(full, ratio=expect)
+
+
+def test_product_with_views_aggregates_changes_against_a_dense_numpy_reference():
+    import numpy as np
+
+    torch.manual_seed(3)
+    g = {"fc.U": torch.randn(7, 4, dtype=torch.float64), "fc.V": torch.randn(4, 6, dtype=torch.float64)}
+    views = [client_view(g, {"fc": r}, "product") for r in (1, 2, 4)]
+    ups = [{"fc.U": v["fc.U"] + 0.1 * torch.randn_like(v["fc.U"]), "fc.V": v["fc.V"] + 0.1 * torch.randn_like(v["fc.V"])}
+           for v in views]
+    w = [0.2, 0.3, 0.5]
+    new = aggregate(g, ups, w, "product", views)
+    G = (g["fc.U"] @ g["fc.V"]).numpy()
+    W = G + sum(wi * (u["fc.U"] @ u["fc.V"] - v["fc.U"] @ v["fc.V"]).numpy() for wi, u, v in zip(w, ups, views))
+    P, S, Qt = np.linalg.svd(W)
+    best = (P[:, :4] * S[:4]) @ Qt[:4]
+    np.testing.assert_allclose((new["fc.U"] @ new["fc.V"]).numpy(), best, atol=1e-9)
+    # without the views it is the plain product average, which drops what small budgets never saw
+    plain = aggregate(g, ups, w, "product")
+    assert not torch.allclose(plain["fc.U"] @ plain["fc.V"], new["fc.U"] @ new["fc.V"], atol=1e-3)

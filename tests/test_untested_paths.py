@@ -90,7 +90,7 @@ def test_server_never_publishes_a_non_finite_aggregate(tmp_path, monkeypatch):
     st = HeteroRankStrategy(run, method, method.initial_state(), sizes=partition_sizes(run))
     before = {k: v.clone() for k, v in st.global_state.items()}
     monkeypatch.setattr(method, "aggregate",  # finite updates that overflow once combined
-                        lambda g, ups, w: {k: v * float("inf") if v.is_floating_point() else v for k, v in g.items()})
+                        lambda g, ups, w, views=None: {k: v * float("inf") if v.is_floating_point() else v for k, v in g.items()})
     run_rounds(st, FakeGrid(run), 1)
     assert all(torch.equal(before[k], v) for k, v in st.global_state.items())
     assert st.history[0]["clients_ok"] == 0 and st.history[0]["rejected"] == 5

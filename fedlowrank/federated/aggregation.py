@@ -98,8 +98,13 @@ def _normalise(weights: list[float]) -> list[float]:
     return [w / s for w in weights]
 
 
-def aggregate(global_state: State, updates: list[State], weights: list[float], rule: str) -> State:
-    """New global state from validated client ``updates`` weighted by ``weights`` (e.g. #examples)."""
+def aggregate(global_state: State, updates: list[State], weights: list[float], rule: str,
+              views: list[State] | None = None) -> State:
+    """New global state from validated client ``updates`` weighted by ``weights`` (e.g. #examples).
+
+    ``product`` with ``views`` (what each client downloaded) aggregates each client's *change*:
+    ``G + Σ_k w_k (U_k V_k − Ũ_k Ṽ_k)``, so the directions a small budget's truncated view left out
+    keep their global value instead of shrinking every round (without views: ``Σ_k w_k U_k V_k``)."""
     if rule not in ("fedlmt", "slice", "product"):
         raise ValueError(f"unknown aggregation rule {rule!r}")
     if not updates:
@@ -126,8 +131,14 @@ def aggregate(global_state: State, updates: list[State], weights: list[float], r
             new[f"{p}.V"] = sum(wi * V for wi, V in zip(w, Vs))  # type: ignore[assignment]
         elif rule == "slice":
             new[f"{p}.U"], new[f"{p}.V"] = _slice_average(gU, gV, Us, Vs, w)
-        else:
+        elif views is None:
             U, V = refactorize_sum(Us, Vs, w, gU.shape[1])
+            new[f"{p}.U"], new[f"{p}.V"] = U.to(gU.dtype), V.to(gV.dtype)
+        else:  # all thin: [G, w_k·U_k, −w_k·Ũ_k] @ [V_g; V_k; Ṽ_k], inner size R + 2 Σ r_k
+            lefts = [gU, *Us, *(v[f"{p}.U"] for v in views)]
+            rights = [gV, *Vs, *(v[f"{p}.V"] for v in views)]
+            U, V = refactorize_sum([x.double() for x in lefts], [x.double() for x in rights],
+                                   [1.0, *w, *(-wi for wi in w)], gU.shape[1])
             new[f"{p}.U"], new[f"{p}.V"] = U.to(gU.dtype), V.to(gV.dtype)
     return {k: new[k] for k in global_state}  # keep key order
 

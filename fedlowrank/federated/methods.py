@@ -67,8 +67,10 @@ class FedMethod:
     def expected(self, view: State, budget: Budget) -> dict[str, tuple[int, ...]]:
         return expected_shapes(view)
 
-    def aggregate(self, global_state: State, updates: list[State], weights: list[float]) -> State:
-        return aggregate(global_state, updates, weights, self.run.strategy)
+    def aggregate(self, global_state: State, updates: list[State], weights: list[float],
+                  views: list[State] | None = None) -> State:
+        """``views``: what each client downloaded (``product`` aggregates changes relative to it)."""
+        return aggregate(global_state, updates, weights, self.run.strategy, views)
 
 
 class ReLoRAFed(FedMethod):
@@ -107,8 +109,9 @@ class ReLoRAFed(FedMethod):
             self._expected[key] = expected_shapes(self.payload(model))
         return self._expected[key]
 
-    def aggregate(self, global_state: State, updates: list[State], weights: list[float]) -> State:
-        return merge_adapters(global_state, updates, weights)
+    def aggregate(self, global_state: State, updates: list[State], weights: list[float],
+                  views: list[State] | None = None) -> State:
+        return merge_adapters(global_state, updates, weights)  # adapters are changes already
 
 
 class WeLoreFed(FedMethod):

@@ -6,11 +6,13 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedlowrank.config import ConfigError
 
 log = logging.getLogger("fedlowrank")
+# conf/config.yaml: hydra.run.dir = out_dir when it is set (nothing written outside it), else outputs/<date>/<time>
+OmegaConf.register_new_resolver("or_default", lambda value, default: default if value is None else value, replace=True)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -81,7 +81,7 @@ class FedConfig:
     rounds: int = 10
     rank_ratios: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
     ranks: list[int] | None = None  # absolute ranks instead of ratios
-    local_epochs: int = 1
+    local_epochs: int = 3
     local_steps: int | None = None
     batch_size: int = 32
     lr: float = 0.05
@@ -96,6 +96,7 @@ class FedConfig:
     timeout: float = 600.0
     client_cpus: float = 1.0
     client_gpus: float = 0.0
+    nested: bool = False  # ordered dropout: each local step trains a sampled budget <= the client's (slice/product)
     eval_budgets: bool = True  # also evaluate the global model truncated to each client budget
     checkpoint_every: int = 1
     keep_checkpoints: int = 2  # complete per-round checkpoints kept under <out_dir>/checkpoints
@@ -208,6 +209,9 @@ class FederatedRun:
         self.data.validate()
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
+        if self.fed.nested and (self.strategy == "fedlmt" or self.method.get("name", "none") != "none"):
+            raise ConfigError("fed.nested (ordered dropout over budgets) needs strategy slice or product and "
+                              "no method (fedlmt trains one common rank)")
         if self.fed.robust != "none" and (self.strategy == "product" or self.method.get("name") == "relora"):
             raise ConfigError(f"fed.robust={self.fed.robust} needs strategy fedlmt or slice without ReLoRA (product "
                               "and adapter merges combine products, not coordinates); use fed.clip_norm there")

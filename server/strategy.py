@@ -12,6 +12,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -184,7 +185,7 @@ class HeteroRankStrategy(Strategy):
             pid = self.partition.get(reply.metadata.src_node_id, -1)
             if reply.has_error():
                 failures += 1
-                log.warning("round %d: client %d failed: %s", rnd, pid, reply.error.reason.strip().splitlines()[-1:])
+                self._log_failure(rnd, pid, reply.error.reason)
                 continue
             try:
                 up += state_bytes(from_record(reply.content["arrays"])) if "arrays" in reply.content else 0
@@ -233,6 +234,15 @@ class HeteroRankStrategy(Strategy):
                                  "warnings above for each client's reason.")
         mr = MetricRecord({k: float(v) for k, v in summary.items() if k != "round"})
         return to_record(self.global_state), mr
+
+    def _log_failure(self, rnd: int, pid: int, reason: str) -> None:
+        """One line in the log (the error's last line); the whole traceback goes to ``client_failures.log``."""
+        lines = [ln for ln in str(reason).strip().splitlines() if ln.strip()] or ["(no reason given)"]
+        path = Path(self.run.out_dir) / "client_failures.log"
+        log.warning("round %d: client %d failed: %s (traceback in %s)", rnd, pid, lines[-1].strip()[:300], path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(f"=== round {rnd}, client {pid} ===\n{reason}\n")
 
     def _log_round(self, rnd: int, summary: dict, per_client: list[dict]) -> None:
         log.info("round %d: %d ok, %d failed, %d rejected; up %d B, down %d B; train loss %.4f", rnd,

@@ -98,3 +98,15 @@ def test_wrong_types_name_the_key(override, key):
     cfg = _compose(override.split())
     with pytest.raises(ConfigError, match=key):
         _validate(cfg)
+
+
+def test_hydra_writes_nothing_outside_out_dir(tmp_path):
+    work, out = tmp_path / "cwd", tmp_path / "out"
+    work.mkdir()
+    proc = subprocess.run([sys.executable, str(ROOT / "main.py"), "mode=central", "experiment=gpt2_full",
+                           "trainer.device=cpu", "trainer.max_steps=2", "trainer.progress=false",
+                           "trainer.block_size=32", "data.max_chars=20000", f"out_dir={out}"],
+                          cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert list(work.iterdir()) == []  # no outputs/<date>/<time> in the working directory
+    assert (out / ".hydra" / "config.yaml").is_file() and (out / "summary.json").is_file()

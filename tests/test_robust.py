@@ -140,6 +140,8 @@ def test_rounds_without_valid_update_stop_the_run(tmp_path):
     with pytest.raises(NoValidUpdates, match="2 rounds in a row"):
         run_rounds(st, FakeGrid(run), 5)
     assert len(st.history) == 2
+    text = (tmp_path / "client_failures.log").read_text()  # whole reasons on file, one line each in the log
+    assert text.count("=== round") == 2 and "client 0" in text and "crashed (injected fault)" in text
 
 
 @pytest.mark.parametrize("bad, key", [("fed.client_cpus=0", "client_cpus"), ("fed.lr=nan", "fed.lr"),

@@ -101,3 +101,52 @@ def test_client_refuses_a_model_above_its_budget(tmp_path):
     full = fed_method(run).initial_state()  # factorized at the largest budget (1.0)
     with pytest.raises(ValueError, match="budget"):
         local_train(run, 0, run.fed.num_clients, full, 1)  # client 0's budget is 0.1
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_active_rank_trains_only_the_nested_leading_slots(kind):
+    from fedlowrank.lowrank import LowRankConv2d, LowRankLinear
+
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x = LowRankLinear.from_dense(torch.nn.Linear(6, 5), rank=4), torch.randn(3, 6)
+    else:
+        layer, x = LowRankConv2d.from_dense(torch.nn.Conv2d(3, 5, 3), rank=4), torch.randn(2, 3, 6, 6)
+    ref = type(layer).from_dense(layer.merge(), rank=4)  # same weights, independent module
+    ref.load_state_dict(layer.state_dict())
+    ref.truncate(2)
+    layer.set_active_rank(2)
+    torch.testing.assert_close(layer(x), ref(x))
+    layer(x).square().sum().backward()
+    assert layer.U.grad[:, 2:].abs().max() == 0 and layer.V.grad[2:].abs().max() == 0
+    assert layer.U.grad[:, :2].abs().max() > 0
+    layer.set_active_rank(None)
+    assert layer(x).shape == ref(x).shape and layer.rank == 4
+    with pytest.raises(ValueError):
+        layer.set_active_rank(5)
+
+
+def test_nested_sampler_draws_only_budgets_up_to_the_clients_own(tmp_path):
+    import random
+
+    from fedlowrank.federated.client import model_from_state, nested_sampler
+
+    run = _run(tmp_path, "fed.nested=true", "fed.rank_ratios=[0.1,0.25,0.5,1.0]")
+    model = model_from_state(run, fed_method(run).view(fed_method(run).initial_state(), {"ratio": 0.5}))
+    layers = lowrank_modules(model)
+    step = nested_sampler(model, run, {"ratio": 0.5}, random.Random(0))
+    seen = set()
+    for i in range(60):
+        step(i)
+        seen.add(tuple(m.active_rank for m in layers.values()))
+    from fedlowrank.lowrank.layers import rank_from_budget
+
+    allowed = {tuple(min(m.rank, rank_from_budget(m.full_rank, ratio=p)) for m in layers.values()) for p in (0.1, 0.25, 0.5)}
+    assert seen == allowed  # every budget up to 0.5 is drawn, nothing above it
+
+
+def test_nested_needs_slice_or_product(tmp_path):
+    from fedlowrank.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fed.nested"):
+        _run(tmp_path, "fed.nested=true", "strategy=fedlmt")

@@ -87,9 +87,13 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
     loader = DataLoader(ds, batch_size=f.batch_size, shuffle=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
+    sampler = nested_sampler(model, run, budget, random.Random(f"nested-{run.seed}-{server_round}-{partition_id}")) \
+        if f.nested else None
     stats = train_classifier(model, loader, opt, epochs=f.local_epochs, max_steps=f.local_steps,
-                             frob_decay=f.frob_decay)
+                             frob_decay=f.frob_decay, before_step=sampler)
     layers = lowrank_modules(model)
+    for m in layers.values():
+        m.set_active_rank(None)
     metrics = {
         "train_loss": stats["loss"], "train_accuracy": stats["accuracy"], "steps": stats["steps"],
         "num-examples": float(len(ds)), "partition_id": float(partition_id),
@@ -98,6 +102,26 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
         "params": float(count_params(model)), "trainable_params": float(count_params(model, trainable_only=True)),
     }
     return inject_fault(f.fault_map().get(partition_id), method.payload(model), metrics, state, partition_id)
+
+
+def nested_sampler(model: nn.Module, run: FederatedRun, budget: dict[str, float | int], rng: random.Random):
+    """FjORD-style ordered dropout: before each local step, draw one of the configured budgets up to
+    this client's own and train only the first slots that budget allows in every factorized layer,
+    so every smaller budget's nested sub-model gets trained too."""
+    f = run.fed
+    key = "rank" if f.ranks is not None else "ratio"
+    mine = float(budget[key])
+    levels = sorted({float(b) for b in (f.ranks if f.ranks is not None else f.rank_ratios) if float(b) <= mine})
+    layers = list(lowrank_modules(model).values())
+
+    def before_step(step: int) -> None:
+        p = rng.choice(levels)
+        for m in layers:
+            k = rank_from_budget(m.full_rank, rank=int(p) if key == "rank" else None,
+                                 ratio=p if key == "ratio" else None)
+            m.set_active_rank(min(k, m.rank))
+
+    return before_step
 
 
 def inject_fault(kind: str | None, update: State, metrics: dict, received: State,

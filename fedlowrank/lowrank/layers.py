@@ -62,10 +62,24 @@ class LowRankMixin(nn.Module):
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
 
+    active_rank: int | None = None  # nested sub-model: forward uses only the first k slots (None: all)
+
     # ------------------------------------------------------------------ properties
     @property
     def rank(self) -> int:
         return self.U.shape[1]
+
+    def set_active_rank(self, k: int | None) -> None:
+        """Ordered dropout (FjORD): forward with the first ``k`` rank slots only, until reset with None.
+        An explicit call from a training hook; parameters keep their full shape."""
+        if k is not None and not 1 <= k <= self.rank:
+            raise ValueError(f"active rank must be in [1, {self.rank}], got {k}")
+        self.active_rank = k
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        """(U, V) restricted to the active rank: (out, k), (k, fan_in)."""
+        k = self.active_rank
+        return (self.U, self.V) if k is None else (self.U[:, :k], self.V[:k])
 
     @property
     def full_rank(self) -> int:
@@ -162,11 +176,12 @@ class LowRankLinear(LowRankMixin):
         return (self.out_features, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
+        U, V = self._factors()
         if self.use_kernel and x.is_cuda:
             from fedlowrank.kernels import lowrank_linear
 
-            return lowrank_linear(x, self.U, self.V, self.bias)
-        return F.linear(F.linear(x, self.V), self.U, self.bias)  # (..., r) → (..., out)
+            return lowrank_linear(x, U, V, self.bias)
+        return F.linear(F.linear(x, V), U, self.bias)  # (..., r) → (..., out)
 
     @classmethod
     def from_dense(cls, layer: nn.Linear, rank: int | None = None, ratio: float | None = None) -> "LowRankLinear":
@@ -221,10 +236,11 @@ class LowRankConv2d(LowRankMixin):
         return (self.out_channels, self.in_channels, *self.kernel_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        r = self.rank
-        h = F.conv2d(x, self.V.view(r, self.in_channels, *self.kernel_size), None,
+        U, V = self._factors()
+        r = U.shape[1]
+        h = F.conv2d(x, V.reshape(r, self.in_channels, *self.kernel_size), None,
                      self.stride, self.padding, self.dilation)  # (N, r, H', W')
-        return F.conv2d(h, self.U.view(self.out_channels, r, 1, 1), self.bias)  # (N, out, H', W')
+        return F.conv2d(h, U.reshape(self.out_channels, r, 1, 1), self.bias)  # (N, out, H', W')
 
     @classmethod
     def from_dense(cls, layer: nn.Conv2d, rank: int | None = None, ratio: float | None = None) -> "LowRankConv2d":

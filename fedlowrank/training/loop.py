@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ def train_classifier(
     max_steps: int | None = None,
     frob_decay: float = 0.0,
     device: str | torch.device = "cpu",
+    before_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Cross-entropy training with optional Frobenius decay on factorized layers.
 
@@ -30,6 +32,8 @@ def train_classifier(
     for _ in range(epochs):
         for x, y in loader:
             x, y = x.to(device), y.to(device)
+            if before_step is not None:
+                before_step(steps)  # e.g. sample a nested sub-model's ranks (ordered dropout)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
             obj = loss + frob_decay * frobenius_decay(model) if frob_decay > 0 else loss

@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-STRATEGIES = ("fedlmt", "slice", "product")
+STRATEGIES = ("fedlmt", "slice", "product", "fedavg")  # fedavg: dense baseline, budgets ignored
 PARTITIONS = ("iid", "dirichlet")
 FAULTS = ("nan", "shape", "crash", "scale", "weight", "metrics")
 ROBUST = ("none", "median", "trimmed_mean")
@@ -209,7 +209,9 @@ class FederatedRun:
         self.data.validate()
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
-        if self.fed.nested and (self.strategy == "fedlmt" or self.method.get("name", "none") != "none"):
+        if self.strategy == "fedavg" and self.method.get("name", "none") != "none":
+            raise ConfigError("strategy=fedavg is the dense FedAvg baseline; it takes no method")
+        if self.fed.nested and (self.strategy in ("fedlmt", "fedavg") or self.method.get("name", "none") != "none"):
             raise ConfigError("fed.nested (ordered dropout over budgets) needs strategy slice or product and "
                               "no method (fedlmt trains one common rank)")
         if self.fed.robust != "none" and (self.strategy == "product" or self.method.get("name") == "relora"):

@@ -150,3 +150,21 @@ def test_nested_needs_slice_or_product(tmp_path):
 
     with pytest.raises(ConfigError, match="fed.nested"):
         _run(tmp_path, "fed.nested=true", "strategy=fedlmt")
+
+
+def test_dense_fedavg_baseline_is_plain_fedavg_of_a_dense_model(tmp_path):
+    run = _run(tmp_path, "strategy=fedavg", "fed.local_steps=3", "fed.num_clients=3")
+    method = fed_method(run)
+    st = HeteroRankStrategy(run, method, method.initial_state(), sizes=partition_sizes(run))
+    assert not any(k.endswith(".U") for k in st.global_state)  # dense: nothing factorized
+    g0 = {k: v.clone() for k, v in st.global_state.items()}
+    grid = FakeGrid(run)
+    replies = grid.send_and_receive(list(st.configure_train(1, None, None, grid)))
+    ups = [(st.partition[r.metadata.src_node_id], r.content["arrays"].to_torch_state_dict()) for r in replies]
+    st.aggregate_train(1, replies)
+    sizes = partition_sizes(run)
+    tot = sum(sizes[p] for p, _ in ups)
+    for k in g0:  # the example-weighted mean of the client models, computed independently
+        want = sum(sizes[p] / tot * u[k].double() for p, u in ups)
+        torch.testing.assert_close(st.global_state[k].double(), want, rtol=1e-5, atol=1e-6)
+    assert not method.budget_views()

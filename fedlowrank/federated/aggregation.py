@@ -105,7 +105,7 @@ def aggregate(global_state: State, updates: list[State], weights: list[float], r
     ``product`` with ``views`` (what each client downloaded) aggregates each client's *change*:
     ``G + Σ_k w_k (U_k V_k − Ũ_k Ṽ_k)``, so the directions a small budget's truncated view left out
     keep their global value instead of shrinking every round (without views: ``Σ_k w_k U_k V_k``)."""
-    if rule not in ("fedlmt", "slice", "product"):
+    if rule not in ("fedlmt", "slice", "product", "fedavg"):
         raise ValueError(f"unknown aggregation rule {rule!r}")
     if not updates:
         return {k: v.clone() for k, v in global_state.items()}

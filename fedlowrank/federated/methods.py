@@ -44,6 +44,8 @@ class FedMethod:
 
     def initial_state(self) -> State:
         torch.manual_seed(self.run.seed)
+        if self.run.strategy == "fedavg":  # dense baseline: no factorized layer, plain FedAvg
+            return _float_state(build_vision_model(vision_config(self.run.model, self.run.data.name)))
         return _float_state(build_lowrank_vision(self.run.model, self.run.data.name, **self.global_budget()))
 
     def ranks(self, global_state: State, budget: Budget) -> dict[str, int]:
@@ -56,7 +58,7 @@ class FedMethod:
 
     def budget_views(self) -> bool:
         """Whether clients with different budgets download different models."""
-        return self.run.strategy != "fedlmt"
+        return self.run.strategy not in ("fedlmt", "fedavg")
 
     def prepare_client(self, model: nn.Module, budget: Budget) -> None:
         """Client side, after loading the view: attach/freeze what the method needs."""

@@ -87,7 +87,7 @@ def _reduce(stack: Tensor, kind: str, trim: float) -> Tensor:
 def robust_aggregate(global_state: State, updates: list[State], rule: str, kind: str, trim: float = 0.1) -> State:
     """Coordinate-wise ``kind`` (median | trimmed_mean) of the updates, unweighted, slot by slot for
     ``slice`` factors (slots nobody trained keep their value)."""
-    if rule not in ("fedlmt", "slice"):
+    if rule not in ("fedlmt", "slice", "fedavg"):
         raise ValueError(f"robust aggregation {kind!r} needs rule fedlmt or slice, not {rule!r}")
     pref = factor_prefixes(global_state)
     fkeys = {f"{p}.{s}" for p in pref for s in "UV"}

@@ -1,0 +1,66 @@
+"""A Ray-free, in-process federated loop: the same strategy and client code as the Flower apps,
+with a stand-in Grid whose nodes answer by calling the library's client functions directly.
+Deterministic and fast: for tests, sweeps and benchmarks (``benchmarks/bench_fed_quality.py``)."""
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+
+from fedlowrank.config import FederatedRun
+
+from .client import local_train
+
+
+def _ensure_identity() -> None:
+    """Flower Messages need a task identity, which a SuperNode/SuperExec sets; give one here."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("run_id", "node_id", "task_id"):
+        if getattr(TaskIdentity, f"_{name}") is None:
+            setattr(TaskIdentity, name, 1 if name != "node_id" else 0)
+
+
+class InProcessGrid:
+    """Node ``100 + i`` is partition ``i``; ``budget_override`` lets a node report a forged budget."""
+
+    def __init__(self, run: FederatedRun, budget_override: dict[int, dict] | None = None) -> None:
+        _ensure_identity()
+        self.run, self.override = run, budget_override or {}
+        self.nodes = {100 + pid: pid for pid in range(run.fed.num_clients)}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def _answer(self, msg: Message) -> Message:
+        pid = self.nodes[msg.metadata.dst_node_id]
+        try:
+            if msg.metadata.message_type == MessageType.QUERY:
+                budget = self.override.get(pid, {"partition_id": pid, **self.run.fed.budget(pid)})
+                return Message(RecordDict({"budget": ConfigRecord(budget)}), reply_to=msg)
+            state = msg.content["arrays"].to_torch_state_dict()
+            new, metrics = local_train(self.run, pid, self.run.fed.num_clients, state,
+                                       int(msg.content["config"]["server-round"]))
+            return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(new),
+                                       "metrics": MetricRecord(metrics)}), reply_to=msg)
+        except Exception as e:  # as in Flower: a failing client job becomes an error reply
+            return Message(Error(code=1, reason=repr(e)), reply_to=msg)
+
+    def send_and_receive(self, msgs, timeout: float | None = None) -> list[Message]:
+        return [self._answer(m) for m in msgs]
+
+
+def run_rounds(strategy, grid: InProcessGrid, rounds: int) -> None:
+    """Train ``rounds`` rounds with ``strategy`` (a HeteroRankStrategy) on ``grid``."""
+    for rnd in range(1, rounds + 1):
+        replies = grid.send_and_receive(list(strategy.configure_train(rnd, None, None, grid)))
+        strategy.aggregate_train(rnd, replies)
+
+
+def make_strategy(run: FederatedRun):
+    """The apps' strategy for ``run``, starting from the method's initial global model."""
+    from server.strategy import HeteroRankStrategy
+
+    from .methods import fed_method
+    from .server import partition_sizes
+
+    method = fed_method(run)
+    return HeteroRankStrategy(run, method, method.initial_state(), sizes=partition_sizes(run))

@@ -3,16 +3,14 @@ replies, and an attacking client in a (Ray-free) federated loop."""
 import numpy as np
 import pytest
 import torch
-from fedgrid import FakeGrid, run_rounds
+from helpers import CONF
 from hydra import compose, initialize_config_dir
 
 from fedlowrank.config import ConfigError, federated_run_from_cfg
+from fedlowrank.federated.inprocess import InProcessGrid, make_strategy, run_rounds
 from fedlowrank.federated.methods import fed_method
-from fedlowrank.federated.robust import (RejectedReply, bounded_weight, check_metrics, clip_update, robust_aggregate)
-from fedlowrank.federated.server import partition_sizes
-from server.strategy import HeteroRankStrategy, NoValidUpdates
-
-from helpers import CONF
+from fedlowrank.federated.robust import RejectedReply, bounded_weight, check_metrics, clip_update, robust_aggregate
+from server.strategy import NoValidUpdates
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,9 +71,7 @@ def test_weights_are_bounded_and_bad_metrics_rejected():
             check_metrics(bad, 1e4)
 
 
-def _strategy(run, **kw):
-    method = fed_method(run)
-    return HeteroRankStrategy(run, method, method.initial_state(), sizes=partition_sizes(run), **kw)
+_strategy = make_strategy
 
 
 def _accuracy(run, state):
@@ -99,7 +95,7 @@ def test_one_attacking_client_median_and_clipping_defend(tmp_path):
                         "clip": ('fed.faults=["0:scale"]', "fed.clip_norm=2.0")}.items():
         run = _run(tmp_path / name, *common, *extra)
         st = _strategy(run)
-        run_rounds(st, FakeGrid(run), 5)
+        run_rounds(st, InProcessGrid(run), 5)
         acc[name] = _accuracy(run, st.global_state)
     assert acc["clean"] > 0.75, acc
     assert acc["attack"] < acc["clean"] - 0.3, acc
@@ -111,22 +107,22 @@ def test_inflated_example_count_changes_nothing_and_bad_replies_are_rejected(tmp
     common = ("strategy=slice", "fed.rounds=2", "fed.local_steps=5")
     clean_run = _run(tmp_path / "c", *common)
     clean = _strategy(clean_run)
-    run_rounds(clean, FakeGrid(clean_run), 2)
+    run_rounds(clean, InProcessGrid(clean_run), 2)
     liar_run = _run(tmp_path / "l", *common, 'fed.faults=["0:weight"]')
     liar = _strategy(liar_run)
-    run_rounds(liar, FakeGrid(liar_run), 2)
+    run_rounds(liar, InProcessGrid(liar_run), 2)
     for k in clean.global_state:  # the claim of 1e9 examples is capped at the size the server knows
         assert torch.equal(clean.global_state[k], liar.global_state[k]), k
     bad_run = _run(tmp_path / "b", *common, 'fed.faults=["1:metrics","2:nan"]')
     st = _strategy(bad_run)
-    run_rounds(st, FakeGrid(bad_run), 2)
+    run_rounds(st, InProcessGrid(bad_run), 2)
     assert [(r["clients_ok"], r["rejected"]) for r in st.history] == [(3, 2), (3, 2)]
 
 
 def test_forged_partition_ids_are_ignored(tmp_path):
     run = _run(tmp_path, "fed.rounds=1", "fed.local_steps=2")
     st = _strategy(run)
-    grid = FakeGrid(run, {1: {"partition_id": 0, "ratio": 1.0}, 2: {"partition_id": 99, "ratio": 0.5},
+    grid = InProcessGrid(run, {1: {"partition_id": 0, "ratio": 1.0}, 2: {"partition_id": 99, "ratio": 0.5},
                           3: {"partition_id": 3, "ratio": 7.0}})
     run_rounds(st, grid, 1)
     assert sorted(st.partition.values()) == [0, 4]  # duplicate, out-of-range and bad-budget nodes left out
@@ -138,7 +134,7 @@ def test_rounds_without_valid_update_stop_the_run(tmp_path):
                'fed.faults=["0:crash","1:nan"]')
     st = _strategy(run)
     with pytest.raises(NoValidUpdates, match="2 rounds in a row"):
-        run_rounds(st, FakeGrid(run), 5)
+        run_rounds(st, InProcessGrid(run), 5)
     assert len(st.history) == 2
     text = (tmp_path / "client_failures.log").read_text()  # whole reasons on file, one line each in the log
     assert text.count("=== round") == 2 and "client 0" in text and "crashed (injected fault)" in text
@@ -190,7 +186,7 @@ def test_product_keeps_energy_beyond_the_smallest_budget_and_is_bit_reproducible
         if plain:
             agg = st.method.aggregate
             st.method.aggregate = lambda g, u, w, views=None: agg(g, u, w, None)
-        run_rounds(st, FakeGrid(run), 10)
+        run_rounds(st, InProcessGrid(run), 10)
         return run, st.global_state
 
     def tail_energy(g):
@@ -204,8 +200,6 @@ def test_product_keeps_energy_beyond_the_smallest_budget_and_is_bit_reproducible
     _, plain = go("plain", plain=True)
     assert all(torch.equal(g[k], g2[k]) for k in g)
     assert tail_energy(g) > 0.1 and tail_energy(plain) < 1e-3
-    from fedlowrank.federated.methods import fed_method
-
     m = fed_method(run)
     accs = [_accuracy(run, m.view(g, {"ratio": b})) for b in (0.1, 1.0)]
     assert accs[0] != accs[1] and min(accs) > 0.8, accs

@@ -5,20 +5,18 @@ import math
 
 import pytest
 import torch
-from fedgrid import FakeGrid, run_rounds
+from helpers import central_run
+from test_robust import _run
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedlowrank.central import launch
 from fedlowrank.federated.client import local_train
+from fedlowrank.federated.inprocess import InProcessGrid, make_strategy, run_rounds
 from fedlowrank.federated.methods import fed_method
 from fedlowrank.federated.server import partition_sizes
 from fedlowrank.lowrank import add_lora, frobenius_decay, lowrank_modules, merge_lora
 from fedlowrank.models.build import build_lowrank_vision
 from fedlowrank.training.loop import train_classifier
-from server.strategy import HeteroRankStrategy
-
-from helpers import central_run
-from test_robust import _run
 
 
 @pytest.mark.parametrize("arch, data", [("mlp", "digits"), ("cnn", "digits"), ("vgg", "cifar10"),
@@ -77,21 +75,20 @@ def test_welore_from_ckpt_compresses_a_saved_dense_model(tmp_path):
 
 def test_fraction_train_samples_that_share_of_clients(tmp_path):
     run = _run(tmp_path, "fed.num_clients=6", "fed.fraction_train=0.5", "fed.local_steps=1")
-    method = fed_method(run)
-    st = HeteroRankStrategy(run, method, method.initial_state(), sizes=partition_sizes(run))
-    run_rounds(st, FakeGrid(run), 3)
+    st = make_strategy(run)
+    run_rounds(st, InProcessGrid(run), 3)
     picked = [sorted(int(c["pid"]) for c in r["clients"]) for r in st.history]
     assert all(len(p) == 3 for p in picked) and len({tuple(p) for p in picked}) > 1
 
 
 def test_server_never_publishes_a_non_finite_aggregate(tmp_path, monkeypatch):
     run = _run(tmp_path, "fed.local_steps=1")
-    method = fed_method(run)
-    st = HeteroRankStrategy(run, method, method.initial_state(), sizes=partition_sizes(run))
+    st = make_strategy(run)
+    method = st.method
     before = {k: v.clone() for k, v in st.global_state.items()}
     monkeypatch.setattr(method, "aggregate",  # finite updates that overflow once combined
                         lambda g, ups, w, views=None: {k: v * float("inf") if v.is_floating_point() else v for k, v in g.items()})
-    run_rounds(st, FakeGrid(run), 1)
+    run_rounds(st, InProcessGrid(run), 1)
     assert all(torch.equal(before[k], v) for k, v in st.global_state.items())
     assert st.history[0]["clients_ok"] == 0 and st.history[0]["rejected"] == 5
 
@@ -154,11 +151,11 @@ def test_nested_needs_slice_or_product(tmp_path):
 
 def test_dense_fedavg_baseline_is_plain_fedavg_of_a_dense_model(tmp_path):
     run = _run(tmp_path, "strategy=fedavg", "fed.local_steps=3", "fed.num_clients=3")
-    method = fed_method(run)
-    st = HeteroRankStrategy(run, method, method.initial_state(), sizes=partition_sizes(run))
+    st = make_strategy(run)
+    method = st.method
     assert not any(k.endswith(".U") for k in st.global_state)  # dense: nothing factorized
     g0 = {k: v.clone() for k, v in st.global_state.items()}
-    grid = FakeGrid(run)
+    grid = InProcessGrid(run)
     replies = grid.send_and_receive(list(st.configure_train(1, None, None, grid)))
     ups = [(st.partition[r.metadata.src_node_id], r.content["arrays"].to_torch_state_dict()) for r in replies]
     st.aggregate_train(1, replies)

@@ -1,8 +1,10 @@
-"""Shared helpers for benchmark scripts: timing and JSON output."""
+"""Shared helpers for benchmark scripts: timing, environment record and JSON output."""
 from __future__ import annotations
 
 import json
 import os
+import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -11,20 +13,44 @@ import torch
 
 
 def timeit(fn: Callable[[], object], warmup: int = 3, iters: int = 20, cuda: bool = False) -> float:
-    """Median seconds per call."""
+    """Median seconds per call. On CUDA each call is bracketed by CUDA events (device time, no host
+    sync inside the timed region); on CPU by ``perf_counter``."""
     for _ in range(warmup):
         fn()
     if cuda:
         torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
-        if cuda:
-            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    return statistics.median(times)
+
+
+def environment(device: torch.device | str) -> dict:
+    """Device, library versions and host: recorded in every result file."""
+    device = torch.device(device)
+    env = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+           "host_cpus": os.cpu_count(), "platform": platform.platform()}
+    if device.type == "cuda":
+        env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                   cudnn=torch.backends.cudnn.version())
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            pass
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    return env
 
 
 def emit(name: str, payload: dict, out: str | None = None) -> None:

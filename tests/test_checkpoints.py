@@ -137,12 +137,31 @@ def test_compile_really_compiles_on_cpu_and_matches_eager(tmp_path):
     eager = launch(central_run(tmp_path / "e", *common))
     counters.clear()
     comp = launch(central_run(tmp_path / "c", *common, "trainer.compile=true", "trainer.compile_backend=aot_eager"))
-    assert eager["compiles"] == 0 and comp["compiles"] == 1
+    assert eager["compiles"] == 0 and comp["compiles"] == 1 and comp["graph_compile_steps"] == [0]
     assert counters["stats"]["unique_graphs"] >= 1  # dynamo captured the model's forward
     for (_, a), (_, b) in zip(eager["losses"], comp["losses"]):
         assert b == pytest.approx(a, rel=1e-4)
     with pytest.raises(ConfigError, match="compile_backend"):
         central_run(tmp_path, *COMMON, "trainer.compile=true", "trainer.compile_backend=nope")
+
+
+def test_compile_recompiles_only_when_inrank_changes_shapes(tmp_path):
+    """Checks every 2 steps; a graph is compiled at the start and after each check that grew a rank
+    (and at the stage-1 compression), never at checks that changed nothing; losses match eager."""
+    common = ["experiment=gpt2_inrank", "trainer.log_interval=1", "model.size=tiny", "trainer.max_steps=20", "method.stage1_steps=16",
+              "method.check_interval=2", "method.init_rank=1", "method.buffer=2", "trainer.ckpt_interval=100",
+              "trainer.eval_interval=100", "model.dropout=0.0"]
+    eager = launch(central_run(tmp_path / "e", *common))
+    comp = launch(central_run(tmp_path / "c", *common, "trainer.compile=true", "trainer.compile_backend=aot_eager"))
+    grew = [h["step"] for h in comp["inrank_history"]]
+    assert grew and grew == [h["step"] for h in eager["inrank_history"]]
+    steps = comp["graph_compile_steps"]
+    assert steps[0] == 0 and len(steps) == len(set(steps)) == comp["graph_compiles"]
+    assert set(grew) <= set(steps) <= {0, 16, *grew}  # 16: compression to the final ranks
+    unchanged_checks = set(range(2, 16, 2)) - set(grew)
+    assert unchanged_checks and not unchanged_checks & set(steps)
+    for (_, a), (_, b) in zip(eager["losses"], comp["losses"]):
+        assert b == pytest.approx(a, rel=1e-4)
 
 
 @pytest.mark.parametrize("bad", ["trainer.stop_after=0", "trainer.stop_after=-5", "trainer.keep_checkpoints=0"])

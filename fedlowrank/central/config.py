@@ -73,6 +73,7 @@ class TrainerConfig:
     use_kernels: bool = False  # Triton fused low-rank linear on CUDA
     compile: bool = False  # torch.compile the training forward (re-compiled after each rank change)
     compile_backend: str = "inductor"  # any torch.compile backend, e.g. aot_eager (no C++ compiler needed)
+    peak_tflops: float | None = None  # device peak for MFU (default: bf16 datasheet value of known GPUs)
 
     def validate(self) -> None:
         for k in ("max_steps", "batch_size", "grad_accum", "block_size", "eval_iters", "log_interval",
@@ -83,6 +84,8 @@ class TrainerConfig:
             raise ConfigError("trainer.lr must be > 0, min_lr_ratio in [0, 1], warmup_steps >= 0")
         if self.stop_after is not None and self.stop_after < 1:
             raise ConfigError(f"trainer.stop_after must be >= 1 (or null), got {self.stop_after}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ConfigError(f"trainer.peak_tflops must be > 0 (or null), got {self.peak_tflops}")
         if self.compile:
             import torch._dynamo
 

@@ -42,6 +42,11 @@ class Hook:
     def after_step(self, tr: "Trainer") -> None:
         """After optimizer step ``tr.step`` (1-based count of steps done)."""
 
+    def acts_at(self, step: int) -> bool:
+        """Whether ``after_step`` may change the weights or structure at ``step`` (the trainer then checks
+        that training is still finite first). Methods that override ``after_step`` say True unless they know."""
+        return type(self).after_step is not Hook.after_step
+
     def state(self) -> dict:
         return {}
 
@@ -68,6 +73,9 @@ class InRankHook(Hook):
     def restore(self, tr: "Trainer", state: dict) -> None:
         self.stage = int(state.get("stage", self.stage))
         self.ir.history = list(state.get("history", []))
+
+    def acts_at(self, step: int) -> bool:
+        return self.stage == 1 and (self.ir.due(step) or step == self.ir.cfg.stage1_steps)
 
     def after_step(self, tr: "Trainer") -> None:
         ir = self.ir

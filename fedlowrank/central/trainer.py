@@ -22,7 +22,9 @@ from fedlowrank.models.llama import Llama, LlamaConfig
 from fedlowrank.training.optim import remap_optimizer_state
 
 from .config import CentralRun
+from .guard import NonFiniteGuard
 from .hooks import make_hook
+from .throughput import device_peak_flops, mfu, train_flops_per_token
 from .dist import (DistEnv, full_state, init_dist, load_checkpoint_meta, load_optimizer_state, load_weights,
                    resolve_checkpoint, save_checkpoint, tied_duplicates, wrap_model)
 
@@ -68,10 +70,13 @@ class Trainer:
         self.bf16 = env.device.type == "cuda" and self.t.precision in ("auto", "bf16")
         self.step = 0
         self.tokens_seen, self.train_time = 0, 0.0  # whole-run throughput, carried across resume
+        self.model_flops, self.flops_per_token = 0.0, 0.0  # counted FLOPs of the whole run / of one token now
+        self.guard = NonFiniteGuard(self.out / "checkpoints")
         self.losses: list[tuple[int, float]] = []
         self.evals: list[dict] = []
         self.writer = None
-        self.compiles = 0
+        self.compiles = 0  # torch.compile wrappers built (one per structural change)
+        self.graph_compile_steps: list[int] = []  # step at each graph the backend really compiled
         torch.manual_seed(run.seed)  # identical init on every process
         self.model = build_lm(run, data.vocab_size)
         self.hook = make_hook(run.method, run.seed)
@@ -94,6 +99,7 @@ class Trainer:
             enable_kernels(self.model)
         self.wrapped = wrap_model(self.model, self.env, self.t.dist, self.bf16)
         self._compile()
+        self.flops_per_token = train_flops_per_token(self.model, self.t.block_size, self.env.device)
         self.opt = torch.optim.AdamW(self.hook.param_groups(self), lr=self.t.lr,
                                      betas=(self.t.beta1, self.t.beta2), fused=self.env.device.type == "cuda")
 
@@ -122,6 +128,7 @@ class Trainer:
         self.losses = [tuple(x) for x in meta.get("losses", [])]  # type: ignore[misc]
         self.evals = meta.get("evals", [])
         self.tokens_seen = int(meta.get("tokens_seen", 0))
+        self.model_flops = float(meta.get("model_flops", 0.0))
         self.train_time = float(meta.get("train_time_s", 0.0))
         log.info("resumed from %s at step %d", path, self.step)
         return load_torch_state(Path(path) / "trainer.pt")  # weights_only: a planted pickle cannot run code
@@ -139,13 +146,26 @@ class Trainer:
         remap_optimizer_state(self.opt, mapping, reset={old[n] for n in (reset or set()) if n in old})
         self.wrapped = wrap_model(self.model, self.env, self.t.dist, self.bf16)
         self._compile()
+        self.flops_per_token = train_flops_per_token(self.model, self.t.block_size, self.env.device)
 
     def _compile(self) -> None:
-        """``self.forward``: the wrapped model, compiled with ``trainer.compile`` (a new graph only after a
-        structural change, counted in ``self.compiles``)."""
+        """``self.forward``: the wrapped model, compiled with ``trainer.compile``. Dynamo guards on
+        parameter shapes, so a graph is compiled again only when a rank change altered a shape (then
+        with dynamic sizes, so later rank changes reuse it); every graph the backend compiles is
+        recorded in ``self.graph_compile_steps``."""
         self.forward: nn.Module = self.wrapped
         if self.t.compile:
-            self.forward = torch.compile(self.wrapped, backend=self.t.compile_backend)  # type: ignore[assignment]
+            import torch._dynamo
+
+            inner = torch._dynamo.lookup_backend(self.t.compile_backend)
+
+            def counted(gm, example_inputs):
+                self.graph_compile_steps.append(self.step)
+                return inner(gm, example_inputs)
+
+            # the default limit (8) would silently fall back to eager after a few InRank rank changes
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self.forward = torch.compile(self.wrapped, backend=counted)  # type: ignore[assignment]
             self.compiles += 1
 
     # ------------------------------------------------------------------ loop
@@ -221,12 +241,20 @@ class Trainer:
         t0, s0, tps = time.perf_counter(), self.step, 0.0
         loop_start, side = time.perf_counter(), 0.0  # side: eval + checkpoint time, left out of throughput
         end = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
+        lazy = self._lazy_checks()
         while self.step < end:
+            flops_per_token = self.flops_per_token
             loss_t = self.train_step()
-            self._check_finite(loss_t)
+            self.model_flops += flops_per_token * tokens_per_step
+            self.guard.note(loss_t, self.step)
+            log_now = self.step % t.log_interval == 0 or self.step == t.max_steps
+            eval_now = self.step % t.eval_interval == 0 or self.step == t.max_steps
+            ckpt_now = self.step % t.ckpt_interval == 0 or self.step in (t.max_steps, end)
+            if not lazy or log_now or eval_now or ckpt_now or self.hook.acts_at(self.step):
+                self._raise_if_nonfinite()
             self.hook.after_step(self)
             self.tokens_seen += tokens_per_step
-            if self.step % t.log_interval == 0 or self.step == t.max_steps:
+            if log_now:
                 loss = _mean(float(loss_t), env)
                 self._sync()
                 tps = tokens_per_step * (self.step - s0) / max(1e-9, time.perf_counter() - t0)
@@ -234,15 +262,16 @@ class Trainer:
                 self.losses.append((self.step, loss))
                 self._log_scalars(loss, tps)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}")
-            self._sync()
+            if eval_now or ckpt_now:
+                self._sync()
             ts = time.perf_counter()
-            if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+            if eval_now:
                 ev = self.evaluate()
                 self.evals.append(ev)
                 if self.writer:
                     self.writer.add_scalar("eval/loss", ev["loss"], self.step)
                     self.writer.add_scalar("eval/ppl", ev["ppl"], self.step)
-            if self.step % t.ckpt_interval == 0 or self.step in (t.max_steps, end):
+            if ckpt_now:
                 self.train_time += ts - loop_start - side  # bank the training time so far in the checkpoint
                 side, loop_start = 0.0, time.perf_counter()
                 ts = loop_start
@@ -261,7 +290,11 @@ class Trainer:
                    "tokens_per_s": self.tokens_seen / max(1e-9, self.train_time),
                    "tokens_seen": self.tokens_seen, "train_time_s": self.train_time,
                    "tokens_per_s_last_interval": tps,
+                   "flops_per_token": self.flops_per_token, "model_flops": self.model_flops,
+                   "model_flops_per_s": self.model_flops / max(1e-9, self.train_time),
+                   "mfu": mfu(self.model_flops, self.train_time, device_peak_flops(env.device, t.peak_tflops), env.world),
                    "replica_max_diff": self.replica_divergence(), "compiles": self.compiles,
+                   "graph_compiles": len(self.graph_compile_steps), "graph_compile_steps": self.graph_compile_steps,
                    **self.hook.summary()}
         if env.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -269,15 +302,15 @@ class Trainer:
                 self.writer.close()
         return summary
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        """Stop at the first step whose loss (on any process) is not finite, before it is checkpointed.
-        The last checkpoint on disk stays the newest finite one."""
-        bad = (~torch.isfinite(loss.detach())).to(torch.float32).reshape(1)
-        if self.env.distributed:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            raise FloatingPointError(f"non-finite training loss {float(loss):.4g} at step {self.step}; training "
-                                     f"stopped; the newest finite checkpoint is kept in {self.out / 'checkpoints'}")
+    def _lazy_checks(self) -> bool:
+        """On the GPU, no host sync per step: the non-finite flag is read at log/eval/checkpoint steps and
+        before a method acts on the weights (CPU work is synchronous, so there it is read every step)."""
+        return self.env.device.type == "cuda"
+
+    def _raise_if_nonfinite(self) -> None:
+        """Stop if any step so far (on any process) had a non-finite loss, before anything is checkpointed
+        or a method acts on the weights. The last checkpoint on disk stays the newest finite one."""
+        self.guard.check(self.env.distributed)
 
     def _sync(self) -> None:
         if self.env.device.type == "cuda":
@@ -321,7 +354,7 @@ class Trainer:
     def meta(self) -> dict:
         return {"step": self.step, "method_state": self.hook.state(), "ranks": model_ranks(self.model),
                 "losses": self.losses, "tokens_seen": self.tokens_seen, "train_time_s": self.train_time,
-                "evals": self.evals, "arch": self.run.model.arch, "size": self.run.model.size,
+                "model_flops": self.model_flops, "evals": self.evals, "arch": self.run.model.arch, "size": self.run.model.size,
                 "vocab_size": self.data.vocab_size}
 
     def barrier(self) -> None:

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedlowrank.lowrank.shared_input import shared_input_linear
+
 LLAMA_SIZES = {  # n_layer, n_head, dim, ffn hidden
     "tiny": (2, 2, 64, 172),
     "mini": (4, 4, 128, 344),
@@ -27,6 +29,7 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
+    fuse_shared_input: bool = True  # q/k/v and gate/up: one GEMM for the factors (or weights) sharing x
 
     @classmethod
     def from_size(cls, size: str, **kw) -> "LlamaConfig":
@@ -66,6 +69,7 @@ class Attention(nn.Module):
         if cfg.dim % cfg.n_head:
             raise ValueError("dim must be divisible by n_head")
         self.n_head, self.head_dim = cfg.n_head, cfg.dim // cfg.n_head
+        self.fuse = cfg.fuse_shared_input
         self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
@@ -73,8 +77,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # (B, T, D)
         B, T, D = x.shape
-        q, k, v = (p(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        proj = (self.q_proj, self.k_proj, self.v_proj)
+        qkv = shared_input_linear(x, proj) if self.fuse else [p(x) for p in proj]
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in qkv)  # (B, H, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
@@ -86,9 +91,12 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.fuse = cfg.fuse_shared_input
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: Tensor) -> Tensor:  # (B, T, D)
+        proj = (self.gate_proj, self.up_proj)
+        gate, up = shared_input_linear(x, proj) if self.fuse else [p(x) for p in proj]  # (B, T, hidden) each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -11,10 +11,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 STRATEGIES = ("fedlmt", "slice", "product", "fedavg")  # fedavg: dense baseline, budgets ignored
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "natural")  # natural: one client per speaking role (text tasks)
+TEXT_SPECS = ("shakespeare",)  # next-character prediction, LEAF style
 FAULTS = ("nan", "shape", "crash", "scale", "weight", "metrics")
 ROBUST = ("none", "median", "trimmed_mean")
-IMAGE_SPECS = {"digits": (1, 8, 10), "cifar10": (3, 32, 10)}  # channels, size, classes
+IMAGE_SPECS = {"digits": (1, 8, 10), "cifar10": (3, 32, 10), "femnist": (1, 28, 62)}  # channels, size, classes
+HUB_DATASETS = ("shakespeare", "femnist", "cifar10")  # data.source=hub: flwr-datasets FederatedDataset
 
 
 class ConfigError(ValueError):
@@ -93,6 +95,7 @@ class FedConfig:
     partition: str = "iid"
     alpha: float = 0.5
     min_partition_size: int = 10
+    client_holdout: float = 0.0  # image tasks: fraction of each client's partition held out for its own eval
     timeout: float = 600.0
     client_cpus: float = 1.0
     client_gpus: float = 0.0
@@ -160,6 +163,8 @@ class FedConfig:
                               f"fed.client_gpus >= 0, got {self.client_gpus}")
         if not (math.isfinite(self.lr) and math.isfinite(self.momentum)) or not 0 <= self.momentum < 1:
             raise ConfigError(f"fed.lr must be finite and fed.momentum in [0, 1), got {self.lr}, {self.momentum}")
+        if not 0.0 <= self.client_holdout <= 0.5:
+            raise ConfigError(f"fed.client_holdout must be in [0, 0.5], got {self.client_holdout}")
         if self.min_partition_size < 0:
             raise ConfigError(f"fed.min_partition_size must be >= 0, got {self.min_partition_size}")
 
@@ -186,10 +191,31 @@ class DataConfig:
     root: str = "data"
     download: bool = True
     seed: int = 0
+    path: str | None = None  # text tasks: the text file (tinyshakespeare.txt format)
+    seq_len: int = 80  # text tasks: characters per sample (LEAF: 80)
+    test_fraction: float = 0.1  # text and Hub tasks: each client's held-out share of its examples
+    source: str = "local"  # local (embedded, file or torchvision) | hub (flwr-datasets FederatedDataset, online)
 
     def validate(self) -> None:
-        if self.name not in IMAGE_SPECS:
-            raise ConfigError(f"data.name {self.name!r} is not an image dataset for federated mode: {sorted(IMAGE_SPECS)}")
+        if self.name not in IMAGE_SPECS and self.name not in TEXT_SPECS:
+            raise ConfigError(f"data.name {self.name!r} is not a federated dataset: {sorted(IMAGE_SPECS) + list(TEXT_SPECS)}")
+        if self.source not in ("local", "hub"):
+            raise ConfigError(f"data.source must be local or hub, got {self.source!r}")
+        if self.source == "hub":
+            if self.name not in HUB_DATASETS:
+                raise ConfigError(f"data.source=hub serves {list(HUB_DATASETS)}, not {self.name!r}")
+            if not 0.0 < self.test_fraction < 1.0:
+                raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+            return
+        if self.name == "femnist":
+            raise ConfigError("femnist comes from the Hugging Face Hub: set data.source=hub (needs the internet once)")
+        if self.name in TEXT_SPECS:
+            if not self.path or not os.path.isfile(self.path):
+                raise ConfigError(f"data.path={self.path!r} is not a file; {self.name} needs a text file such as "
+                                  "tinyshakespeare.txt (speaker lines 'NAME:' followed by their speech)")
+            if self.seq_len < 2 or not 0.0 < self.test_fraction < 1.0:
+                raise ConfigError(f"data.seq_len must be >= 2 and data.test_fraction in (0, 1), got {self.seq_len}, "
+                                  f"{self.test_fraction}")
 
 
 @dataclass
@@ -235,8 +261,22 @@ class FederatedRun:
                 raise ConfigError(str(e)) from e
             self._check_targets(mc)
 
+        text = self.data.name in TEXT_SPECS
+        if self.fed.partition == "natural" and not (text or self.data.name == "femnist"):
+            raise ConfigError(f"fed.partition=natural needs a dataset with natural client ids ({list(TEXT_SPECS)}), "
+                              f"not {self.data.name!r}")
+        if text and self.fed.partition == "dirichlet":
+            raise ConfigError("fed.partition=dirichlet splits by class label; text tasks use natural or iid")
         try:
-            validate_vision_model(self.model, self.data.name)
+            if text:
+                from fedlowrank.models.build import lstm_config
+
+                if self.model.get("family") != "lstm":
+                    raise ValueError(f"data={self.data.name} needs model=lstm (model.family=lstm), got "
+                                     f"family {self.model.get('family')!r}")
+                lstm_config(self.model, vocab_size=2)
+            else:
+                validate_vision_model(self.model, self.data.name)
         except ValueError as e:
             raise ConfigError(str(e)) from e
 
@@ -244,11 +284,10 @@ class FederatedRun:
     def _check_targets(self, mc) -> None:
         """The method's target/skip regexes must select at least one nn.Linear of the model."""
         from fedlowrank.methods.welore import target_linears
-        from fedlowrank.models.build import vision_config
-        from fedlowrank.models.vision import build_vision_model
+        from fedlowrank.models.build import dense_model
 
         try:
-            model = build_vision_model(vision_config(self.model, self.data.name))
+            model = dense_model(self.model, self.data.name, vocab_size=2)  # names only: any vocabulary will do
         except ValueError as e:
             raise ConfigError(str(e)) from e
         if not target_linears(model, mc.targets, mc.skip):

@@ -141,6 +141,7 @@ class HeteroRankStrategy(Strategy):
         k = max(1, math.ceil(self.run.fed.fraction_train * len(pids))) if pids else 0
         sampled = sorted(self.rng.sample(pids, k))
         self.sent, self.expected, self._round_down = {}, {}, 0
+        self._round_start = time.perf_counter()
         msgs = []
         for pid in sampled:
             node = by_pid[pid]
@@ -221,6 +222,7 @@ class HeteroRankStrategy(Strategy):
         tot = sum(weights) or 1.0
         summary = {
             "round": rnd, "clients_ok": len(updates), "failures": failures, "rejected": rejected,
+            "round_s": time.perf_counter() - getattr(self, "_round_start", time.perf_counter()),
             "upload_bytes": up, "download_bytes": self._round_down,
             "train_loss": sum(w * c["train_loss"] for w, c in zip(weights, per_client)) / tot if updates else float("nan"),
         }

@@ -44,6 +44,8 @@ def test_federated_run_rejects_bad_updates_survives_crash_and_logs(tmp_path):
     assert any(k.endswith(".U") for k in state)
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["final"]["global_accuracy"] == pytest.approx(res["final"]["global_accuracy"])
+    assert (tmp_path / "report.png").stat().st_size > 10_000 and saved["report_png"].endswith("report.png")
+    assert saved["label_skew"]["train_examples"]["min"] > 0 and saved["personalized"] is None  # no holdout asked
 
     sc = _scalars(tmp_path / "tb")
     for tag in ("global/global_accuracy", "global/global_loss", "round/upload_bytes", "round/download_bytes",

@@ -207,6 +207,9 @@ class CentralRun:
 
 def central_run_from_cfg(cfg: DictConfig | dict) -> CentralRun:
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    name = (cfg.get("data") or {}).get("name", "pydoc")
+    if name not in TEXT_DATA:  # before the key check: an image dataset's keys would hide the real mistake
+        raise ConfigError(f"data.name must be a text corpus {TEXT_DATA} in central mode, got {name!r}")
     run = CentralRun(
         model=to_dataclass(LMConfig, cfg.get("model", {}), "model"),
         data=to_dataclass(TextDataConfig, cfg.get("data", {}), "data"),

@@ -1,7 +1,7 @@
 """Client-side logic: rebuild the model at the received ranks, train locally, report."""
 from __future__ import annotations
 
-import functools
+import dataclasses
 import logging
 import random
 
@@ -11,15 +11,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedlowrank.config import FederatedRun
-from fedlowrank.data.partition import client_dataset, partition_indices
-from fedlowrank.data.vision import ImageData, load_image_data
 from fedlowrank.lowrank import conform_to_state, count_params, lowrank_modules
 from fedlowrank.lowrank.layers import rank_from_budget
-from fedlowrank.models.build import vision_config
-from fedlowrank.models.vision import build_vision_model
 from fedlowrank.training.loop import train_classifier
 
 from .aggregation import State
+from .task import build_model, fed_data
 
 log = logging.getLogger(__name__)
 
@@ -28,33 +25,25 @@ class SimulatedClientFailure(RuntimeError):
     """Raised on purpose to simulate a device dropping out of a round."""
 
 
-@functools.lru_cache(maxsize=4)
-def _image_data(name: str, root: str, download: bool, seed: int) -> ImageData:
-    return load_image_data(name, root=root, download=download, seed=seed)
-
-
-@functools.lru_cache(maxsize=8)
-def _partitions(name: str, root: str, download: bool, seed: int, kind: str, n: int, alpha: float,
-                min_size: int) -> list[np.ndarray]:
-    data = _image_data(name, root, download, seed)
-    return partition_indices(data.y_train, kind, n, alpha, seed + 42, min_size)
+def _with_partitions(run: FederatedRun, num_partitions: int) -> FederatedRun:
+    """The run as seen by a node told there are ``num_partitions`` partitions (a deployment's node config)."""
+    if num_partitions == run.fed.num_clients:
+        return run
+    return dataclasses.replace(run, fed=dataclasses.replace(run.fed, num_clients=num_partitions))
 
 
 def client_partitions(run: FederatedRun, num_partitions: int) -> list[np.ndarray]:
     """Index arrays of every client's training examples (cached per process)."""
-    d, f = run.data, run.fed
-    return _partitions(d.name, d.root, d.download, d.seed, f.partition, num_partitions, f.alpha, f.min_partition_size)
+    return fed_data(_with_partitions(run, num_partitions)).train_parts
 
 
 def client_data(run: FederatedRun, partition_id: int, num_partitions: int):
-    d = run.data
-    data = _image_data(d.name, d.root, d.download, d.seed)
-    return client_dataset(data.x_train, data.y_train, client_partitions(run, num_partitions)[partition_id])
+    return fed_data(_with_partitions(run, num_partitions)).client_train(partition_id)
 
 
 def model_from_state(run: FederatedRun, state: State) -> nn.Module:
     """Dense skeleton of the configured model, reshaped to the factors/adapters in ``state``, loaded."""
-    model = build_vision_model(vision_config(run.model, run.data.name))
+    model = build_model(run)
     conform_to_state(model, state)
     model.load_state_dict(state, strict=True)
     return model

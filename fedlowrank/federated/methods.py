@@ -7,6 +7,7 @@ import logging
 import re
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,10 +15,10 @@ from torch import nn
 from fedlowrank.config import FederatedRun, to_dataclass
 from fedlowrank.methods.relora import ReLoRA, ReLoRAConfig
 from fedlowrank.methods.welore import WeLoreConfig, is_norm_param, welore_compress
-from fedlowrank.models.build import build_lowrank_vision, vision_config
-from fedlowrank.models.vision import build_vision_model
+from fedlowrank.lowrank import factorize
 
 from .aggregation import State, aggregate, budget_ranks, client_view, expected_shapes, layer_ranks, merge_adapters
+from .task import build_model, fed_data
 
 log = logging.getLogger(__name__)
 Budget = dict[str, Any]
@@ -45,8 +46,10 @@ class FedMethod:
     def initial_state(self) -> State:
         torch.manual_seed(self.run.seed)
         if self.run.strategy == "fedavg":  # dense baseline: no factorized layer, plain FedAvg
-            return _float_state(build_vision_model(vision_config(self.run.model, self.run.data.name)))
-        return _float_state(build_lowrank_vision(self.run.model, self.run.data.name, **self.global_budget()))
+            return _float_state(build_model(self.run))
+        model = build_model(self.run)
+        factorize(model, **self.global_budget(), targets=self.run.model.get("targets"), skip=self.run.model.get("skip"))
+        return _float_state(model)
 
     def ranks(self, global_state: State, budget: Budget) -> dict[str, int]:
         if self.run.strategy == "fedlmt":
@@ -87,7 +90,7 @@ class ReLoRAFed(FedMethod):
 
     def initial_state(self) -> State:
         torch.manual_seed(self.run.seed)
-        return _float_state(build_vision_model(vision_config(self.run.model, self.run.data.name)))
+        return _float_state(build_model(self.run))
 
     def view(self, global_state: State, budget: Budget) -> State:
         return {k: v.clone() for k, v in global_state.items()}
@@ -106,7 +109,7 @@ class ReLoRAFed(FedMethod):
         """Shapes of a client's reply: depend only on its budget (the dense model never changes shape)."""
         key = tuple(sorted(budget.items()))
         if key not in self._expected:
-            model = build_vision_model(vision_config(self.run.model, self.run.data.name))
+            model = build_model(self.run)
             self.prepare_client(model, budget)
             self._expected[key] = expected_shapes(self.payload(model))
         return self._expected[key]
@@ -129,7 +132,7 @@ class WeLoreFed(FedMethod):
         from fedlowrank.checkpoint import load_tensors
 
         torch.manual_seed(self.run.seed)
-        model = build_vision_model(vision_config(self.run.model, self.run.data.name))
+        model = build_model(self.run)
         if self.cfg.from_ckpt:
             model.load_state_dict(load_tensors(self.cfg.from_ckpt))
             log.info("WeLore: dense starting model from %s", self.cfg.from_ckpt)
@@ -140,15 +143,14 @@ class WeLoreFed(FedMethod):
 
     def _pretrain(self, model: nn.Module) -> None:
         """Stand-in for a model trained elsewhere: a few SGD steps on the training split."""
-        from fedlowrank.data.vision import load_image_data
-
-        d = self.run.data
-        data = load_image_data(d.name, d.root, d.download, d.seed)
+        fd = fed_data(self.run)
+        pool = torch.as_tensor(np.concatenate(fd.train_parts), dtype=torch.long)  # the clients' training data
         g = torch.Generator().manual_seed(self.run.seed)
         opt = torch.optim.SGD(model.parameters(), lr=self.run.fed.lr, momentum=0.9)
         for _ in range(self.cfg.pretrain_steps):
-            idx = torch.randint(len(data.y_train), (self.run.fed.batch_size,), generator=g)
-            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            idx = pool[torch.randint(len(pool), (self.run.fed.batch_size,), generator=g)]
+            logits = model(fd.x[idx])
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), fd.y[idx].reshape(-1))
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -14,22 +14,19 @@ from torch.utils.data import DataLoader
 from fedlowrank.checkpoint import (append_jsonl, atomic_write_bytes, latest_complete, load_tensors, prune, read_json,
                                    read_jsonl, write_checkpoint_dir)
 from fedlowrank.config import FederatedRun
-from fedlowrank.data.vision import load_image_data
 from fedlowrank.lowrank import count_params, state_bytes
 from fedlowrank.training.loop import evaluate_classifier
 
 from .aggregation import State
 from .client import model_from_state
 from .methods import fed_method
+from .task import build_model, fed_data
 
 log = logging.getLogger(__name__)
 
 
 def dense_model_bytes(run: FederatedRun) -> int:
-    from fedlowrank.models.build import vision_config
-    from fedlowrank.models.vision import build_vision_model
-
-    return sum(p.numel() * 4 for p in build_vision_model(vision_config(run.model, run.data.name)).state_dict().values())
+    return sum(p.numel() * 4 for p in build_model(run).state_dict().values())
 
 
 def _save_round(out: Path, run: FederatedRun, rnd: int, state: State, strategy_state: dict) -> None:
@@ -90,8 +87,7 @@ def run_server(grid: Grid, run: FederatedRun) -> dict:
     out = Path(run.out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(out / "tb"))
-    data = load_image_data(run.data.name, run.data.root, run.data.download, run.data.seed)
-    test_loader = DataLoader(data.test_set(), batch_size=256)
+    test_loader = DataLoader(fed_data(run).test, batch_size=256)
     budgets = sorted({tuple(run.fed.budget(i).items()) for i in range(run.fed.num_clients)})
     method = fed_method(run)
     resumed = _resume_point(out, run)
@@ -131,11 +127,17 @@ def run_server(grid: Grid, run: FederatedRun) -> dict:
                        evaluate_fn=lambda rnd, arrays: MetricRecord(evaluate(rnd + done, strategy.global_state)))
     writer.close()
     final = evals.get(run.fed.rounds, {})
+    from .report import label_skew, personalized_eval, plot_report
+
+    personal = personalized_eval(run, method, strategy.global_state, fed_data(run))
+    png = plot_report(out / "report.png", evals, strategy.history,
+                      f"{run.strategy} · {run.data.name} · {run.fed.num_clients} clients ({run.fed.partition})")
     summary = {
         "strategy": run.strategy, "rounds": run.fed.rounds, "num_clients": run.fed.num_clients,
         "final": final, "initial": evals.get(0, {}), "rounds_detail": strategy.history, "resumed_after": done,
         "global_params": count_params(model_from_state(run, strategy.global_state)),
         "global_model_bytes": state_bytes(strategy.global_state), "dense_model_bytes": dense_model_bytes(run),
+        "personalized": personal, "label_skew": label_skew(fed_data(run)), "report_png": str(png) if png else None,
     }
     atomic_write_bytes(out / "metrics.json", json.dumps(summary, indent=2, default=float).encode())
     log.info("federated run finished: final %s; logs in %s", final, os.fspath(out))

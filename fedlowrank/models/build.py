@@ -9,6 +9,7 @@ from torch import nn
 
 from fedlowrank.lowrank import factorize
 
+from .lstm import LSTMLM, LSTMConfig
 from .vision import VISION_MODELS, VisionConfig, build_vision_model
 
 _LOWRANK_KEYS = ("family", "name", "skip", "targets")
@@ -30,6 +31,29 @@ def vision_config(model: dict[str, Any], data_name: str) -> VisionConfig:
 
     hints = typing.get_type_hints(VisionConfig)
     return VisionConfig(**{k_: check_type(v, hints[k_], f"model.{k_}") for k_, v in kw.items()})
+
+
+def lstm_config(model: dict[str, Any], vocab_size: int) -> LSTMConfig:
+    """LSTMConfig from a ``model.family=lstm`` config dict; unknown keys and wrong types are errors."""
+    from fedlowrank.config import check_type
+
+    kw = {k_: v for k_, v in model.items() if k_ not in _LOWRANK_KEYS}
+    valid = {f.name for f in fields(LSTMConfig)} - {"vocab_size"}
+    unknown = sorted(set(kw) - valid)
+    if unknown:
+        raise ValueError(f"model: unknown key(s) {unknown} for an LSTM model; valid: {sorted(valid | set(_LOWRANK_KEYS))}")
+    hints = typing.get_type_hints(LSTMConfig)
+    return LSTMConfig(vocab_size=vocab_size, **{k_: check_type(v, hints[k_], f"model.{k_}") for k_, v in kw.items()})
+
+
+def dense_model(model: dict[str, Any], data_name: str, vocab_size: int | None = None) -> nn.Module:
+    """The dense model of a config: an LSTM language model (``family: lstm``, needs ``vocab_size``) or a
+    vision model for the image dataset ``data_name``."""
+    if model.get("family") == "lstm":
+        if vocab_size is None:
+            raise ValueError("an LSTM model needs the dataset's vocabulary size")
+        return LSTMLM(lstm_config(model, vocab_size))
+    return build_vision_model(vision_config(model, data_name))
 
 
 def validate_vision_model(model: dict[str, Any], data_name: str) -> None:

@@ -1,4 +1,5 @@
-"""One train loop / evaluation shared by central mode and federated clients (classification)."""
+"""One train loop / evaluation shared by central mode and federated clients: classification, or
+next-token prediction where the model returns (B, T, vocab) and targets are (B, T)."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedlowrank.lowrank import frobenius_decay
+
+
+def _flat(logits: torch.Tensor) -> torch.Tensor:
+    """(B, classes) stays; (B, T, vocab) -> (B·T, vocab) for next-token targets (B, T)."""
+    return logits.reshape(-1, logits.shape[-1])
 
 
 def train_classifier(
@@ -34,7 +40,8 @@ def train_classifier(
             x, y = x.to(device), y.to(device)
             if before_step is not None:
                 before_step(steps)  # e.g. sample a nested sub-model's ranks (ordered dropout)
-            logits = model(x)
+            logits = _flat(model(x))  # (N, classes); sequences: every position is a prediction
+            y = y.reshape(-1)
             loss = F.cross_entropy(logits, y)
             obj = loss + frob_decay * frobenius_decay(model) if frob_decay > 0 else loss
             if not torch.isfinite(obj):
@@ -59,7 +66,7 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: str | torc
     total, correct, loss_sum = 0, 0, 0.0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        logits = model(x)
+        logits, y = _flat(model(x)), y.reshape(-1)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
         total += len(y)

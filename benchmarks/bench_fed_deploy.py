@@ -1,0 +1,63 @@
+"""Deployed vs simulated round time: the same config run by Flower's simulation (``main.py``, Ray) and
+by a loopback SuperLink + N SuperNodes (``flwr run``), the latter with and without the node-side data
+cache. Round time is the server's own measure (models sent -> replies aggregated); the whole
+``flwr run`` wall time is recorded beside it. Prints JSON with ratios against the simulation.
+
+    python benchmarks/bench_fed_deploy.py [--nodes 3] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import emit, environment  # noqa: E402
+
+from fedlowrank.federated.loopback import PROJECT, flwr_run, loopback_deployment  # noqa: E402
+
+
+def rounds_s(metrics: Path) -> list[float]:
+    return [r["round_s"] for r in json.loads(metrics.read_text())["rounds_detail"]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    ov = f"fed.num_clients={args.nodes} fed.rounds={args.rounds} fed.local_epochs=1 fed.timeout=300"
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.time()
+        subprocess.run([sys.executable, "main.py", "mode=federated", *ov.split(), f"out_dir={tmp}/sim"], cwd=PROJECT,
+                       check=True, capture_output=True, env={**os.environ, "FEDLOWRANK_CACHE_DIR": f"{tmp}/simcache"})
+        rows["simulation (Ray)"] = {"round_s": rounds_s(Path(tmp) / "sim" / "metrics.json"), "wall_s": time.time() - t0}
+        for name, cache in (("deployed, node cache", f"{tmp}/cache"), ("deployed, no cache", "off")):
+            work = Path(tmp) / name.replace(" ", "_").replace(",", "")
+            work.mkdir()
+            with loopback_deployment(args.nodes, work, {"FEDLOWRANK_CACHE_DIR": cache}) as lb:
+                t0 = time.time()
+                res = flwr_run(lb, ov, "runs/x", timeout=900)
+                wall = time.time() - t0
+            metrics = work / "runs" / "x" / "metrics.json"
+            if not metrics.exists():
+                raise RuntimeError(f"{name}: no metrics ({res.stderr[-1500:]})")
+            rows[name] = {"round_s": rounds_s(metrics), "wall_s": wall}
+    base = statistics.median(rows["simulation (Ray)"]["round_s"])
+    for r in rows.values():
+        r["round_s_median"] = statistics.median(r["round_s"])
+        r["round_time_ratio_vs_simulation"] = r["round_s_median"] / base
+    emit("fed_deploy", {**environment("cpu"), "nodes": args.nodes, "rounds": args.rounds, "overrides": ov,
+                        "results": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Node-side disk cache of a run's data and partitions. A deployed SuperNode starts a fresh process
+for every message; with this cache that process reads a few tensors instead of importing datasets
+and recomputing partitions. Keyed by everything that decides the data (config values, and size and
+mtime of input files), written atomically (unique temp dir, then rename), read without pickle
+(safetensors and ``np.load(allow_pickle=False)``). ``FEDLOWRANK_CACHE_DIR`` sets the directory
+(default ``~/.cache/fedlowrank``); ``FEDLOWRANK_CACHE_DIR=off`` disables it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from safetensors.torch import load_file, save_file
+from torch.utils.data import TensorDataset
+
+log = logging.getLogger(__name__)
+VERSION = 1
+
+
+def cache_root() -> Path | None:
+    value = os.environ.get("FEDLOWRANK_CACHE_DIR", str(Path.home() / ".cache" / "fedlowrank"))
+    return None if value.lower() in ("", "0", "off", "none") else Path(value)
+
+
+def cache_key(args: tuple, files: list[str | None]) -> str:
+    """Digest of the loader's arguments and the identity (path, size, mtime) of the files it reads."""
+    stamp = []
+    for f in files:
+        if f and os.path.isfile(f):
+            st = os.stat(f)
+            stamp.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"v": VERSION, "args": list(args), "files": stamp}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _pack(parts: list[np.ndarray] | None) -> dict[str, np.ndarray]:
+    if parts is None:
+        return {}
+    return {"flat": np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64),
+            "sizes": np.array([len(p) for p in parts], dtype=np.int64)}
+
+
+def _unpack(z) -> list[np.ndarray]:
+    return [a.copy() for a in np.split(z["flat"], np.cumsum(z["sizes"])[:-1])] if len(z["sizes"]) else []
+
+
+def save(key: str, fd) -> None:
+    """Write ``fd`` (a FedData) under the cache; a concurrent writer of the same key is harmless."""
+    root = cache_root()
+    if root is None:
+        return
+    final = root / "fed-data" / key
+    if final.exists():
+        return
+    tmp = final.with_name(f"{key}.tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        x_test, y_test = fd.test.tensors
+        save_file({"x": fd.x.contiguous(), "y": fd.y.contiguous(), "x_test": x_test.contiguous(),
+                   "y_test": y_test.contiguous()}, str(tmp / "tensors.safetensors"))
+        np.savez(tmp / "train.npz", **_pack(fd.train_parts))
+        if fd.heldout_parts is not None:
+            np.savez(tmp / "heldout.npz", **_pack(fd.heldout_parts))
+        (tmp / "meta.json").write_text(json.dumps({"num_classes": fd.num_classes}))
+        os.rename(tmp, final)
+    except OSError as e:  # another process won the rename, or the disk refused: the cache is optional
+        log.debug("fed-data cache not written (%s)", e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load(key: str, cls):
+    """The cached FedData for ``key`` (an instance of ``cls``), or None when absent or unreadable."""
+    root = cache_root()
+    path = root / "fed-data" / key if root is not None else None
+    if path is None or not (path / "meta.json").is_file():
+        return None
+    try:
+        t = load_file(str(path / "tensors.safetensors"))
+        with np.load(path / "train.npz", allow_pickle=False) as z:
+            train = _unpack(z)
+        held = None
+        if (path / "heldout.npz").is_file():
+            with np.load(path / "heldout.npz", allow_pickle=False) as z:
+                held = _unpack(z)
+        meta = json.loads((path / "meta.json").read_text())
+        return cls(t["x"], t["y"], train, held, TensorDataset(t["x_test"], t["y_test"]), int(meta["num_classes"]))
+    except Exception as e:  # a damaged entry is recomputed, never trusted
+        log.warning("ignoring damaged fed-data cache %s (%s)", path, e)
+        return None

@@ -1,0 +1,106 @@
+"""A SuperLink and N SuperNodes on 127.0.0.1 (``--insecure``, free ports) for tests and benchmarks of
+the deployed apps; ``flwr_run`` submits this project to it. Every process is started in its own
+session and, on exit, exactly those sessions are stopped (SIGTERM, then SIGKILL after a grace period)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def stop(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
+    """SIGTERM each process's own group, SIGKILL what is left after ``grace`` seconds."""
+    for p in procs:
+        if group_alive(p.pid):
+            os.killpg(p.pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(0.1, deadline - time.time()))
+    while time.time() < deadline and any(group_alive(p.pid) for p in procs):
+        time.sleep(0.2)
+    for p in procs:
+        if group_alive(p.pid):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(group_alive(p.pid) for p in procs):
+        time.sleep(0.2)
+
+
+@dataclass
+class Loopback:
+    workdir: Path
+    env: dict[str, str]
+    procs: list[subprocess.Popen]
+    connection: str = "loopback"
+
+
+@contextlib.contextmanager
+def loopback_deployment(n: int, workdir: Path, env: dict[str, str] | None = None) -> Iterator[Loopback]:
+    """Start a SuperLink and ``n`` SuperNodes (``partition-id=i num-partitions=n``) with their logs in
+    ``workdir``, and a Flower config (``workdir/flwr_home``) naming the connection ``loopback``."""
+    workdir = Path(workdir)
+    home = workdir / "flwr_home"
+    home.mkdir(parents=True, exist_ok=True)
+    link = free_port()
+    (home / "config.toml").write_text(f'[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    procs: list[subprocess.Popen] = []
+
+    def start(args: list[str], log: str) -> None:
+        with open(workdir / log, "w") as fh:
+            procs.append(subprocess.Popen(args, cwd=workdir, env=full_env, start_new_session=True, stdout=fh,
+                                          stderr=subprocess.STDOUT))
+
+    try:
+        start([str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)], "superlink.log")
+        wait_port(link, 60)
+        for i in range(n):
+            start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}", "--port",
+                   str(free_port()), "--node-config", f"partition-id={i} num-partitions={n}"], f"node{i}.log")
+        yield Loopback(workdir, full_env, procs)
+    finally:
+        stop(procs)
+
+
+def flwr_run(lb: Loopback, overrides: str, out_dir: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``flwr run <project> loopback --stream`` with Hydra ``overrides``; ``out_dir`` is relative to ``workdir``."""
+    return subprocess.run([str(BIN / "flwr"), "run", str(PROJECT), lb.connection, "--stream", "--run-config",
+                           f'overrides="{overrides}" out-dir="{out_dir}"'], cwd=lb.workdir, env=lb.env,
+                          capture_output=True, text=True, timeout=timeout)

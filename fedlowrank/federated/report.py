@@ -1,0 +1,89 @@
+"""After a federated run: per-client (personalised) evaluation on each client's own held-out split,
+a label-skew summary of the partition, and a PNG report (accuracy per budget over rounds, rank per
+client over rounds)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from fedlowrank.config import FederatedRun
+from fedlowrank.training.loop import evaluate_classifier
+
+from .aggregation import State
+from .task import FedData
+
+log = logging.getLogger(__name__)
+
+
+def label_skew(fd: FedData) -> dict:
+    """How far each client's label (or next-character) distribution is from the pooled one: total
+    variation distance, share of the most frequent label, labels present; mean/min/max over clients."""
+    k = fd.num_classes
+    counts = np.stack([np.bincount(fd.y[p].reshape(-1).numpy(), minlength=k) for p in fd.train_parts]).astype(float)
+    pooled = counts.sum(0) / counts.sum()
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    tv = 0.5 * np.abs(shares - pooled).sum(1)
+    per = {"tv_distance": tv, "top_label_share": shares.max(1), "labels_present": (counts > 0).sum(1).astype(float),
+           "train_examples": np.array([len(p) for p in fd.train_parts], dtype=float)}
+    return {name: {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())} for name, v in per.items()}
+
+
+def personalized_eval(run: FederatedRun, method, state: State, fd: FedData) -> dict | None:
+    """Accuracy of the global model, cut to each client's budget, on that client's own held-out
+    examples. None when the task has no per-client held-out split."""
+    if fd.heldout_parts is None:
+        return None
+    from .client import model_from_state
+
+    rows = []
+    for pid in range(run.fed.num_clients):
+        ds = fd.client_heldout(pid)
+        if ds is None or len(ds) == 0:
+            continue
+        budget = run.fed.budget(pid)
+        model = model_from_state(run, method.view(state, budget) if method.budget_views() else state)
+        res = evaluate_classifier(model, DataLoader(ds, batch_size=256))
+        rows.append({"pid": pid, **budget, "examples": len(ds), "accuracy": res["accuracy"], "loss": res["loss"]})
+    if not rows:
+        return None
+    acc = np.array([r["accuracy"] for r in rows])
+    n = np.array([r["examples"] for r in rows], dtype=float)
+    return {"mean": float(acc.mean()), "weighted_mean": float((acc * n).sum() / n.sum()), "min": float(acc.min()),
+            "max": float(acc.max()), "clients": rows}
+
+
+def plot_report(path: Path, evals: dict[int, dict], history: list[dict], title: str) -> Path | None:
+    """PNG: global and per-budget accuracy over rounds; each client's (reported) rank ratio over rounds."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # pragma: no cover - matplotlib is a dependency
+        log.warning("matplotlib missing: no report PNG")
+        return None
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    rounds = sorted(evals)
+    keys = sorted({k for r in rounds for k in evals[r] if k.endswith("accuracy")})
+    for key in keys:
+        a.plot(rounds, [evals[r].get(key, np.nan) for r in rounds], marker=".", label=key.replace("_accuracy", ""))
+    a.set(xlabel="round", ylabel="test accuracy", title="accuracy per budget")
+    a.legend(fontsize=7)
+    per: dict[int, list[tuple[int, float]]] = {}
+    for h in history:
+        for c in h.get("clients", []):
+            per.setdefault(int(c["pid"]), []).append((int(h["round"]), float(c.get("rank_ratio", np.nan))))
+    for pid, pts in sorted(per.items())[:50]:
+        xs, ys = zip(*pts)
+        b.plot(xs, ys, marker=".", lw=0.8, label=f"client {pid}" if len(per) <= 10 else None)
+    b.set(xlabel="round", ylabel="mean rank / full rank", title="rank per client")
+    if len(per) <= 10:
+        b.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,117 @@
+"""What a federated run trains on, from its config: the data, every client's train (and held-out)
+split, and the dense model. Image tasks (digits, CIFAR-10) classify images; ``shakespeare`` is
+LEAF-style next-character prediction with one client per speaking role. Loaded once per process
+(cached), so a simulated or deployed node recomputes nothing between messages."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from fedlowrank.config import TEXT_SPECS as TEXT_TASKS
+from fedlowrank.config import FederatedRun
+from fedlowrank.data.partition import partition_indices
+from fedlowrank.models.build import dense_model
+
+
+@dataclass
+class FedData:
+    """Example tensors, each client's training indices and, where the task has them, each client's own
+    held-out indices (both into ``x``/``y``), plus the global test set. Image x: (N, C, H, W), y: (N,);
+    text x, y: (N, T) character ids."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    train_parts: list[np.ndarray]
+    heldout_parts: list[np.ndarray] | None
+    test: TensorDataset
+    num_classes: int  # classes, or vocabulary size for text
+
+    def _subset(self, idx: np.ndarray) -> TensorDataset:
+        t = torch.as_tensor(idx, dtype=torch.long)
+        return TensorDataset(self.x[t], self.y[t])
+
+    def client_train(self, pid: int) -> TensorDataset:
+        return self._subset(self.train_parts[pid])
+
+    def client_heldout(self, pid: int) -> TensorDataset | None:
+        return None if self.heldout_parts is None else self._subset(self.heldout_parts[pid])
+
+
+def _holdout(parts: list[np.ndarray], fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split every client's indices: a seeded ``fraction`` held out for its personalised evaluation."""
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for p in parts:
+        p = rng.permutation(p)
+        k = int(round(fraction * len(p)))
+        held.append(np.sort(p[:k]))
+        train.append(np.sort(p[k:]))
+    return train, held
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(*args) -> FedData:
+    """``_load(*args)``, from the node's disk cache when an earlier process computed it already."""
+    from . import cache
+
+    path = args[4] if args[0] in TEXT_TASKS and args[-1] == "local" else None
+    key = cache.cache_key(args, [path])
+    hit = cache.load(key, FedData)
+    if hit is not None:
+        return hit
+    fd = _load(*args)
+    cache.save(key, fd)
+    return fd
+
+
+def _load(name: str, root: str, download: bool, seed: int, path: str | None, seq_len: int, test_fraction: float,
+          kind: str, n: int, alpha: float, min_size: int, holdout: float, source: str = "local") -> FedData:
+    if source == "hub":
+        from fedlowrank.data.hub import load_hub
+
+        hd = load_hub(name, kind, n, alpha, seed + 42, min_size, test_fraction)
+        if hd.test is None:
+            t = torch.as_tensor(np.concatenate(hd.heldout), dtype=torch.long)
+            test = TensorDataset(hd.x[t], hd.y[t])
+        else:
+            test = TensorDataset(*hd.test)
+        return FedData(hd.x, hd.y, hd.parts, hd.heldout, test, hd.num_classes)
+    if name in TEXT_TASKS:
+        from fedlowrank.data.shakespeare import load_role_text, natural_partitions
+
+        text = load_role_text(path or "", seq_len, test_fraction, seed)
+        if kind == "natural":
+            train, held = natural_partitions(text, n, min_size)
+            t = torch.as_tensor(np.concatenate(held), dtype=torch.long)  # every participating role's held-out
+            return FedData(text.x, text.y, train, held, TensorDataset(text.x[t], text.y[t]), text.vocab_size)
+        tr, te = np.flatnonzero(~text.test), np.flatnonzero(text.test)
+        parts = [tr[p] for p in partition_indices(torch.zeros(len(tr), dtype=torch.long), kind, n, alpha, seed + 42,
+                                                  min_size)]
+        t = torch.as_tensor(te, dtype=torch.long)
+        return FedData(text.x, text.y, parts, None, TensorDataset(text.x[t], text.y[t]), text.vocab_size)
+    from fedlowrank.data.vision import load_image_data
+
+    data = load_image_data(name, root=root, download=download, seed=seed)
+    parts = partition_indices(data.y_train, kind, n, alpha, seed + 42, min_size)
+    held = None
+    if holdout > 0:
+        parts, held = _holdout(parts, holdout, seed + 7)
+    return FedData(data.x_train, data.y_train, parts, held, data.test_set(), data.num_classes)
+
+
+def fed_data(run: FederatedRun) -> FedData:
+    """The run's data and partitions (cached per process; deterministic for a config)."""
+    d, f = run.data, run.fed
+    return _cached(d.name, d.root, d.download, d.seed, d.path, d.seq_len, d.test_fraction, f.partition,
+                 f.num_clients, f.alpha, f.min_partition_size, f.client_holdout, d.source)
+
+
+def build_model(run: FederatedRun) -> nn.Module:
+    """The dense model of the run (factorized later by the method/strategy)."""
+    vocab = fed_data(run).num_classes if run.data.name in TEXT_TASKS else None  # Hub text: 256 byte ids
+    return dense_model(run.model, run.data.name, vocab)

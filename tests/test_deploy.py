@@ -1,0 +1,28 @@
+"""Deployment as documented: a SuperLink and N SuperNodes on 127.0.0.1 (--insecure), `flwr run` of this
+project for 2 rounds within a bounded time; only the processes this test started are stopped."""
+import json
+
+import pytest
+
+from fedlowrank.federated.loopback import group_alive, loopback_deployment, flwr_run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.timeout(600)
+def test_superlink_and_supernodes_run_two_rounds(tmp_path):
+    n = 3
+    with loopback_deployment(n, tmp_path, {"FEDLOWRANK_CACHE_DIR": str(tmp_path / "cache")}) as lb:
+        overrides = f"fed.num_clients={n} fed.rank_ratios=[0.25,1.0] fed.rounds=2 fed.local_epochs=1 fed.timeout=240"
+        res = flwr_run(lb, overrides, "runs/deployed", timeout=480)
+        metrics = tmp_path / "runs" / "deployed" / "metrics.json"
+        logs = "\n".join((tmp_path / f).read_text()[-1500:] for f in ("superlink.log", "node0.log"))
+        assert metrics.exists(), f"flwr run rc={res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}\n{logs}"
+        m = json.loads(metrics.read_text())
+        assert m["rounds"] == 2 and len(m["rounds_detail"]) == 2 and m["num_clients"] == n
+        assert all(r["clients_ok"] == n for r in m["rounds_detail"])
+        assert m["final"]["global_accuracy"] > m["initial"]["global_accuracy"] + 0.1
+        assert (tmp_path / "runs" / "deployed" / "report.png").exists()
+        assert any((tmp_path / "cache" / "fed-data").iterdir())  # nodes cached their data and partitions
+        pids = [p.pid for p in lb.procs]
+    assert len(pids) == n + 1 and not [p for p in pids if group_alive(p)]  # nothing of ours is left running

@@ -269,12 +269,15 @@ class FederatedRun:
             raise ConfigError("fed.partition=dirichlet splits by class label; text tasks use natural or iid")
         try:
             if text:
-                from fedlowrank.models.build import lstm_config
+                from fedlowrank.models.build import TEXT_FAMILIES, dense_model
 
-                if self.model.get("family") != "lstm":
-                    raise ValueError(f"data={self.data.name} needs model=lstm (model.family=lstm), got "
-                                     f"family {self.model.get('family')!r}")
-                lstm_config(self.model, vocab_size=2)
+                if self.model.get("family") not in TEXT_FAMILIES:
+                    raise ValueError(f"data={self.data.name} needs model=lstm or model=char_transformer "
+                                     f"(model.family in {TEXT_FAMILIES}), got family {self.model.get('family')!r}")
+                lm = dense_model(self.model, self.data.name, vocab_size=2)
+                block = getattr(getattr(lm, "config", None), "block_size", None)
+                if block is not None and block < self.data.seq_len:
+                    raise ValueError(f"model.block_size={block} is shorter than data.seq_len={self.data.seq_len}")
             else:
                 validate_vision_model(self.model, self.data.name)
         except ValueError as e:

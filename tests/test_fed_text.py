@@ -102,6 +102,8 @@ def test_config_errors_before_training(play, tmp_path):
         _run(play, "fed.partition=dirichlet")
     with pytest.raises(ConfigError, match="model=lstm"):
         _run(play, "model=mlp")
+    with pytest.raises(ConfigError, match="block_size"):
+        _run(play, "model=char_transformer", "model.block_size=8")
     with pytest.raises(ConfigError, match="hiden"):
         _run(play, "+model.hiden=3")
     with pytest.raises(ConfigError, match="roles"):  # more clients than roles: refused before any training
@@ -128,6 +130,21 @@ def test_text_run_learns_and_personalised_eval_matches_hand_computation(play):
         assert c["accuracy"] == pytest.approx((pred == y).float().mean().item())
     accs = [c["accuracy"] for c in res["clients"]]
     assert res["mean"] == pytest.approx(np.mean(accs)) and res["min"] == min(accs)
+
+
+def test_small_transformer_option_trains_factorized(play):
+    """model=char_transformer: a 2-layer GPT-2 on the same task; its attention/MLP linears are factorized at
+    the clients' budgets (embeddings and the tied head dense) and the global model learns."""
+    run = _run(play, "model=char_transformer", "fed.num_clients=3", "fed.rank_ratios=[0.25,1.0]", "model.n_embd=32",
+               "model.n_head=2", "fed.lr=0.5", "fed.momentum=0.9")
+    strategy, grid = make_strategy(run), InProcessGrid(run)
+    assert any(k.endswith("attn.c_attn.U") for k in strategy.global_state)
+    assert not any(k.startswith(("wte.", "lm_head.")) and k.endswith(".U") for k in strategy.global_state)
+    test = DataLoader(fed_data(run).test, batch_size=256)
+    before = evaluate_classifier(model_from_state(run, strategy.global_state), test)["accuracy"]
+    run_rounds(strategy, grid, 3)
+    after = evaluate_classifier(model_from_state(run, strategy.global_state), test)["accuracy"]
+    assert after > before + 0.1
 
 
 def test_label_skew_by_hand():

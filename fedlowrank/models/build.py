@@ -9,6 +9,7 @@ from torch import nn
 
 from fedlowrank.lowrank import factorize
 
+from .gpt2 import GPT2, GPT2Config
 from .lstm import LSTMLM, LSTMConfig
 from .vision import VISION_MODELS, VisionConfig, build_vision_model
 
@@ -33,26 +34,42 @@ def vision_config(model: dict[str, Any], data_name: str) -> VisionConfig:
     return VisionConfig(**{k_: check_type(v, hints[k_], f"model.{k_}") for k_, v in kw.items()})
 
 
-def lstm_config(model: dict[str, Any], vocab_size: int) -> LSTMConfig:
-    """LSTMConfig from a ``model.family=lstm`` config dict; unknown keys and wrong types are errors."""
+def _typed_config(cls, model: dict[str, Any], fixed: dict[str, Any], kind: str):
+    """``cls(**fixed, **model)`` from a config dict; unknown keys and wrong types are errors."""
     from fedlowrank.config import check_type
 
     kw = {k_: v for k_, v in model.items() if k_ not in _LOWRANK_KEYS}
-    valid = {f.name for f in fields(LSTMConfig)} - {"vocab_size"}
+    valid = {f.name for f in fields(cls)} - set(fixed)
     unknown = sorted(set(kw) - valid)
     if unknown:
-        raise ValueError(f"model: unknown key(s) {unknown} for an LSTM model; valid: {sorted(valid | set(_LOWRANK_KEYS))}")
-    hints = typing.get_type_hints(LSTMConfig)
-    return LSTMConfig(vocab_size=vocab_size, **{k_: check_type(v, hints[k_], f"model.{k_}") for k_, v in kw.items()})
+        raise ValueError(f"model: unknown key(s) {unknown} for {kind}; valid: {sorted(valid | set(_LOWRANK_KEYS))}")
+    hints = typing.get_type_hints(cls)
+    return cls(**fixed, **{k_: check_type(v, hints[k_], f"model.{k_}") for k_, v in kw.items()})
+
+
+def lstm_config(model: dict[str, Any], vocab_size: int) -> LSTMConfig:
+    """LSTMConfig from a ``model.family=lstm`` config dict."""
+    return _typed_config(LSTMConfig, model, {"vocab_size": vocab_size}, "an LSTM model")
+
+
+def transformer_config(model: dict[str, Any], vocab_size: int) -> GPT2Config:
+    """A small GPT-2 (``model.family=transformer``: n_layer, n_head, n_embd, block_size, dropout, bias)."""
+    return _typed_config(GPT2Config, model, {"vocab_size": vocab_size}, "a transformer model")
+
+
+TEXT_FAMILIES = ("lstm", "transformer")
 
 
 def dense_model(model: dict[str, Any], data_name: str, vocab_size: int | None = None) -> nn.Module:
-    """The dense model of a config: an LSTM language model (``family: lstm``, needs ``vocab_size``) or a
-    vision model for the image dataset ``data_name``."""
-    if model.get("family") == "lstm":
+    """The dense model of a config: a character language model (``family: lstm | transformer``, needs
+    ``vocab_size``) or a vision model for the image dataset ``data_name``."""
+    family = model.get("family")
+    if family in TEXT_FAMILIES:
         if vocab_size is None:
-            raise ValueError("an LSTM model needs the dataset's vocabulary size")
-        return LSTMLM(lstm_config(model, vocab_size))
+            raise ValueError(f"a {family} model needs the dataset's vocabulary size")
+        if family == "lstm":
+            return LSTMLM(lstm_config(model, vocab_size))
+        return GPT2(transformer_config(model, vocab_size))
     return build_vision_model(vision_config(model, data_name))
 
 

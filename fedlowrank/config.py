@@ -113,6 +113,25 @@ class FedConfig:
     max_failed_rounds: int = 3  # this many rounds in a row without a valid update stop the run (error)
     # Fault injection for robustness studies: ["<client id>:<nan|shape|crash|scale|weight|metrics>", ...].
     faults: list[str] = field(default_factory=list)
+    # Device heterogeneity (fedlowrank.federated.devices.DevicesConfig): population, derived budgets, deadline
+    devices: dict[str, Any] = field(default_factory=dict)
+
+    def device_config(self):
+        """The validated ``fed.devices`` section as a DevicesConfig."""
+        from fedlowrank.federated.devices import DevicesConfig
+
+        return to_dataclass(DevicesConfig, self.devices, "fed.devices")
+
+    def device_population(self):
+        """Every client's DeviceProfile (None without a device model); drawn once per config."""
+        key = repr(sorted(self.devices.items())), self.num_clients
+        cached = getattr(self, "_population", None)
+        if cached is None or cached[0] != key:
+            from fedlowrank.federated.devices import population
+
+            cached = (key, population(self.device_config(), self.num_clients))
+            object.__setattr__(self, "_population", cached)
+        return cached[1]
 
     def validate(self) -> None:
         if self.num_clients < 1:
@@ -163,6 +182,15 @@ class FedConfig:
                               f"fed.client_gpus >= 0, got {self.client_gpus}")
         if not (math.isfinite(self.lr) and math.isfinite(self.momentum)) or not 0 <= self.momentum < 1:
             raise ConfigError(f"fed.lr must be finite and fed.momentum in [0, 1), got {self.lr}, {self.momentum}")
+        try:
+            dc = self.device_config()
+            dc.validate()
+            if dc.distribution == "list" and len(dc.devices) != self.num_clients:
+                raise ValueError(f"fed.devices.devices lists {len(dc.devices)} devices for {self.num_clients} clients")
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from e
+        if self.devices.get("budget_from", "none") != "none" and self.ranks is not None:
+            raise ConfigError("fed.devices.budget_from derives rank ratios: use fed.rank_ratios, not fed.ranks")
         if not 0.0 <= self.client_holdout <= 0.5:
             raise ConfigError(f"fed.client_holdout must be in [0, 0.5], got {self.client_holdout}")
         if self.min_partition_size < 0:
@@ -179,7 +207,14 @@ class FedConfig:
         return out
 
     def budget(self, partition_id: int) -> dict[str, float | int]:
-        """Rank budget of a client: {'ratio': r} or {'rank': k}, cycling through the list."""
+        """Rank budget of a client: {'ratio': r} or {'rank': k}, cycling through the list, or derived from the
+        client's device (``fed.devices.budget_from``) as the largest listed ratio that fits it."""
+        if self.devices.get("budget_from", "none") != "none":
+            from fedlowrank.federated.devices import budget_ratio
+
+            pop = self.device_population()
+            if pop is not None:
+                return {"ratio": budget_ratio(pop[partition_id], self.device_config(), list(self.rank_ratios))}
         if self.ranks is not None:
             return {"rank": int(self.ranks[partition_id % len(self.ranks)])}
         return {"ratio": float(self.rank_ratios[partition_id % len(self.rank_ratios)])}

@@ -22,6 +22,7 @@ from flwr.serverapp.strategy import Strategy
 from fedlowrank.config import FederatedRun
 from fedlowrank.federated.aggregation import State, validate_update
 from fedlowrank.federated.methods import FedMethod
+from fedlowrank.federated.simclock import SimClock
 from fedlowrank.federated.robust import (RejectedReply, bounded_weight, check_metrics, check_values, clip_update,
                                          robust_aggregate)
 from fedlowrank.lowrank import state_bytes
@@ -68,13 +69,15 @@ class HeteroRankStrategy(Strategy):
         self.history: list[dict] = []
         self.failed_rounds = 0  # consecutive rounds without a valid update
         self.resumed_budgets: dict[int, dict] = {}  # partition id -> budget saved in the round checkpoint
+        self.clock = SimClock(run, sizes)  # simulated device time (inactive without fed.devices)
 
     # ----------------------------------------------------------------- resume
     def state(self) -> dict:
         """JSON-able strategy state (sampling RNG, failure streak); the round is the caller's."""
         v, internal, gauss = self.rng.getstate()
         return {"rng": [v, list(internal), gauss], "failed_rounds": self.failed_rounds,
-                "budgets": {str(self.partition[n]): b for n, b in self.budgets.items()}}
+                "budgets": {str(self.partition[n]): b for n, b in self.budgets.items()},
+                "sim_time_s": self.clock.elapsed}
 
     def restore(self, st: dict, history: list[dict]) -> None:
         v, internal, gauss = st["rng"]
@@ -82,6 +85,7 @@ class HeteroRankStrategy(Strategy):
         self.failed_rounds = int(st["failed_rounds"])
         self.history = list(history)
         self.resumed_budgets = {int(p): b for p, b in st.get("budgets", {}).items()}
+        self.clock.elapsed = float(st.get("sim_time_s", 0.0))
 
     # ----------------------------------------------------------------- discovery
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -200,6 +204,18 @@ class HeteroRankStrategy(Strategy):
         valid.sort(key=lambda v: v[0])  # fixed order: sums are bit-reproducible whatever the arrival order
         updates, weights, per_client = [v[1] for v in valid], [v[2] for v in valid], [v[3] for v in valid]
         views = [v[4] for v in valid]
+        sim: dict = {}
+        if self.clock.active:  # simulated device time; stragglers past the deadline are not aggregated
+            secs, kept, dropped, times = self.clock.round({v[0]: v[4] for v in valid}, {v[0]: v[1] for v in valid})
+            for c in per_client:
+                c["sim_time_s"] = times[c["pid"]]
+            keep = [i for i, v in enumerate(valid) if v[0] in set(kept)]
+            updates, weights, views = [updates[i] for i in keep], [weights[i] for i in keep], [views[i] for i in keep]
+            per_client = [per_client[i] for i in keep]
+            sim = {"sim_round_s": secs, "sim_time_s": self.clock.elapsed, "stragglers": len(dropped)}
+            if dropped:
+                log.info("round %d: %d straggler(s) past the %.1f s deadline dropped: %s", rnd, len(dropped),
+                         self.clock.cfg.deadline_s, dropped)
         if updates:
             if self.run.fed.robust != "none":
                 new = robust_aggregate(self.global_state, updates, self.rule, self.run.fed.robust, self.run.fed.trim_ratio)
@@ -223,7 +239,7 @@ class HeteroRankStrategy(Strategy):
         summary = {
             "round": rnd, "clients_ok": len(updates), "failures": failures, "rejected": rejected,
             "round_s": time.perf_counter() - getattr(self, "_round_start", time.perf_counter()),
-            "upload_bytes": up, "download_bytes": self._round_down,
+            "upload_bytes": up, "download_bytes": self._round_down, **sim,
             "train_loss": sum(w * c["train_loss"] for w, c in zip(weights, per_client)) / tot if updates else float("nan"),
         }
         self._log_round(rnd, summary, per_client)
@@ -253,8 +269,10 @@ class HeteroRankStrategy(Strategy):
         if self.writer is None:
             return
         w = self.writer
-        for key in ("upload_bytes", "download_bytes", "failures", "rejected", "clients_ok", "train_loss"):
-            w.add_scalar(f"round/{key}", summary[key], rnd)
+        for key in ("upload_bytes", "download_bytes", "failures", "rejected", "clients_ok", "train_loss",
+                    "sim_round_s", "sim_time_s", "stragglers"):
+            if key in summary:
+                w.add_scalar(f"round/{key}", summary[key], rnd)
         for c in per_client:
             pid = int(c["pid"])
             w.add_scalar(f"client_{pid}/train_loss", c["train_loss"], rnd)

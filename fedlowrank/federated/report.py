@@ -56,7 +56,8 @@ def personalized_eval(run: FederatedRun, method, state: State, fd: FedData) -> d
 
 
 def plot_report(path: Path, evals: dict[int, dict], history: list[dict], title: str) -> Path | None:
-    """PNG: global and per-budget accuracy over rounds; each client's (reported) rank ratio over rounds."""
+    """PNG: global and per-budget accuracy over rounds; each client's (reported) rank ratio over rounds; and,
+    with a device population, accuracy against simulated time."""
     try:
         import matplotlib
 
@@ -65,8 +66,10 @@ def plot_report(path: Path, evals: dict[int, dict], history: list[dict], title: 
     except ImportError:  # pragma: no cover - matplotlib is a dependency
         log.warning("matplotlib missing: no report PNG")
         return None
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     rounds = sorted(evals)
+    timed = all("sim_time_s" in evals[r] for r in rounds) and bool(rounds)
+    fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(16 if timed else 11, 4))
+    a, b = axes[0], axes[1]
     keys = sorted({k for r in rounds for k in evals[r] if k.endswith("accuracy")})
     for key in keys:
         a.plot(rounds, [evals[r].get(key, np.nan) for r in rounds], marker=".", label=key.replace("_accuracy", ""))
@@ -82,6 +85,12 @@ def plot_report(path: Path, evals: dict[int, dict], history: list[dict], title: 
     b.set(xlabel="round", ylabel="mean rank / full rank", title="rank per client")
     if len(per) <= 10:
         b.legend(fontsize=7)
+    if timed:  # accuracy against simulated device time (fed.devices)
+        c = axes[2]
+        ts = [evals[r]["sim_time_s"] for r in rounds]
+        for key in keys:
+            c.plot(ts, [evals[r].get(key, np.nan) for r in rounds], marker=".", label=key.replace("_accuracy", ""))
+        c.set(xlabel="simulated time (s)", ylabel="test accuracy", title="accuracy vs simulated time")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

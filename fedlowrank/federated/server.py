@@ -105,6 +105,10 @@ def run_server(grid: Grid, run: FederatedRun) -> dict:
                 res[f"{tag}_accuracy"] = evaluate_classifier(model_from_state(run, view), test_loader)["accuracy"]
         for k, v in res.items():
             writer.add_scalar(f"global/{k}", v, rnd)
+            if strategy.clock.active:  # the same against simulated device time (step = simulated milliseconds)
+                writer.add_scalar(f"sim_time/{k}", v, int(round(1000 * strategy.clock.elapsed)))
+        if strategy.clock.active:
+            res["sim_time_s"] = strategy.clock.elapsed
         writer.flush()
         if rnd not in evals:
             append_jsonl(out / "rounds.jsonl", {"round": rnd, "eval": res})

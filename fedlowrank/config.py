@@ -283,12 +283,20 @@ class FederatedRun:
         from fedlowrank.models.build import validate_vision_model
 
         name = self.method.get("name", "none")
-        if name not in ("none", "relora", "welore"):
-            raise ConfigError(f"method {name!r} is not available in federated mode (none|relora|welore)")
+        if name not in ("none", "relora", "welore", "inrank"):
+            raise ConfigError(f"method {name!r} is not available in federated mode (none|relora|welore|inrank)")
         ckpt = self.method.get("from_ckpt")
         if ckpt and not os.path.isfile(str(ckpt)):
             raise ConfigError(f"method.from_ckpt={ckpt!r} is not an existing file (a dense model.safetensors)")
-        if name != "none":
+        if name == "inrank":
+            from fedlowrank.federated.rankadapt import check_config
+            from fedlowrank.methods.inrank import InRankConfig
+
+            try:
+                check_config(to_dataclass(InRankConfig, self.method, "method"))
+            except (TypeError, ValueError) as e:
+                raise ConfigError(str(e)) from e
+        elif name != "none":
             try:
                 mc = to_dataclass(ReLoRAConfig if name == "relora" else WeLoreConfig, self.method, "method")
                 mc.validate()

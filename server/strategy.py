@@ -20,7 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlowrank.config import FederatedRun
-from fedlowrank.federated.aggregation import State, validate_update
+from fedlowrank.federated.aggregation import State, layer_ranks, validate_update
 from fedlowrank.federated.methods import FedMethod
 from fedlowrank.federated.simclock import SimClock
 from fedlowrank.federated.robust import (RejectedReply, bounded_weight, check_metrics, check_values, clip_update,
@@ -228,7 +228,7 @@ class HeteroRankStrategy(Strategy):
                 rejected += len(updates)
                 updates, weights, per_client = [], [], []
             else:
-                self.global_state = new
+                self.global_state = self.method.adapt(new, rnd)  # rank-adaptive methods reshape it here
         if not updates:
             self.failed_rounds += 1
             log.warning("round %d: no valid update (%d failed, %d rejected); global model unchanged (%d round(s) "
@@ -240,6 +240,7 @@ class HeteroRankStrategy(Strategy):
             "round": rnd, "clients_ok": len(updates), "failures": failures, "rejected": rejected,
             "round_s": time.perf_counter() - getattr(self, "_round_start", time.perf_counter()),
             "upload_bytes": up, "download_bytes": self._round_down, **sim,
+            "global_rank_sum": sum(layer_ranks(self.global_state).values()),
             "train_loss": sum(w * c["train_loss"] for w, c in zip(weights, per_client)) / tot if updates else float("nan"),
         }
         self._log_round(rnd, summary, per_client)
@@ -270,9 +271,11 @@ class HeteroRankStrategy(Strategy):
             return
         w = self.writer
         for key in ("upload_bytes", "download_bytes", "failures", "rejected", "clients_ok", "train_loss",
-                    "sim_round_s", "sim_time_s", "stragglers"):
+                    "sim_round_s", "sim_time_s", "stragglers", "global_rank_sum"):
             if key in summary:
                 w.add_scalar(f"round/{key}", summary[key], rnd)
+        for p, r in layer_ranks(self.global_state).items():  # per-layer global rank (rank-adaptive runs move it)
+            w.add_scalar(f"global_rank/{p}", r, rnd)
         for c in per_client:
             pid = int(c["pid"])
             w.add_scalar(f"client_{pid}/train_loss", c["train_loss"], rnd)

@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlowrank.config import FederatedRun, to_dataclass
+from fedlowrank.methods.inrank import InRankConfig
 from fedlowrank.methods.relora import ReLoRA, ReLoRAConfig
 from fedlowrank.methods.welore import WeLoreConfig, is_norm_param, welore_compress
 from fedlowrank.lowrank import factorize
 
 from .aggregation import State, aggregate, budget_ranks, client_view, expected_shapes, layer_ranks, merge_adapters
+from .rankadapt import adapt_ranks, check_config, due, layer_caps
 from .task import build_model, fed_data
 
 log = logging.getLogger(__name__)
@@ -39,9 +41,9 @@ class FedMethod:
     def global_budget(self) -> Budget:
         f = self.run.fed
         pick = min if self.run.strategy == "fedlmt" else max
-        if f.ranks is not None:
-            return {"rank": int(pick(f.ranks[i % len(f.ranks)] for i in range(f.num_clients)))}
-        return {"ratio": float(pick(f.rank_ratios[i % len(f.rank_ratios)] for i in range(f.num_clients)))}
+        budgets = [f.budget(i) for i in range(f.num_clients)]  # listed, or derived from the devices
+        key = "rank" if "rank" in budgets[0] else "ratio"
+        return {key: pick(b[key] for b in budgets)}
 
     def initial_state(self) -> State:
         torch.manual_seed(self.run.seed)
@@ -76,6 +78,11 @@ class FedMethod:
                   views: list[State] | None = None) -> State:
         """``views``: what each client downloaded (``product`` aggregates changes relative to it)."""
         return aggregate(global_state, updates, weights, self.run.strategy, views)
+
+    def adapt(self, global_state: State, rnd: int) -> State:
+        """Server side, after round ``rnd``'s aggregation: change the global model's shape (rank
+        adaptation). Default: unchanged."""
+        return global_state
 
 
 class ReLoRAFed(FedMethod):
@@ -162,6 +169,32 @@ class WeLoreFed(FedMethod):
                              or any(re.search(x, n) for x in self.cfg.train_extra))
 
 
+class InRankFed(FedMethod):
+    name = "inrank"
+    """Rank-adaptive federated training: the global model starts at ``init_rank + buffer`` per layer
+    and the server adapts every layer's rank to the explained ratio of the aggregate each round
+    (:mod:`.rankadapt`). A client's budget caps the slots it trains: min(global rank, budget)."""
+
+    def __init__(self, run: FederatedRun) -> None:
+        super().__init__(run)
+        self.cfg = to_dataclass(InRankConfig, run.method, "method")
+        check_config(self.cfg)
+        self.last: dict[str, tuple[int, int, int]] = {}  # layer -> (old R, explained k, new R), last check
+
+    def initial_state(self) -> State:
+        state = super().initial_state()  # factorized at the largest (fedlmt: smallest) budget
+        caps = layer_caps(state, self.cfg, self.global_budget())
+        start = {p: min(caps[p], self.cfg.init_rank + self.cfg.buffer) for p in caps}
+        return client_view(state, start, "product")  # optimal truncation to the starting ranks
+
+    def adapt(self, global_state: State, rnd: int) -> State:
+        if not due(self.cfg, rnd):
+            return global_state
+        caps = layer_caps(global_state, self.cfg, self.global_budget())
+        new, self.last = adapt_ranks(global_state, self.cfg, caps, self.run.seed, rnd)
+        return new
+
+
 def fed_method(run: FederatedRun) -> FedMethod:
     name = run.method.get("name", "none")
-    return {"none": FedMethod, "relora": ReLoRAFed, "welore": WeLoreFed}[name](run)
+    return {"none": FedMethod, "relora": ReLoRAFed, "welore": WeLoreFed, "inrank": InRankFed}[name](run)

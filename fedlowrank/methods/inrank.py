@@ -35,6 +35,11 @@ class InRankConfig:
     max_rank_ratio: float = 1.0  # cap as a fraction of full rank (the reference caps at 0.5)
     stage: int = 1  # 1: grow then compress and continue at fixed rank; 2: start from stage1_ckpt
     stage1_ckpt: str | None = None
+    # federated mode only (fedlowrank.federated.rankadapt: the server adapts the aggregate, in rounds)
+    warmup_rounds: int = 0  # rounds before the first rank check
+    check_rounds: int = 1  # rounds between rank checks
+    shrink: bool = True  # also truncate layers whose explained rank fell
+    slack: int = 2  # shrink only when k + buffer + slack < R (no grow/shrink flapping)
 
     def validate(self) -> None:
         if self.rule not in ("variance", "energy"):
@@ -49,6 +54,8 @@ class InRankConfig:
             raise ValueError(f"method.max_rank_ratio must be in (0, 1], got {self.max_rank_ratio}")
         if self.stage not in (1, 2):
             raise ValueError(f"method.stage must be 1 or 2, got {self.stage}")
+        if self.warmup_rounds < 0 or self.check_rounds < 1 or self.slack < 0:
+            raise ValueError("method.warmup_rounds and method.slack must be >= 0, method.check_rounds >= 1")
         if self.stage == 2 and not self.stage1_ckpt:
             raise ValueError("method.stage=2 needs method.stage1_ckpt (a stage-1 compressed checkpoint)")
 

@@ -99,6 +99,9 @@ class FedConfig:
     timeout: float = 600.0
     client_cpus: float = 1.0
     client_gpus: float = 0.0
+    # simulation: flwr.simulation.run_simulation (in this process; deprecated in flwr 1.41)
+    # superlink: Flower's simulation runtime (a private `flower-superlink --simulation` + `flwr run`)
+    runtime: str = "simulation"
     nested: bool = False  # ordered dropout: each local step trains a sampled budget <= the client's (slice/product)
     eval_budgets: bool = True  # also evaluate the global model truncated to each client budget
     checkpoint_every: int = 1
@@ -177,6 +180,8 @@ class FedConfig:
             raise ConfigError(f"fed.clip_norm must be > 0 (or null), got {self.clip_norm}")
         if not (self.max_weight > 0 and self.max_abs_value > 0 and self.timeout > 0):
             raise ConfigError("fed.max_weight, fed.max_abs_value and fed.timeout must be > 0")
+        if self.runtime not in ("simulation", "superlink"):
+            raise ConfigError(f"fed.runtime must be simulation|superlink, got {self.runtime!r}")
         if self.client_cpus <= 0 or self.client_gpus < 0:
             raise ConfigError(f"fed.client_cpus must be > 0 (0 makes Ray wait forever), got {self.client_cpus}; "
                               f"fed.client_gpus >= 0, got {self.client_gpus}")

@@ -26,3 +26,33 @@ def test_superlink_and_supernodes_run_two_rounds(tmp_path):
         assert any((tmp_path / "cache" / "fed-data").iterdir())  # nodes cached their data and partitions
         pids = [p.pid for p in lb.procs]
     assert len(pids) == n + 1 and not [p for p in pids if group_alive(p)]  # nothing of ours is left running
+
+
+@pytest.mark.timeout(600)
+def test_main_on_the_non_deprecated_simulation_runtime(tmp_path):
+    """`python main.py mode=federated fed.runtime=superlink`: a private SuperLink in simulation mode, `flwr run`
+    with the resolved config, the summary back from metrics.json, and nothing left running afterwards."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "main.py", "mode=federated", "fed.runtime=superlink", "fed.num_clients=3",
+           "fed.rank_ratios=[0.25,1.0]", "fed.rounds=2", "fed.local_epochs=1", f"out_dir={out}"]
+    before = {p for p in os.listdir("/proc") if p.isdigit()}
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["rounds"] == 2 and all(r["clients_ok"] == 3 for r in m["rounds_detail"])
+    assert m["final"]["global_accuracy"] > m["initial"]["global_accuracy"] + 0.1
+    assert "run_simulation" not in proc.stderr  # the deprecated entry point was not used
+    left = []
+    for p in {p for p in os.listdir("/proc") if p.isdigit()} - before:
+        try:
+            cmdline = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "flower-superlink" in cmdline or "flower-superexec" in cmdline:
+            left.append(cmdline)
+    assert not left, left

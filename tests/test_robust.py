@@ -172,6 +172,24 @@ def test_remote_run_config_cannot_choose_file_paths():
     assert fr.strategy == "product" and fr.fed.rounds == 2 and fr.out_dir == "outputs/x"
 
 
+def test_config_file_in_a_run_config_only_on_a_runtime_main_started(tmp_path, monkeypatch):
+    """A submitted run config may name a resolved config file (any paths in it) only where main.py started
+    the runtime itself and marked it trusted; elsewhere it is refused."""
+    from omegaconf import OmegaConf
+
+    from fedlowrank.federated.deploy import TRUST_ENV, run_from_run_config
+    from helpers import compose_cfg
+
+    conf = tmp_path / "config.yaml"
+    OmegaConf.save(compose_cfg("mode=federated", "strategy=product", f"out_dir={tmp_path / 'abs'}"), conf)
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    with pytest.raises(ConfigError, match="config-file"):
+        run_from_run_config({"config-file": str(conf)})
+    monkeypatch.setenv(TRUST_ENV, "1")
+    fr = run_from_run_config({"config-file": str(conf)})
+    assert fr.strategy == "product" and fr.out_dir == str(tmp_path / "abs")
+
+
 def test_product_keeps_energy_beyond_the_smallest_budget_and_is_bit_reproducible(tmp_path):
     """Mixed budgets 0.1 / 1.0 under ``product`` for 10 rounds: aggregating changes keeps the
     directions the 0.1 clients never see (the plain product average collapses them to ~0), the two

@@ -2,6 +2,7 @@
 overrides given in the Flower run config, e.g. ``--run-config 'overrides="strategy=product fed.rounds=5"'``."""
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,20 @@ def local_out_dir(value: str) -> str:
     return str(p)
 
 
+TRUST_ENV = "FEDLOWRANK_TRUSTED_RUN_CONFIG"  # set only by main.py on the runtime it starts for itself
+
+
 def run_from_run_config(run_config: dict[str, Any]) -> FederatedRun:
+    """The FederatedRun of a ``flwr run``: Hydra ``overrides`` (no file paths) and a relative ``out-dir``;
+    or, on a runtime that ``python main.py mode=federated fed.runtime=superlink`` started on this machine
+    (``FEDLOWRANK_TRUSTED_RUN_CONFIG=1`` in its environment), the resolved config file it wrote."""
+    if run_config.get("config-file"):
+        if os.environ.get(TRUST_ENV) != "1":
+            raise ConfigError("run config key config-file is only accepted on a runtime started by main.py "
+                              f"({TRUST_ENV}=1 on this machine); use overrides and out-dir")
+        from omegaconf import OmegaConf
+
+        return federated_run_from_cfg(OmegaConf.load(str(run_config["config-file"])))
     overrides = shlex.split(str(run_config.get("overrides", "")))
     check_remote_overrides(overrides)
     cfg = compose_cfg(["mode=federated", *overrides])

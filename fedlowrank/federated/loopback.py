@@ -99,6 +99,29 @@ def loopback_deployment(n: int, workdir: Path, env: dict[str, str] | None = None
         stop(procs)
 
 
+@contextlib.contextmanager
+def simulation_superlink(workdir: Path, env: dict[str, str] | None = None) -> Iterator[Loopback]:
+    """A SuperLink in simulation mode (Flower's non-deprecated simulation runtime: it runs the virtual
+    SuperNodes itself, on Ray) on a free loopback port, its working directory and log in ``workdir``, and a
+    Flower config naming the connection ``sim``. Stopped, with everything it started, on exit."""
+    workdir = Path(workdir)
+    home = workdir / "flwr_home"
+    home.mkdir(parents=True, exist_ok=True)
+    link = free_port()
+    (home / "config.toml").write_text(f'[superlink.sim]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(workdir / "superlink.log", "w") as fh:
+        proc = subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation",
+                                 "subprocess", "--host", "127.0.0.1", "--port", str(link)], cwd=workdir, env=full_env,
+                                start_new_session=True, stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        wait_port(link, 60)
+        yield Loopback(workdir, full_env, [proc], connection="sim")
+    finally:
+        stop([proc])
+
+
 def flwr_run(lb: Loopback, overrides: str, out_dir: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``flwr run <project> loopback --stream`` with Hydra ``overrides``; ``out_dir`` is relative to ``workdir``."""
     return subprocess.run([str(BIN / "flwr"), "run", str(PROJECT), lb.connection, "--stream", "--run-config",

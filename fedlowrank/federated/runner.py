@@ -22,6 +22,8 @@ def run(cfg: DictConfig) -> dict:
     fr = federated_run_from_cfg(cfg)
     check_partitions(fr)
     os.makedirs(fr.out_dir, exist_ok=True)
+    if fr.fed.runtime == "superlink":
+        return run_on_superlink(fr, cfg)
     cuda = torch.cuda.is_available()
     backend = {
         "client_resources": {"num_cpus": fr.fed.client_cpus, "num_gpus": fr.fed.client_gpus if cuda else 0.0},
@@ -44,6 +46,44 @@ def run(cfg: DictConfig) -> dict:
     if not results:
         raise RuntimeError(f"federated simulation produced no result; see the log above and {fr.out_dir}")
     return results
+
+
+def run_on_superlink(fr, cfg: DictConfig) -> dict:
+    """The same apps on Flower's non-deprecated simulation runtime: a private SuperLink in simulation mode
+    on a free loopback port (stopped afterwards), ``flwr run`` of this project with the resolved config
+    (written to ``<out_dir>/flwr_runtime/config.yaml``), and the summary read back from ``metrics.json``."""
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from .deploy import TRUST_ENV
+    from .loopback import BIN, PROJECT, simulation_superlink
+
+    out = Path(fr.out_dir).resolve()
+    work = out / "flwr_runtime"
+    work.mkdir(parents=True, exist_ok=True)
+    conf = work / "config.yaml"
+    OmegaConf.save(OmegaConf.merge(cfg, {"out_dir": str(out)}), conf, resolve=True)
+    metrics = out / "metrics.json"
+    before = metrics.stat().st_mtime_ns if metrics.exists() else None
+    fed = (f"num-supernodes={fr.fed.num_clients} client-resources-num-cpus={int(max(1, fr.fed.client_cpus))} "
+           f"init-args-num-cpus={os.cpu_count() or 1}")
+    t0 = time.time()
+    with simulation_superlink(work, env={TRUST_ENV: "1"}) as lb:
+        proc = subprocess.run([str(BIN / "flwr"), "run", str(PROJECT), lb.connection, "--stream",
+                               "--federation-config", fed, "--run-config", f'config-file="{conf}"'],
+                              cwd=work, env=lb.env)
+    fresh = metrics.exists() and metrics.stat().st_mtime_ns != before
+    if proc.returncode != 0 or not fresh:
+        raise RuntimeError(f"flwr run on the simulation SuperLink failed (exit {proc.returncode}, "
+                           f"{'no new' if not fresh else 'a'} metrics.json); see the log above and "
+                           f"{work / 'superlink.log'}")
+    import json
+
+    log.info("superlink runtime: %.1f s wall", time.time() - t0)
+    return json.loads(metrics.read_text())
 
 
 def check_partitions(fr) -> None:

@@ -70,15 +70,13 @@ class Loopback:
     connection: str = "loopback"
 
 
-@contextlib.contextmanager
-def loopback_deployment(n: int, workdir: Path, env: dict[str, str] | None = None) -> Iterator[Loopback]:
-    """Start a SuperLink and ``n`` SuperNodes (``partition-id=i num-partitions=n``) with their logs in
-    ``workdir``, and a Flower config (``workdir/flwr_home``) naming the connection ``loopback``."""
-    workdir = Path(workdir)
+def _superlink(workdir: Path, connection: str, env: dict[str, str] | None, simulation: bool):
+    """(port, env, start) for a SuperLink on a free loopback port, with a Flower config in
+    ``workdir/flwr_home`` naming it ``connection``; ``start(args, log)`` runs a process in its own session."""
     home = workdir / "flwr_home"
     home.mkdir(parents=True, exist_ok=True)
     link = free_port()
-    (home / "config.toml").write_text(f'[superlink.loopback]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    (home / "config.toml").write_text(f'[superlink.{connection}]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
                 "PYTHONUNBUFFERED": "1", **(env or {})}
     procs: list[subprocess.Popen] = []
@@ -88,8 +86,19 @@ def loopback_deployment(n: int, workdir: Path, env: dict[str, str] | None = None
             procs.append(subprocess.Popen(args, cwd=workdir, env=full_env, start_new_session=True, stdout=fh,
                                           stderr=subprocess.STDOUT))
 
+    mode = ["--simulation", "--isolation", "subprocess"] if simulation else []
+    start([str(BIN / "flower-superlink"), "--insecure", *mode, "--host", "127.0.0.1", "--port", str(link)],
+          "superlink.log")
+    return link, full_env, start, procs
+
+
+@contextlib.contextmanager
+def loopback_deployment(n: int, workdir: Path, env: dict[str, str] | None = None) -> Iterator[Loopback]:
+    """Start a SuperLink and ``n`` SuperNodes (``partition-id=i num-partitions=n``) with their logs in
+    ``workdir``, and a Flower config (``workdir/flwr_home``) naming the connection ``loopback``."""
+    workdir = Path(workdir)
+    link, full_env, start, procs = _superlink(workdir, "loopback", env, simulation=False)
     try:
-        start([str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link)], "superlink.log")
         wait_port(link, 60)
         for i in range(n):
             start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}", "--port",
@@ -105,21 +114,12 @@ def simulation_superlink(workdir: Path, env: dict[str, str] | None = None) -> It
     SuperNodes itself, on Ray) on a free loopback port, its working directory and log in ``workdir``, and a
     Flower config naming the connection ``sim``. Stopped, with everything it started, on exit."""
     workdir = Path(workdir)
-    home = workdir / "flwr_home"
-    home.mkdir(parents=True, exist_ok=True)
-    link = free_port()
-    (home / "config.toml").write_text(f'[superlink.sim]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
-    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
-                "PYTHONUNBUFFERED": "1", **(env or {})}
-    with open(workdir / "superlink.log", "w") as fh:
-        proc = subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation",
-                                 "subprocess", "--host", "127.0.0.1", "--port", str(link)], cwd=workdir, env=full_env,
-                                start_new_session=True, stdout=fh, stderr=subprocess.STDOUT)
+    link, full_env, _, procs = _superlink(workdir, "sim", env, simulation=True)
     try:
         wait_port(link, 60)
-        yield Loopback(workdir, full_env, [proc], connection="sim")
+        yield Loopback(workdir, full_env, procs, connection="sim")
     finally:
-        stop([proc])
+        stop(procs)
 
 
 def flwr_run(lb: Loopback, overrides: str, out_dir: str, timeout: float = 600) -> subprocess.CompletedProcess:

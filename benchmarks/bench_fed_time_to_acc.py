@@ -91,6 +91,7 @@ def summarise(runs: list[dict], target: float) -> dict:
         "total_bytes_to_target": _stats([h["total_bytes"] for h in reached]),
         "rounds_to_target": _stats([h["round"] for h in reached]),
         "final_accuracy": _stats([run["rounds"][-1]["accuracy"] for run in runs]),
+        "final_accuracy_runs": [run["rounds"][-1]["accuracy"] for run in runs],
         "final_sim_time_s": _stats([run["rounds"][-1]["sim_time_s"] for run in runs]),
         "final_upload_bytes": _stats([run["rounds"][-1]["upload_bytes"] for run in runs]),
         "curve": [{k: statistics.fmean(run["rounds"][i][k] for run in runs)

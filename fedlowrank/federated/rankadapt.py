@@ -8,23 +8,27 @@ the explained-ratio rank k (InRank's ``1 - var(tail)/var(s)``, or the energy rul
     R' = min(cap_p, k + buffer)   if k + buffer > R            (grow: new slots keep U·V unchanged)
     R' = k + buffer                if k + buffer + slack < R    (shrink: optimal truncation via the SVD)
 
-``cap_p`` is the largest client budget's rank for that layer (times ``max_rank_ratio``). Clients'
+``cap_p`` is the largest client budget's rank for that layer (fedlmt: the smallest), times
+``max_rank_ratio``. The settings are central InRank's (``conf/method/inrank.yaml``) plus ``warmup_rounds``,
+``check_rounds``, ``shrink`` and ``slack``. Clients'
 budgets are caps: client c trains min(R', budget_c) slots. Growth is seeded by (seed, round, layer),
 so a resumed run grows identically.
 """
 from __future__ import annotations
 
 import logging
+
 import torch
 
 from fedlowrank.lowrank.layers import rank_from_budget
-from fedlowrank.methods.inrank import InRankConfig
 from fedlowrank.lowrank.spectrum import (balanced_factors, explained_rank, explained_variance_rank, factored_svd,
                                          factored_svdvals)
+from fedlowrank.methods.inrank import InRankConfig
 
 from .aggregation import State, factor_prefixes
 
 log = logging.getLogger(__name__)
+
 
 def check_config(cfg: InRankConfig) -> None:
     """``method=inrank`` in federated mode: the shared InRank schema, stage 1 only (the schedule is in

@@ -57,10 +57,10 @@ POPULATIONS = {
 DEVICES = ["fed.devices.budget_from=compute", "fed.rank_ratios=[0.1,0.25,0.5,1.0]"]
 
 
-def one(base: list[str], method: list[str], pop: list[str], seed: int, tmp: str) -> dict:
+def one(base: list[str], method: list[str], pop: list[str], seed: int, tmp: str, extra: tuple = ()) -> dict:
     """Per-round accuracy, simulated time and bytes of one run (in-process loop, the apps' strategy)."""
     run = federated_run_from_cfg(compose_cfg([*base, *DEVICES, *pop, *method, f"seed={seed}",
-                                              f"fed.devices.seed={seed}", f"out_dir={tmp}/run"]))
+                                              f"fed.devices.seed={seed}", f"out_dir={tmp}/run", *extra]))
     st, grid = make_strategy(run), InProcessGrid(run)
     test = DataLoader(fed_data(run).test, batch_size=256)
     rows, up, down = [], 0, 0
@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--populations", nargs="+", default=list(POPULATIONS), choices=list(POPULATIONS))
     ap.add_argument("--target", type=float, default=None, help="accuracy to reach (default per task)")
-    ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides, e.g. fed.devices.deadline_s=5")
+    ap.add_argument("--set", nargs="*", default=[], help="Hydra overrides applied last, e.g. fed.devices.deadline_s=5")
     ap.add_argument("--out", default=None, help="JSON path; the PNG goes next to it")
     ap.add_argument("--replot", default=None, help="only redraw the PNG of this result JSON")
     args = ap.parse_args()
@@ -161,7 +161,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.ERROR)
     base, target = TASKS[args.task]
-    base, target = [*base, *args.set], args.target if args.target is not None else target
+    target = args.target if args.target is not None else target
     log = logging.getLogger("bench")
     t0 = time.perf_counter()
     results: dict[str, dict] = {}
@@ -169,7 +169,7 @@ def main() -> None:
         for pname in args.populations:
             res = {}
             for m in args.methods:
-                runs = [one(base, METHODS[m], POPULATIONS[pname], s, tmp) for s in args.seeds]
+                runs = [one(base, METHODS[m], POPULATIONS[pname], s, tmp, tuple(args.set)) for s in args.seeds]
                 res[m] = summarise(runs, target)
                 log.error("%s | %s: final %.3f, time to %.2f %s, up %.2f MB", pname, m,
                           res[m]["final_accuracy"]["mean"], target, res[m]["time_to_target_s"],
@@ -183,7 +183,8 @@ def main() -> None:
         png.parent.mkdir(parents=True, exist_ok=True)
         plot(png, results, target, f"{args.task}: time to {target:.2f} accuracy under device heterogeneity "
              f"({len(args.seeds)} seed(s))")
-    emit("fed_time_to_acc", {"task": args.task, "target": target, "seeds": args.seeds, "config": [*base, *DEVICES],
+    emit("fed_time_to_acc", {"task": args.task, "target": target, "seeds": args.seeds,
+                             "config": [*base, *DEVICES, *args.set],
                              "wall_s": time.perf_counter() - t0, "environment": environment("cpu"),
                              "png": str(png) if png else None, "results": results}, args.out)
 

@@ -33,7 +33,8 @@ def test_explained_rank_from_factors_matches_dense_numpy(rule):
     if rule == "energy":
         want = int(np.searchsorted(np.cumsum(s ** 2) / np.sum(s ** 2), 0.9 - 1e-12)) + 1
     else:  # 1 - var(s with k leading zeroed) / var(s), over all min(m, n) values
-        ratios = [1 - np.var(np.concatenate([np.zeros(k), s[k:]]), ddof=1) / np.var(s, ddof=1) for k in range(len(s) + 1)]
+        ratios = [1 - np.var(np.concatenate([np.zeros(k), s[k:]]), ddof=1) / np.var(s, ddof=1)
+                  for k in range(len(s) + 1)]
         want = next(k for k in range(1, len(s) + 1) if ratios[k] > 0.9)
         assert np.allclose(explained_variance_ratios(torch.as_tensor(s), 30).numpy(), ratios)
     assert explained(U, V, cfg) == want

@@ -188,10 +188,8 @@ class FedConfig:
         if not (math.isfinite(self.lr) and math.isfinite(self.momentum)) or not 0 <= self.momentum < 1:
             raise ConfigError(f"fed.lr must be finite and fed.momentum in [0, 1), got {self.lr}, {self.momentum}")
         try:
-            dc = self.device_config()
-            dc.validate()
-            if dc.distribution == "list" and len(dc.devices) != self.num_clients:
-                raise ValueError(f"fed.devices.devices lists {len(dc.devices)} devices for {self.num_clients} clients")
+            self.device_config().validate()
+            self.device_population()  # a listed population must name every client
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from e
         if self.devices.get("budget_from", "none") != "none" and self.ranks is not None:

@@ -70,6 +70,7 @@ class HeteroRankStrategy(Strategy):
         self.failed_rounds = 0  # consecutive rounds without a valid update
         self.resumed_budgets: dict[int, dict] = {}  # partition id -> budget saved in the round checkpoint
         self.clock = SimClock(run, sizes)  # simulated device time (inactive without fed.devices)
+        self._round_start, self._round_down = time.perf_counter(), 0  # set again by every configure_train
 
     # ----------------------------------------------------------------- resume
     def state(self) -> dict:
@@ -202,20 +203,19 @@ class HeteroRankStrategy(Strategy):
             valid.append((pid, state, weight, {"pid": pid, **metrics, "weight": weight},
                           self.sent[reply.metadata.src_node_id]))
         valid.sort(key=lambda v: v[0])  # fixed order: sums are bit-reproducible whatever the arrival order
-        updates, weights, per_client = [v[1] for v in valid], [v[2] for v in valid], [v[3] for v in valid]
-        views = [v[4] for v in valid]
         sim: dict = {}
         if self.clock.active:  # simulated device time; stragglers past the deadline are not aggregated
             secs, kept, dropped, times = self.clock.round({v[0]: v[4] for v in valid}, {v[0]: v[1] for v in valid})
-            for c in per_client:
-                c["sim_time_s"] = times[c["pid"]]
-            keep = [i for i, v in enumerate(valid) if v[0] in set(kept)]
-            updates, weights, views = [updates[i] for i in keep], [weights[i] for i in keep], [views[i] for i in keep]
-            per_client = [per_client[i] for i in keep]
+            for v in valid:
+                v[3]["sim_time_s"] = times[v[0]]
+            late = set(dropped)
+            valid = [v for v in valid if v[0] not in late]
             sim = {"sim_round_s": secs, "sim_time_s": self.clock.elapsed, "stragglers": len(dropped)}
             if dropped:
                 log.info("round %d: %d straggler(s) past the %.1f s deadline dropped: %s", rnd, len(dropped),
                          self.clock.cfg.deadline_s, dropped)
+        updates, weights, per_client = [v[1] for v in valid], [v[2] for v in valid], [v[3] for v in valid]
+        views = [v[4] for v in valid]
         if updates:
             if self.run.fed.robust != "none":
                 new = robust_aggregate(self.global_state, updates, self.rule, self.run.fed.robust, self.run.fed.trim_ratio)
@@ -238,7 +238,7 @@ class HeteroRankStrategy(Strategy):
         tot = sum(weights) or 1.0
         summary = {
             "round": rnd, "clients_ok": len(updates), "failures": failures, "rejected": rejected,
-            "round_s": time.perf_counter() - getattr(self, "_round_start", time.perf_counter()),
+            "round_s": time.perf_counter() - self._round_start,
             "upload_bytes": up, "download_bytes": self._round_down, **sim,
             "global_rank_sum": sum(layer_ranks(self.global_state).values()),
             "train_loss": sum(w * c["train_loss"] for w, c in zip(weights, per_client)) / tot if updates else float("nan"),

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fedlowrank.lowrank.layers import rank_from_budget
-from fedlowrank.lowrank.spectrum import balanced_factors, factored_svd, refactorize_sum
+from fedlowrank.lowrank.spectrum import refactorize_sum, truncate_factors
 
 State = dict[str, Tensor]
 
@@ -64,8 +64,7 @@ def client_view(global_state: State, ranks: dict[str, int], rule: str) -> State:
     for p in pref:
         U, V, r = global_state[f"{p}.U"], global_state[f"{p}.V"], ranks[p]
         if rule == "product" and r < U.shape[1]:
-            P, S, Qh = factored_svd(U, V)
-            Ur, Vr = balanced_factors(P, S, Qh, r)
+            Ur, Vr = truncate_factors(U, V, r)
         else:
             Ur, Vr = U[:, :r], V[:r]
         out[f"{p}.U"], out[f"{p}.V"] = Ur.contiguous().clone(), Vr.contiguous().clone()

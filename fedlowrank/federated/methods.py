@@ -180,18 +180,23 @@ class InRankFed(FedMethod):
         self.cfg = to_dataclass(InRankConfig, run.method, "method")
         check_config(self.cfg)
         self.last: dict[str, tuple[int, int, int]] = {}  # layer -> (old R, explained k, new R), last check
+        self._caps: dict[str, int] | None = None  # per-layer rank cap: fixed by the layer shapes and budgets
+
+    def caps(self, state: State) -> dict[str, int]:
+        if self._caps is None:
+            self._caps = layer_caps(state, self.cfg, self.global_budget())
+        return self._caps
 
     def initial_state(self) -> State:
         state = super().initial_state()  # factorized at the largest (fedlmt: smallest) budget
-        caps = layer_caps(state, self.cfg, self.global_budget())
+        caps = self.caps(state)
         start = {p: min(caps[p], self.cfg.init_rank + self.cfg.buffer) for p in caps}
         return client_view(state, start, "product")  # optimal truncation to the starting ranks
 
     def adapt(self, global_state: State, rnd: int) -> State:
         if not due(self.cfg, rnd):
             return global_state
-        caps = layer_caps(global_state, self.cfg, self.global_budget())
-        new, self.last = adapt_ranks(global_state, self.cfg, caps, self.run.seed, rnd)
+        new, self.last = adapt_ranks(global_state, self.cfg, self.caps(global_state), self.run.seed, rnd)
         return new
 
 

@@ -20,9 +20,8 @@ import logging
 
 import torch
 
-from fedlowrank.lowrank.layers import rank_from_budget
-from fedlowrank.lowrank.spectrum import (balanced_factors, explained_rank, explained_variance_rank, factored_svd,
-                                         factored_svdvals)
+from fedlowrank.lowrank.layers import grow_factors, growth_generator, rank_from_budget
+from fedlowrank.lowrank.spectrum import explained_rank, explained_variance_rank, factored_svdvals, truncate_factors
 from fedlowrank.methods.inrank import InRankConfig
 
 from .aggregation import State, factor_prefixes
@@ -73,16 +72,11 @@ def adapt_ranks(state: State, cfg: InRankConfig, caps: dict[str, int], seed: int
         k = explained(U, V, cfg)
         target = min(caps[p], k + cfg.buffer)
         new = R
-        if target > R:
-            g = torch.Generator().manual_seed(seed * 7919 + rnd * 104729 + i)
-            extra = target - R  # as LowRankLinear.grow: new V rows random, new U columns zero
-            newV = torch.randn(extra, V.shape[1], generator=g, dtype=torch.float32) / V.shape[1] ** 0.5
-            out[f"{p}.U"] = torch.cat([U, U.new_zeros(U.shape[0], extra)], 1)
-            out[f"{p}.V"] = torch.cat([V, newV.to(V.dtype)], 0)
+        if target > R:  # as LowRankLinear.grow: U·V unchanged
+            out[f"{p}.U"], out[f"{p}.V"] = grow_factors(U, V, target, generator=growth_generator(seed, rnd, i))
             new = target
         elif cfg.shrink and target + cfg.slack < R:
-            P, S, Qh = factored_svd(U, V)
-            Ut, Vt = balanced_factors(P, S, Qh, target)
+            Ut, Vt = truncate_factors(U, V, target)
             out[f"{p}.U"], out[f"{p}.V"] = Ut.to(U.dtype).contiguous(), Vt.to(V.dtype).contiguous()
             new = target
         info[p] = (R, k, new)

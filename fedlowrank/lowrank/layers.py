@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .spectrum import balanced_factors, factored_svd, factored_svdvals
+from .spectrum import balanced_factors, factored_svdvals, truncate_factors
 
 
 def rank_from_budget(full_rank: int, rank: int | None = None, ratio: float | None = None) -> int:
@@ -33,6 +33,24 @@ def rank_from_budget(full_rank: int, rank: int | None = None, ratio: float | Non
     if not (0.0 < float(ratio) <= 1.0):  # type: ignore[arg-type]
         raise ValueError(f"rank ratio must be in (0, 1], got {ratio!r}")
     return max(1, min(full_rank, int(math.ceil(float(ratio) * full_rank - 1e-9))))  # type: ignore[arg-type]
+
+
+def growth_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """The generator for new rank slots of layer number ``index`` (layers sorted by name) made at ``step``
+    (an optimizer step, or a federated round): the same on every process and after a resume."""
+    return torch.Generator().manual_seed(seed * 7919 + step * 104729 + index)
+
+
+def grow_factors(U: Tensor, V: Tensor, rank: int, std: float | None = None,
+                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """U (m, r), V (r, n) padded to ``rank`` slots: new V rows random (std 1/sqrt(n) by default), new U
+    columns zero, so U·V is unchanged while both get gradients (as in LoRA). The rows are drawn on the
+    CPU, so a seeded generator gives identical rows on every process and device."""
+    extra = rank - U.shape[1]
+    std = (1.0 / math.sqrt(V.shape[1])) if std is None else std
+    newV = (torch.randn(extra, V.shape[1], generator=generator) * std).to(V.device, V.dtype)
+    newU = torch.zeros(U.shape[0], extra, device=U.device, dtype=U.dtype)
+    return torch.cat([U, newU], 1), torch.cat([V, newV], 0)
 
 
 class LowRankMixin(nn.Module):
@@ -127,24 +145,15 @@ class LowRankMixin(nn.Module):
         """Best rank-``rank`` approximation of U·V (Eckart–Young), balanced factors."""
         if not 1 <= rank <= self.rank:
             raise ValueError(f"truncate needs 1 <= rank <= {self.rank}, got {rank}")
-        P, S, Qh = factored_svd(self.U, self.V)
-        U, V = balanced_factors(P, S, Qh, rank)
-        self._replace_factors(U, V)
+        self._replace_factors(*truncate_factors(self.U, self.V, rank))
 
     def grow(self, rank: int, std: float | None = None, generator: torch.Generator | None = None) -> None:
         """Append ``rank - r`` components: new V rows random, new U columns zero, so the
         layer's function is unchanged while both get gradients (as in LoRA)."""
         if not self.rank <= rank <= self.full_rank:
             raise ValueError(f"grow needs {self.rank} <= rank <= {self.full_rank}, got {rank}")
-        extra = rank - self.rank
-        if extra == 0:
-            return
-        fan_in = self.V.shape[1]
-        std = (1.0 / math.sqrt(fan_in)) if std is None else std
-        # drawn on the CPU so a seeded generator gives identical rows on every process/device
-        newV = (torch.randn(extra, fan_in, generator=generator) * std).to(self.V.device, self.V.dtype)
-        newU = torch.zeros(self.U.shape[0], extra, device=self.U.device, dtype=self.U.dtype)
-        self._replace_factors(torch.cat([self.U.detach(), newU], 1), torch.cat([self.V.detach(), newV], 0))
+        if rank > self.rank:
+            self._replace_factors(*grow_factors(self.U.detach(), self.V.detach(), rank, std, generator))
 
     def _replace_factors(self, U: Tensor, V: Tensor) -> None:
         req = self.U.requires_grad

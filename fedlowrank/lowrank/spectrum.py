@@ -58,6 +58,13 @@ def balanced_factors(P: Tensor, S: Tensor, Qh: Tensor, rank: int) -> tuple[Tenso
     return U, V
 
 
+def truncate_factors(A: Tensor, B: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Best rank-``rank`` approximation of ``A @ B`` (Eckart–Young) as balanced factors, from the thin factors.
+    A: (m, r), B: (r, n) -> U (m, rank), V (rank, n)."""
+    P, S, Qh = factored_svd(A, B)
+    return balanced_factors(P, S, Qh, rank)
+
+
 def refactorize_sum(
     lefts: list[Tensor], rights: list[Tensor], weights: list[float], rank: int
 ) -> tuple[Tensor, Tensor]:
@@ -72,8 +79,7 @@ def refactorize_sum(
         raise ValueError("refactorize_sum needs equally many (>0) lefts, rights and weights")
     A = torch.cat([w * U for w, U in zip(weights, lefts)], dim=1)
     B = torch.cat(list(rights), dim=0)
-    P, S, Qh = factored_svd(A, B)
-    return balanced_factors(P, S, Qh, rank)
+    return truncate_factors(A, B, rank)
 
 
 def explained_variance_ratios(S: Tensor, n_total: int | None = None) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fedlowrank.lowrank import explained_rank, explained_variance_rank, lowrank_modules
+from fedlowrank.lowrank.layers import growth_generator
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class InRank:
         for i, name in enumerate(sorted(ranks)):
             layer, target = layers[name], ranks[name]
             if target > layer.rank:
-                g = torch.Generator().manual_seed(self.seed * 7919 + step * 104729 + i)
+                g = growth_generator(self.seed, step, i)
                 changes[name] = (layer.rank, target)
                 layer.grow(target, generator=g)
         if changes:

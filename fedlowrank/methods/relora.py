@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from fedlowrank.lowrank.layers import growth_generator
 from fedlowrank.lowrank.lora import LoRALinear, add_lora, lora_modules
 from fedlowrank.training.schedulers import cosine_lr, jagged_cosine_lr
 
@@ -152,7 +153,7 @@ class ReLoRA:
         """Merge every adapter into its base, re-init A/B, prune the adapters' optimizer state."""
         mods = lora_modules(model)
         for i, name in enumerate(sorted(mods)):
-            g = torch.Generator().manual_seed(self.seed * 7919 + step * 104729 + i)
+            g = growth_generator(self.seed, step, i)
             mods[name].merge()
             mods[name].reinit(generator=g)
         if optimizer is not None:

@@ -1,9 +1,11 @@
 """Deployed vs simulated round time: the same config run by Flower's simulation (``main.py``, Ray) and
-by a loopback SuperLink + N SuperNodes (``flwr run``), the latter with and without the node-side data
-cache. Round time is the server's own measure (models sent -> replies aggregated); the whole
+by a loopback SuperLink + N SuperNodes (``flwr run``): Flower's stock SuperNodes with and without the
+node-side data cache, SuperNodes in ``--isolation process`` beside :mod:`fedlowrank.federated.warmexec`
+(ClientApps forked from a process that has imported torch), and the same with the SuperNode loop polling
+every 0.1 s (:mod:`fedlowrank.federated.fastnode`; Flower waits 3 s when idle). Round time is the server's own measure (models sent -> replies aggregated); the whole
 ``flwr run`` wall time is recorded beside it. Prints JSON with ratios against the simulation.
 
-    python benchmarks/bench_fed_deploy.py [--nodes 3] [--rounds 3]
+    python benchmarks/bench_fed_deploy.py [--nodes 3] [--rounds 3] [--local-epochs 1] [--out ...]
 """
 from __future__ import annotations
 
@@ -32,18 +34,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--local-epochs", type=int, default=1)
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    ov = f"fed.num_clients={args.nodes} fed.rounds={args.rounds} fed.local_epochs=1 fed.timeout=300"
+    ov = f"fed.num_clients={args.nodes} fed.rounds={args.rounds} fed.local_epochs={args.local_epochs} fed.timeout=300"
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
         subprocess.run([sys.executable, "main.py", "mode=federated", *ov.split(), f"out_dir={tmp}/sim"], cwd=PROJECT,
                        check=True, capture_output=True, env={**os.environ, "FEDLOWRANK_CACHE_DIR": f"{tmp}/simcache"})
         rows["simulation (Ray)"] = {"round_s": rounds_s(Path(tmp) / "sim" / "metrics.json"), "wall_s": time.time() - t0}
-        for name, cache in (("deployed, node cache", f"{tmp}/cache"), ("deployed, no cache", "off")):
-            work = Path(tmp) / name.replace(" ", "_").replace(",", "")
+        for name, cache, warm, poll in (
+                ("deployed, warm executor + node cache + 0.1 s node poll", f"{tmp}/fcache", True, 0.1),
+                ("deployed, warm executor + node cache", f"{tmp}/wcache", True, None),
+                ("deployed, node cache", f"{tmp}/cache", False, None),
+                ("deployed, no cache", "off", False, None)):
+            work = Path(tmp) / "".join(c if c.isalnum() else "_" for c in name)
             work.mkdir()
-            with loopback_deployment(args.nodes, work, {"FEDLOWRANK_CACHE_DIR": cache}) as lb:
+            with loopback_deployment(args.nodes, work, {"FEDLOWRANK_CACHE_DIR": cache}, warm=warm,
+                                     node_poll_s=poll) as lb:
                 t0 = time.time()
                 res = flwr_run(lb, ov, "runs/x", timeout=900)
                 wall = time.time() - t0
@@ -56,7 +65,7 @@ def main() -> None:
         r["round_s_median"] = statistics.median(r["round_s"])
         r["round_time_ratio_vs_simulation"] = r["round_s_median"] / base
     emit("fed_deploy", {**environment("cpu"), "nodes": args.nodes, "rounds": args.rounds, "overrides": ov,
-                        "results": rows})
+                        "results": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ class FedConfig:
     min_partition_size: int = 10
     client_holdout: float = 0.0  # image tasks: fraction of each client's partition held out for its own eval
     timeout: float = 600.0
+    poll_s: float = 0.1  # seconds between the server's pulls for replies (Flower's deployed Grid: a fixed 3 s)
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     # simulation: flwr.simulation.run_simulation (in this process; deprecated in flwr 1.41)
@@ -178,8 +179,8 @@ class FedConfig:
             raise ConfigError(f"fed.trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"fed.clip_norm must be > 0 (or null), got {self.clip_norm}")
-        if not (self.max_weight > 0 and self.max_abs_value > 0 and self.timeout > 0):
-            raise ConfigError("fed.max_weight, fed.max_abs_value and fed.timeout must be > 0")
+        if not (self.max_weight > 0 and self.max_abs_value > 0 and self.timeout > 0 and self.poll_s > 0):
+            raise ConfigError("fed.max_weight, fed.max_abs_value, fed.timeout and fed.poll_s must be > 0")
         if self.runtime not in ("simulation", "superlink"):
             raise ConfigError(f"fed.runtime must be simulation|superlink, got {self.runtime!r}")
         if self.client_cpus <= 0 or self.client_gpus < 0:

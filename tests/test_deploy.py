@@ -10,9 +10,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.timeout(600)
-def test_superlink_and_supernodes_run_two_rounds(tmp_path):
+@pytest.mark.parametrize("warm,poll", [(False, None), (True, 0.1)], ids=["subprocess", "warm-executor-fastnode"])
+def test_superlink_and_supernodes_run_two_rounds(tmp_path, warm, poll):
     n = 3
-    with loopback_deployment(n, tmp_path, {"FEDLOWRANK_CACHE_DIR": str(tmp_path / "cache")}) as lb:
+    with loopback_deployment(n, tmp_path, {"FEDLOWRANK_CACHE_DIR": str(tmp_path / "cache")}, warm=warm,
+                             node_poll_s=poll) as lb:
         overrides = f"fed.num_clients={n} fed.rank_ratios=[0.25,1.0] fed.rounds=2 fed.local_epochs=1 fed.timeout=240"
         res = flwr_run(lb, overrides, "runs/deployed", timeout=480)
         metrics = tmp_path / "runs" / "deployed" / "metrics.json"
@@ -24,8 +26,11 @@ def test_superlink_and_supernodes_run_two_rounds(tmp_path):
         assert m["final"]["global_accuracy"] > m["initial"]["global_accuracy"] + 0.1
         assert (tmp_path / "runs" / "deployed" / "report.png").exists()
         assert any((tmp_path / "cache" / "fed-data").iterdir())  # nodes cached their data and partitions
+        if warm:  # every node's ClientApps were forked by its warm executor, none started by flower-superexec
+            for i in range(n):
+                assert "forked ClientApp child" in (tmp_path / f"warmexec{i}.log").read_text()
         pids = [p.pid for p in lb.procs]
-    assert len(pids) == n + 1 and not [p for p in pids if group_alive(p)]  # nothing of ours is left running
+    assert len(pids) == (2 * n + 1 if warm else n + 1) and not [p for p in pids if group_alive(p)]  # nothing of ours is left running
 
 
 @pytest.mark.timeout(600)

@@ -93,16 +93,26 @@ def _superlink(workdir: Path, connection: str, env: dict[str, str] | None, simul
 
 
 @contextlib.contextmanager
-def loopback_deployment(n: int, workdir: Path, env: dict[str, str] | None = None) -> Iterator[Loopback]:
+def loopback_deployment(n: int, workdir: Path, env: dict[str, str] | None = None, warm: bool = False,
+                        node_poll_s: float | None = None) -> Iterator[Loopback]:
     """Start a SuperLink and ``n`` SuperNodes (``partition-id=i num-partitions=n``) with their logs in
-    ``workdir``, and a Flower config (``workdir/flwr_home``) naming the connection ``loopback``."""
+    ``workdir``, and a Flower config (``workdir/flwr_home``) naming the connection ``loopback``. ``warm``:
+    each node runs ``--isolation process`` beside a :mod:`.warmexec` process that forks its ClientApps;
+    ``node_poll_s``: nodes run through :mod:`.fastnode`, polling the SuperLink that often (Flower: 3 s)."""
     workdir = Path(workdir)
     link, full_env, start, procs = _superlink(workdir, "loopback", env, simulation=False)
+    node = ([sys.executable, "-m", "fedlowrank.federated.fastnode", "--poll-s", str(node_poll_s), "--"]
+            if node_poll_s else [str(BIN / "flower-supernode")])
     try:
         wait_port(link, 60)
         for i in range(n):
-            start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}", "--port",
-                   str(free_port()), "--node-config", f"partition-id={i} num-partitions={n}"], f"node{i}.log")
+            port = free_port()
+            start([*node, "--insecure", "--superlink", f"127.0.0.1:{link}", "--port",
+                   str(port), *(["--isolation", "process"] if warm else []),
+                   "--node-config", f"partition-id={i} num-partitions={n}"], f"node{i}.log")
+            if warm:
+                start([sys.executable, "-m", "fedlowrank.federated.warmexec", "--insecure", "--runtime-api-address",
+                       f"127.0.0.1:{port}", "--parent-pid", str(procs[-1].pid)], f"warmexec{i}.log")
         yield Loopback(workdir, full_env, procs)
     finally:
         stop(procs)

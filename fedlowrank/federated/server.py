@@ -19,6 +19,7 @@ from fedlowrank.training.loop import evaluate_classifier
 
 from .aggregation import State
 from .client import model_from_state
+from .grid import PollingGrid
 from .methods import fed_method
 from .task import build_model, fed_data
 
@@ -84,6 +85,7 @@ def run_server(grid: Grid, run: FederatedRun) -> dict:
 
     from server.strategy import HeteroRankStrategy, to_record
 
+    grid = PollingGrid(grid, run.fed.poll_s)
     out = Path(run.out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(out / "tb"))

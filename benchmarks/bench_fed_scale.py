@@ -4,7 +4,13 @@ Ray). Records partition time (computed once, then cached), per-round time, clien
 peak resident memory and the global accuracy after the rounds, against a 10-client run of the same
 config. Prints JSON.
 
+``--runtime superlink`` runs the same configs through ``python main.py mode=federated fed.runtime=superlink``
+(Flower's non-deprecated simulation runtime: a private ``flower-superlink --simulation``, Ray workers), one
+process tree per client count; round times are the server's own (``metrics.json``), memory is the peak of
+the summed RSS of the whole process tree (SuperLink, simulation process, Ray), sampled every 0.25 s.
+
     python benchmarks/bench_fed_scale.py [--clients 10 100 1000] [--rounds 5] [--out ...]
+    python benchmarks/bench_fed_scale.py --runtime superlink --out benchmarks/results_cpu/fed_scale_superlink.json
 """
 from __future__ import annotations
 
@@ -39,10 +45,7 @@ def peak_rss_mb() -> float:
 
 def one(n: int, rounds: int, per_round: int, steps: int, tmp: str) -> dict:
     frac = min(1.0, per_round / n)
-    run = federated_run_from_cfg(compose_cfg([
-        "mode=federated", f"fed.num_clients={n}", f"fed.fraction_train={frac}", f"fed.local_steps={steps}",
-        "fed.local_epochs=1000", "fed.min_partition_size=1", "fed.batch_size=8", f"fed.rounds={rounds}",
-        f"out_dir={tmp}/n{n}"]))
+    run = federated_run_from_cfg(compose_cfg([*overrides(n, rounds, per_round, steps), f"out_dir={tmp}/n{n}"]))
     t0 = time.perf_counter()
     fd = fed_data(run)
     t_part = time.perf_counter() - t0
@@ -66,26 +69,94 @@ def one(n: int, rounds: int, per_round: int, steps: int, tmp: str) -> dict:
             "global_accuracy": acc["accuracy"]}
 
 
+def overrides(n: int, rounds: int, per_round: int, steps: int) -> list[str]:
+    return ["mode=federated", f"fed.num_clients={n}", f"fed.fraction_train={min(1.0, per_round / n)}",
+            f"fed.local_steps={steps}", "fed.local_epochs=1000", "fed.min_partition_size=1", "fed.batch_size=8",
+            f"fed.rounds={rounds}"]
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Summed resident memory of ``pid`` and all its descendants (Linux ``/proc``), MiB."""
+    parent, rss = {}, {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{d}/stat").read_text()
+            parent[int(d)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            rss[int(d)] = int(Path(f"/proc/{d}/statm").read_text().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        kids = [c for c, p in parent.items() if p in frontier and c not in tree]
+        tree.update(kids)
+        frontier = kids
+    return sum(rss.get(p, 0) for p in tree) / 2**20
+
+
+def one_superlink(n: int, rounds: int, per_round: int, steps: int, tmp: str) -> dict:
+    """``main.py ... fed.runtime=superlink`` in a child process: wall, server round times, tree peak RSS."""
+    import json
+    import subprocess
+    import threading
+
+    out = Path(tmp) / f"sl{n}"
+    cmd = [sys.executable, "main.py", *overrides(n, rounds, per_round, steps), "fed.runtime=superlink",
+           "fed.eval_budgets=false", f"out_dir={out}"]
+    env = {**os.environ, "FEDLOWRANK_CACHE_DIR": str(Path(tmp) / "cache")}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    peak, done = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.25):
+            peak[0] = max(peak[0], tree_rss_mb(proc.pid))
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    log_text, _ = proc.communicate(timeout=1800)
+    wall = time.perf_counter() - t0
+    done.set()
+    th.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{n} clients: exit {proc.returncode}\n{log_text[-3000:]}")
+    m = json.loads((out / "metrics.json").read_text())
+    times = [r["round_s"] for r in m["rounds_detail"]]
+    sent = [r["clients_ok"] for r in m["rounds_detail"]]
+    return {"clients": n, "fraction_train": min(1.0, per_round / n), "clients_per_round": statistics.fmean(sent),
+            "local_steps": steps, "wall_s": wall, "round_s_median": statistics.median(times),
+            "round_s_first": times[0], "clients_per_s": sum(sent) / sum(times), "peak_tree_rss_mb": peak[0],
+            "global_accuracy": m["final"]["global_accuracy"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--per-round", type=int, default=10, help="clients sampled per round")
     ap.add_argument("--steps", type=int, default=5, help="local steps per client per round")
+    ap.add_argument("--runtime", choices=["inprocess", "superlink"], default="inprocess")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.clients:
-            rows.append(one(n, args.rounds, args.per_round, args.steps, tmp))
+            fn = one_superlink if args.runtime == "superlink" else one
+            rows.append(fn(n, args.rounds, args.per_round, args.steps, tmp))
             logging.getLogger("bench").error("%s", rows[-1])
     base = rows[0]
     for r in rows:
         r["round_time_ratio"] = r["round_s_median"] / base["round_s_median"]
+    note = ("in-process loop; memory is the process's peak RSS so far (monotone across rows)"
+            if args.runtime == "inprocess" else
+            "main.py fed.runtime=superlink (flower-superlink --simulation + flwr run, Ray); one process tree per "
+            "row; round_s from the server's metrics.json; memory is the peak summed RSS of the tree")
     emit("fed_scale", {**environment("cpu"), "data": "digits (1,437 training images)", "rounds": args.rounds,
-                       "note": "in-process loop; memory is the process's peak RSS so far (monotone across rows)",
-                       "results": rows}, args.out)
+                       "runtime": args.runtime, "note": note, "results": rows}, args.out)
 
 
 if __name__ == "__main__":

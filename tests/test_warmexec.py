@@ -26,7 +26,7 @@ def test_fork_executor_runs_clientapp_tasks_in_a_forked_child_and_reaps_it(tmp_p
     marker = tmp_path / "child.txt"
     warm_state = {"imported_in_parent": id(warmexec)}
 
-    def fake_child(spec):  # stands in for Flower's run_clientapp; sees the parent's memory (fork, not exec)
+    def fake_child(spec, pull_backoff_s=None):  # stands in for Flower's run_clientapp; sees the parent's memory (fork, not exec)
         marker.write_text(f"{os.getpid()} {spec.token} {warm_state['imported_in_parent'] == id(warmexec)}")
         return 3
 
@@ -58,7 +58,7 @@ def test_fork_executor_close_stops_running_children():
 
     ex = warmexec.ForkExecutor()
     orig = warmexec._child
-    warmexec._child = lambda spec: time.sleep(60) or 0
+    warmexec._child = lambda spec, b=None: time.sleep(60) or 0
     try:
         ex.launch(_spec(TaskType.CLIENT_APP))
     finally:
@@ -124,7 +124,9 @@ def test_fastnode_caps_only_the_supernode_loops_sleeps(monkeypatch):
     from fedlowrank.federated import fastnode
 
     monkeypatch.setattr(sci, "time", real_time)  # undone after the test
+    monkeypatch.setattr(sci, "pull_objects", sci.pull_objects)
     fastnode.cap_supernode_polls(0.05)
+    assert sci.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 1.0}
     assert sci.time is not real_time and real_time.sleep is not sci.time.sleep
     t0 = real_time.perf_counter()
     sci.time.sleep(3)  # Flower's idle poll

@@ -1,16 +1,18 @@
 """``flower-supernode`` with a shorter poll: ``python -m fedlowrank.federated.fastnode [--poll-s S] -- <args>``.
 
 Flower 1.41's SuperNode main loop sleeps a fixed 3 s whenever the SuperLink had no message for it, and
-0.5 s while it waits for a ClientApp's reply; in a deployed round that is up to 3.5 s of waiting per
-node however small the training is. This entry point caps those sleeps at ``--poll-s`` (the only
-``time.sleep`` calls in ``flwr.supernode.start_client_internal``, all polls) and then runs Flower's own
-``flower_supernode`` with the remaining arguments, unchanged. The price is more frequent pulls against the
+0.5 s while it waits for a ClientApp's reply, and it retries pulling a message's objects after 1 s, 2 s, ...
+when the server has not finished pushing them; in a deployed round that is seconds of waiting per node
+however small the training is. This entry point caps those sleeps at ``--poll-s`` (the only ``time.sleep``
+calls in ``flwr.supernode.start_client_internal``, all polls), starts the object-pull backoff at
+``--poll-s``, and then runs Flower's own ``flower_supernode`` with the remaining arguments, unchanged. The price is more frequent pulls against the
 SuperLink (1 / poll-s per idle node): fine for a handful of nodes on a LAN or loopback, not for
 thousands. Use it with ``--isolation process`` and :mod:`.warmexec`, or on its own.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from types import ModuleType
@@ -40,6 +42,9 @@ def cap_supernode_polls(poll_s: float) -> None:
         raise SystemExit("this Flower version's SuperNode loop is not the one fastnode knows; "
                          "run flower-supernode instead")
     sci.time = _CappedSleep(poll_s)
+    # the node pulls a message's objects from the SuperLink with a 1 s first backoff (doubling), often while
+    # the server is still pushing them: retry after poll_s instead (at most 1 s apart)
+    sci.pull_objects = functools.partial(sci.pull_objects, initial_backoff=poll_s, backoff_cap=1.0)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -38,9 +38,18 @@ PRELOAD = ("torch", "torch._dynamo", "torch.optim", "hydra", "omegaconf", "fedlo
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own knob for the SuperExec poll (default 1 s)
 
 
-def _child(spec) -> int:
-    """Body of a forked child: Flower's ``run_clientapp`` for this token; returns the exit code."""
+def _child(spec, pull_backoff_s: float | None = None) -> int:
+    """Body of a forked child: Flower's ``run_clientapp`` for this token; returns the exit code.
+    ``pull_backoff_s``: first retry delay when the message's objects are not at the node yet (Flower: 1 s,
+    doubling; a child forked at once often asks while the node is still receiving the model)."""
+    import functools
+
+    import flwr.supernode.runtime.run_clientapp as rc
     from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    if pull_backoff_s:  # this child only
+        rc.pull_and_inflate_object_from_tree = functools.partial(
+            rc.pull_and_inflate_object_from_tree, initial_backoff=pull_backoff_s, backoff_cap=1.0)
 
     for s in (signal.SIGINT, signal.SIGTERM):  # drop the parent's SuperExec handlers
         signal.signal(s, signal.SIG_DFL)
@@ -66,8 +75,10 @@ class ForkExecutor:
     """Flower ``Executor`` (``flwr.supercore.superexec.executor.types.Executor``) that forks ClientApp
     tasks from this warm process; other task types go to Flower's subprocess executor."""
 
-    def __init__(self) -> None:
+    def __init__(self, pull_backoff_s: float | None = 0.05) -> None:
         from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+        self.pull_backoff_s = pull_backoff_s
 
         self.fallback = SubprocessExecutor()
         self.children: set[int] = set()
@@ -92,7 +103,7 @@ class ForkExecutor:
         if pid == 0:  # child: never returns
             code = 1
             try:
-                code = _child(spec)
+                code = _child(spec, self.pull_backoff_s)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()
@@ -125,7 +136,8 @@ class ForkExecutor:
 
 
 def serve(runtime_api_address: str, insecure: bool, root_certificates: str | None = None,
-          parent_pid: int | None = None, preload: tuple[str, ...] = PRELOAD) -> None:
+          parent_pid: int | None = None, preload: tuple[str, ...] = PRELOAD,
+          pull_backoff_s: float | None = 0.05) -> None:
     """Import ``preload``, then run Flower's SuperExec loop with :class:`ForkExecutor` (never returns)."""
     if not hasattr(os, "fork"):
         raise SystemExit("fedlowrank.federated.warmexec needs fork() (Linux/macOS); use --isolation subprocess")
@@ -137,7 +149,7 @@ def serve(runtime_api_address: str, insecure: bool, root_certificates: str | Non
     if not hasattr(rs, "get_executor"):
         raise SystemExit(f"this Flower version ({rs.__name__}) has no pluggable executor; "
                          "use flower-supernode --isolation subprocess")
-    with mock.patch.object(rs, "get_executor", lambda *a, **k: ForkExecutor()):
+    with mock.patch.object(rs, "get_executor", lambda *a, **k: ForkExecutor(pull_backoff_s)):
         rs.run_superexec(runtime_api_address=runtime_api_address, insecure=insecure,
                          root_certificates_path=root_certificates, parent_pid=parent_pid)
 
@@ -148,13 +160,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--insecure", action="store_true")
     ap.add_argument("--root-certificates", default=None)
     ap.add_argument("--parent-pid", type=int, default=None, help="exit when this process (the SuperNode) exits")
+    ap.add_argument("--pull-backoff", type=float, default=0.05,
+                    help="first retry delay (s) for a message's objects in a child (Flower: 1 s); 0 keeps Flower's")
     ap.add_argument("--preload", nargs="*", default=list(PRELOAD), help="modules imported once, before forking")
     args = ap.parse_args(argv)
     if not args.insecure and not args.root_certificates:
         ap.error("give --root-certificates, or --insecure for a loopback/test deployment")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Runtime API poll otherwise
-    serve(args.runtime_api_address, args.insecure, args.root_certificates, args.parent_pid, tuple(args.preload))
+    serve(args.runtime_api_address, args.insecure, args.root_certificates, args.parent_pid, tuple(args.preload),
+          args.pull_backoff or None)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,10 @@ def _child(spec, pull_backoff_s: float | None = None) -> int:
     import flwr.supernode.runtime.run_clientapp as rc
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-    if pull_backoff_s:  # this child only
+    if pull_backoff_s and not hasattr(rc, "pull_and_inflate_object_from_tree"):
+        log.warning("this Flower version's run_clientapp has no pull_and_inflate_object_from_tree: "
+                    "keeping its own object-pull backoff")
+    elif pull_backoff_s:  # this child only
         rc.pull_and_inflate_object_from_tree = functools.partial(
             rc.pull_and_inflate_object_from_tree, initial_backoff=pull_backoff_s, backoff_cap=1.0)
 

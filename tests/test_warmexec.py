@@ -127,6 +127,9 @@ def test_fastnode_caps_only_the_supernode_loops_sleeps(monkeypatch):
     monkeypatch.setattr(sci, "pull_objects", sci.pull_objects)
     fastnode.cap_supernode_polls(0.05)
     assert sci.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 1.0}
+    from types import ModuleType
+
+    assert not fastnode.retry_pulls_sooner(ModuleType("no_pulls"), "pull_objects", 0.05)  # nothing to rebind
     assert sci.time is not real_time and real_time.sleep is not sci.time.sleep
     t0 = real_time.perf_counter()
     sci.time.sleep(3)  # Flower's idle poll

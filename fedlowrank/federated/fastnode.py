@@ -32,6 +32,16 @@ class _CappedSleep(ModuleType):
         time.sleep(min(seconds, self.cap))
 
 
+def retry_pulls_sooner(module: ModuleType, name: str, first_s: float) -> bool:
+    """Rebind ``module.name`` (Flower's ``pull_objects`` / ``pull_and_inflate_object_from_tree``, whose object
+    pulls retry after 1 s, 2 s, ...) to start retrying after ``first_s`` s, at most 1 s apart, in this
+    process. False, and nothing changed, where the module has no such function."""
+    if not callable(getattr(module, name, None)):
+        return False
+    setattr(module, name, functools.partial(getattr(module, name), initial_backoff=first_s, backoff_cap=1.0))
+    return True
+
+
 def cap_supernode_polls(poll_s: float) -> None:
     """Make the SuperNode loop poll every ``poll_s`` s (in this process)."""
     if not poll_s > 0:
@@ -42,9 +52,9 @@ def cap_supernode_polls(poll_s: float) -> None:
         raise SystemExit("this Flower version's SuperNode loop is not the one fastnode knows; "
                          "run flower-supernode instead")
     sci.time = _CappedSleep(poll_s)
-    # the node pulls a message's objects from the SuperLink with a 1 s first backoff (doubling), often while
-    # the server is still pushing them: retry after poll_s instead (at most 1 s apart)
-    sci.pull_objects = functools.partial(sci.pull_objects, initial_backoff=poll_s, backoff_cap=1.0)
+    # the node pulls a message's objects from the SuperLink often while the server is still pushing them
+    if not retry_pulls_sooner(sci, "pull_objects", poll_s):
+        raise SystemExit("this Flower version's SuperNode has no pull_objects; run flower-supernode instead")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,7 @@ from fedlowrank.methods.welore import WeLoreConfig, is_norm_param, welore_compre
 from fedlowrank.lowrank import factorize
 
 from .aggregation import State, aggregate, budget_ranks, client_view, expected_shapes, layer_ranks, merge_adapters
-from .rankadapt import adapt_ranks, check_config, due, layer_caps
+from .rankadapt import adapt_ranks, due, layer_caps
 from .task import build_model, fed_data
 
 log = logging.getLogger(__name__)
@@ -177,8 +177,7 @@ class InRankFed(FedMethod):
 
     def __init__(self, run: FederatedRun) -> None:
         super().__init__(run)
-        self.cfg = to_dataclass(InRankConfig, run.method, "method")
-        check_config(self.cfg)
+        self.cfg = to_dataclass(InRankConfig, run.method, "method")  # checked by FederatedRun.validate
         self.last: dict[str, tuple[int, int, int]] = {}  # layer -> (old R, explained k, new R), last check
         self._caps: dict[str, int] | None = None  # per-layer rank cap: fixed by the layer shapes and budgets
 

@@ -52,6 +52,7 @@ def run_on_superlink(fr, cfg: DictConfig) -> dict:
     """The same apps on Flower's non-deprecated simulation runtime: a private SuperLink in simulation mode
     on a free loopback port (stopped afterwards), ``flwr run`` of this project with the resolved config
     (written to ``<out_dir>/flwr_runtime/config.yaml``), and the summary read back from ``metrics.json``."""
+    import json
     import subprocess
     import time
     from pathlib import Path
@@ -80,8 +81,6 @@ def run_on_superlink(fr, cfg: DictConfig) -> dict:
         raise RuntimeError(f"flwr run on the simulation SuperLink failed (exit {proc.returncode}, "
                            f"{'no new' if not fresh else 'a'} metrics.json); see the log above and "
                            f"{work / 'superlink.log'}")
-    import json
-
     log.info("superlink runtime: %.1f s wall", time.time() - t0)
     return json.loads(metrics.read_text())
 

@@ -28,6 +28,8 @@ import time
 import traceback
 from unittest import mock
 
+from .fastnode import retry_pulls_sooner
+
 log = logging.getLogger(__name__)
 
 # torch._dynamo: torch.optim imports it lazily on the first optimizer (2-3 s); hydra: the run config is
@@ -42,17 +44,11 @@ def _child(spec, pull_backoff_s: float | None = None) -> int:
     """Body of a forked child: Flower's ``run_clientapp`` for this token; returns the exit code.
     ``pull_backoff_s``: first retry delay when the message's objects are not at the node yet (Flower: 1 s,
     doubling; a child forked at once often asks while the node is still receiving the model)."""
-    import functools
-
     import flwr.supernode.runtime.run_clientapp as rc
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-    if pull_backoff_s and not hasattr(rc, "pull_and_inflate_object_from_tree"):
+    if pull_backoff_s and not retry_pulls_sooner(rc, "pull_and_inflate_object_from_tree", pull_backoff_s):
         log.warning("this Flower version's run_clientapp has no pull_and_inflate_object_from_tree: "
                     "keeping its own object-pull backoff")
-    elif pull_backoff_s:  # this child only
-        rc.pull_and_inflate_object_from_tree = functools.partial(
-            rc.pull_and_inflate_object_from_tree, initial_backoff=pull_backoff_s, backoff_cap=1.0)
 
     for s in (signal.SIGINT, signal.SIGTERM):  # drop the parent's SuperExec handlers
         signal.signal(s, signal.SIG_DFL)
@@ -62,11 +58,12 @@ def _child(spec, pull_backoff_s: float | None = None) -> int:
             certs = fh.read()
     t0 = time.perf_counter()
     try:
-        run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token, insecure=spec.insecure,
-                      certificates=certs, parent_pid=None,
-                      runtime_dependency_install=spec.runtime_dependency_install)
+        rc.run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token, insecure=spec.insecure,
+                         certificates=certs, parent_pid=None,
+                         runtime_dependency_install=spec.runtime_dependency_install)
     except SystemExit as e:  # flwr_exit
-        log.info("task %d: ClientApp child finished in %.2f s (exit %s)", spec.task_id, time.perf_counter() - t0, e.code)
+        log.info("task %d: ClientApp child finished in %.2f s (exit %s)", spec.task_id, time.perf_counter() - t0,
+                 e.code)
         return e.code if isinstance(e.code, int) else 1
     except BaseException:  # noqa: BLE001 - the child must never return into the parent's loop
         traceback.print_exc()
@@ -82,7 +79,6 @@ class ForkExecutor:
         from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 
         self.pull_backoff_s = pull_backoff_s
-
         self.fallback = SubprocessExecutor()
         self.children: set[int] = set()
 
@@ -124,8 +120,8 @@ class ForkExecutor:
                 done, status = pid, 0
             if done:
                 self.children.discard(pid)
-                if os.waitstatus_to_exitcode(status) not in (0,):
-                    log.warning("ClientApp child %d exited with %d", pid, os.waitstatus_to_exitcode(status))
+                if code := os.waitstatus_to_exitcode(status):
+                    log.warning("ClientApp child %d exited with %d", pid, code)
 
     def close(self) -> None:
         """Stop children still running (the node is going away) and reap them."""

@@ -43,19 +43,15 @@ def group_alive(pgid: int) -> bool:
 
 
 def stop(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
-    """SIGTERM each process's own group, SIGKILL what is left after ``grace`` seconds."""
+    """SIGTERM each process's own group, SIGKILL what is left of their process trees (and of the groups
+    those trees had) after ``grace`` seconds, and reap them."""
+    from .reaper import stop_trees
+
+    stop_trees([p.pid for p in procs], grace)
     for p in procs:
-        if group_alive(p.pid):
-            os.killpg(p.pid, signal.SIGTERM)
-    deadline = time.time() + grace
-    for p in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=max(0.1, deadline - time.time()))
-    while time.time() < deadline and any(group_alive(p.pid) for p in procs):
-        time.sleep(0.2)
-    for p in procs:
-        if group_alive(p.pid):
-            os.killpg(p.pid, signal.SIGKILL)
+        if p.poll() is None:
+            with contextlib.suppress(OSError):
+                os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=10)
     deadline = time.time() + 10
     while time.time() < deadline and any(group_alive(p.pid) for p in procs):
@@ -87,8 +83,10 @@ def _superlink(workdir: Path, connection: str, env: dict[str, str] | None, simul
                                           stderr=subprocess.STDOUT))
 
     mode = ["--simulation", "--isolation", "subprocess"] if simulation else []
-    start([str(BIN / "flower-superlink"), "--insecure", *mode, "--host", "127.0.0.1", "--port", str(link)],
-          "superlink.log")
+    # The apps run in this venv: without the flag, flwr 1.41's SuperLink builds a fresh environment per run
+    # with `uv sync` (25 s here, and a download of torch on a machine without uv's cache).
+    start([str(BIN / "flower-superlink"), "--insecure", *mode, "--disable-runtime-dependency-installation",
+           "--host", "127.0.0.1", "--port", str(link)], "superlink.log")
     return link, full_env, start, procs
 
 

@@ -4,7 +4,10 @@ Ray's raylet and GCS share the driver's fate, but its agents (dashboard, runtime
 workers (re-parented to init at once) can linger for a minute after a SIGKILL of the driver.
 This script runs in its own session (``python reaper.py <pid>``, no package imports) and, once
 ``pid`` is gone, kills the Ray processes of ``pid``'s process group that started after it (so
-the shell or pytest that shares the group is never hit). :func:`start` / :func:`stop` wrap it.
+the shell or pytest that shares the group is never hit). Given ``roots`` (``python reaper.py <pid>
+<root> ...``), it also stops each root's process tree (a private SuperLink, and the SuperExec, simulation
+and Ray processes it started in sessions of their own): SIGTERM to the root's group, then SIGKILL to what
+is left of the tree. :func:`start` / :func:`stop` wrap it.
 """
 from __future__ import annotations
 
@@ -41,17 +44,75 @@ def _ray_processes(pgid: int, after: int, before: int) -> list[int]:
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or (st := _stat(int(d.name))) is None or st[0] != pgid or not after <= st[1] <= before:
             continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if any(m in cmd for m in RAY_MARKERS):
+        if any(m in cmdline(int(d.name)) for m in RAY_MARKERS):
             out.append(int(d.name))
     return out
 
 
-def watch(pid: int, interval: float = 0.5) -> int:
-    """Wait for ``pid`` to end, then kill its group's Ray processes; returns how many were killed."""
+def cmdline(pid: int) -> str:
+    """The command line of ``pid`` ('' once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def tree(root: int) -> list[tuple[int, int]]:
+    """(pid, start time) of ``root`` and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                raw = (d / "stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(raw[raw.rindex(")") + 2:].split()[1]), []).append(int(d.name))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        if (st := _stat(p)) is not None:
+            out.append((p, st[1]))
+        todo.extend(children.get(p, []))
+    return out
+
+
+def stop_trees(roots: list[int], grace: float = 10.0, spare: frozenset[int] = frozenset()) -> int:
+    """SIGTERM each root's process group, then SIGKILL whatever outlives ``grace`` of their trees and of the
+    process groups those trees had (a SuperExec's session keeps its Ray processes when their parent dies
+    and they are re-parented away from the tree). The caller's own group and ``spare`` are never signalled.
+    Returns how many processes of the trees had to be killed."""
+    procs = [pt for r in roots for pt in tree(r)]
+    if not procs:
+        return 0
+    spare = spare | {os.getpgrp()}
+    groups = {g for p, _ in procs if (st := _stat(p)) is not None and (g := st[0]) not in spare}
+    for r in roots:
+        try:
+            os.killpg(r, signal.SIGTERM)
+        except OSError:
+            pass
+    deadline = time.time() + grace
+    while time.time() < deadline and any(_stat(p) is not None and _stat(p)[1] == t for p, t in procs):
+        time.sleep(0.2)
+    killed = 0
+    for p, t in procs:
+        if (st := _stat(p)) is not None and st[1] == t:  # same process, not a reused pid
+            try:
+                os.kill(p, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    for g in groups:
+        try:
+            os.killpg(g, signal.SIGKILL)
+        except OSError:
+            pass
+    return killed
+
+
+def watch(pid: int, interval: float = 0.5, roots: tuple[int, ...] = ()) -> int:
+    """Wait for ``pid`` to end, then stop the trees of ``roots`` and kill its group's Ray processes;
+    returns how many processes were killed."""
     st = _stat(pid)
     if st is None:
         return 0
@@ -59,7 +120,7 @@ def watch(pid: int, interval: float = 0.5) -> int:
     while _stat(pid) is not None:
         time.sleep(interval)
     died = _now_ticks() + 1  # a run started after this moment (e.g. a resume) is never touched
-    killed = 0
+    killed = stop_trees(list(roots), spare=frozenset({pgid}))
     for _ in range(3):  # workers may still be forking while the first ones go
         for child in _ray_processes(pgid, started, died):
             try:
@@ -71,11 +132,12 @@ def watch(pid: int, interval: float = 0.5) -> int:
     return killed
 
 
-def start() -> subprocess.Popen | None:
-    """Watch the current process (Linux only); returns the watchdog, or None where /proc is missing."""
+def start(roots: tuple[int, ...] = ()) -> subprocess.Popen | None:
+    """Watch the current process (Linux only), and stop the process trees of ``roots`` when it dies;
+    returns the watchdog, or None where /proc is missing."""
     if not Path("/proc/self/stat").exists():
         return None
-    return subprocess.Popen([sys.executable, __file__, str(os.getpid())], start_new_session=True,
+    return subprocess.Popen([sys.executable, __file__, str(os.getpid()), *map(str, roots)], start_new_session=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -87,4 +149,4 @@ def stop(proc: subprocess.Popen | None) -> None:
 
 
 if __name__ == "__main__":
-    watch(int(sys.argv[1]))
+    watch(int(sys.argv[1]), roots=tuple(int(a) for a in sys.argv[2:]))

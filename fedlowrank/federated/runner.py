@@ -57,8 +57,10 @@ def run_on_superlink(fr, cfg: DictConfig) -> dict:
     import time
     from pathlib import Path
 
+    import torch
     from omegaconf import OmegaConf
 
+    from . import reaper
     from .deploy import TRUST_ENV
     from .loopback import BIN, PROJECT, simulation_superlink
 
@@ -67,22 +69,66 @@ def run_on_superlink(fr, cfg: DictConfig) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     conf = work / "config.yaml"
     OmegaConf.save(OmegaConf.merge(cfg, {"out_dir": str(out)}), conf, resolve=True)
-    metrics = out / "metrics.json"
+    metrics, error = out / "metrics.json", out / "error.json"
     before = metrics.stat().st_mtime_ns if metrics.exists() else None
+    error.unlink(missing_ok=True)
+    gpus = fr.fed.client_gpus if torch.cuda.is_available() else 0.0
     fed = (f"num-supernodes={fr.fed.num_clients} client-resources-num-cpus={int(max(1, fr.fed.client_cpus))} "
-           f"init-args-num-cpus={os.cpu_count() or 1}")
+           f"client-resources-num-gpus={gpus} init-args-num-cpus={os.cpu_count() or 1} "
+           f"init-args-num-gpus={torch.cuda.device_count() if gpus else 0}")
     t0 = time.time()
-    with simulation_superlink(work, env={TRUST_ENV: "1"}) as lb:
-        proc = subprocess.run([str(BIN / "flwr"), "run", str(PROJECT), lb.connection, "--stream",
-                               "--federation-config", fed, "--run-config", f'config-file="{conf}"'],
-                              cwd=work, env=lb.env)
+    watchdog = None
+    try:
+        with simulation_superlink(work, env={TRUST_ENV: "1"}) as lb:
+            watchdog = reaper.start(roots=tuple(p.pid for p in lb.procs))  # a killed main.py takes them along
+            proc = subprocess.Popen([str(BIN / "flwr"), "run", str(PROJECT), lb.connection, "--stream",
+                                     "--federation-config", fed, "--run-config", f'config-file="{conf}"'],
+                                    cwd=work, env=lb.env)
+            lost = wait_for_run(proc, lb.procs[0].pid)
+    finally:
+        reaper.stop(watchdog)
     fresh = metrics.exists() and metrics.stat().st_mtime_ns != before
+    if error.exists():
+        cause = json.loads(error.read_text())["error"]
+        raise RuntimeError(f"federated run failed: {cause} (logs in {out})")
+    if lost:
+        raise RuntimeError(f"the SuperLink's simulation process ended before the run finished (killed or crashed; "
+                           f"see the log above); round checkpoints are in {out / 'checkpoints'}: "
+                           "continue with fed.resume=auto")
     if proc.returncode != 0 or not fresh:
         raise RuntimeError(f"flwr run on the simulation SuperLink failed (exit {proc.returncode}, "
                            f"{'no new' if not fresh else 'a'} metrics.json); see the log above and "
                            f"{work / 'superlink.log'}")
     log.info("superlink runtime: %.1f s wall", time.time() - t0)
     return json.loads(metrics.read_text())
+
+
+def wait_for_run(proc, superlink_pid: int, grace: float = 10.0, poll: float = 0.5) -> bool:
+    """Wait for ``flwr run`` (``proc``). The SuperLink notices a dead simulation process only after a
+    heartbeat timeout (about a minute), and ``flwr run --stream`` waits that long, then exits 0; so once
+    the SuperLink's ``flwr-simulation`` child is gone, ``flwr run`` gets ``grace`` seconds, then is stopped.
+    Returns whether it had to be stopped."""
+    import subprocess
+    import time
+
+    from . import reaper
+
+    seen = gone_at = None
+    while proc.poll() is None:
+        alive = any("flwr-simulation" in reaper.cmdline(p) for p, _ in reaper.tree(superlink_pid))
+        seen = seen or alive
+        if seen and not alive:
+            gone_at = gone_at or time.time()
+            if time.time() - gone_at > grace:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                return True
+        time.sleep(poll)
+    return False
 
 
 def check_partitions(fr) -> None:

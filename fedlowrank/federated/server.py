@@ -80,7 +80,22 @@ def partition_sizes(run: FederatedRun) -> list[int]:
 def run_server(grid: Grid, run: FederatedRun) -> dict:
     """Run all rounds on ``grid``; returns (and writes ``metrics.json``) the run summary.
     Every round appends to ``rounds.jsonl`` and checkpoints the global model and strategy state,
-    so ``fed.resume=auto`` continues a killed run where its last complete round ended."""
+    so ``fed.resume=auto`` continues a killed run where its last complete round ended. A run that
+    fails leaves its cause in ``error.json`` (read back by runtimes that only see an exit code)."""
+    from .logs import quiet_engine_tracebacks
+
+    quiet_engine_tracebacks()
+    err = Path(run.out_dir) / "error.json"
+    err.unlink(missing_ok=True)
+    try:
+        return _run_server(grid, run)
+    except Exception as e:
+        err.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(err, json.dumps({"error": f"{type(e).__name__}: {e}"}).encode())
+        raise
+
+
+def _run_server(grid: Grid, run: FederatedRun) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
     from server.strategy import HeteroRankStrategy, to_record

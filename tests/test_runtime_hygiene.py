@@ -1,0 +1,101 @@
+"""The simulation engine's per-failure tracebacks are dropped (the strategy logs one line instead), and the
+watchdog stops a private SuperLink's whole process tree, sessions included, when main.py is killed."""
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from fedlowrank.federated import reaper
+from fedlowrank.federated.logs import EngineTracebackFilter, quiet_engine_tracebacks
+
+
+def _record(path: str, func: str, level: int = logging.ERROR) -> logging.LogRecord:
+    rec = logging.LogRecord("flwr", level, path, 1, "boom", None, None, func=func)
+    return rec
+
+
+def test_engine_filter_drops_only_the_engines_per_message_errors():
+    f = EngineTracebackFilter()
+    site = "/venv/lib/python3.11/site-packages/flwr/server/superlink/fleet/vce/"
+    assert not f.filter(_record(site + "vce_api.py", "worker"))
+    assert not f.filter(_record(site + "backend/raybackend.py", "process_message"))
+    # the same files' other functions, other levels and other files still get through
+    assert f.filter(_record(site + "vce_api.py", "start_vce"))
+    assert f.filter(_record(site + "vce_api.py", "worker", logging.WARNING))
+    assert f.filter(_record("/x/server/strategy.py", "worker"))
+
+
+def test_engine_filter_installs_once_and_silences_a_real_logger_call(capsys):
+    logger = logging.getLogger("flwr.test_hygiene")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    handler = logging.StreamHandler(sys.stdout)
+    logger.addHandler(handler)
+    try:
+        quiet_engine_tracebacks(logger)
+        quiet_engine_tracebacks(logger)
+        assert sum(isinstance(f, EngineTracebackFilter) for f in logger.filters) == 1
+        # a module whose path ends like the engine's: its ERROR from worker() is dropped, INFO is kept
+        ns: dict = {"logger": logger, "ERROR": logging.ERROR, "INFO": logging.INFO}
+        code = compile(textwrap.dedent("""
+            def worker():
+                logger.log(ERROR, "Traceback (most recent call last): ...")
+                logger.log(INFO, "still here")
+        """), "/site-packages/flwr/server/superlink/fleet/vce/vce_api.py", "exec")
+        exec(code, ns)
+        ns["worker"]()
+        logger.error("strategy line")
+    finally:
+        logger.removeHandler(handler)
+    out = capsys.readouterr().out
+    assert "Traceback" not in out and "still here" in out and "strategy line" in out
+
+
+CHILD = """
+import os, subprocess, sys, time
+# a root in its own session (like flower-superlink) whose child starts yet another session (like its SuperExec)
+root = subprocess.Popen([sys.executable, "-c",
+    "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
+    "start_new_session=True); time.sleep(300)"], start_new_session=True)
+sys.path.insert(0, {src!r})
+from fedlowrank.federated import reaper
+reaper.start(roots=(root.pid,))
+print(root.pid, flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_watchdog_stops_the_roots_tree_when_its_owner_is_killed():
+    src = os.path.dirname(os.path.dirname(os.path.abspath(reaper.__file__)))
+    owner = subprocess.Popen([sys.executable, "-c", CHILD.format(src=os.path.dirname(src))], stdout=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    root = int(owner.stdout.readline())
+    deadline = time.time() + 20
+    while len(reaper.tree(root)) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    tree = reaper.tree(root)
+    assert len(tree) == 2 and len({os.getsid(p) for p, _ in tree}) == 2  # two sessions under the root
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait()
+    deadline = time.time() + 30
+    while any(reaper._stat(p) is not None for p, _ in tree) and time.time() < deadline:
+        time.sleep(0.3)
+    assert all(reaper._stat(p) is None for p, _ in tree), "the root's tree outlived its owner"
+
+
+def test_stop_tree_leaves_unrelated_processes_alone():
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        assert reaper.stop_trees([victim.pid], grace=5) == 0  # SIGTERM sufficed: nothing needed SIGKILL
+        victim.wait(timeout=10)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()

@@ -1,6 +1,6 @@
-"""Deployed vs simulated round time: the same config run by Flower's simulation (``main.py``, Ray) and
-by a loopback SuperLink + N SuperNodes (``flwr run``): Flower's stock SuperNodes with and without the
-node-side data cache, SuperNodes in ``--isolation process`` beside :mod:`fedlowrank.federated.warmexec`
+"""Deployed vs simulated round time: the same config run by Flower's simulation runtime (``main.py``: a
+private SuperLink in simulation mode, Ray) and by a loopback SuperLink + N SuperNodes (``flwr run``): Flower's
+stock SuperNodes with and without the node-side cache (data, partitions, composed Hydra config), SuperNodes in ``--isolation process`` beside :mod:`fedlowrank.federated.warmexec`
 (ClientApps forked from a process that has imported torch), and the same with the SuperNode loop polling
 every 0.1 s (:mod:`fedlowrank.federated.fastnode`; Flower waits 3 s when idle). Round time is the server's own measure (models sent -> replies aggregated); the whole
 ``flwr run`` wall time is recorded beside it. Prints JSON with ratios against the simulation.
@@ -41,9 +41,11 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
-        subprocess.run([sys.executable, "main.py", "mode=federated", *ov.split(), f"out_dir={tmp}/sim"], cwd=PROJECT,
+        subprocess.run([sys.executable, "main.py", "mode=federated", "fed.runtime=superlink", *ov.split(),
+                        f"out_dir={tmp}/sim"], cwd=PROJECT,
                        check=True, capture_output=True, env={**os.environ, "FEDLOWRANK_CACHE_DIR": f"{tmp}/simcache"})
-        rows["simulation (Ray)"] = {"round_s": rounds_s(Path(tmp) / "sim" / "metrics.json"), "wall_s": time.time() - t0}
+        sim = "simulation (SuperLink --simulation, Ray)"
+        rows[sim] = {"round_s": rounds_s(Path(tmp) / "sim" / "metrics.json"), "wall_s": time.time() - t0}
         for name, cache, warm, poll in (
                 ("deployed, warm executor + node cache + 0.1 s node poll", f"{tmp}/fcache", True, 0.1),
                 ("deployed, warm executor + node cache", f"{tmp}/wcache", True, None),
@@ -60,7 +62,7 @@ def main() -> None:
             if not metrics.exists():
                 raise RuntimeError(f"{name}: no metrics ({res.stderr[-1500:]})")
             rows[name] = {"round_s": rounds_s(metrics), "wall_s": wall}
-    base = statistics.median(rows["simulation (Ray)"]["round_s"])
+    base = statistics.median(rows[sim]["round_s"])
     for r in rows.values():
         r["round_s_median"] = statistics.median(r["round_s"])
         r["round_time_ratio_vs_simulation"] = r["round_s_median"] / base

@@ -218,3 +218,46 @@ def test_node_disk_cache_round_trips_and_ignores_damage(play, tmp_path, monkeypa
     play.write_text(play.read_text() + "\\nROMEO:\\nOne more line for the key.\\n")
     assert cache.cache_key((1,), [str(play)]) != cache.cache_key((1,), [str(play) + "x"])
     task._cached.cache_clear()
+
+
+def test_node_config_cache_matches_hydra_and_follows_the_config_files(tmp_path, monkeypatch):
+    """The composed config a deployed node caches equals a fresh Hydra composition; a hit composes
+    nothing; an edited config file, other overrides or a disabled cache compose again; bad overrides
+    are never cached."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from fedlowrank.config import federated_run_from_cfg
+    from fedlowrank.federated import cache, deploy
+
+    conf = tmp_path / "conf"
+    shutil.copytree(deploy.CONF_DIR, conf)
+    monkeypatch.setenv("FEDLOWRANK_CACHE_DIR", str(tmp_path / "c"))
+    calls = []
+
+    def compose(ov):
+        calls.append(list(ov))
+        from hydra import compose as hc, initialize_config_dir
+
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            return hc("config", overrides=list(ov))
+
+    ov = ["mode=federated", "strategy=product", "fed.rounds=7", "fed.rank_ratios=[0.2,1.0]"]
+    fresh = cache.composed_config(ov, conf, compose)
+    hit = cache.composed_config(ov, conf, compose)
+    assert len(calls) == 1 and OmegaConf.to_container(hit) == OmegaConf.to_container(fresh)
+    assert OmegaConf.is_struct(hit)  # unknown keys still refused, as on a fresh composition
+    hit.out_dir, fresh.out_dir = "x", "x"
+    assert federated_run_from_cfg(hit) == federated_run_from_cfg(fresh)
+    cache.composed_config(ov[:2], conf, compose)  # other overrides: another entry
+    assert len(calls) == 2
+    mode = conf / "mode" / "federated.yaml"
+    mode.write_text(mode.read_text().replace("rounds: 15", "rounds: 16"))
+    assert cache.composed_config(ov[:2], conf, compose).fed.rounds == 16 and len(calls) == 3
+    with pytest.raises(Exception):
+        cache.composed_config(["mode=federated", "fed.no_such_key=1"], conf, compose)
+    assert len(list((tmp_path / "c" / "configs").glob("*.yaml"))) == 3
+    monkeypatch.setenv("FEDLOWRANK_CACHE_DIR", "off")
+    cache.composed_config(ov, conf, compose)
+    assert len(calls) == 5

@@ -139,3 +139,32 @@ def test_fastnode_caps_only_the_supernode_loops_sleeps(monkeypatch):
         fastnode.cap_supernode_polls(0.05)
     with pytest.raises(ValueError):
         fastnode.cap_supernode_polls(0)
+
+
+def test_reuse_installed_fab_returns_flowers_own_install_dir_without_unpacking(tmp_path, monkeypatch):
+    """First message: Flower's installer runs; later ones get the same directory without it; another FAB, or
+    an explicit install_dir, still goes through Flower."""
+    import types
+    from pathlib import Path
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.cli.install import install_from_fab
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    fab = build_fab_from_disk(Path(__file__).resolve().parents[1])
+    calls = []
+
+    def flower_install(fab_file, install_dir=None, skip_prompt=False):
+        calls.append(install_dir)
+        return install_from_fab(fab_file, install_dir, skip_prompt)
+
+    rc = types.SimpleNamespace(install_from_fab=flower_install)
+    assert warmexec.reuse_installed_fab(rc)
+    first = rc.install_from_fab(fab, skip_prompt=True)
+    assert len(calls) == 1 and (first / "clients" / "client_app.py").is_file()
+    assert rc.install_from_fab(fab, skip_prompt=True) == first and len(calls) == 1
+    other = fab + b"\0"  # still a readable zip, another hash: Flower installs it in a directory of its own
+    assert rc.install_from_fab(other, skip_prompt=True) != first and len(calls) == 2
+    rc.install_from_fab(fab, tmp_path / "elsewhere", True)
+    assert calls[-1] == tmp_path / "elsewhere"
+    assert not warmexec.reuse_installed_fab(types.SimpleNamespace())

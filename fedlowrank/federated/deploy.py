@@ -58,6 +58,8 @@ def run_from_run_config(run_config: dict[str, Any]) -> FederatedRun:
         return federated_run_from_cfg(OmegaConf.load(str(run_config["config-file"])))
     overrides = shlex.split(str(run_config.get("overrides", "")))
     check_remote_overrides(overrides)
-    cfg = compose_cfg(["mode=federated", *overrides])
+    from .cache import composed_config
+
+    cfg = composed_config(["mode=federated", *overrides], CONF_DIR, compose_cfg)
     cfg.out_dir = local_out_dir(str(run_config.get("out-dir", "outputs/flwr")))
     return federated_run_from_cfg(cfg)

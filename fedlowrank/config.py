@@ -101,7 +101,7 @@ class FedConfig:
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     # superlink: Flower's simulation runtime (a private `flower-superlink --simulation` + `flwr run`)
-    # simulation: flwr.simulation.run_simulation (in this process; deprecated in flwr 1.41, ~10 s less start-up)
+    # simulation: flwr.simulation.run_simulation (in this process; deprecated in flwr 1.41, ~12 s less start-up)
     runtime: str = "superlink"
     nested: bool = False  # ordered dropout: each local step trains a sampled budget <= the client's (slice/product)
     eval_budgets: bool = True  # also evaluate the global model truncated to each client budget

@@ -12,7 +12,14 @@ if [ -z "$PY" ]; then
   done
 fi
 if [ -z "$PY" ]; then echo "setup.sh: Python 3.11 is required (set PYTHON=/path/to/python3.11)" >&2; exit 1; fi
-if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
+if [ ! -x .venv/bin/python ]; then
+  # torch's CUDA build alone fills ~5.5 GB of the venv: say so up front rather than after pip's ENOSPC
+  free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt $((7 * 1024 * 1024)) ]; then
+    echo "setup.sh: warning: only $((free_kb / 1024)) MiB free here; the venv needs about 7 GiB" >&2
+  fi
+  "$PY" -m venv .venv
+fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
 echo "setup.sh: environment ready in .venv"

@@ -1,4 +1,6 @@
-"""``python main.py mode=federated``: Flower simulation (Ray) of heterogeneous-rank clients."""
+"""``python main.py mode=federated``: heterogeneous-rank clients on Flower's simulation runtime (a private
+SuperLink in simulation mode, clients on Ray), or with ``fed.runtime=simulation`` on the deprecated in-process
+``run_simulation``."""
 from __future__ import annotations
 
 import logging
@@ -13,17 +15,17 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> dict:
     """Validate ``cfg`` (errors before any training), run the simulation, return the summary."""
+    fr = federated_run_from_cfg(cfg)
+    check_partitions(fr)
+    os.makedirs(fr.out_dir, exist_ok=True)
+    if fr.fed.runtime == "superlink":
+        return run_on_superlink(fr, cfg)
     import torch
     from flwr.simulation import run_simulation
 
     from clients.client_app import make_client_app
     from server.server_app import make_server_app
 
-    fr = federated_run_from_cfg(cfg)
-    check_partitions(fr)
-    os.makedirs(fr.out_dir, exist_ok=True)
-    if fr.fed.runtime == "superlink":
-        return run_on_superlink(fr, cfg)
     cuda = torch.cuda.is_available()
     backend = {
         "client_resources": {"num_cpus": fr.fed.client_cpus, "num_gpus": fr.fed.client_gpus if cuda else 0.0},

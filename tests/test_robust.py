@@ -1,5 +1,8 @@
 """Hostile or broken clients: robust statistics against numpy, clipping, bounded weights, malformed
 replies, and an attacking client in a (Ray-free) federated loop."""
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -156,6 +159,37 @@ def test_partitions_that_leave_clients_without_data_fail_before_ray(tmp_path):
 
     with pytest.raises(ConfigError, match="min_partition_size"):
         check_partitions(_run(tmp_path, "fed.min_partition_size=100000"))
+
+
+def test_superlink_runtime_without_a_project_checkout_fails_before_any_work(tmp_path, monkeypatch):
+    """An installed (not cloned) library has no pyproject.toml naming the apps: the default runtime refuses
+    with a ConfigError before partitions are computed or any process starts."""
+    from fedlowrank.federated import loopback, runner
+
+    started = []
+    monkeypatch.setattr(runner, "check_partitions", lambda fr: started.append("partitions"))
+    monkeypatch.setattr(runner, "run_on_superlink", lambda fr, cfg: started.append("superlink"))
+    cfg = compose_cfg_for(tmp_path)
+    monkeypatch.setattr(loopback, "PROJECT", tmp_path / "site-packages")
+    with pytest.raises(ConfigError, match="pyproject.toml"):
+        runner.run(cfg)
+    (tmp_path / "site-packages").mkdir()
+    (tmp_path / "site-packages" / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    with pytest.raises(ConfigError, match="tool.flwr.app"):
+        runner.run(cfg)
+    monkeypatch.setattr(loopback, "PROJECT", Path(runner.__file__).resolve().parents[2])
+    monkeypatch.setattr(loopback, "BIN", tmp_path / "bin")
+    with pytest.raises(ConfigError, match="flwr, flower-superlink"):
+        runner.run(cfg)
+    assert started == []
+    monkeypatch.setattr(loopback, "BIN", Path(sys.executable).parent)
+    runner.run(cfg)  # the real checkout passes the check
+    assert started == ["partitions", "superlink"]
+
+
+def compose_cfg_for(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=["mode=federated", f"out_dir={tmp_path / 'out'}"])
 
 
 def test_remote_run_config_cannot_choose_file_paths():

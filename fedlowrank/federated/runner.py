@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict:
     """Validate ``cfg`` (errors before any training), run the simulation, return the summary."""
     fr = federated_run_from_cfg(cfg)
+    if fr.fed.runtime == "superlink":
+        check_superlink_runtime()
     check_partitions(fr)
     os.makedirs(fr.out_dir, exist_ok=True)
     if fr.fed.runtime == "superlink":
@@ -131,6 +133,24 @@ def wait_for_run(proc, superlink_pid: int, grace: float = 10.0, poll: float = 0.
                 return True
         time.sleep(poll)
     return False
+
+
+def check_superlink_runtime() -> None:
+    """The SuperLink runtime submits this project (its ``pyproject.toml`` names the Flower apps) with the
+    venv's ``flwr`` and ``flower-superlink``: refuse up front where either is missing."""
+    from fedlowrank.config import ConfigError
+
+    from .loopback import BIN, PROJECT
+
+    pyproject = PROJECT / "pyproject.toml"
+    if not pyproject.is_file() or "[tool.flwr.app" not in pyproject.read_text():
+        raise ConfigError(f"fed.runtime=superlink submits the project checkout with `flwr run`, but {PROJECT} has no "
+                          "pyproject.toml with [tool.flwr.app] (an installed, not cloned, fedlowrank?); run from a "
+                          "clone or use fed.runtime=simulation")
+    missing = [b for b in ("flwr", "flower-superlink") if not (BIN / b).exists()]
+    if missing:
+        raise ConfigError(f"fed.runtime=superlink needs {', '.join(missing)} beside {BIN / 'python'} (flwr[simulation] "
+                          "installed in this environment); or use fed.runtime=simulation")
 
 
 def check_partitions(fr) -> None:

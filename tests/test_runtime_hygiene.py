@@ -99,3 +99,25 @@ def test_stop_tree_leaves_unrelated_processes_alone():
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.mark.timeout(60)
+def test_wait_for_run_stops_flwr_run_soon_after_the_simulation_process_dies():
+    """``flwr run --stream`` would wait for the SuperLink's heartbeat timeout; once the SuperLink's
+    ``flwr-simulation`` child is gone it gets ``grace`` seconds. A run that ends by itself is left alone."""
+    from fedlowrank.federated.runner import wait_for_run
+
+    # a stand-in SuperLink whose child carries flwr-simulation in its command line and dies after 1 s
+    link = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, "
+                             "'-c', 'import time; time.sleep(1)', 'flwr-' + 'simulation']); time.sleep(60)"],
+                            start_new_session=True)
+    try:
+        flwr_run = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        t0 = time.time()
+        assert wait_for_run(flwr_run, link.pid, grace=1.0, poll=0.1)
+        assert flwr_run.poll() is not None and time.time() - t0 < 15
+        quick = subprocess.Popen([sys.executable, "-c", "pass"])
+        assert not wait_for_run(quick, link.pid, grace=1.0, poll=0.1)  # ended on its own: not "lost"
+    finally:
+        link.kill()
+        link.wait()

@@ -95,11 +95,11 @@ def run_on_superlink(fr, cfg: DictConfig) -> dict:
     if error.exists():
         cause = json.loads(error.read_text())["error"]
         raise RuntimeError(f"federated run failed: {cause} (logs in {out})")
-    if lost:
+    if lost and not fresh:
         raise RuntimeError(f"the SuperLink's simulation process ended before the run finished (killed or crashed; "
                            f"see the log above); round checkpoints are in {out / 'checkpoints'}: "
                            "continue with fed.resume=auto")
-    if proc.returncode != 0 or not fresh:
+    if not fresh or (proc.returncode != 0 and not lost):  # lost but fresh: the run ended, flwr run lingered
         raise RuntimeError(f"flwr run on the simulation SuperLink failed (exit {proc.returncode}, "
                            f"{'no new' if not fresh else 'a'} metrics.json); see the log above and "
                            f"{work / 'superlink.log'}")
@@ -119,7 +119,7 @@ def wait_for_run(proc, superlink_pid: int, grace: float = 10.0, poll: float = 0.
 
     seen = gone_at = None
     while proc.poll() is None:
-        alive = any("flwr-simulation" in reaper.cmdline(p) for p, _ in reaper.tree(superlink_pid))
+        alive = any("flwr-simulation" in reaper.cmdline(p) for p, _ in reaper.tree(superlink_pid) if p != superlink_pid)
         seen = seen or alive
         if seen and not alive:
             gone_at = gone_at or time.time()

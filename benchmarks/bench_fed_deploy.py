@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,9 +39,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--local-epochs", type=int, default=1)
     ap.add_argument("--fastest-only", action="store_true", help="only the warm, fast-polling deployment")
+    ap.add_argument("--extra", default="", help="more Hydra overrides, e.g. 'experiment=fed_shakespeare'")
+    ap.add_argument("--tmp-beside-project", action="store_true",
+                    help="work in a temporary directory beside the checkout, so that relative data paths such as "
+                         "the default ../shared/data/tinyshakespeare.txt resolve for the nodes as for main.py")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    ov = f"fed.num_clients={args.nodes} fed.rounds={args.rounds} fed.local_epochs={args.local_epochs} fed.timeout=300"
+    ov = (f"{args.extra} fed.num_clients={args.nodes} fed.rounds={args.rounds} fed.local_epochs={args.local_epochs} "
+          "fed.timeout=300").strip()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()
@@ -54,17 +60,20 @@ def main() -> None:
                   ("deployed, node cache", f"{tmp}/cache", False, None),
                   ("deployed, no cache", "off", False, None)]
         for name, cache, warm, poll in setups[:1] if args.fastest_only else setups:
-            work = Path(tmp) / "".join(c if c.isalnum() else "_" for c in name)
-            work.mkdir()
-            with loopback_deployment(args.nodes, work, {"FEDLOWRANK_CACHE_DIR": cache}, warm=warm,
-                                     node_poll_s=poll) as lb:
-                t0 = time.time()
-                res = flwr_run(lb, ov, "runs/x", timeout=900)
-                wall = time.time() - t0
-            metrics = work / "runs" / "x" / "metrics.json"
-            if not metrics.exists():
-                raise RuntimeError(f"{name}: no metrics ({res.stderr[-1500:]})")
-            rows[name] = {"round_s": rounds_s(metrics), "wall_s": wall}
+            # the nodes' working directory: one level below the checkout's parent with --tmp-beside-project
+            work = Path(tempfile.mkdtemp(prefix="fed_deploy_", dir=PROJECT.parent if args.tmp_beside_project else tmp))
+            try:
+                with loopback_deployment(args.nodes, work, {"FEDLOWRANK_CACHE_DIR": cache}, warm=warm,
+                                         node_poll_s=poll) as lb:
+                    t0 = time.time()
+                    res = flwr_run(lb, ov, "runs/x", timeout=900)
+                    wall = time.time() - t0
+                metrics = work / "runs" / "x" / "metrics.json"
+                if not metrics.exists():
+                    raise RuntimeError(f"{name}: no metrics ({(res.stdout + res.stderr)[-3000:]})")
+                rows[name] = {"round_s": rounds_s(metrics), "wall_s": wall}
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
     base = statistics.median(rows[sim]["round_s"])
     for r in rows.values():
         r["round_s_median"] = statistics.median(r["round_s"])

@@ -255,3 +255,24 @@ def test_product_keeps_energy_beyond_the_smallest_budget_and_is_bit_reproducible
     m = fed_method(run)
     accs = [_accuracy(run, m.view(g, {"ratio": b})) for b in (0.1, 1.0)]
     assert accs[0] != accs[1] and min(accs) > 0.8, accs
+
+
+def test_superlink_runtime_gets_file_paths_resolved_where_main_py_ran(tmp_path):
+    """The apps run in the SuperLink's working directory (<out_dir>/flwr_runtime), so the config main.py hands
+    over carries absolute paths, resolved against main.py's working directory as run_simulation would."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    from fedlowrank.federated.runner import with_absolute_paths
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=fed_shakespeare", f"out_dir={tmp_path / 'out'}",
+                                           "data.path=../shared/data/tinyshakespeare.txt", "method=welore",
+                                           "method.from_ckpt=ckpts/start.safetensors"])
+    out = with_absolute_paths(cfg, tmp_path / "here")
+    assert out.data.path == os.path.normpath(str(tmp_path / "shared/data/tinyshakespeare.txt"))
+    assert out.method.from_ckpt == str(tmp_path / "here/ckpts/start.safetensors")
+    assert out.out_dir == str(tmp_path / "out")  # already absolute: unchanged
+    assert cfg.data.path == "../shared/data/tinyshakespeare.txt"  # the caller's config is not modified
+    assert OmegaConf.to_container(out.fed) == OmegaConf.to_container(cfg.fed)

@@ -72,7 +72,7 @@ def run_on_superlink(fr, cfg: DictConfig) -> dict:
     work = out / "flwr_runtime"
     work.mkdir(parents=True, exist_ok=True)
     conf = work / "config.yaml"
-    OmegaConf.save(OmegaConf.merge(cfg, {"out_dir": str(out)}), conf, resolve=True)
+    OmegaConf.save(with_absolute_paths(OmegaConf.merge(cfg, {"out_dir": str(out)}), Path.cwd()), conf, resolve=True)
     metrics, error = out / "metrics.json", out / "error.json"
     before = metrics.stat().st_mtime_ns if metrics.exists() else None
     error.unlink(missing_ok=True)
@@ -105,6 +105,24 @@ def run_on_superlink(fr, cfg: DictConfig) -> dict:
                            f"{work / 'superlink.log'}")
     log.info("superlink runtime: %.1f s wall", time.time() - t0)
     return json.loads(metrics.read_text())
+
+
+def with_absolute_paths(cfg: DictConfig, base) -> DictConfig:
+    """``cfg`` with its relative file paths (``deploy.PATH_KEYS``: data.path, data.root, method.from_ckpt, ...)
+    made absolute against ``base``: the apps run in the SuperLink's working directory, while the user (and the
+    validation main.py already did) meant main.py's. ``cfg`` itself is not modified."""
+    import os.path
+
+    from omegaconf import OmegaConf
+
+    from .deploy import PATH_KEYS
+
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key in PATH_KEYS:
+        value = OmegaConf.select(out, key, default=None)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            OmegaConf.update(out, key, os.path.abspath(os.path.join(base, value)), merge=False)
+    return out
 
 
 def wait_for_run(proc, superlink_pid: int, grace: float = 10.0, poll: float = 0.5) -> bool:

@@ -42,6 +42,11 @@ def test_federated_run_rejects_bad_updates_survives_crash_and_logs(tmp_path, cap
     crashes = [ln for ln in out.splitlines() if "client 3 failed" in ln and "crashed (injected fault)" in ln]
     assert len(crashes) == 3 and out.count("Traceback (most recent call last)") == 0
     assert (tmp_path / "client_failures.log").read_text().count("client 3 crashed (injected fault)") >= 3
+    # the apps ran in <out_dir>/flwr_runtime: relative paths reached them resolved where the run was started
+    from omegaconf import OmegaConf
+
+    handed = OmegaConf.load(tmp_path / "flwr_runtime" / "config.yaml")
+    assert handed.data.root == str(Path.cwd() / "data") and handed.out_dir == str(tmp_path)
     rounds = res["rounds_detail"]
     assert len(rounds) == 3
     for r in rounds:

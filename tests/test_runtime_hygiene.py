@@ -121,3 +121,25 @@ def test_wait_for_run_stops_flwr_run_soon_after_the_simulation_process_dies():
     finally:
         link.kill()
         link.wait()
+
+
+def test_stop_trees_kills_what_is_left_in_a_gone_roots_group():
+    """A root that already exited can leave members in its process group (re-parented away from it): they are
+    stopped too, as the loopback's SuperLink and node groups must be."""
+    root = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; print(subprocess.Popen([sys.executable, "
+                             "'-c', 'import time; time.sleep(60)']).pid, flush=True)"],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    orphan = int(root.stdout.readline())
+    root.wait()
+    try:
+        assert reaper.tree(root.pid) == [] and os.getpgid(orphan) == root.pid
+        reaper.stop_trees([root.pid], grace=1)
+        deadline = time.time() + 10
+        while reaper._stat(orphan) is not None and time.time() < deadline:
+            time.sleep(0.1)
+        assert reaper._stat(orphan) is None
+    finally:
+        try:
+            os.kill(orphan, signal.SIGKILL)
+        except OSError:
+            pass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -49,9 +48,6 @@ def stop(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
 
     stop_trees([p.pid for p in procs], grace)
     for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(OSError):
-                os.killpg(p.pid, signal.SIGKILL)
         p.wait(timeout=10)
     deadline = time.time() + 10
     while time.time() < deadline and any(group_alive(p.pid) for p in procs):

@@ -21,16 +21,26 @@ from pathlib import Path
 RAY_MARKERS = ("ray::", "/ray/", "raylet", "gcs_server")
 
 
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(process group, start time in clock ticks) of a live, non-zombie process."""
+def _fields(pid: int) -> tuple[str, int, int, int] | None:
+    """(state, parent, process group, start time in clock ticks) from ``/proc/<pid>/stat``, or None."""
     try:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = raw[raw.rindex(")") + 2:].split()
-    if fields[0] == "Z":
-        return None
-    return int(fields[2]), int(fields[19])
+    f = raw[raw.rindex(")") + 2:].split()
+    return f[0], int(f[1]), int(f[2]), int(f[19])
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(process group, start time in clock ticks) of a live, non-zombie process."""
+    f = _fields(pid)
+    return None if f is None or f[0] == "Z" else (f[2], f[3])
+
+
+def _same(pid: int, started: int) -> bool:
+    """``pid`` is still the live process that started at ``started`` (not gone, not a reused pid)."""
+    st = _stat(pid)
+    return st is not None and st[1] == started
 
 
 def _now_ticks() -> int:
@@ -58,45 +68,42 @@ def cmdline(pid: int) -> str:
 
 
 def tree(root: int) -> list[tuple[int, int]]:
-    """(pid, start time) of ``root`` and all its live descendants."""
+    """(pid, start time) of ``root`` and all its live (non-zombie) descendants, from one pass over /proc."""
+    procs = {int(d.name): f for d in Path("/proc").iterdir() if d.name.isdigit() and (f := _fields(int(d.name)))}
     children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                raw = (d / "stat").read_text()
-            except OSError:
-                continue
-            children.setdefault(int(raw[raw.rindex(")") + 2:].split()[1]), []).append(int(d.name))
+    for pid, (_, ppid, _, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
     out, todo = [], [root]
     while todo:
         p = todo.pop()
-        if (st := _stat(p)) is not None:
-            out.append((p, st[1]))
+        if p in procs and procs[p][0] != "Z":
+            out.append((p, procs[p][3]))
         todo.extend(children.get(p, []))
     return out
 
 
 def stop_trees(roots: list[int], grace: float = 10.0, spare: frozenset[int] = frozenset()) -> int:
-    """SIGTERM each root's process group, then SIGKILL whatever outlives ``grace`` of their trees and of the
-    process groups those trees had (a SuperExec's session keeps its Ray processes when their parent dies
-    and they are re-parented away from the tree). The caller's own group and ``spare`` are never signalled.
-    Returns how many processes of the trees had to be killed."""
+    """SIGTERM the process group of each root (each leads its own group), then SIGKILL whatever outlives
+    ``grace`` of their trees, of the roots' groups (also when a root itself is gone) and of the groups the
+    trees had (a SuperExec's session keeps its Ray processes when their parent dies and they are re-parented
+    away from the tree). The caller's own group and ``spare`` are never signalled. Returns how many
+    processes of the trees had to be killed."""
     procs = [pt for r in roots for pt in tree(r)]
-    if not procs:
-        return 0
     spare = spare | {os.getpgrp()}
-    groups = {g for p, _ in procs if (st := _stat(p)) is not None and (g := st[0]) not in spare}
+    groups = ({*roots} | {st[0] for p, _ in procs if (st := _stat(p)) is not None}) - spare
     for r in roots:
+        if r in spare:
+            continue
         try:
             os.killpg(r, signal.SIGTERM)
         except OSError:
             pass
     deadline = time.time() + grace
-    while time.time() < deadline and any(_stat(p) is not None and _stat(p)[1] == t for p, t in procs):
+    while time.time() < deadline and any(_same(p, t) for p, t in procs):
         time.sleep(0.2)
     killed = 0
     for p, t in procs:
-        if (st := _stat(p)) is not None and st[1] == t:  # same process, not a reused pid
+        if _same(p, t):
             try:
                 os.kill(p, signal.SIGKILL)
                 killed += 1

@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> None:
     mode = cfg.get("run_mode")
     try:
         if mode == "federated":
-            from fedlowrank.federated.runner import run
+            from fedlowrank.runtime.runner import run
         elif mode == "central":
             from fedlowrank.central import run  # type: ignore[no-redef]
         else:

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import emit  # noqa: E402
 
-from fedlowrank.federated.deploy import compose_cfg  # noqa: E402
-from fedlowrank.federated.runner import run  # noqa: E402
+from fedlowrank.federated.run_config import compose_cfg  # noqa: E402
+from fedlowrank.runtime.runner import run  # noqa: E402
 
 
 def main() -> None:

@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from fedlowrank.config import federated_run_from_cfg  # noqa: E402
 from fedlowrank.federated.client import model_from_state  # noqa: E402
-from fedlowrank.federated.deploy import compose_cfg  # noqa: E402
-from fedlowrank.federated.inprocess import InProcessGrid, make_strategy, run_rounds  # noqa: E402
+from fedlowrank.federated.run_config import compose_cfg  # noqa: E402
+from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds  # noqa: E402
 from fedlowrank.federated.report import personalized_eval  # noqa: E402
 from fedlowrank.federated.task import build_model, fed_data  # noqa: E402
 from fedlowrank.training.loop import evaluate_classifier, train_classifier  # noqa: E402

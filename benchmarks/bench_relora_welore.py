@@ -23,9 +23,9 @@ from _common import emit  # noqa: E402
 
 from fedlowrank.central import central_run_from_cfg, launch  # noqa: E402
 from fedlowrank.central.dist import load_weights  # noqa: E402
-from fedlowrank.central.trainer import build_lm  # noqa: E402
+from fedlowrank.central.model import build_lm  # noqa: E402
 from fedlowrank.data.text import get_batch, load_text_data  # noqa: E402
-from fedlowrank.federated.deploy import compose_cfg  # noqa: E402
+from fedlowrank.federated.run_config import compose_cfg  # noqa: E402
 from fedlowrank.methods.welore import WeLoreConfig, welore_compress  # noqa: E402
 
 

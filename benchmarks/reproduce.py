@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import emit  # noqa: E402
 
 from fedlowrank.central import central_run_from_cfg, launch  # noqa: E402
-from fedlowrank.federated.deploy import compose_cfg  # noqa: E402
+from fedlowrank.federated.run_config import compose_cfg  # noqa: E402
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 

@@ -4,6 +4,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 
 from fedlowrank.central import central_run_from_cfg
+from fedlowrank.config import federated_run_from_cfg
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # small, CPU-pinned central runs: deterministic wherever the tests run
@@ -19,3 +20,9 @@ def compose_cfg(*overrides):
 def central_run(out_dir, *overrides):
     """Validated CentralRun for a tiny CPU run writing to ``out_dir``."""
     return central_run_from_cfg(compose_cfg(*FAST, f"out_dir={out_dir}", *overrides))
+
+
+def text_run(play, *overrides):
+    """Validated FederatedRun of the Shakespeare experiment on the play file ``play``."""
+    return federated_run_from_cfg(compose_cfg("experiment=fed_shakespeare", f"data.path={play}", "out_dir=/tmp/x",
+                                              "data.seq_len=16", "fed.min_partition_size=2", *overrides))

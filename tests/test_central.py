@@ -165,7 +165,7 @@ def test_cosine_schedule():
 
 
 def test_lowrank_modules_in_gpt2_and_llama_targets(tmp_path):
-    from fedlowrank.central.trainer import build_lm
+    from fedlowrank.central.model import build_lm
 
     for exp in ("gpt2_fixed", "llama_inrank"):
         run = _run(tmp_path, f"experiment={exp}")

@@ -114,3 +114,24 @@ def test_hydra_writes_nothing_outside_out_dir(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert list(work.iterdir()) == []  # no outputs/<date>/<time> in the working directory
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "summary.json").is_file()
+
+
+def test_section_defaults_are_written_once_in_the_dataclasses():
+    """``fed.*`` and ``trainer.*`` defaults come from FedConfig / TrainerConfig through Hydra's ConfigStore:
+    the composed sections equal the dataclasses' defaults, and no mode YAML writes a value of its own."""
+    from omegaconf import OmegaConf
+
+    from fedlowrank.config.central import TrainerConfig
+    from fedlowrank.config.federated import FedConfig
+    from fedlowrank.schema import defaults
+
+    fed = OmegaConf.to_container(_compose(["mode=federated"]).fed)
+    trainer = OmegaConf.to_container(_compose(["mode=central"]).trainer)
+    assert fed == defaults(FedConfig) and fed["rounds"] == 15 and fed["devices"]["spread"] == 10.0
+    assert trainer == defaults(TrainerConfig) and trainer["max_steps"] == 200
+    for mode in ("federated", "central"):
+        raw = OmegaConf.to_container(OmegaConf.load(CONF / "mode" / f"{mode}.yaml"))
+        assert set(raw) == {"defaults", "run_mode"}, raw
+    # a command-line override still reaches the typed run, and a nested default can be overridden
+    run = federated_run_from_cfg(_compose(["mode=federated", "fed.rounds=3", "fed.devices.spread=2"]))
+    assert run.fed.rounds == 3 and run.fed.devices.spread == 2.0 and run.fed.lr == FedConfig().lr

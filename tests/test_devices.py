@@ -71,7 +71,7 @@ def test_strategy_simulated_time_budgets_from_memory_and_deadline():
     """Budgets come from the devices (tiers 0.1 / 1.0 of the median memory); each client's simulated time
     matches the time model with server-known examples and counted FLOPs; a deadline between the clients'
     times drops exactly the slower ones and the round then lasts the deadline."""
-    from fedlowrank.federated.inprocess import InProcessGrid, make_strategy, run_rounds
+    from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds
     from fedlowrank.lowrank import state_bytes
 
     dev = ["fed.devices.distribution=tiers", "fed.devices.tiers=[0.1,1.0]", "fed.devices.budget_from=memory",

@@ -11,13 +11,13 @@ from torch.utils.data import DataLoader
 from fedlowrank.config import ConfigError, federated_run_from_cfg
 from fedlowrank.data.shakespeare import load_role_text, natural_partitions, parse_roles
 from fedlowrank.federated.client import model_from_state
-from fedlowrank.federated.inprocess import InProcessGrid, make_strategy, run_rounds
+from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds
 from fedlowrank.federated.methods import fed_method
 from fedlowrank.federated.report import label_skew, personalized_eval
-from fedlowrank.federated.runner import check_partitions
+from fedlowrank.runtime.runner import check_partitions
 from fedlowrank.federated.task import FedData, fed_data
 from fedlowrank.training.loop import evaluate_classifier
-from helpers import compose_cfg
+from helpers import compose_cfg, text_run
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 PLAY = """First Citizen:
@@ -35,20 +35,6 @@ MENENIUS:
 Why, masters, my good friends, mine honest neighbours,
 Will you undo yourselves?
 """
-
-
-@pytest.fixture
-def play(tmp_path):
-    """A synthetic play: 6 roles with speeches of different lengths, in tinyshakespeare's format."""
-    rng = np.random.default_rng(0)
-    words = ["the", "king", "shall", "not", "be", "gone", "my", "lord", "sweet", "night", "and", "love"]
-    blocks = []
-    for i in range(120):
-        role = ["ROMEO", "JULIET", "NURSE", "FRIAR LAURENCE", "TYBALT", "PAGE"][i % 6 if i % 5 else 0]
-        blocks.append(f"{role}:\n" + " ".join(rng.choice(words, size=25 + 10 * (i % 6))) + ".")
-    p = tmp_path / "play.txt"
-    p.write_text("\n\n".join(blocks) + "\n")
-    return p
 
 
 def test_parse_roles_joins_continuations():
@@ -88,30 +74,25 @@ def test_natural_partitions_one_role_per_client_largest_first(play):
         natural_partitions(d, 7, min_size=1)
 
 
-def _run(play, *overrides):
-    return federated_run_from_cfg(compose_cfg("experiment=fed_shakespeare", f"data.path={play}", "out_dir=/tmp/x",
-                                              "data.seq_len=16", "fed.min_partition_size=2", *overrides))
-
-
 def test_config_errors_before_training(play, tmp_path):
     with pytest.raises(ConfigError, match="data.path"):
-        _run(tmp_path / "missing.txt")
+        text_run(tmp_path / "missing.txt")
     with pytest.raises(ConfigError, match="natural"):
         federated_run_from_cfg(compose_cfg("mode=federated", "fed.partition=natural", "out_dir=/tmp/x"))
     with pytest.raises(ConfigError, match="dirichlet"):
-        _run(play, "fed.partition=dirichlet")
+        text_run(play, "fed.partition=dirichlet")
     with pytest.raises(ConfigError, match="model=lstm"):
-        _run(play, "model=mlp")
+        text_run(play, "model=mlp")
     with pytest.raises(ConfigError, match="block_size"):
-        _run(play, "model=char_transformer", "model.block_size=8")
+        text_run(play, "model=char_transformer", "model.block_size=8")
     with pytest.raises(ConfigError, match="hiden"):
-        _run(play, "+model.hiden=3")
+        text_run(play, "+model.hiden=3")
     with pytest.raises(ConfigError, match="roles"):  # more clients than roles: refused before any training
-        check_partitions(_run(play, "fed.num_clients=9"))
+        check_partitions(text_run(play, "fed.num_clients=9"))
 
 
 def test_text_run_learns_and_personalised_eval_matches_hand_computation(play):
-    run = _run(play, "fed.num_clients=4", "fed.rank_ratios=[0.25,1.0]", "model.hidden=32", "model.emb_dim=16")
+    run = text_run(play, "fed.num_clients=4", "fed.rank_ratios=[0.25,1.0]", "model.hidden=32", "model.emb_dim=16")
     strategy, grid = make_strategy(run), InProcessGrid(run)
     fd = fed_data(run)
     test = DataLoader(fd.test, batch_size=256)
@@ -135,7 +116,7 @@ def test_text_run_learns_and_personalised_eval_matches_hand_computation(play):
 def test_small_transformer_option_trains_factorized(play):
     """model=char_transformer: a 2-layer GPT-2 on the same task; its attention/MLP linears are factorized at
     the clients' budgets (embeddings and the tied head dense) and the global model learns."""
-    run = _run(play, "model=char_transformer", "fed.num_clients=3", "fed.rank_ratios=[0.25,1.0]", "model.n_embd=32",
+    run = text_run(play, "model=char_transformer", "fed.num_clients=3", "fed.rank_ratios=[0.25,1.0]", "model.n_embd=32",
                "model.n_head=2", "fed.lr=0.5", "fed.momentum=0.9")
     strategy, grid = make_strategy(run), InProcessGrid(run)
     assert any(k.endswith("attn.c_attn.U") for k in strategy.global_state)
@@ -193,71 +174,3 @@ def test_hub_datasets_config_and_clear_offline_error(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "flwrlabs/femnist could not be loaded" in proc.stderr + proc.stdout
     assert "internet" in proc.stderr + proc.stdout
-
-
-def test_node_disk_cache_round_trips_and_ignores_damage(play, tmp_path, monkeypatch):
-    """A second process (simulated: the in-memory cache cleared) reads the partitions from disk instead of
-    recomputing them; a damaged entry is recomputed; a changed input file gets a new key."""
-    from fedlowrank.federated import cache, task
-
-    monkeypatch.setenv("FEDLOWRANK_CACHE_DIR", str(tmp_path / "c"))
-    task._cached.cache_clear()
-    run = _run(play, "fed.num_clients=3")
-    first = fed_data(run)
-    entries = list((tmp_path / "c" / "fed-data").iterdir())
-    assert len(entries) == 1
-    task._cached.cache_clear()
-    calls = []
-    monkeypatch.setattr(task, "_load", lambda *a: calls.append(a))  # a cache hit must not recompute
-    again = fed_data(run)
-    assert calls == [] and torch.equal(again.x, first.x) and torch.equal(again.test.tensors[1], first.test.tensors[1])
-    assert all(np.array_equal(a, b) for a, b in zip(again.train_parts, first.train_parts))
-    assert all(np.array_equal(a, b) for a, b in zip(again.heldout_parts, first.heldout_parts))
-    (entries[0] / "tensors.safetensors").write_bytes(b"garbage")
-    assert cache.load(entries[0].name, FedData) is None  # damaged: not trusted
-    play.write_text(play.read_text() + "\\nROMEO:\\nOne more line for the key.\\n")
-    assert cache.cache_key((1,), [str(play)]) != cache.cache_key((1,), [str(play) + "x"])
-    task._cached.cache_clear()
-
-
-def test_node_config_cache_matches_hydra_and_follows_the_config_files(tmp_path, monkeypatch):
-    """The composed config a deployed node caches equals a fresh Hydra composition; a hit composes
-    nothing; an edited config file, other overrides or a disabled cache compose again; bad overrides
-    are never cached."""
-    import shutil
-
-    from omegaconf import OmegaConf
-
-    from fedlowrank.config import federated_run_from_cfg
-    from fedlowrank.federated import cache, deploy
-
-    conf = tmp_path / "conf"
-    shutil.copytree(deploy.CONF_DIR, conf)
-    monkeypatch.setenv("FEDLOWRANK_CACHE_DIR", str(tmp_path / "c"))
-    calls = []
-
-    def compose(ov):
-        calls.append(list(ov))
-        from hydra import compose as hc, initialize_config_dir
-
-        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-            return hc("config", overrides=list(ov))
-
-    ov = ["mode=federated", "strategy=product", "fed.rounds=7", "fed.rank_ratios=[0.2,1.0]"]
-    fresh = cache.composed_config(ov, conf, compose)
-    hit = cache.composed_config(ov, conf, compose)
-    assert len(calls) == 1 and OmegaConf.to_container(hit) == OmegaConf.to_container(fresh)
-    assert OmegaConf.is_struct(hit)  # unknown keys still refused, as on a fresh composition
-    hit.out_dir, fresh.out_dir = "x", "x"
-    assert federated_run_from_cfg(hit) == federated_run_from_cfg(fresh)
-    cache.composed_config(ov[:2], conf, compose)  # other overrides: another entry
-    assert len(calls) == 2
-    mode = conf / "mode" / "federated.yaml"
-    mode.write_text(mode.read_text().replace("rounds: 15", "rounds: 16"))
-    assert cache.composed_config(ov[:2], conf, compose).fed.rounds == 16 and len(calls) == 3
-    with pytest.raises(Exception):
-        cache.composed_config(["mode=federated", "fed.no_such_key=1"], conf, compose)
-    assert len(list((tmp_path / "c" / "configs").glob("*.yaml"))) == 3
-    monkeypatch.setenv("FEDLOWRANK_CACHE_DIR", "off")
-    cache.composed_config(ov, conf, compose)
-    assert len(calls) == 5

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedlowrank.federated.aggregation import aggregate, budget_ranks, client_view
-from fedlowrank.federated.rankadapt import adapt_ranks, check_config, due, explained, layer_caps
+from fedlowrank.federated.rankadapt import adapt_ranks, due, explained, layer_caps
 from fedlowrank.methods.inrank import InRankConfig
 from fedlowrank.lowrank.spectrum import explained_variance_ratios
 
@@ -113,11 +113,11 @@ def test_rank_grows_when_the_task_needs_rank_and_shrinks_when_it_does_not():
 
 
 def test_config_and_bad_input():
-    check_config(InRankConfig())
+    InRankConfig().validate_federated()
     for bad in (dict(stage=2, stage1_ckpt="x"), dict(check_rounds=0), dict(threshold=1.5), dict(rule="x"),
                 dict(slack=-1)):
         with pytest.raises(ValueError):
-            check_config(InRankConfig(**bad))
+            InRankConfig(**bad).validate_federated()
     cfg = InRankConfig(warmup_rounds=2, check_rounds=3)
     assert [due(cfg, r) for r in range(1, 9)] == [False, False, False, False, True, False, False, True]
 
@@ -126,15 +126,15 @@ def test_federated_inrank_run_adapts_logs_and_caps_clients(tmp_path):
     """method=inrank in federated mode (in-process grid): starts at init_rank + buffer, the global ranks
     move, per-layer global ranks reach TensorBoard, and no client ever trains more than its budget or
     the global rank."""
-    from torch.utils.tensorboard import SummaryWriter
+    from fedlowrank.federated.tb import RunWriters
 
     from fedlowrank.config import ConfigError, federated_run_from_cfg
     from fedlowrank.federated.aggregation import layer_ranks
-    from fedlowrank.federated.inprocess import InProcessGrid, run_rounds
+    from fedlowrank.runtime.inprocess import InProcessGrid, run_rounds
     from fedlowrank.federated.methods import fed_method
     from fedlowrank.federated.server import partition_sizes
     from helpers import compose_cfg
-    from server.strategy import HeteroRankStrategy
+    from fedlowrank.federated.strategy import HeteroRankStrategy
 
     over = ["mode=federated", f"out_dir={tmp_path}", "fed.num_clients=3", "fed.local_epochs=1", "fed.rounds=3",
             "fed.rank_ratios=[0.1,0.5]", "method=inrank", "method.buffer=4", "strategy=product"]
@@ -144,7 +144,7 @@ def test_federated_inrank_run_adapts_logs_and_caps_clients(tmp_path):
     start = layer_ranks(init)
     caps = layer_caps(init, method.cfg, {"ratio": 0.5})  # the largest budget caps the global rank
     assert start and start == {p: min(2 + 4, caps[p]) for p in caps}  # init_rank 2 + buffer 4
-    writer = SummaryWriter(str(tmp_path / "tb"))
+    writer = RunWriters(tmp_path / "tb")
     st = HeteroRankStrategy(run, method, init, writer=writer, sizes=partition_sizes(run))
     seen = []
     orig = method.view
@@ -182,11 +182,11 @@ def test_federated_inrank_resume_is_exact(tmp_path):
 
     from fedlowrank.config import federated_run_from_cfg
     from fedlowrank.federated.aggregation import layer_ranks
-    from fedlowrank.federated.inprocess import InProcessGrid, make_strategy, run_rounds
+    from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds
     from fedlowrank.federated.methods import fed_method
     from fedlowrank.federated.server import partition_sizes
     from helpers import compose_cfg
-    from server.strategy import HeteroRankStrategy
+    from fedlowrank.federated.strategy import HeteroRankStrategy
 
     run = federated_run_from_cfg(compose_cfg(
         "mode=federated", f"out_dir={tmp_path}", "fed.num_clients=3", "fed.local_steps=4", "fed.rounds=4",

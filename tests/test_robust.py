@@ -10,10 +10,10 @@ from helpers import CONF
 from hydra import compose, initialize_config_dir
 
 from fedlowrank.config import ConfigError, federated_run_from_cfg
-from fedlowrank.federated.inprocess import InProcessGrid, make_strategy, run_rounds
+from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds
 from fedlowrank.federated.methods import fed_method
 from fedlowrank.federated.robust import RejectedReply, bounded_weight, check_metrics, clip_update, robust_aggregate
-from server.strategy import NoValidUpdates
+from fedlowrank.federated.strategy import NoValidUpdates
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -155,7 +155,7 @@ def test_bad_federated_settings_rejected_before_work(tmp_path, bad, key):
 
 
 def test_partitions_that_leave_clients_without_data_fail_before_ray(tmp_path):
-    from fedlowrank.federated.runner import check_partitions
+    from fedlowrank.runtime.runner import check_partitions
 
     with pytest.raises(ConfigError, match="min_partition_size"):
         check_partitions(_run(tmp_path, "fed.min_partition_size=100000"))
@@ -164,25 +164,25 @@ def test_partitions_that_leave_clients_without_data_fail_before_ray(tmp_path):
 def test_superlink_runtime_without_a_project_checkout_fails_before_any_work(tmp_path, monkeypatch):
     """An installed (not cloned) library has no pyproject.toml naming the apps: the default runtime refuses
     with a ConfigError before partitions are computed or any process starts."""
-    from fedlowrank.federated import loopback, runner
+    from fedlowrank.runtime import runner, superlink
 
     started = []
     monkeypatch.setattr(runner, "check_partitions", lambda fr: started.append("partitions"))
-    monkeypatch.setattr(runner, "run_on_superlink", lambda fr, cfg: started.append("superlink"))
+    monkeypatch.setattr(superlink, "run_on_superlink", lambda fr, cfg: started.append("superlink") or {})
     cfg = compose_cfg_for(tmp_path)
-    monkeypatch.setattr(loopback, "PROJECT", tmp_path / "site-packages")
+    monkeypatch.setattr(superlink, "PROJECT", tmp_path / "site-packages")
     with pytest.raises(ConfigError, match="pyproject.toml"):
         runner.run(cfg)
     (tmp_path / "site-packages").mkdir()
     (tmp_path / "site-packages" / "pyproject.toml").write_text("[project]\nname = 'x'\n")
     with pytest.raises(ConfigError, match="tool.flwr.app"):
         runner.run(cfg)
-    monkeypatch.setattr(loopback, "PROJECT", Path(runner.__file__).resolve().parents[2])
-    monkeypatch.setattr(loopback, "BIN", tmp_path / "bin")
+    monkeypatch.setattr(superlink, "PROJECT", Path(runner.__file__).resolve().parents[2])
+    monkeypatch.setattr(superlink, "BIN", tmp_path / "bin")
     with pytest.raises(ConfigError, match="flwr, flower-superlink"):
         runner.run(cfg)
     assert started == []
-    monkeypatch.setattr(loopback, "BIN", Path(sys.executable).parent)
+    monkeypatch.setattr(superlink, "BIN", Path(sys.executable).parent)
     runner.run(cfg)  # the real checkout passes the check
     assert started == ["partitions", "superlink"]
 
@@ -193,7 +193,7 @@ def compose_cfg_for(tmp_path):
 
 
 def test_remote_run_config_cannot_choose_file_paths():
-    from fedlowrank.federated.deploy import run_from_run_config
+    from fedlowrank.federated.run_config import run_from_run_config
 
     for o in ("out_dir=/tmp/x", "data.root=/etc", "method.from_ckpt=/x.safetensors", "hydra.run.dir=/x",
               "+data.root=/x"):
@@ -211,7 +211,7 @@ def test_config_file_in_a_run_config_only_on_a_runtime_main_started(tmp_path, mo
     the runtime itself and marked it trusted; elsewhere it is refused."""
     from omegaconf import OmegaConf
 
-    from fedlowrank.federated.deploy import TRUST_ENV, run_from_run_config
+    from fedlowrank.federated.run_config import TRUST_ENV, run_from_run_config
     from helpers import compose_cfg
 
     conf = tmp_path / "config.yaml"
@@ -264,7 +264,7 @@ def test_superlink_runtime_gets_file_paths_resolved_where_main_py_ran(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from fedlowrank.federated.runner import with_absolute_paths
+    from fedlowrank.runtime.superlink import with_absolute_paths
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=fed_shakespeare", f"out_dir={tmp_path / 'out'}",

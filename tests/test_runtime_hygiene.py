@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from fedlowrank.federated import reaper
-from fedlowrank.federated.logs import EngineTracebackFilter, quiet_engine_tracebacks
+from fedlowrank.runtime import reaper
+from fedlowrank.runtime.logs import EngineTracebackFilter, quiet_engine_tracebacks
 
 
 def _record(path: str, func: str, level: int = logging.ERROR) -> logging.LogRecord:
@@ -63,7 +63,7 @@ root = subprocess.Popen([sys.executable, "-c",
     "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], "
     "start_new_session=True); time.sleep(300)"], start_new_session=True)
 sys.path.insert(0, {src!r})
-from fedlowrank.federated import reaper
+from fedlowrank.runtime import reaper
 reaper.start(roots=(root.pid,))
 print(root.pid, flush=True)
 time.sleep(300)
@@ -105,7 +105,7 @@ def test_stop_tree_leaves_unrelated_processes_alone():
 def test_wait_for_run_stops_flwr_run_soon_after_the_simulation_process_dies():
     """``flwr run --stream`` would wait for the SuperLink's heartbeat timeout; once the SuperLink's
     ``flwr-simulation`` child is gone it gets ``grace`` seconds. A run that ends by itself is left alone."""
-    from fedlowrank.federated.runner import wait_for_run
+    from fedlowrank.runtime.superlink import wait_for_run
 
     # a stand-in SuperLink whose child carries flwr-simulation in its command line and dies after 1 s
     link = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen([sys.executable, "

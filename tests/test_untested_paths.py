@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedlowrank.central import launch
 from fedlowrank.federated.client import local_train
-from fedlowrank.federated.inprocess import InProcessGrid, make_strategy, run_rounds
+from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds
 from fedlowrank.federated.methods import fed_method
 from fedlowrank.federated.server import partition_sizes
 from fedlowrank.lowrank import add_lora, frobenius_decay, lowrank_modules, merge_lora

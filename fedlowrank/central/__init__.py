@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .config import CentralRun, central_run_from_cfg
+from fedlowrank.config.central import CentralRun, central_run_from_cfg
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +23,31 @@ def _spawned(local_rank: int, run: CentralRun, port: int, world: int) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if run.trainer.device == "cpu" or not torch.cuda.is_available():
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    from .trainer import train
-
     train(run)
+
+
+def train(run: CentralRun) -> dict:
+    """Entry point of one process (plain, torchrun, or spawned)."""
+    import torch.distributed as dist
+
+    from fedlowrank.data.text import check_splits, load_text_data
+
+    from .dist import init_dist
+    from .trainer import Trainer
+
+    env = init_dist(run.trainer.backend, run.trainer.device)
+    try:
+        d = run.data
+        data = load_text_data(d.name, d.tokenizer, d.path, d.val_fraction, d.max_chars, d.cache_dir,
+                              train_path=d.train_path, eval_path=d.eval_path)
+        check_splits(data, run.trainer.block_size, f"data={d.name}" + (f" ({d.train_path})" if d.train_path else ""))
+        summary = Trainer(run, env, data).fit()
+        if env.distributed:
+            dist.barrier()  # every rank leaves its last collective before rank 0 (the store host) tears down
+        return summary
+    finally:
+        if env.distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def launch(run: CentralRun) -> dict:
@@ -38,14 +61,45 @@ def launch(run: CentralRun) -> dict:
         log.info("spawning %d workers", run.trainer.devices)
         mp.spawn(_spawned, args=(run, free_port(), run.trainer.devices), nprocs=run.trainer.devices, join=True)
         return json.loads((Path(run.out_dir) / "summary.json").read_text())
-    from .trainer import train
-
     return train(run)
 
 
+def summary_lines(summary: dict, out_dir: str, wall_s: float) -> list[str]:
+    """The closing lines of a central run: held-out loss/ppl, parameters against the dense model, final
+    ranks, wall time, whole-run tokens/s, and where ``summary.json`` and the TensorBoard logs are."""
+    ev = summary.get("final_eval") or {}
+    comp = summary.get("compression") or {}
+    lines = [f"central run finished at step {summary.get('step')} in {wall_s:.1f} s wall"]
+    if ev:
+        lines.append(f"  held-out loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f} (step {ev['step']})")
+    params, dense = summary.get("params", 0), comp.get("params_if_dense") or summary.get("params", 0)
+    lines.append(f"  parameters {params:,} ({params / max(1, dense):.3f}x the dense model's {dense:,}); "
+                 f"trainable {summary.get('trainable_params', 0):,}")
+    ranks = summary.get("ranks") or {}
+    if ranks:
+        shown = ", ".join(f"{k} {v}" for k, v in list(ranks.items())[:6])
+        lines.append(f"  final ranks ({len(ranks)} layers): {shown}{', ...' if len(ranks) > 6 else ''}")
+    lines.append(f"  throughput {summary.get('tokens_per_s', 0):,.0f} tokens/s over the whole run "
+                 f"({summary.get('tokens_seen', 0):,} tokens)")
+    out = os.path.abspath(out_dir)
+    lines.append(f"  summary: {os.path.join(out, 'summary.json')}")
+    lines.append(f"  tensorboard --logdir {out}")
+    return lines
+
+
 def run(cfg: DictConfig) -> dict:
-    """Validate the config (errors before any training), then train."""
-    return launch(central_run_from_cfg(cfg))
+    """Validate the config (errors before any training), then train; logs where the output goes at the start
+    and a short summary at the end."""
+    cr = central_run_from_cfg(cfg)
+    log.info("central run: %s %s, lowrank=%s, method=%s, data=%s, %d steps; output in %s", cr.model.arch,
+             cr.model.size, cr.model.lowrank, cr.method.get("name", "none"), cr.data.name, cr.trainer.max_steps,
+             os.path.abspath(cr.out_dir))
+    t0 = time.time()
+    summary = launch(cr)
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in summary_lines(summary, cr.out_dir, time.time() - t0):
+            log.info("%s", line)
+    return summary
 
 
-__all__ = ["CentralRun", "central_run_from_cfg", "launch", "run"]
+__all__ = ["CentralRun", "central_run_from_cfg", "launch", "run", "summary_lines", "train"]

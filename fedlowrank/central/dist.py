@@ -161,3 +161,21 @@ class _StateHolder(nn.Module):
 
     def state_dict(self, *a, **k):  # type: ignore[override]
         return dict(self._state)
+
+
+def broadcast_object(obj, env: DistEnv):
+    """``obj`` as rank 0 has it, on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_across(x: float, env: DistEnv) -> float:
+    """The mean of ``x`` over all ranks."""
+    if not env.distributed:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.item() / env.world

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,52 +16,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlowrank.checkpoint import is_complete, latest_complete, load_torch_state
-from fedlowrank.data.text import TextData, check_splits, eval_windows, get_batch, load_text_data
-from fedlowrank.lowrank import count_params, factorize, model_ranks, set_ranks
-from fedlowrank.models.gpt2 import GPT2, GPT2Config
-from fedlowrank.models.llama import Llama, LlamaConfig
+from fedlowrank.data.text import TextData, eval_windows, get_batch
+from fedlowrank.config.central import CentralRun
+from fedlowrank.lowrank import compression_summary, count_params, model_ranks, set_ranks
 from fedlowrank.training.optim import remap_optimizer_state
 
-from .config import CentralRun
 from .guard import NonFiniteGuard
 from .hooks import make_hook
+from .model import build_lm
 from .throughput import device_peak_flops, mfu, train_flops_per_token
-from .dist import (DistEnv, full_state, init_dist, load_checkpoint_meta, load_optimizer_state, load_weights,
-                   resolve_checkpoint, save_checkpoint, tied_duplicates, wrap_model)
+from .dist import (DistEnv, broadcast_object, full_state, load_checkpoint_meta, load_optimizer_state, load_weights,
+                   mean_across, resolve_checkpoint, save_checkpoint, tied_duplicates, wrap_model)
 
 log = logging.getLogger(__name__)
 
 
-def build_lm(run: CentralRun, vocab_size: int) -> nn.Module:
-    """Dense GPT-2/LLaMA, factorized per ``model.lowrank`` (fixed budget or InRank's start rank)."""
-    m, t = run.model, run.trainer
-    if m.arch == "gpt2":
-        model: nn.Module = GPT2(GPT2Config.from_size(m.size, vocab_size=vocab_size, block_size=t.block_size,
-                                                     dropout=m.dropout))
-    else:
-        model = Llama(LlamaConfig.from_size(m.size, vocab_size=vocab_size, block_size=t.block_size))
-    if m.lowrank == "fixed":
-        factorize(model, rank=m.rank, ratio=m.ratio, targets=m.targets, skip=m.skip)
-    elif m.lowrank == "inrank":
-        ir = run.inrank()
-        factorize(model, rank=ir.init_rank + ir.buffer, targets=m.targets, skip=m.skip)  # type: ignore[union-attr]
-    return model
+@dataclass
+class _Pace:
+    """Throughput bookkeeping of :meth:`Trainer.fit`: the last log point (time, step, tokens/s) and the
+    training time not yet banked (since ``loop_start``, minus ``side``: eval and checkpoint time)."""
 
-
-def _broadcast(obj, env: DistEnv):
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _mean(x: float, env: DistEnv) -> float:
-    if not env.distributed:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=env.device)
-    dist.all_reduce(t)
-    return t.item() / env.world
+    s0: int
+    t0: float = field(default_factory=time.perf_counter)
+    tps: float = 0.0
+    loop_start: float = field(default_factory=time.perf_counter)
+    side: float = 0.0
 
 
 class Trainer:
@@ -134,7 +114,7 @@ class Trainer:
         return load_torch_state(Path(path) / "trainer.pt")  # weights_only: a planted pickle cannot run code
 
     def broadcast(self, obj):
-        return _broadcast(obj, self.env)
+        return broadcast_object(obj, self.env)
 
     def apply_rank_change(self, change) -> None:
         """Run ``change(model)`` (which replaces factor Parameters), then remap optimizer state
@@ -224,83 +204,108 @@ class Trainer:
             for i in range(t.eval_iters):
                 x, y = get_batch(self.data.val, t.batch_size, t.block_size, self.run.seed + 1, i, env.rank)
                 losses.append(self._loss(x.to(env.device), y.to(env.device), self.wrapped).item())
-            loss = _mean(sum(losses) / len(losses), env)
+            loss = mean_across(sum(losses) / len(losses), env)
         self.wrapped.train()
         return {"step": self.step, "loss": loss, "ppl": math.exp(min(loss, 50.0))}
 
     def fit(self) -> dict:
+        """Train to ``max_steps`` (or ``stop_after``): step, log, evaluate, checkpoint; returns the summary
+        (also written to ``summary.json``)."""
         t, env = self.t, self.env
-        if env.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tb"))
-        from tqdm import tqdm
-
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (env.is_main and t.progress), desc="train")
+        bar = self._open_outputs()
         tokens_per_step = t.batch_size * t.block_size * t.grad_accum * env.world
-        t0, s0, tps = time.perf_counter(), self.step, 0.0
-        loop_start, side = time.perf_counter(), 0.0  # side: eval + checkpoint time, left out of throughput
+        pace = _Pace(self.step)
         end = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
         lazy = self._lazy_checks()
         while self.step < end:
-            flops_per_token = self.flops_per_token
-            loss_t = self.train_step()
-            self.model_flops += flops_per_token * tokens_per_step
-            self.guard.note(loss_t, self.step)
-            log_now = self.step % t.log_interval == 0 or self.step == t.max_steps
-            eval_now = self.step % t.eval_interval == 0 or self.step == t.max_steps
-            ckpt_now = self.step % t.ckpt_interval == 0 or self.step in (t.max_steps, end)
-            if not lazy or log_now or eval_now or ckpt_now or self.hook.acts_at(self.step):
-                self._raise_if_nonfinite()
-            self.hook.after_step(self)
-            self.tokens_seen += tokens_per_step
-            if log_now:
-                loss = _mean(float(loss_t), env)
-                self._sync()
-                tps = tokens_per_step * (self.step - s0) / max(1e-9, time.perf_counter() - t0)
-                t0, s0 = time.perf_counter(), self.step
-                self.losses.append((self.step, loss))
-                self._log_scalars(loss, tps)
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:.0f}")
-            if eval_now or ckpt_now:
-                self._sync()
-            ts = time.perf_counter()
-            if eval_now:
-                ev = self.evaluate()
-                self.evals.append(ev)
-                if self.writer:
-                    self.writer.add_scalar("eval/loss", ev["loss"], self.step)
-                    self.writer.add_scalar("eval/ppl", ev["ppl"], self.step)
-            if ckpt_now:
-                self.train_time += ts - loop_start - side  # bank the training time so far in the checkpoint
-                side, loop_start = 0.0, time.perf_counter()
-                ts = loop_start
-                self.save()
-            side += time.perf_counter() - ts
+            loss_t = self._train_one(tokens_per_step, lazy, end)
+            self._after_step(loss_t, pace, tokens_per_step, end, bar)
             bar.update(1)
         bar.close()
         self._sync()
-        self.train_time += time.perf_counter() - loop_start - side
-        summary = {"step": self.step, "final_eval": self.evals[-1] if self.evals else None,
-                   "losses": self.losses, "evals": self.evals, "params": count_params(self.model),
-                   "trainable_params": count_params(self.model, trainable_only=True),
-                   "optimizer_state_bytes": self.optimizer_state_bytes(),
-                   "ranks": model_ranks(self.model),
-                   # whole run (every stage, resumed segments included), eval and checkpoints left out
-                   "tokens_per_s": self.tokens_seen / max(1e-9, self.train_time),
-                   "tokens_seen": self.tokens_seen, "train_time_s": self.train_time,
-                   "tokens_per_s_last_interval": tps,
-                   "flops_per_token": self.flops_per_token, "model_flops": self.model_flops,
-                   "model_flops_per_s": self.model_flops / max(1e-9, self.train_time),
-                   "mfu": mfu(self.model_flops, self.train_time, device_peak_flops(env.device, t.peak_tflops), env.world),
-                   "replica_max_diff": self.replica_divergence(), "compiles": self.compiles,
-                   "graph_compiles": len(self.graph_compile_steps), "graph_compile_steps": self.graph_compile_steps,
-                   **self.hook.summary()}
+        self.train_time += time.perf_counter() - pace.loop_start - pace.side
+        summary = self._summary(pace.tps)
         if env.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             if self.writer:
                 self.writer.close()
         return summary
+
+    def _open_outputs(self):
+        """TensorBoard writer (main process) and the progress bar."""
+        if self.env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.out / "tb"))
+        from tqdm import tqdm
+
+        return tqdm(total=self.t.max_steps, initial=self.step, disable=not (self.env.is_main and self.t.progress),
+                    desc="train")
+
+    def _train_one(self, tokens_per_step: int, lazy: bool, end: int) -> torch.Tensor:
+        """One optimizer step with its FLOP/token accounting, the non-finite guard and the method hook."""
+        t = self.t
+        flops_per_token = self.flops_per_token
+        loss_t = self.train_step()
+        self.model_flops += flops_per_token * tokens_per_step
+        self.guard.note(loss_t, self.step)
+        due = (self.step % t.log_interval == 0 or self.step % t.eval_interval == 0
+               or self.step % t.ckpt_interval == 0 or self.step in (t.max_steps, end))
+        if not lazy or due or self.hook.acts_at(self.step):
+            self._raise_if_nonfinite()
+        self.hook.after_step(self)
+        self.tokens_seen += tokens_per_step
+        return loss_t
+
+    def _after_step(self, loss_t: torch.Tensor, pace: "_Pace", tokens_per_step: int, end: int, bar) -> None:
+        """Log, evaluate and checkpoint when due; eval and checkpoint time is kept out of the throughput."""
+        t, env = self.t, self.env
+        log_now = self.step % t.log_interval == 0 or self.step == t.max_steps
+        eval_now = self.step % t.eval_interval == 0 or self.step == t.max_steps
+        ckpt_now = self.step % t.ckpt_interval == 0 or self.step in (t.max_steps, end)
+        if log_now:
+            loss = mean_across(float(loss_t), env)
+            self._sync()
+            pace.tps = tokens_per_step * (self.step - pace.s0) / max(1e-9, time.perf_counter() - pace.t0)
+            pace.t0, pace.s0 = time.perf_counter(), self.step
+            self.losses.append((self.step, loss))
+            self._log_scalars(loss, pace.tps)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{pace.tps:.0f}")
+        if eval_now or ckpt_now:
+            self._sync()
+        ts = time.perf_counter()
+        if eval_now:
+            ev = self.evaluate()
+            self.evals.append(ev)
+            if self.writer:
+                self.writer.add_scalar("eval/loss", ev["loss"], self.step)
+                self.writer.add_scalar("eval/ppl", ev["ppl"], self.step)
+        if ckpt_now:
+            self.train_time += ts - pace.loop_start - pace.side  # bank the training time so far in the checkpoint
+            pace.side, pace.loop_start = 0.0, time.perf_counter()
+            ts = pace.loop_start
+            self.save()
+        pace.side += time.perf_counter() - ts
+
+    def _summary(self, tps_last: float) -> dict:
+        """The run's ``summary.json``: evals, sizes, ranks, whole-run throughput and MFU, the method's part."""
+        t, env = self.t, self.env
+        return {"step": self.step, "final_eval": self.evals[-1] if self.evals else None,
+                "losses": self.losses, "evals": self.evals, "params": count_params(self.model),
+                "trainable_params": count_params(self.model, trainable_only=True),
+                "compression": compression_summary(self.model),
+                "optimizer_state_bytes": self.optimizer_state_bytes(),
+                "ranks": model_ranks(self.model),
+                # whole run (every stage, resumed segments included), eval and checkpoints left out
+                "tokens_per_s": self.tokens_seen / max(1e-9, self.train_time),
+                "tokens_seen": self.tokens_seen, "train_time_s": self.train_time,
+                "tokens_per_s_last_interval": tps_last,
+                "flops_per_token": self.flops_per_token, "model_flops": self.model_flops,
+                "model_flops_per_s": self.model_flops / max(1e-9, self.train_time),
+                "mfu": mfu(self.model_flops, self.train_time, device_peak_flops(env.device, t.peak_tflops), env.world),
+                "replica_max_diff": self.replica_divergence(), "compiles": self.compiles,
+                "graph_compiles": len(self.graph_compile_steps), "graph_compile_steps": self.graph_compile_steps,
+                **self.hook.summary()}
 
     def _lazy_checks(self) -> bool:
         """On the GPU, no host sync per step: the non-finite flag is read at log/eval/checkpoint steps and
@@ -383,20 +388,3 @@ class Trainer:
             save_checkpoint(self.out / "checkpoints", self.step, msd, self.meta(),
                             {"optimizer": osd, "rng": rng, "step": self.step}, keep=self.t.keep_checkpoints)
         self.barrier()
-
-
-def train(run: CentralRun) -> dict:
-    """Entry point of one process (plain, torchrun, or spawned)."""
-    env = init_dist(run.trainer.backend, run.trainer.device)
-    try:
-        d = run.data
-        data = load_text_data(d.name, d.tokenizer, d.path, d.val_fraction, d.max_chars, d.cache_dir,
-                              train_path=d.train_path, eval_path=d.eval_path)
-        check_splits(data, run.trainer.block_size, f"data={d.name}" + (f" ({d.train_path})" if d.train_path else ""))
-        summary = Trainer(run, env, data).fit()
-        if env.distributed:
-            dist.barrier()  # every rank leaves its last collective before rank 0 (the store host) tears down
-        return summary
-    finally:
-        if env.distributed and dist.is_initialized():
-            dist.destroy_process_group()

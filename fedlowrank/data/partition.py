@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
 
 def make_partitioner(kind: str, num_partitions: int, alpha: float = 0.5, seed: int = 42, min_size: int = 10):
@@ -30,8 +29,3 @@ def partition_indices(labels: torch.Tensor, kind: str, num_partitions: int, alph
     part = make_partitioner(kind, num_partitions, alpha, seed, min_size)
     part.dataset = ds
     return [np.asarray(part.load_partition(i)["idx"]) for i in range(num_partitions)]
-
-
-def client_dataset(x: torch.Tensor, y: torch.Tensor, idx: np.ndarray) -> TensorDataset:
-    t = torch.as_tensor(idx, dtype=torch.long)
-    return TensorDataset(x[t], y[t])

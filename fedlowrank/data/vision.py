@@ -9,6 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+# channels, image size, classes of each image dataset the project knows
+IMAGE_SPECS = {"digits": (1, 8, 10), "cifar10": (3, 32, 10), "femnist": (1, 28, 62)}
+
 log = logging.getLogger(__name__)
 
 

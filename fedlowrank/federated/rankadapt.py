@@ -29,15 +29,6 @@ from .aggregation import State, factor_prefixes
 log = logging.getLogger(__name__)
 
 
-def check_config(cfg: InRankConfig) -> None:
-    """``method=inrank`` in federated mode: the shared InRank schema, stage 1 only (the schedule is in
-    rounds: ``warmup_rounds``, ``check_rounds``; ``shrink``/``slack``; the step keys are unused here)."""
-    cfg.validate()
-    if cfg.stage != 1 or cfg.stage1_ckpt:
-        raise ValueError("method.stage=2 / stage1_ckpt are central InRank; federated InRank adapts ranks every "
-                         "round (continue a run with fed.resume)")
-
-
 def due(cfg: InRankConfig, rnd: int) -> bool:
     """Whether the server checks ranks after round ``rnd`` (1-based)."""
     return rnd > cfg.warmup_rounds and (rnd - cfg.warmup_rounds) % cfg.check_rounds == 0

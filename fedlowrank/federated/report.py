@@ -4,6 +4,7 @@ client over rounds)."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,9 @@ def personalized_eval(run: FederatedRun, method, state: State, fd: FedData) -> d
 
 def plot_report(path: Path, evals: dict[int, dict], history: list[dict], title: str) -> Path | None:
     """PNG: global and per-budget accuracy over rounds; each client's (reported) rank ratio over rounds; and,
-    with a device population, accuracy against simulated time."""
+    with a device population, accuracy against simulated time. Matplotlib's config and font cache go beside
+    the PNG (``.matplotlib/``) unless ``MPLCONFIGDIR`` names a place: a run writes nothing under HOME."""
+    os.environ.setdefault("MPLCONFIGDIR", str(Path(path).parent / ".matplotlib"))
     try:
         import matplotlib
 
@@ -96,3 +99,28 @@ def plot_report(path: Path, evals: dict[int, dict], history: list[dict], title: 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def summary_lines(summary: dict, out_dir: str, wall_s: float) -> list[str]:
+    """The closing lines of a run from its ``metrics.json`` summary: global and per-budget accuracy, bytes,
+    wall (server) and simulated time, where the files are and the TensorBoard command."""
+    final = summary.get("final", {}) or {}
+    rounds = summary.get("rounds_detail", []) or []
+    up = sum(r.get("upload_bytes", 0) for r in rounds)
+    down = sum(r.get("download_bytes", 0) for r in rounds)
+    lines = [f"federated run finished: {summary.get('strategy')} · {summary.get('num_clients')} clients · "
+             f"{summary.get('rounds')} rounds · {wall_s:.1f} s wall (server)"]
+    if "global_accuracy" in final:
+        lines.append(f"  global accuracy {final['global_accuracy']:.4f} (loss {final.get('global_loss', float('nan')):.4f})")
+    budgets = {k[: -len('_accuracy')]: v for k, v in final.items()
+               if k.endswith("_accuracy") and not k.startswith("global")}
+    if budgets:
+        lines.append("  at each budget: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(budgets.items())))
+    lines.append(f"  bytes: {up / 1e6:.2f} MB up, {down / 1e6:.2f} MB down; global model "
+                 f"{summary.get('global_model_bytes', 0) / 1e6:.3f} MB (dense {summary.get('dense_model_bytes', 0) / 1e6:.3f} MB)")
+    if "sim_time_s" in final:
+        lines.append(f"  simulated device time {final['sim_time_s']:.2f} s")
+    out = os.path.abspath(out_dir)
+    lines.append(f"  summary: {os.path.join(out, 'metrics.json')} (per round: {os.path.join(out, 'rounds.jsonl')})")
+    lines.append(f"  tensorboard --logdir {out}")
+    return lines

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from flwr.app import MetricRecord
@@ -22,6 +23,7 @@ from .client import model_from_state
 from .grid import PollingGrid
 from .methods import fed_method
 from .task import build_model, fed_data
+from .tb import RunWriters
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +84,6 @@ def run_server(grid: Grid, run: FederatedRun) -> dict:
     Every round appends to ``rounds.jsonl`` and checkpoints the global model and strategy state,
     so ``fed.resume=auto`` continues a killed run where its last complete round ended. A run that
     fails leaves its cause in ``error.json`` (read back by runtimes that only see an exit code)."""
-    from .logs import quiet_engine_tracebacks
-
-    quiet_engine_tracebacks()
     err = Path(run.out_dir) / "error.json"
     err.unlink(missing_ok=True)
     try:
@@ -96,70 +95,88 @@ def run_server(grid: Grid, run: FederatedRun) -> dict:
 
 
 def _run_server(grid: Grid, run: FederatedRun) -> dict:
-    from torch.utils.tensorboard import SummaryWriter
+    from .strategy import to_record
 
-    from server.strategy import HeteroRankStrategy, to_record
+    t0 = time.perf_counter()
+    sr = _ServerRun(run)
+    strategy, done = sr.strategy, sr.done
+    if done < run.fed.rounds:
+        strategy.start(PollingGrid(grid, run.fed.poll_s), to_record(strategy.global_state),
+                       num_rounds=run.fed.rounds - done, timeout=run.fed.timeout,
+                       evaluate_fn=lambda rnd, arrays: MetricRecord(sr.evaluate(rnd + done, strategy.global_state)))
+    sr.writers.close()
+    return sr.finish(time.perf_counter() - t0)
 
-    grid = PollingGrid(grid, run.fed.poll_s)
-    out = Path(run.out_dir)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(out / "tb"))
-    test_loader = DataLoader(fed_data(run).test, batch_size=256)
-    budgets = sorted({tuple(run.fed.budget(i).items()) for i in range(run.fed.num_clients)})
-    method = fed_method(run)
-    resumed = _resume_point(out, run)
-    done, evals = (resumed[0], resumed[4]) if resumed else (0, {})
-    if not resumed and (out / "rounds.jsonl").exists():
-        (out / "rounds.jsonl").unlink()  # a fresh run does not append to an old run's log
 
-    def evaluate(rnd: int, state: State) -> dict[str, float]:
-        res = {f"global_{k}": v for k, v in evaluate_classifier(model_from_state(run, state), test_loader).items()}
+class _ServerRun:
+    """The server side of one run: resume point, strategy, TensorBoard, central evaluation, round log,
+    checkpoints, and the closing summary."""
+
+    def __init__(self, run: FederatedRun) -> None:
+        from .strategy import HeteroRankStrategy
+
+        self.run, self.out = run, Path(run.out_dir)
+        (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.writers = RunWriters(self.out / "tb")
+        self.test_loader = DataLoader(fed_data(run).test, batch_size=256)
+        self.budgets = sorted({tuple(run.fed.budget(i).items()) for i in range(run.fed.num_clients)})
+        self.method = fed_method(run)
+        resumed = _resume_point(self.out, run)
+        self.done, self.evals = (resumed[0], resumed[4]) if resumed else (0, {})
+        if not resumed and (self.out / "rounds.jsonl").exists():
+            (self.out / "rounds.jsonl").unlink()  # a fresh run does not append to an old run's log
+        init = resumed[1] if resumed else self.method.initial_state()
+        self.strategy = HeteroRankStrategy(run, self.method, init, writer=self.writers, on_round_end=self.on_round_end,
+                                           sizes=partition_sizes(run), round_offset=self.done)
+        if resumed:
+            self.strategy.restore(resumed[2], resumed[3])
+
+    def evaluate(self, rnd: int, state: State) -> dict[str, float]:
+        """Global model on the test set (and cut to each client budget), logged to TensorBoard and
+        ``rounds.jsonl`` once per round."""
+        run, method, clock, w = self.run, self.method, self.strategy.clock, self.writers.server
+        res = {f"global_{k}": v for k, v in evaluate_classifier(model_from_state(run, state), self.test_loader).items()}
         if run.fed.eval_budgets and method.budget_views():
-            for b in budgets:
+            for b in self.budgets:
                 bd = dict(b)
-                view = method.view(state, bd)
                 tag = "_".join(f"{k}{v}" for k, v in bd.items())
-                res[f"{tag}_accuracy"] = evaluate_classifier(model_from_state(run, view), test_loader)["accuracy"]
+                view = model_from_state(run, method.view(state, bd))
+                res[f"{tag}_accuracy"] = evaluate_classifier(view, self.test_loader)["accuracy"]
         for k, v in res.items():
-            writer.add_scalar(f"global/{k}", v, rnd)
-            if strategy.clock.active:  # the same against simulated device time (step = simulated milliseconds)
-                writer.add_scalar(f"sim_time/{k}", v, int(round(1000 * strategy.clock.elapsed)))
-        if strategy.clock.active:
-            res["sim_time_s"] = strategy.clock.elapsed
-        writer.flush()
-        if rnd not in evals:
-            append_jsonl(out / "rounds.jsonl", {"round": rnd, "eval": res})
-        evals[rnd] = res
+            w.add_scalar(f"global/{k}", v, rnd)
+            if clock.active:  # the same against simulated device time (step = simulated milliseconds)
+                w.add_scalar(f"sim_time/{k}", v, int(round(1000 * clock.elapsed)))
+        if clock.active:
+            res["sim_time_s"] = clock.elapsed
+        w.flush()
+        if rnd not in self.evals:
+            append_jsonl(self.out / "rounds.jsonl", {"round": rnd, "eval": res})
+        self.evals[rnd] = res
         log.info("round %d global eval: %s", rnd, {k: round(v, 4) for k, v in res.items()})
         return res
 
-    def on_round_end(rnd: int, state: State, summary: dict) -> None:
-        append_jsonl(out / "rounds.jsonl", {"round": rnd, "train": strategy.history[-1]})
-        if rnd % run.fed.checkpoint_every == 0 or rnd == run.fed.rounds:
-            _save_round(out, run, rnd, state, strategy.state())
+    def on_round_end(self, rnd: int, state: State, summary: dict) -> None:
+        append_jsonl(self.out / "rounds.jsonl", {"round": rnd, "train": self.strategy.history[-1]})
+        if rnd % self.run.fed.checkpoint_every == 0 or rnd == self.run.fed.rounds:
+            _save_round(self.out, self.run, rnd, state, self.strategy.state())
 
-    init = resumed[1] if resumed else method.initial_state()
-    strategy = HeteroRankStrategy(run, method, init, writer=writer, on_round_end=on_round_end,
-                                  sizes=partition_sizes(run), round_offset=done)
-    if resumed:
-        strategy.restore(resumed[2], resumed[3])
-    if done < run.fed.rounds:
-        strategy.start(grid, to_record(init), num_rounds=run.fed.rounds - done, timeout=run.fed.timeout,
-                       evaluate_fn=lambda rnd, arrays: MetricRecord(evaluate(rnd + done, strategy.global_state)))
-    writer.close()
-    final = evals.get(run.fed.rounds, {})
-    from .report import label_skew, personalized_eval, plot_report
+    def finish(self, wall_s: float) -> dict:
+        """Personalised evaluation, report, ``metrics.json`` and the closing lines; returns the summary."""
+        from .report import label_skew, personalized_eval, plot_report, summary_lines
 
-    personal = personalized_eval(run, method, strategy.global_state, fed_data(run))
-    png = plot_report(out / "report.png", evals, strategy.history,
-                      f"{run.strategy} · {run.data.name} · {run.fed.num_clients} clients ({run.fed.partition})")
-    summary = {
-        "strategy": run.strategy, "rounds": run.fed.rounds, "num_clients": run.fed.num_clients,
-        "final": final, "initial": evals.get(0, {}), "rounds_detail": strategy.history, "resumed_after": done,
-        "global_params": count_params(model_from_state(run, strategy.global_state)),
-        "global_model_bytes": state_bytes(strategy.global_state), "dense_model_bytes": dense_model_bytes(run),
-        "personalized": personal, "label_skew": label_skew(fed_data(run)), "report_png": str(png) if png else None,
-    }
-    atomic_write_bytes(out / "metrics.json", json.dumps(summary, indent=2, default=float).encode())
-    log.info("federated run finished: final %s; logs in %s", final, os.fspath(out))
-    return summary
+        run, out, st = self.run, self.out, self.strategy
+        png = plot_report(out / "report.png", self.evals, st.history,
+                          f"{run.strategy} · {run.data.name} · {run.fed.num_clients} clients ({run.fed.partition})")
+        summary = {
+            "strategy": run.strategy, "rounds": run.fed.rounds, "num_clients": run.fed.num_clients,
+            "final": self.evals.get(run.fed.rounds, {}), "initial": self.evals.get(0, {}),
+            "rounds_detail": st.history, "resumed_after": self.done,
+            "global_params": count_params(model_from_state(run, st.global_state)),
+            "global_model_bytes": state_bytes(st.global_state), "dense_model_bytes": dense_model_bytes(run),
+            "personalized": personalized_eval(run, self.method, st.global_state, fed_data(run)),
+            "label_skew": label_skew(fed_data(run)), "report_png": str(png) if png else None,
+        }
+        atomic_write_bytes(out / "metrics.json", json.dumps(summary, indent=2, default=float).encode())
+        for line in summary_lines(summary, os.fspath(out), wall_s):
+            log.info("%s", line)
+        return summary

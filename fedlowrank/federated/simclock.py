@@ -17,7 +17,7 @@ class SimClock:
     def __init__(self, run: FederatedRun, sizes: list[int] | None) -> None:
         self.run, self.sizes = run, sizes
         self.population = run.fed.device_population()
-        self.cfg = run.fed.device_config()
+        self.cfg = run.fed.devices
         self.elapsed = 0.0  # simulated seconds since the start of training
         self._per_example: dict[tuple, float] = {}
 

@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 from fedlowrank.config import TEXT_SPECS as TEXT_TASKS
 from fedlowrank.config import FederatedRun
 from fedlowrank.data.partition import partition_indices
+from fedlowrank.federated.run_config import node_cache_dir
 from fedlowrank.models.build import dense_model
 
 
@@ -56,8 +57,12 @@ def _holdout(parts: list[np.ndarray], fraction: float, seed: int) -> tuple[list[
 
 @functools.lru_cache(maxsize=4)
 def _cached(*args) -> FedData:
-    """``_load(*args)``, from the node's disk cache when an earlier process computed it already."""
-    from . import cache
+    """``_load(*args)``, once per process; on a deployed node with ``FEDLOWRANK_CACHE_DIR`` set, from its disk
+    cache (:mod:`fedlowrank.deploy.cache`) when an earlier process computed it already. A simulation sets no
+    cache directory and writes nothing outside its output directory."""
+    if node_cache_dir() is None:
+        return _load(*args)
+    from fedlowrank.deploy import cache
 
     path = args[4] if args[0] in TEXT_TASKS and args[-1] == "local" else None
     key = cache.cache_key(args, [path])

@@ -19,11 +19,13 @@ FACTORIZERS: dict[type[nn.Module], Callable[..., LowRankMixin]] = {
 }
 
 
-def _matches(name: str, patterns: Iterable[str] | None) -> bool:
+def matches_any(name: str, patterns: Iterable[str] | None) -> bool:
+    """Whether module name ``name`` matches (fully, or by search) any regex of ``patterns``."""
     return any(re.fullmatch(p, name) or re.search(p, name) for p in (patterns or []))
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) of ``model`` by ``new``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -55,9 +57,9 @@ def factorize(
         maker = FACTORIZERS.get(type(module))
         if maker is None or not name:
             continue
-        if targets is not None and not _matches(name, targets):
+        if targets is not None and not matches_any(name, targets):
             continue
-        if _matches(name, skip):
+        if matches_any(name, skip):
             continue
         if isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(module.padding, str)):
             log.debug("keeping %s dense (grouped or string padding)", name)
@@ -65,7 +67,7 @@ def factorize(
         new = maker(module, rank=rank, ratio=ratio)
         if only_if_smaller and new.factor_params() >= new.dense_params():
             continue
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         replaced.append(name)
     if targets is not None and not replaced:
         raise ValueError(f"factorize: no module matched targets={targets}")
@@ -76,7 +78,7 @@ def densify(model: nn.Module) -> list[str]:
     """Merge every factorized layer back into its dense equivalent, in place."""
     names = [n for n, m in model.named_modules() if isinstance(m, LowRankMixin)]
     for name in names:
-        _set_submodule(model, name, model.get_submodule(name).merge())  # type: ignore[operator]
+        set_submodule(model, name, model.get_submodule(name).merge())  # type: ignore[operator]
     return names
 
 
@@ -104,36 +106,3 @@ def frobenius_decay(model: nn.Module) -> torch.Tensor:
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).sum()
-
-
-def conform_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """Reshape a dense model's skeleton to match ``state`` before ``load_state_dict``:
-    ``p.adapter.U/V`` keys turn ``p`` into a LoRALinear, other ``p.U/V`` pairs into a
-    factorized layer of the dispatch table, each at the rank found in the tensors.
-    Returns the names of the changed modules. Works for any model (keys decide, not types)."""
-    from .lora import LoRALinear
-
-    changed = []
-    for key in [k for k in state if k.endswith(".adapter.U")]:
-        p = key[: -len(".adapter.U")]
-        base = model.get_submodule(p)
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"state has an adapter for {p!r}, which is {type(base).__name__}, not nn.Linear")
-        _set_submodule(model, p, LoRALinear(base, r=state[key].shape[1]))
-        changed.append(p)
-    for key in [k for k in state if k.endswith(".U") and not k.endswith(".adapter.U")]:
-        p = key[:-2]
-        if f"{p}.V" not in state:
-            continue
-        dense = model.get_submodule(p)
-        maker = FACTORIZERS.get(type(dense))
-        if maker is None:
-            if isinstance(dense, LowRankMixin):
-                dense._replace_factors(state[f"{p}.U"].detach().clone(), state[f"{p}.V"].detach().clone())
-                continue
-            raise TypeError(f"state has factors for {p!r}, which is {type(dense).__name__}")
-        layer = maker(dense, rank=1)
-        layer._replace_factors(state[f"{p}.U"].detach().clone(), state[f"{p}.V"].detach().clone())
-        _set_submodule(model, p, layer)
-        changed.append(p)
-    return changed

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .factorize import _matches, _set_submodule
+from .factorize import matches_any, set_submodule
 from .layers import LowRankLinear
 
 
@@ -123,10 +123,10 @@ def add_lora(model: nn.Module, r: int | None = None, alpha: float = 1.0, dropout
     for name, m in list(model.named_modules()):
         if type(m) is not nn.Linear or not name:
             continue
-        if (targets is not None and not _matches(name, targets)) or _matches(name, skip):
+        if (targets is not None and not matches_any(name, targets)) or matches_any(name, skip):
             continue
         rank = rank_from_budget(min(m.in_features, m.out_features), rank=r, ratio=ratio)
-        _set_submodule(model, name, LoRALinear(m, rank, alpha, dropout, trainable_scaling))
+        set_submodule(model, name, LoRALinear(m, rank, alpha, dropout, trainable_scaling))
         names.append(name)
     if not names:
         raise ValueError(f"add_lora: no nn.Linear matched targets={targets} skip={skip}")
@@ -141,5 +141,5 @@ def merge_lora(model: nn.Module) -> list[str]:
     """Replace every LoRALinear by the equivalent dense nn.Linear (deployment)."""
     names = list(lora_modules(model))
     for n in names:
-        _set_submodule(model, n, model.get_submodule(n).merged_linear())  # type: ignore[operator]
+        set_submodule(model, n, model.get_submodule(n).merged_linear())  # type: ignore[operator]
     return names

@@ -60,6 +60,21 @@ class InRankConfig:
         if self.stage == 2 and not self.stage1_ckpt:
             raise ValueError("method.stage=2 needs method.stage1_ckpt (a stage-1 compressed checkpoint)")
 
+    def validate_federated(self) -> None:
+        """``method=inrank`` in federated mode: this schema, stage 1 only (the schedule is in rounds:
+        ``warmup_rounds``, ``check_rounds``; ``shrink``/``slack``; the step keys are unused there)."""
+        self.validate()
+        if self.stage != 1 or self.stage1_ckpt:
+            raise ValueError("method.stage=2 / stage1_ckpt are central InRank; federated InRank adapts ranks every "
+                             "round (continue a run with fed.resume)")
+
+
+def describe_growth(changes: dict[str, tuple[int, int]], shown: int = 6) -> str:
+    """``grew N layers: a 18->32, ...``, naming at most ``shown`` layers and saying how many more there are."""
+    items = [f"{n} {a}->{b}" for n, (a, b) in changes.items()]
+    more = f", and {len(items) - shown} more" if len(items) > shown else ""
+    return f"grew {len(items)} layer{'s' if len(items) != 1 else ''}: " + ", ".join(items[:shown]) + more
+
 
 class InRank:
     """Rank-growth policy acting on the factorized layers of a model."""
@@ -114,8 +129,7 @@ class InRank:
                 changes[name] = (layer.rank, target)
                 layer.grow(target, generator=g)
         if changes:
-            log.info("InRank step %d: grew %d layers: %s", step, len(changes),
-                     {n: f"{a}->{b}" for n, (a, b) in list(changes.items())[:6]})
+            log.info("InRank step %d: %s", step, describe_growth(changes))
         self.history.append({"step": step, "changes": {n: list(v) for n, v in changes.items()}})
         return set()
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlowrank.lowrank.factorize import _matches, _set_submodule
+from fedlowrank.lowrank.factorize import matches_any, set_submodule
 from fedlowrank.lowrank.layers import LowRankLinear
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class WeLorePlan:
 
 def target_linears(model: nn.Module, targets, skip) -> dict[str, nn.Linear]:
     return {n: m for n, m in model.named_modules()
-            if type(m) is nn.Linear and n and (not targets or _matches(n, targets)) and not _matches(n, skip)}
+            if type(m) is nn.Linear and n and (not targets or matches_any(n, targets)) and not matches_any(n, skip)}
 
 
 def normalize_spectrum(S: np.ndarray, how: str = "minmax") -> np.ndarray:
@@ -214,7 +214,7 @@ def apply_welore(model: nn.Module, plan: WeLorePlan, from_weights: bool = True) 
         else:
             new = LowRankLinear(lin.in_features, lin.out_features, k, bias=lin.bias is not None,
                                 device=lin.weight.device, dtype=lin.weight.dtype, init="random")
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
     return sorted(plan.ranks)
 
 

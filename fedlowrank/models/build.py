@@ -1,13 +1,14 @@
 """Build (factorized) models from plain config dicts."""
 from __future__ import annotations
 
-import typing
 from dataclasses import fields
 from typing import Any
 
 from torch import nn
 
+from fedlowrank.data.vision import IMAGE_SPECS
 from fedlowrank.lowrank import factorize
+from fedlowrank.schema import to_dataclass
 
 from .gpt2 import GPT2, GPT2Config
 from .lstm import LSTMLM, LSTMConfig
@@ -17,34 +18,21 @@ _LOWRANK_KEYS = ("family", "name", "skip", "targets")
 
 
 def vision_config(model: dict[str, Any], data_name: str) -> VisionConfig:
-    from fedlowrank.config import IMAGE_SPECS
-
+    """VisionConfig from a ``model`` config dict, shaped for the image dataset ``data_name``."""
     if data_name not in IMAGE_SPECS:
         raise ValueError(f"no image spec for dataset {data_name!r}")
     c, s, k = IMAGE_SPECS[data_name]
-    kw = {k_: v for k_, v in model.items() if k_ not in _LOWRANK_KEYS}
-    valid = {f.name for f in fields(VisionConfig)}
-    unknown = sorted(set(kw) - valid)
-    if unknown:
-        raise ValueError(f"model: unknown key(s) {unknown} for a vision model; valid: {sorted(valid | set(_LOWRANK_KEYS))}")
-    kw.update(in_channels=c, image_size=s, num_classes=k)
-    from fedlowrank.config import check_type
-
-    hints = typing.get_type_hints(VisionConfig)
-    return VisionConfig(**{k_: check_type(v, hints[k_], f"model.{k_}") for k_, v in kw.items()})
+    return _typed_config(VisionConfig, model, {"in_channels": c, "image_size": s, "num_classes": k}, "a vision model")
 
 
 def _typed_config(cls, model: dict[str, Any], fixed: dict[str, Any], kind: str):
     """``cls(**fixed, **model)`` from a config dict; unknown keys and wrong types are errors."""
-    from fedlowrank.config import check_type
-
     kw = {k_: v for k_, v in model.items() if k_ not in _LOWRANK_KEYS}
     valid = {f.name for f in fields(cls)} - set(fixed)
     unknown = sorted(set(kw) - valid)
     if unknown:
         raise ValueError(f"model: unknown key(s) {unknown} for {kind}; valid: {sorted(valid | set(_LOWRANK_KEYS))}")
-    hints = typing.get_type_hints(cls)
-    return cls(**fixed, **{k_: check_type(v, hints[k_], f"model.{k_}") for k_, v in kw.items()})
+    return to_dataclass(cls, kw, "model", fixed=fixed)
 
 
 def lstm_config(model: dict[str, Any], vocab_size: int) -> LSTMConfig:

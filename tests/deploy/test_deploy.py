@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from fedlowrank.federated.loopback import group_alive, loopback_deployment, flwr_run
+from fedlowrank.deploy.loopback import flwr_run, loopback_deployment
+from fedlowrank.runtime.reaper import group_alive
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def test_main_on_the_non_deprecated_simulation_runtime(tmp_path):
     cmd = [sys.executable, "main.py", "mode=federated", "fed.runtime=superlink", "fed.num_clients=3",
            "fed.rank_ratios=[0.25,1.0]", "fed.rounds=2", "fed.local_epochs=1", f"out_dir={out}"]
     before = {p for p in os.listdir("/proc") if p.isdigit()}
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=540)
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["rounds"] == 2 and all(r["clients_ok"] == 3 for r in m["rounds_detail"])

@@ -1,86 +1,32 @@
-"""Typed, validated configs built from the Hydra tree. Errors surface before any training."""
+"""The federated run's config: ``fed`` (:class:`FedConfig`), ``data`` (:class:`DataConfig`) and the run that
+ties them to the model, strategy and method (:class:`FederatedRun`). Each section validates itself; the
+run checks only what crosses sections. Errors surface before any training."""
 from __future__ import annotations
 
 import math
 import os
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from fedlowrank.data.vision import IMAGE_SPECS
+from fedlowrank.schema import ConfigError, to_dataclass
+
+from .devices import DevicesConfig, budget_ratio, population
 
 STRATEGIES = ("fedlmt", "slice", "product", "fedavg")  # fedavg: dense baseline, budgets ignored
 PARTITIONS = ("iid", "dirichlet", "natural")  # natural: one client per speaking role (text tasks)
 TEXT_SPECS = ("shakespeare",)  # next-character prediction, LEAF style
 FAULTS = ("nan", "shape", "crash", "scale", "weight", "metrics")
 ROBUST = ("none", "median", "trimmed_mean")
-IMAGE_SPECS = {"digits": (1, 8, 10), "cifar10": (3, 32, 10), "femnist": (1, 28, 62)}  # channels, size, classes
 HUB_DATASETS = ("shakespeare", "femnist", "cifar10")  # data.source=hub: flwr-datasets FederatedDataset
-
-
-class ConfigError(ValueError):
-    """Invalid configuration, raised before any training starts."""
-
-
-def check_type(value: Any, hint: Any, where: str) -> Any:
-    """``value`` if it matches type ``hint`` (ints accepted for floats), else :class:`ConfigError`."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in (a for a in args if a is not type(None)):
-            try:
-                return check_type(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [check_type(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def to_dataclass(cls, node: Any, where: str):
-    """Build dataclass ``cls`` from a config node: unknown keys and values of the wrong type
-    (per the dataclass annotations) are rejected with the key's full name."""
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    hints = typing.get_type_hints(cls)
-    return cls(**{k: check_type(v, hints[k], f"{where}.{k}") for k, v in data.items()})
 
 
 @dataclass
 class FedConfig:
     num_clients: int = 4
-    rounds: int = 10
+    rounds: int = 15
     rank_ratios: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
     ranks: list[int] | None = None  # absolute ranks instead of ratios
     local_epochs: int = 3
@@ -117,27 +63,25 @@ class FedConfig:
     max_failed_rounds: int = 3  # this many rounds in a row without a valid update stop the run (error)
     # Fault injection for robustness studies: ["<client id>:<nan|shape|crash|scale|weight|metrics>", ...].
     faults: list[str] = field(default_factory=list)
-    # Device heterogeneity (fedlowrank.federated.devices.DevicesConfig): population, derived budgets, deadline
-    devices: dict[str, Any] = field(default_factory=dict)
-
-    def device_config(self):
-        """The validated ``fed.devices`` section as a DevicesConfig."""
-        from fedlowrank.federated.devices import DevicesConfig
-
-        return to_dataclass(DevicesConfig, self.devices, "fed.devices")
+    # Device heterogeneity (fedlowrank.federated.devices): population, derived budgets, deadline
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
 
     def device_population(self):
         """Every client's DeviceProfile (None without a device model); drawn once per config."""
-        key = repr(sorted(self.devices.items())), self.num_clients
+        key = repr(asdict(self.devices)), self.num_clients
         cached = getattr(self, "_population", None)
         if cached is None or cached[0] != key:
-            from fedlowrank.federated.devices import population
-
-            cached = (key, population(self.device_config(), self.num_clients))
+            cached = (key, population(self.devices, self.num_clients))
             object.__setattr__(self, "_population", cached)
         return cached[1]
 
     def validate(self) -> None:
+        """Budgets and local training, then faults, checkpoints, defences and runtime, then devices."""
+        self._check_training()
+        self._check_run_options()
+        self._check_devices()
+
+    def _check_training(self) -> None:
         if self.num_clients < 1:
             raise ConfigError(f"fed.num_clients must be >= 1, got {self.num_clients}")
         if self.rounds < 1:
@@ -163,12 +107,20 @@ class FedConfig:
             raise ConfigError(f"fed.partition must be one of {PARTITIONS}, got {self.partition!r}")
         if self.partition == "dirichlet" and self.alpha <= 0:
             raise ConfigError(f"fed.alpha must be > 0, got {self.alpha}")
+        if not (math.isfinite(self.lr) and math.isfinite(self.momentum)) or not 0 <= self.momentum < 1:
+            raise ConfigError(f"fed.lr must be finite and fed.momentum in [0, 1), got {self.lr}, {self.momentum}")
+        if self.frob_decay < 0 or self.weight_decay < 0:
+            raise ConfigError("fed.frob_decay and fed.weight_decay must be >= 0")
+        if not 0.0 <= self.client_holdout <= 0.5:
+            raise ConfigError(f"fed.client_holdout must be in [0, 0.5], got {self.client_holdout}")
+        if self.min_partition_size < 0:
+            raise ConfigError(f"fed.min_partition_size must be >= 0, got {self.min_partition_size}")
+
+    def _check_run_options(self) -> None:
         faults = self.fault_map()
         if any(pid >= self.num_clients for pid in faults):
             raise ConfigError(f"fed.faults names client(s) {sorted(p for p in faults if p >= self.num_clients)} but "
                               f"fed.num_clients={self.num_clients} (ids 0..{self.num_clients - 1})")
-        if self.frob_decay < 0 or self.weight_decay < 0:
-            raise ConfigError("fed.frob_decay and fed.weight_decay must be >= 0")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.max_failed_rounds < 1:
             raise ConfigError("fed.checkpoint_every, fed.keep_checkpoints and fed.max_failed_rounds must be >= 1")
         if self.resume not in (None, "auto"):
@@ -186,19 +138,14 @@ class FedConfig:
         if self.client_cpus <= 0 or self.client_gpus < 0:
             raise ConfigError(f"fed.client_cpus must be > 0 (0 makes Ray wait forever), got {self.client_cpus}; "
                               f"fed.client_gpus >= 0, got {self.client_gpus}")
-        if not (math.isfinite(self.lr) and math.isfinite(self.momentum)) or not 0 <= self.momentum < 1:
-            raise ConfigError(f"fed.lr must be finite and fed.momentum in [0, 1), got {self.lr}, {self.momentum}")
+    def _check_devices(self) -> None:
         try:
-            self.device_config().validate()
+            self.devices.validate()
             self.device_population()  # a listed population must name every client
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from e
-        if self.devices.get("budget_from", "none") != "none" and self.ranks is not None:
+        if self.devices.budget_from != "none" and self.ranks is not None:
             raise ConfigError("fed.devices.budget_from derives rank ratios: use fed.rank_ratios, not fed.ranks")
-        if not 0.0 <= self.client_holdout <= 0.5:
-            raise ConfigError(f"fed.client_holdout must be in [0, 0.5], got {self.client_holdout}")
-        if self.min_partition_size < 0:
-            raise ConfigError(f"fed.min_partition_size must be >= 0, got {self.min_partition_size}")
 
     def fault_map(self) -> dict[int, str]:
         """Parsed ``faults``: client id -> fault kind."""
@@ -213,12 +160,10 @@ class FedConfig:
     def budget(self, partition_id: int) -> dict[str, float | int]:
         """Rank budget of a client: {'ratio': r} or {'rank': k}, cycling through the list, or derived from the
         client's device (``fed.devices.budget_from``) as the largest listed ratio that fits it."""
-        if self.devices.get("budget_from", "none") != "none":
-            from fedlowrank.federated.devices import budget_ratio
-
+        if self.devices.budget_from != "none":
             pop = self.device_population()
             if pop is not None:
-                return {"ratio": budget_ratio(pop[partition_id], self.device_config(), list(self.rank_ratios))}
+                return {"ratio": budget_ratio(pop[partition_id], self.devices, list(self.rank_ratios))}
         if self.ranks is not None:
             return {"rank": int(self.ranks[partition_id % len(self.ranks)])}
         return {"ratio": float(self.rank_ratios[partition_id % len(self.rank_ratios)])}
@@ -270,21 +215,32 @@ class FederatedRun:
     method: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
+        """Each section validates itself; then what crosses sections: strategy x method x options,
+        the method's own schema, and data x model."""
         self.fed.validate()
         self.data.validate()
+        self._check_strategy()
+        self._check_method()
+        self._check_data_and_model()
+
+    def _check_strategy(self) -> None:
+        method = self.method.get("name", "none")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
-        if self.strategy == "fedavg" and self.method.get("name", "none") != "none":
+        if self.strategy == "fedavg" and method != "none":
             raise ConfigError("strategy=fedavg is the dense FedAvg baseline; it takes no method")
-        if self.fed.nested and (self.strategy in ("fedlmt", "fedavg") or self.method.get("name", "none") != "none"):
+        if self.fed.nested and (self.strategy in ("fedlmt", "fedavg") or method != "none"):
             raise ConfigError("fed.nested (ordered dropout over budgets) needs strategy slice or product and "
                               "no method (fedlmt trains one common rank)")
-        if self.fed.robust != "none" and (self.strategy == "product" or self.method.get("name") == "relora"):
+        if self.fed.robust != "none" and (self.strategy == "product" or method == "relora"):
             raise ConfigError(f"fed.robust={self.fed.robust} needs strategy fedlmt or slice without ReLoRA (product "
                               "and adapter merges combine products, not coordinates); use fed.clip_norm there")
+
+    def _check_method(self) -> None:
+        """The method section against its own schema (InRank federated: stage 1 only)."""
+        from fedlowrank.methods.inrank import InRankConfig
         from fedlowrank.methods.relora import ReLoRAConfig
         from fedlowrank.methods.welore import WeLoreConfig
-        from fedlowrank.models.build import validate_vision_model
 
         name = self.method.get("name", "none")
         if name not in ("none", "relora", "welore", "inrank"):
@@ -292,44 +248,39 @@ class FederatedRun:
         ckpt = self.method.get("from_ckpt")
         if ckpt and not os.path.isfile(str(ckpt)):
             raise ConfigError(f"method.from_ckpt={ckpt!r} is not an existing file (a dense model.safetensors)")
-        if name == "inrank":
-            from fedlowrank.federated.rankadapt import check_config
-            from fedlowrank.methods.inrank import InRankConfig
-
-            try:
-                check_config(to_dataclass(InRankConfig, self.method, "method"))
-            except (TypeError, ValueError) as e:
-                raise ConfigError(str(e)) from e
-        elif name != "none":
-            try:
-                mc = to_dataclass(ReLoRAConfig if name == "relora" else WeLoreConfig, self.method, "method")
-                mc.validate()
-            except (TypeError, ValueError) as e:
-                raise ConfigError(str(e)) from e
+        if name == "none":
+            return
+        cls = {"inrank": InRankConfig, "relora": ReLoRAConfig, "welore": WeLoreConfig}[name]
+        mc = to_dataclass(cls, self.method, "method")
+        try:
+            mc.validate_federated() if name == "inrank" else mc.validate()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from e
+        if name != "inrank":
             self._check_targets(mc)
 
+    def _check_data_and_model(self) -> None:
         text = self.data.name in TEXT_SPECS
         if self.fed.partition == "natural" and not (text or self.data.name == "femnist"):
             raise ConfigError(f"fed.partition=natural needs a dataset with natural client ids ({list(TEXT_SPECS)}), "
                               f"not {self.data.name!r}")
         if text and self.fed.partition == "dirichlet":
             raise ConfigError("fed.partition=dirichlet splits by class label; text tasks use natural or iid")
-        try:
-            if text:
-                from fedlowrank.models.build import TEXT_FAMILIES, dense_model
+        from fedlowrank.models.build import TEXT_FAMILIES, dense_model, validate_vision_model
 
-                if self.model.get("family") not in TEXT_FAMILIES:
-                    raise ValueError(f"data={self.data.name} needs model=lstm or model=char_transformer "
-                                     f"(model.family in {TEXT_FAMILIES}), got family {self.model.get('family')!r}")
-                lm = dense_model(self.model, self.data.name, vocab_size=2)
-                block = getattr(getattr(lm, "config", None), "block_size", None)
-                if block is not None and block < self.data.seq_len:
-                    raise ValueError(f"model.block_size={block} is shorter than data.seq_len={self.data.seq_len}")
-            else:
+        try:
+            if not text:
                 validate_vision_model(self.model, self.data.name)
+                return
+            if self.model.get("family") not in TEXT_FAMILIES:
+                raise ValueError(f"data={self.data.name} needs model=lstm or model=char_transformer "
+                                 f"(model.family in {TEXT_FAMILIES}), got family {self.model.get('family')!r}")
+            lm = dense_model(self.model, self.data.name, vocab_size=2)
+            block = getattr(getattr(lm, "config", None), "block_size", None)
+            if block is not None and block < self.data.seq_len:
+                raise ValueError(f"model.block_size={block} is shorter than data.seq_len={self.data.seq_len}")
         except ValueError as e:
             raise ConfigError(str(e)) from e
-
 
     def _check_targets(self, mc) -> None:
         """The method's target/skip regexes must select at least one nn.Linear of the model."""

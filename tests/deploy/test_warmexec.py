@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fedlowrank.federated import warmexec
+from fedlowrank.deploy import warmexec
 from fedlowrank.federated.grid import PollingGrid
 
 pytestmark = pytest.mark.timeout(60)
@@ -121,7 +121,7 @@ def test_fastnode_caps_only_the_supernode_loops_sleeps(monkeypatch):
 
     import flwr.supernode.start_client_internal as sci
 
-    from fedlowrank.federated import fastnode
+    from fedlowrank.deploy import fastnode
 
     monkeypatch.setattr(sci, "time", real_time)  # undone after the test
     monkeypatch.setattr(sci, "pull_objects", sci.pull_objects)
@@ -151,7 +151,7 @@ def test_reuse_installed_fab_returns_flowers_own_install_dir_without_unpacking(t
     from flwr.cli.install import install_from_fab
 
     monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
-    fab = build_fab_from_disk(Path(__file__).resolve().parents[1])
+    fab = build_fab_from_disk(Path(__file__).resolve().parents[2])
     calls = []
 
     def flower_install(fab_file, install_dir=None, skip_prompt=False):

@@ -2,8 +2,8 @@
 for every message; with this cache that process reads a few tensors instead of importing datasets
 and recomputing partitions. Keyed by everything that decides the data (config values, and size and
 mtime of input files), written atomically (unique temp dir, then rename), read without pickle
-(safetensors and ``np.load(allow_pickle=False)``). ``FEDLOWRANK_CACHE_DIR`` sets the directory
-(default ``~/.cache/fedlowrank``); ``FEDLOWRANK_CACHE_DIR=off`` disables it."""
+(safetensors and ``np.load(allow_pickle=False)``). Used only where ``FEDLOWRANK_CACHE_DIR`` names a directory
+(set it on your SuperNodes; :mod:`.loopback` sets it for its nodes); unset, empty or ``off``: no cache."""
 from __future__ import annotations
 
 import hashlib
@@ -17,13 +17,10 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
+from fedlowrank.federated.run_config import CONF_DIR, compose_cfg, node_cache_dir
+
 log = logging.getLogger(__name__)
 VERSION = 1
-
-
-def cache_root() -> Path | None:
-    value = os.environ.get("FEDLOWRANK_CACHE_DIR", str(Path.home() / ".cache" / "fedlowrank"))
-    return None if value.lower() in ("", "0", "off", "none") else Path(value)
 
 
 def cache_key(args: tuple, files: list[str | None]) -> str:
@@ -50,7 +47,7 @@ def _unpack(z) -> list[np.ndarray]:
 
 def save(key: str, fd) -> None:
     """Write ``fd`` (a FedData) under the cache; a concurrent writer of the same key is harmless."""
-    root = cache_root()
+    root = node_cache_dir()
     if root is None:
         return
     final = root / "fed-data" / key
@@ -75,7 +72,7 @@ def save(key: str, fd) -> None:
 
 def load(key: str, cls):
     """The cached FedData for ``key`` (an instance of ``cls``), or None when absent or unreadable."""
-    root = cache_root()
+    root = node_cache_dir()
     path = root / "fed-data" / key if root is not None else None
     if path is None or not (path / "meta.json").is_file():
         return None
@@ -96,16 +93,21 @@ def load(key: str, cls):
 
 def composed_config(overrides: list[str], conf_dir: Path, compose):
     """``compose(overrides)`` (Hydra: 0.3-0.6 s a call, paid by every message a deployed node handles),
-    kept as YAML under the cache, keyed by the overrides, the Hydra/OmegaConf versions and the bytes of
-    every ``*.yaml`` below ``conf_dir``; a config that fails to compose is never cached."""
+    kept as YAML under the cache, keyed by the overrides, the Hydra/OmegaConf versions, the sections' dataclass
+    defaults and the bytes of every ``*.yaml`` below ``conf_dir``; a config that fails to compose is never
+    cached."""
     import hydra
     import omegaconf
     from omegaconf import OmegaConf
 
-    root = cache_root()
+    root = node_cache_dir()
     if root is None:
         return compose(overrides)
-    h = hashlib.sha256(json.dumps([VERSION, hydra.__version__, omegaconf.__version__, overrides]).encode())
+    from fedlowrank.config.store import schema_defaults
+
+    # the sections' defaults come from the dataclasses (ConfigStore), the rest from the YAML files
+    h = hashlib.sha256(json.dumps([VERSION, hydra.__version__, omegaconf.__version__, overrides,
+                                   schema_defaults()], sort_keys=True, default=str).encode())
     for f in sorted(conf_dir.rglob("*.yaml")):
         h.update(f.relative_to(conf_dir).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     path = root / "configs" / f"{h.hexdigest()[:32]}.yaml"
@@ -126,3 +128,8 @@ def composed_config(overrides: list[str], conf_dir: Path, compose):
         log.debug("config cache not written (%s)", e)
         tmp.unlink(missing_ok=True)
     return cfg
+
+
+def cached_compose(overrides: list[str]):
+    """The project's config for ``overrides``, through :func:`composed_config` (the node's config cache)."""
+    return composed_config(overrides, CONF_DIR, compose_cfg)

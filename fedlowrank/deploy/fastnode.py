@@ -1,4 +1,4 @@
-"""``flower-supernode`` with a shorter poll: ``python -m fedlowrank.federated.fastnode [--poll-s S] -- <args>``.
+"""``flower-supernode`` with a shorter poll: ``python -m fedlowrank.deploy.fastnode [--poll-s S] -- <args>``.
 
 Flower 1.41's SuperNode main loop sleeps a fixed 3 s whenever the SuperLink had no message for it, and
 0.5 s while it waits for a ClientApp's reply, and it retries pulling a message's objects after 1 s, 2 s, ...

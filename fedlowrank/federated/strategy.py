@@ -23,6 +23,7 @@ from fedlowrank.config import FederatedRun
 from fedlowrank.federated.aggregation import State, layer_ranks, validate_update
 from fedlowrank.federated.methods import FedMethod
 from fedlowrank.federated.simclock import SimClock
+from fedlowrank.federated.tb import RunWriters
 from fedlowrank.federated.robust import (RejectedReply, bounded_weight, check_metrics, check_values, clip_update,
                                          robust_aggregate)
 from fedlowrank.lowrank import state_bytes
@@ -52,7 +53,7 @@ class HeteroRankStrategy(Strategy):
     and any malformed reply is rejected and logged. ``round_offset`` continues a resumed run.
     """
 
-    def __init__(self, run: FederatedRun, method: FedMethod, global_state: State, writer=None,
+    def __init__(self, run: FederatedRun, method: FedMethod, global_state: State, writer: RunWriters | None = None,
                  on_round_end: Callable[[int, State, dict], None] | None = None, sizes: list[int] | None = None,
                  round_offset: int = 0) -> None:
         self.run, self.rule, self.method = run, run.strategy, method
@@ -185,7 +186,42 @@ class HeteroRankStrategy(Strategy):
         return state, metrics, weight
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check every reply, drop stragglers past the simulated deadline, aggregate the valid updates into
+        the global model (kept when the result is not finite), log the round and stop after
+        ``fed.max_failed_rounds`` rounds in a row without a valid update."""
         rnd = server_round + self.round_offset
+        valid, failures, rejected, up = self._collect(rnd, replies)
+        valid, sim = self._drop_stragglers(rnd, valid)
+        if valid and not self._aggregate(rnd, valid):
+            rejected += len(valid)
+            valid = []
+        self.failed_rounds = 0 if valid else self.failed_rounds + 1
+        if not valid:
+            log.warning("round %d: no valid update (%d failed, %d rejected); global model unchanged (%d round(s) "
+                        "in a row)", rnd, failures, rejected, self.failed_rounds)
+        weights, per_client = [v[2] for v in valid], [v[3] for v in valid]
+        tot = sum(weights) or 1.0
+        summary = {
+            "round": rnd, "clients_ok": len(valid), "failures": failures, "rejected": rejected,
+            "round_s": time.perf_counter() - self._round_start,
+            "upload_bytes": up, "download_bytes": self._round_down, **sim,
+            "global_rank_sum": sum(layer_ranks(self.global_state).values()),
+            "train_loss": sum(w * c["train_loss"] for w, c in zip(weights, per_client)) / tot if valid else float("nan"),
+        }
+        self._log_round(rnd, summary, per_client)
+        self.history.append({**summary, "clients": per_client})
+        if self.on_round_end is not None:
+            self.on_round_end(rnd, self.global_state, summary)
+        if self.failed_rounds >= self.run.fed.max_failed_rounds:
+            raise NoValidUpdates(f"{self.failed_rounds} rounds in a row (up to round {rnd}) without a valid client "
+                                 f"update ({failures} failed, {rejected} rejected in the last); stopping. See the "
+                                 "warnings above for each client's reason.")
+        mr = MetricRecord({k: float(v) for k, v in summary.items() if k != "round"})
+        return to_record(self.global_state), mr
+
+    def _collect(self, rnd: int, replies: Iterable[Message]) -> tuple[list[tuple], int, int, int]:
+        """(valid, failures, rejected, uploaded bytes): valid holds (pid, update, weight, metrics, view)
+        sorted by partition id, so sums are bit-reproducible whatever the arrival order."""
         valid, failures, rejected, up = [], 0, 0, 0
         for reply in replies:
             pid = self.partition.get(reply.metadata.src_node_id, -1)
@@ -202,57 +238,39 @@ class HeteroRankStrategy(Strategy):
                 continue
             valid.append((pid, state, weight, {"pid": pid, **metrics, "weight": weight},
                           self.sent[reply.metadata.src_node_id]))
-        valid.sort(key=lambda v: v[0])  # fixed order: sums are bit-reproducible whatever the arrival order
-        sim: dict = {}
-        if self.clock.active:  # simulated device time; stragglers past the deadline are not aggregated
-            secs, kept, dropped, times = self.clock.round({v[0]: v[4] for v in valid}, {v[0]: v[1] for v in valid})
-            for v in valid:
-                v[3]["sim_time_s"] = times[v[0]]
-            late = set(dropped)
-            valid = [v for v in valid if v[0] not in late]
-            sim = {"sim_round_s": secs, "sim_time_s": self.clock.elapsed, "stragglers": len(dropped)}
-            if dropped:
-                log.info("round %d: %d straggler(s) past the %.1f s deadline dropped: %s", rnd, len(dropped),
-                         self.clock.cfg.deadline_s, dropped)
-        updates, weights, per_client = [v[1] for v in valid], [v[2] for v in valid], [v[3] for v in valid]
-        views = [v[4] for v in valid]
-        if updates:
-            if self.run.fed.robust != "none":
-                new = robust_aggregate(self.global_state, updates, self.rule, self.run.fed.robust, self.run.fed.trim_ratio)
-            else:
-                new = self.method.aggregate(self.global_state, updates, weights, views)
-            bad = [k for k, v in new.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-            if bad:  # finite updates can still overflow when combined: never publish a broken model
-                log.error("round %d: aggregated model has non-finite values in %s; keeping the previous global "
-                          "model", rnd, bad[:3])
-                rejected += len(updates)
-                updates, weights, per_client = [], [], []
-            else:
-                self.global_state = self.method.adapt(new, rnd)  # rank-adaptive methods reshape it here
-        if not updates:
-            self.failed_rounds += 1
-            log.warning("round %d: no valid update (%d failed, %d rejected); global model unchanged (%d round(s) "
-                        "in a row)", rnd, failures, rejected, self.failed_rounds)
+        valid.sort(key=lambda v: v[0])
+        return valid, failures, rejected, up
+
+    def _drop_stragglers(self, rnd: int, valid: list[tuple]) -> tuple[list[tuple], dict]:
+        """With a device model: each client's simulated time into its metrics, clients past the deadline
+        dropped, and the round's simulated figures."""
+        if not self.clock.active:
+            return valid, {}
+        secs, _, dropped, times = self.clock.round({v[0]: v[4] for v in valid}, {v[0]: v[1] for v in valid})
+        for v in valid:
+            v[3]["sim_time_s"] = times[v[0]]
+        if dropped:
+            log.info("round %d: %d straggler(s) past the %.1f s deadline dropped: %s", rnd, len(dropped),
+                     self.clock.cfg.deadline_s, dropped)
+        late = set(dropped)
+        kept = [v for v in valid if v[0] not in late]
+        return kept, {"sim_round_s": secs, "sim_time_s": self.clock.elapsed, "stragglers": len(dropped)}
+
+    def _aggregate(self, rnd: int, valid: list[tuple]) -> bool:
+        """Aggregate ``valid`` into the global model (then let the method adapt it); False, with the global
+        model unchanged, when the result has non-finite values."""
+        updates, weights, views = [v[1] for v in valid], [v[2] for v in valid], [v[4] for v in valid]
+        if self.run.fed.robust != "none":
+            new = robust_aggregate(self.global_state, updates, self.rule, self.run.fed.robust, self.run.fed.trim_ratio)
         else:
-            self.failed_rounds = 0
-        tot = sum(weights) or 1.0
-        summary = {
-            "round": rnd, "clients_ok": len(updates), "failures": failures, "rejected": rejected,
-            "round_s": time.perf_counter() - self._round_start,
-            "upload_bytes": up, "download_bytes": self._round_down, **sim,
-            "global_rank_sum": sum(layer_ranks(self.global_state).values()),
-            "train_loss": sum(w * c["train_loss"] for w, c in zip(weights, per_client)) / tot if updates else float("nan"),
-        }
-        self._log_round(rnd, summary, per_client)
-        self.history.append({**summary, "clients": per_client})
-        if self.on_round_end is not None:
-            self.on_round_end(rnd, self.global_state, summary)
-        if self.failed_rounds >= self.run.fed.max_failed_rounds:
-            raise NoValidUpdates(f"{self.failed_rounds} rounds in a row (up to round {rnd}) without a valid client "
-                                 f"update ({failures} failed, {rejected} rejected in the last); stopping. See the "
-                                 "warnings above for each client's reason.")
-        mr = MetricRecord({k: float(v) for k, v in summary.items() if k != "round"})
-        return to_record(self.global_state), mr
+            new = self.method.aggregate(self.global_state, updates, weights, views)
+        bad = [k for k, v in new.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # finite updates can still overflow when combined: never publish a broken model
+            log.error("round %d: aggregated model has non-finite values in %s; keeping the previous global "
+                      "model", rnd, bad[:3])
+            return False
+        self.global_state = self.method.adapt(new, rnd)  # rank-adaptive methods reshape it here
+        return True
 
     def _log_failure(self, rnd: int, pid: int, reason: str) -> None:
         """One line in the log (the error's last line); the whole traceback goes to ``client_failures.log``."""
@@ -269,19 +287,15 @@ class HeteroRankStrategy(Strategy):
                  summary["download_bytes"], summary["train_loss"])
         if self.writer is None:
             return
-        w = self.writer
+        w = self.writer.server
         for key in ("upload_bytes", "download_bytes", "failures", "rejected", "clients_ok", "train_loss",
                     "sim_round_s", "sim_time_s", "stragglers", "global_rank_sum"):
             if key in summary:
                 w.add_scalar(f"round/{key}", summary[key], rnd)
         for p, r in layer_ranks(self.global_state).items():  # per-layer global rank (rank-adaptive runs move it)
             w.add_scalar(f"global_rank/{p}", r, rnd)
-        for c in per_client:
-            pid = int(c["pid"])
-            w.add_scalar(f"client_{pid}/train_loss", c["train_loss"], rnd)
-            w.add_scalar(f"client_{pid}/rank_sum", c["rank_sum"], rnd)
-            w.add_scalar(f"client_{pid}/rank_ratio", c["rank_ratio"], rnd)
         w.flush()
+        self.writer.log_clients(per_client, rnd)  # one TensorBoard run per client, shared tags
 
     # ----------------------------------------------------------------- evaluate (server-side only)
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

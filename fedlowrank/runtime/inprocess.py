@@ -7,7 +7,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Met
 
 from fedlowrank.config import FederatedRun
 
-from .client import local_train
+from fedlowrank.federated.client import local_train
 
 
 def _ensure_identity() -> None:
@@ -57,10 +57,9 @@ def run_rounds(strategy, grid: InProcessGrid, rounds: int) -> None:
 
 def make_strategy(run: FederatedRun):
     """The apps' strategy for ``run``, starting from the method's initial global model."""
-    from server.strategy import HeteroRankStrategy
-
-    from .methods import fed_method
-    from .server import partition_sizes
+    from fedlowrank.federated.methods import fed_method
+    from fedlowrank.federated.server import partition_sizes
+    from fedlowrank.federated.strategy import HeteroRankStrategy
 
     method = fed_method(run)
     return HeteroRankStrategy(run, method, method.initial_state(), sizes=partition_sizes(run))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from fedlowrank.config import ConfigError, FederatedRun, federated_run_from_cfg
@@ -42,13 +43,23 @@ def local_out_dir(value: str) -> str:
     return str(p)
 
 
+CACHE_ENV = "FEDLOWRANK_CACHE_DIR"  # a deployed node's disk cache (fedlowrank.deploy.cache); unset: none
+
+
+def node_cache_dir() -> Path | None:
+    """The deployed node's cache directory from ``FEDLOWRANK_CACHE_DIR``; None when unset, empty or ``off``."""
+    value = os.environ.get(CACHE_ENV, "")
+    return None if value.lower() in ("", "0", "off", "none") else Path(value)
+
 TRUST_ENV = "FEDLOWRANK_TRUSTED_RUN_CONFIG"  # set only by main.py on the runtime it starts for itself
 
 
-def run_from_run_config(run_config: dict[str, Any]) -> FederatedRun:
+def run_from_run_config(run_config: dict[str, Any], compose: Callable[[list[str]], Any] = compose_cfg,
+                        ) -> FederatedRun:
     """The FederatedRun of a ``flwr run``: Hydra ``overrides`` (no file paths) and a relative ``out-dir``;
     or, on a runtime that ``python main.py mode=federated fed.runtime=superlink`` started on this machine
-    (``FEDLOWRANK_TRUSTED_RUN_CONFIG=1`` in its environment), the resolved config file it wrote."""
+    (``FEDLOWRANK_TRUSTED_RUN_CONFIG=1`` in its environment), the resolved config file it wrote. ``compose``
+    turns overrides into a config (a deployed node's cache passes its own)."""
     if run_config.get("config-file"):
         if os.environ.get(TRUST_ENV) != "1":
             raise ConfigError("run config key config-file is only accepted on a runtime started by main.py "
@@ -58,8 +69,6 @@ def run_from_run_config(run_config: dict[str, Any]) -> FederatedRun:
         return federated_run_from_cfg(OmegaConf.load(str(run_config["config-file"])))
     overrides = shlex.split(str(run_config.get("overrides", "")))
     check_remote_overrides(overrides)
-    from .cache import composed_config
-
-    cfg = composed_config(["mode=federated", *overrides], CONF_DIR, compose_cfg)
+    cfg = compose(["mode=federated", *overrides])
     cfg.out_dir = local_out_dir(str(run_config.get("out-dir", "outputs/flwr")))
     return federated_run_from_cfg(cfg)

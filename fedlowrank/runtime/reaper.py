@@ -59,6 +59,15 @@ def _ray_processes(pgid: int, after: int, before: int) -> list[int]:
     return out
 
 
+def group_alive(pgid: int) -> bool:
+    """Some process of group ``pgid`` is still there."""
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def cmdline(pid: int) -> str:
     """The command line of ``pid`` ('' once it is gone)."""
     try:

@@ -1,9 +1,9 @@
 """Deployed vs simulated round time: the same config run by Flower's simulation runtime (``main.py``: a
 private SuperLink in simulation mode, Ray) and by a loopback SuperLink + N SuperNodes (``flwr run``):
 Flower's stock SuperNodes with and without the node-side cache (data, partitions, composed Hydra config),
-SuperNodes in ``--isolation process`` beside :mod:`fedlowrank.federated.warmexec` (ClientApps forked from a
+SuperNodes in ``--isolation process`` beside :mod:`fedlowrank.deploy.warmexec` (ClientApps forked from a
 process that has imported torch), and the same with the SuperNode loop polling every 0.1 s
-(:mod:`fedlowrank.federated.fastnode`; Flower waits 3 s when idle). Round time is the server's own measure
+(:mod:`fedlowrank.deploy.fastnode`; Flower waits 3 s when idle). Round time is the server's own measure
 (models sent -> replies aggregated); the whole ``flwr run`` wall time is recorded beside it. Prints JSON with
 ratios against the simulation and the extra seconds per round.
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import emit, environment  # noqa: E402
 
-from fedlowrank.federated.loopback import PROJECT, flwr_run, loopback_deployment  # noqa: E402
+from fedlowrank.deploy.loopback import PROJECT, flwr_run, loopback_deployment  # noqa: E402
 
 
 def rounds_s(metrics: Path) -> list[float]:

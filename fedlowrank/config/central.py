@@ -1,4 +1,5 @@
-"""Typed config of central (single-node, multi-process) language-model pretraining."""
+"""Typed config of central (single-node, multi-process) language-model pretraining: ``model`` (:class:`LMConfig`),
+``data`` (:class:`TextDataConfig`), ``trainer`` (:class:`TrainerConfig`) and the run (:class:`CentralRun`)."""
 from __future__ import annotations
 
 import os
@@ -7,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedlowrank.config import ConfigError, to_dataclass
+from fedlowrank.schema import ConfigError, to_dataclass
 from fedlowrank.methods.inrank import InRankConfig
 
 LM_ARCHS = ("gpt2", "llama")
@@ -27,6 +28,25 @@ class LMConfig:
     targets: list[str] = field(default_factory=lambda: [r"attn\.", r"mlp\."])
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
 
+    def validate(self) -> None:
+        if self.arch not in LM_ARCHS:
+            raise ConfigError(f"model.arch must be one of {LM_ARCHS} in central mode, got {self.arch!r}")
+        from fedlowrank.models.gpt2 import GPT2_SIZES
+        from fedlowrank.models.llama import LLAMA_SIZES
+
+        sizes = GPT2_SIZES if self.arch == "gpt2" else LLAMA_SIZES
+        if self.size not in sizes:
+            raise ConfigError(f"model.size {self.size!r} is not a {self.arch} size; choose from {sorted(sizes)}")
+        if self.lowrank not in ("none", "fixed", "inrank"):
+            raise ConfigError(f"model.lowrank must be none|fixed|inrank, got {self.lowrank!r}")
+        if self.lowrank == "fixed":
+            if (self.rank is None) == (self.ratio is None):
+                raise ConfigError("model.lowrank=fixed needs exactly one of model.rank / model.ratio")
+            if self.rank is not None and self.rank <= 0:
+                raise ConfigError(f"model.rank must be > 0, got {self.rank}")
+            if self.ratio is not None and not 0 < self.ratio <= 1:
+                raise ConfigError(f"model.ratio must be in (0, 1], got {self.ratio}")
+
 
 @dataclass
 class TextDataConfig:
@@ -41,6 +61,21 @@ class TextDataConfig:
     root: str = "data"
     download: bool = True
     seed: int = 0
+
+    def validate(self) -> None:
+        if self.name not in TEXT_DATA:
+            raise ConfigError(f"data.name must be a text corpus {TEXT_DATA} in central mode, got {self.name!r}")
+        if not 0.0 < self.val_fraction < 1.0 and not (self.name == "textfile" and self.eval_path):
+            raise ConfigError(f"data.val_fraction must be in (0, 1) (the held-out eval split), got "
+                              f"{self.val_fraction}")
+        if self.max_chars is not None and self.max_chars < 1:
+            raise ConfigError(f"data.max_chars must be >= 1 (or null), got {self.max_chars}")
+        if self.name == "textfile" and not self.train_path:
+            raise ConfigError("data=textfile needs data.train_path=<UTF-8 text file>")
+        for key in ("path", "train_path", "eval_path"):
+            path = getattr(self, key)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"data.{key}={path!r} is not {'an existing file' if key == 'path' else 'a file'}")
 
 
 @dataclass
@@ -121,46 +156,17 @@ class CentralRun:
         return to_dataclass(InRankConfig, self.method, "method") if self.method.get("name") == "inrank" else None
 
     def validate(self) -> None:
-        m, t = self.model, self.trainer
-        t.validate()
-        if m.arch not in LM_ARCHS:
-            raise ConfigError(f"model.arch must be one of {LM_ARCHS} in central mode, got {m.arch!r}")
-        from fedlowrank.models.gpt2 import GPT2_SIZES
-        from fedlowrank.models.llama import LLAMA_SIZES
-
-        sizes = GPT2_SIZES if m.arch == "gpt2" else LLAMA_SIZES
-        if m.size not in sizes:
-            raise ConfigError(f"model.size {m.size!r} is not a {m.arch} size; choose from {sorted(sizes)}")
-        if m.lowrank not in ("none", "fixed", "inrank"):
-            raise ConfigError(f"model.lowrank must be none|fixed|inrank, got {m.lowrank!r}")
-        if m.lowrank == "fixed":
-            if (m.rank is None) == (m.ratio is None):
-                raise ConfigError("model.lowrank=fixed needs exactly one of model.rank / model.ratio")
-            if m.rank is not None and m.rank <= 0:
-                raise ConfigError(f"model.rank must be > 0, got {m.rank}")
-            if m.ratio is not None and not 0 < m.ratio <= 1:
-                raise ConfigError(f"model.ratio must be in (0, 1], got {m.ratio}")
-        if not 0.0 < self.data.val_fraction < 1.0 and not (self.data.name == "textfile" and self.data.eval_path):
-            raise ConfigError(f"data.val_fraction must be in (0, 1) (the held-out eval split), got "
-                              f"{self.data.val_fraction}")
-        if self.data.max_chars is not None and self.data.max_chars < 1:
-            raise ConfigError(f"data.max_chars must be >= 1 (or null), got {self.data.max_chars}")
-        if self.data.name not in TEXT_DATA:
-            raise ConfigError(f"data.name must be a text corpus {TEXT_DATA} in central mode, got {self.data.name!r}")
-        if self.data.name == "textfile":
-            if not self.data.train_path:
-                raise ConfigError("data=textfile needs data.train_path=<UTF-8 text file>")
-            for key in ("train_path", "eval_path"):
-                path = getattr(self.data, key)
-                if path and not os.path.isfile(path):
-                    raise ConfigError(f"data.{key}={path!r} is not a file")
+        """Each section validates itself; then the checkpoints named, the method and what crosses sections."""
+        self.trainer.validate()
+        self.model.validate()
+        self.data.validate()
         self._check_paths()
         name = self.method.get("name", "none")
         if name not in ("none", "inrank", "relora", "welore"):
             raise ConfigError(f"unknown method {name!r} (none|inrank|relora|welore)")
         if name in ("relora", "welore"):
             self._validate_dense_method(name)
-        if (name == "inrank") != (m.lowrank == "inrank"):
+        if (name == "inrank") != (self.model.lowrank == "inrank"):
             raise ConfigError("method=inrank and model.lowrank=inrank go together")
         if name == "inrank":
             try:
@@ -168,17 +174,15 @@ class CentralRun:
                 ir.validate()  # type: ignore[union-attr]
             except (TypeError, ValueError) as e:
                 raise ConfigError(str(e)) from e
-            if t.dist == "fsdp" and ir.stage == 1:  # type: ignore[union-attr]
+            if self.trainer.dist == "fsdp" and ir.stage == 1:  # type: ignore[union-attr]
                 raise ConfigError("InRank stage 1 changes parameter shapes, which FSDP2 sharding does not allow; "
                                   "use trainer.dist=ddp for stage 1 (stage 2 works with fsdp)")
-
 
     def _check_paths(self) -> None:
         """Checkpoint and data paths named in the config exist (before any process starts)."""
         checks = [("trainer.resume", self.trainer.resume if self.trainer.resume != "auto" else None, "dir"),
                   ("method.from_ckpt", self.method.get("from_ckpt"), "dir"),
-                  ("method.stage1_ckpt", self.method.get("stage1_ckpt"), "dir"),
-                  ("data.path", self.data.path, "file")]
+                  ("method.stage1_ckpt", self.method.get("stage1_ckpt"), "dir")]
         for key, path, kind in checks:
             if path and not (os.path.isdir(path) if kind == "dir" else os.path.isfile(path)):
                 raise ConfigError(f"{key}={path!r} is not an existing {'directory' if kind == 'dir' else 'file'}")

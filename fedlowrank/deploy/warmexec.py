@@ -14,7 +14,7 @@ own process, so one client's state never leaks into the next. Non-ClientApp task
 
     flower-supernode --insecure --superlink HOST:9092 --isolation process --port 9094 \\
         --node-config "partition-id=0 num-partitions=10"
-    python -m fedlowrank.federated.warmexec --insecure --runtime-api-address 127.0.0.1:9094
+    python -m fedlowrank.deploy.warmexec --insecure --runtime-api-address 127.0.0.1:9094
 """
 from __future__ import annotations
 
@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 # torch._dynamo: torch.optim imports it lazily on the first optimizer (2-3 s); hydra: the run config is
 # composed per message (deploy.run_from_run_config)
-PRELOAD = ("torch", "torch._dynamo", "torch.optim", "hydra", "omegaconf", "fedlowrank.federated.deploy",
-           "fedlowrank.federated.client", "fedlowrank.federated.task", "fedlowrank.federated.cache",
+PRELOAD = ("torch", "torch._dynamo", "torch.optim", "hydra", "omegaconf", "fedlowrank.federated.run_config",
+           "fedlowrank.federated.client", "fedlowrank.federated.task", "fedlowrank.deploy.cache",
            "flwr.supernode.runtime.run_clientapp", "flwr.clientapp")
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # Flower's own knob for the SuperExec poll (default 1 s)
 
@@ -169,7 +169,7 @@ def serve(runtime_api_address: str, insecure: bool, root_certificates: str | Non
           pull_backoff_s: float | None = 0.05) -> None:
     """Import ``preload``, then run Flower's SuperExec loop with :class:`ForkExecutor` (never returns)."""
     if not hasattr(os, "fork"):
-        raise SystemExit("fedlowrank.federated.warmexec needs fork() (Linux/macOS); use --isolation subprocess")
+        raise SystemExit("fedlowrank.deploy.warmexec needs fork() (Linux/macOS); use --isolation subprocess")
     for name in preload:
         importlib.import_module(name)
     os.environ.setdefault(POLL_ENV, "0.1")

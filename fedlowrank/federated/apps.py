@@ -1,0 +1,98 @@
+"""The Flower ServerApp and ClientApp, built by the library. ``server/server_app.py`` and
+``clients/client_app.py`` only expose :func:`server_app` / :func:`client_app` as module-level ``app`` objects
+for ``flwr run``; the in-process runtime builds them with :func:`make_server_app` / :func:`make_client_app`
+(config via closure). Nothing under ``fedlowrank/`` imports those shims."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedlowrank.config import FederatedRun
+from fedlowrank.runtime.logs import log_to_stderr, quiet_engine_tracebacks
+
+from .client import local_train
+from .run_config import node_cache_dir, run_from_run_config
+from .server import run_server
+
+
+def make_server_app(run: FederatedRun, results: dict | None = None) -> ServerApp:
+    """A ServerApp running ``run``; its summary, or ``{"error": ...}``, goes into ``results``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        quiet_engine_tracebacks()
+        try:
+            summary = run_server(grid, run)
+        except Exception as e:  # the simulation engine only logs ServerApp errors: hand the cause back
+            if results is not None:
+                results["error"] = f"{type(e).__name__}: {e}"
+            raise
+        if results is not None:
+            results.update(summary)
+
+    return app
+
+
+def server_app() -> ServerApp:
+    """The ServerApp of ``flwr run``: its config comes from the Flower run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        quiet_engine_tracebacks()
+        log_to_stderr()  # Flower streams this process's stderr to `flwr run --stream` (and main.py's log)
+        run_server(grid, _run_of(context))
+
+    return app
+
+
+def _ids(context: Context) -> tuple[int, int]:
+    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+
+
+def register(app: ClientApp, get_run: Callable[[Context], FederatedRun]) -> ClientApp:
+    """Add the budget query and the local training handlers to ``app``."""
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        pid, _ = _ids(context)
+        budget = ConfigRecord({"partition_id": pid, **get_run(context).fed.budget(pid)})
+        return Message(RecordDict({"budget": budget}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        import torch
+
+        run = get_run(context)
+        torch.set_num_threads(max(1, int(run.fed.client_cpus)))
+        pid, n = _ids(context)
+        state = msg.content["arrays"].to_torch_state_dict()
+        rnd = int(msg.content["config"]["server-round"])
+        new_state, metrics = local_train(run, pid, n, state, rnd)
+        return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(new_state),
+                                   "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+def make_client_app(run: FederatedRun) -> ClientApp:
+    return register(ClientApp(), lambda context: run)
+
+
+def client_app() -> ClientApp:
+    """The ClientApp of ``flwr run``: its config comes from the Flower run config."""
+    return register(ClientApp(), _run_of)
+
+
+def _run_of(context: Context) -> FederatedRun:
+    """The run of a ``flwr run`` message; on a deployed node with a cache directory (``FEDLOWRANK_CACHE_DIR``)
+    the composed config comes from its cache (:mod:`fedlowrank.deploy.cache`), which simulations never use."""
+    if node_cache_dir() is None:
+        return run_from_run_config(context.run_config)
+    from fedlowrank.deploy.cache import cached_compose
+
+    return run_from_run_config(context.run_config, cached_compose)

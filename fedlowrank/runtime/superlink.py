@@ -1,0 +1,216 @@
+"""Flower's non-deprecated simulation runtime, run privately: a ``flower-superlink --simulation`` on a free
+loopback port (its working directory and log in ``<out_dir>/flwr_runtime``), this project submitted to it with
+``flwr run`` and the resolved config, the summary read back from ``metrics.json``. Every process is started in
+its own session and, on exit, exactly those sessions are stopped (SIGTERM, then SIGKILL after a grace period).
+The SuperLink starter is shared with the deployment helpers in :mod:`fedlowrank.deploy.loopback`."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedlowrank.config import ConfigError, FederatedRun
+from fedlowrank.federated.run_config import PATH_KEYS, TRUST_ENV
+
+from . import reaper
+
+log = logging.getLogger(__name__)
+BIN = Path(sys.executable).parent
+PROJECT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float) -> None:
+    """Return once something accepts connections on 127.0.0.1:``port``; TimeoutError after ``timeout``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def stop(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
+    """SIGTERM each process's own group, SIGKILL what is left of their process trees (and of the groups
+    those trees had) after ``grace`` seconds, and reap them."""
+    reaper.stop_trees([p.pid for p in procs], grace)
+    for p in procs:
+        p.wait(timeout=10)
+    deadline = time.time() + 10
+    while time.time() < deadline and any(reaper.group_alive(p.pid) for p in procs):
+        time.sleep(0.2)
+
+
+@dataclass
+class Loopback:
+    """A running SuperLink (and, for deployments, its SuperNodes): where it runs and how to reach it."""
+
+    workdir: Path
+    env: dict[str, str]
+    procs: list[subprocess.Popen]
+    connection: str = "loopback"
+
+
+def start_superlink(workdir: Path, connection: str, env: dict[str, str] | None, simulation: bool,
+                    ) -> tuple[int, dict[str, str], Callable[[list[str], str], None], list[subprocess.Popen]]:
+    """(port, env, start, procs) for a SuperLink on a free loopback port, with a Flower config in
+    ``workdir/flwr_home`` naming it ``connection``; ``start(args, log)`` runs a process in its own session."""
+    home = workdir / "flwr_home"
+    home.mkdir(parents=True, exist_ok=True)
+    link = free_port()
+    (home / "config.toml").write_text(f'[superlink.{connection}]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "FLWR_HOME": str(home),
+                "PYTHONUNBUFFERED": "1", **(env or {})}
+    procs: list[subprocess.Popen] = []
+
+    def start(args: list[str], log_name: str) -> None:
+        with open(workdir / log_name, "w") as fh:
+            procs.append(subprocess.Popen(args, cwd=workdir, env=full_env, start_new_session=True, stdout=fh,
+                                          stderr=subprocess.STDOUT))
+
+    mode = ["--simulation", "--isolation", "subprocess"] if simulation else []
+    # The apps run in this venv: without the flag, flwr 1.41's SuperLink builds a fresh environment per run
+    # with `uv sync` (25 s here, and a download of torch on a machine without uv's cache).
+    start([str(BIN / "flower-superlink"), "--insecure", *mode, "--disable-runtime-dependency-installation",
+           "--host", "127.0.0.1", "--port", str(link)], "superlink.log")
+    return link, full_env, start, procs
+
+
+@contextlib.contextmanager
+def simulation_superlink(workdir: Path, env: dict[str, str] | None = None) -> Iterator[Loopback]:
+    """A SuperLink in simulation mode (it runs the virtual SuperNodes itself, on Ray) on a free loopback
+    port, its working directory and log in ``workdir``, and a Flower config naming the connection ``sim``.
+    Stopped, with everything it started, on exit."""
+    workdir = Path(workdir)
+    link, full_env, _, procs = start_superlink(workdir, "sim", env, simulation=True)
+    try:
+        wait_port(link, 60)
+        yield Loopback(workdir, full_env, procs, connection="sim")
+    finally:
+        stop(procs)
+
+
+def run_on_superlink(fr: FederatedRun, cfg: DictConfig) -> dict:
+    """Run ``fr`` on a private simulation SuperLink; the resolved config goes to
+    ``<out_dir>/flwr_runtime/config.yaml``, the summary comes back from ``metrics.json``."""
+    import torch
+
+    out = Path(fr.out_dir).resolve()
+    work = out / "flwr_runtime"
+    work.mkdir(parents=True, exist_ok=True)
+    conf = work / "config.yaml"
+    OmegaConf.save(with_absolute_paths(OmegaConf.merge(cfg, {"out_dir": str(out)}), Path.cwd()), conf, resolve=True)
+    metrics, error = out / "metrics.json", out / "error.json"
+    before = metrics.stat().st_mtime_ns if metrics.exists() else None
+    error.unlink(missing_ok=True)
+    gpus = fr.fed.client_gpus if torch.cuda.is_available() else 0.0
+    fed = (f"num-supernodes={fr.fed.num_clients} client-resources-num-cpus={int(max(1, fr.fed.client_cpus))} "
+           f"client-resources-num-gpus={gpus} init-args-num-cpus={os.cpu_count() or 1} "
+           f"init-args-num-gpus={torch.cuda.device_count() if gpus else 0}")
+    watchdog = None
+    try:
+        with simulation_superlink(work, env={TRUST_ENV: "1"}) as lb:
+            watchdog = reaper.start(roots=tuple(p.pid for p in lb.procs))  # a killed main.py takes them along
+            proc = subprocess.Popen([str(BIN / "flwr"), "run", str(PROJECT), lb.connection, "--stream",
+                                     "--federation-config", fed, "--run-config", f'config-file="{conf}"'],
+                                    cwd=work, env=lb.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+            lost = wait_for_run(proc, lb.procs[0].pid)
+    finally:
+        reaper.stop(watchdog)
+    fresh = metrics.exists() and metrics.stat().st_mtime_ns != before
+    _raise_on_failure(out, work, proc.returncode, lost, fresh)
+    return json.loads(metrics.read_text())
+
+
+def _raise_on_failure(out: Path, work: Path, returncode: int | None, lost: bool, fresh: bool) -> None:
+    """The run's failure as a RuntimeError naming its cause (``error.json``), or nothing if it finished."""
+    error = out / "error.json"
+    if error.exists():
+        cause = json.loads(error.read_text())["error"]
+        raise RuntimeError(f"federated run failed: {cause} (logs in {out})")
+    if lost and not fresh:
+        raise RuntimeError(f"the SuperLink's simulation process ended before the run finished (killed or crashed; "
+                           f"see the log above); round checkpoints are in {out / 'checkpoints'}: "
+                           "continue with fed.resume=auto")
+    if not fresh or (returncode != 0 and not lost):  # lost but fresh: the run ended, flwr run lingered
+        raise RuntimeError(f"flwr run on the simulation SuperLink failed (exit {returncode}, "
+                           f"{'no new' if not fresh else 'a'} metrics.json); see the log above and "
+                           f"{work / 'superlink.log'}")
+
+
+def with_absolute_paths(cfg: DictConfig, base) -> DictConfig:
+    """``cfg`` with its relative file paths (``PATH_KEYS``: data.path, data.root, method.from_ckpt, ...)
+    made absolute against ``base``: the apps run in the SuperLink's working directory, while the user (and the
+    validation main.py already did) meant main.py's. ``cfg`` itself is not modified."""
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key in PATH_KEYS:
+        value = OmegaConf.select(out, key, default=None)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            OmegaConf.update(out, key, os.path.abspath(os.path.join(base, value)), merge=False)
+    return out
+
+
+def wait_for_run(proc: subprocess.Popen, superlink_pid: int, grace: float = 10.0, poll: float = 0.5) -> bool:
+    """Wait for ``flwr run`` (``proc``), relaying its output (see :mod:`.logs`). The SuperLink notices a dead
+    simulation process only after a heartbeat timeout (about a minute), and ``flwr run --stream`` waits that
+    long, then exits 0; so once the SuperLink's ``flwr-simulation`` child is gone, ``flwr run`` gets ``grace``
+    seconds, then is stopped. Returns whether it had to be stopped."""
+    from .logs import relay_stream
+
+    relay = relay_stream(proc.stdout) if proc.stdout is not None else None
+    seen = gone_at = None
+    try:
+        while proc.poll() is None:
+            alive = any("flwr-simulation" in reaper.cmdline(p) for p, _ in reaper.tree(superlink_pid)
+                        if p != superlink_pid)
+            seen = seen or alive
+            if seen and not alive:
+                gone_at = gone_at or time.time()
+                if time.time() - gone_at > grace:
+                    _terminate(proc)
+                    return True
+            time.sleep(poll)
+        return False
+    finally:
+        if relay is not None:
+            relay.join(timeout=5)
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def check_superlink_runtime() -> None:
+    """The SuperLink runtime submits this project (its ``pyproject.toml`` names the Flower apps) with the
+    venv's ``flwr`` and ``flower-superlink``: refuse up front where either is missing."""
+    pyproject = PROJECT / "pyproject.toml"
+    if not pyproject.is_file() or "[tool.flwr.app" not in pyproject.read_text():
+        raise ConfigError(f"fed.runtime=superlink submits the project checkout with `flwr run`, but {PROJECT} has no "
+                          "pyproject.toml with [tool.flwr.app] (an installed, not cloned, fedlowrank?); run from a "
+                          "clone or use fed.runtime=simulation")
+    missing = [b for b in ("flwr", "flower-superlink") if not (BIN / b).exists()]
+    if missing:
+        raise ConfigError(f"fed.runtime=superlink needs {', '.join(missing)} beside {BIN / 'python'} (flwr[simulation] "
+                          "installed in this environment); or use fed.runtime=simulation")

@@ -1,0 +1,110 @@
+"""Runs begin and end legibly: the relay of ``flwr run --stream`` keeps the project's records (logger and
+level) and drops Flower's known noise; the closing summaries say what the run did; no log line claims more
+than it lists."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from fedlowrank.runtime.logs import FlowerNoiseFilter, StreamRelay
+
+STREAM = """\
+\x1b[92mINFO \x1b[0m:      Starting Flower Simulation
+\x1b[92mINFO \x1b[0m:      Federation `@none/default` (4 simulated SuperNodes)
+\x1b[92mINFO \x1b[0m:      flwr federation simulation-config @none/default <superlink> --num-supernodes <N>
+INFO fedlowrank.federated.strategy: round 1: 4 ok, 0 failed, 0 rejected; up 10 B, down 10 B; train loss 1.7202
+\x1b[92mINFO \x1b[0m:      \t└──> Aggregated MetricRecord: {'clients_ok': 4.0}
+WARNING fedlowrank.federated.strategy: round 1: rejected update of client 2: shape mismatch
+\x1b[93mWARNING \x1b[0m:   a warning of Flower's own
+\x1b[92mINFO \x1b[0m:      [ROUND 2/2]
+\x1b[92mINFO \x1b[0m:      Final results:
+\x1b[92mINFO \x1b[0m:      \t{ 1: { 'clients_ok': '4.0000e+00',
+\x1b[92mINFO \x1b[0m:      \t       'download_bytes': '3.5882e+05'}}
+INFO fedlowrank.federated.server: federated run finished: slice · 4 clients · 2 rounds · 3.0 s wall (server)
+"""
+
+
+def test_stream_relay_keeps_our_records_and_drops_flowers_noise(caplog):
+    caplog.set_level(logging.DEBUG)
+    relay = StreamRelay()
+    for line in STREAM.splitlines():
+        relay(line)
+    got = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert got == [
+        ("fedlowrank.flwr", "INFO", "Starting Flower Simulation"),
+        ("fedlowrank.federated.strategy", "INFO",
+         "round 1: 4 ok, 0 failed, 0 rejected; up 10 B, down 10 B; train loss 1.7202"),
+        ("fedlowrank.federated.strategy", "WARNING", "round 1: rejected update of client 2: shape mismatch"),
+        ("fedlowrank.flwr", "WARNING", "a warning of Flower's own"),
+        ("fedlowrank.flwr", "INFO", "[ROUND 2/2]"),
+        ("fedlowrank.federated.server", "INFO",
+         "federated run finished: slice · 4 clients · 2 rounds · 3.0 s wall (server)"),
+    ]
+
+
+def test_flower_noise_filter_on_the_in_process_runtime():
+    f = FlowerNoiseFilter()
+
+    def rec(msg: str, level: int = logging.INFO) -> logging.LogRecord:
+        return logging.LogRecord("flwr", level, __file__, 1, msg, None, None)
+
+    assert f.filter(rec("[ROUND 1/2]"))
+    assert not f.filter(rec("\t└──> MetricRecord: {'global_loss': 0.4}"))
+    assert not f.filter(rec(""))
+    assert not f.filter(rec("Final results:")) and not f.filter(rec("\t  2: { 'global_accuracy': '9.4986e-01',"))
+    assert f.filter(rec("something went wrong", logging.WARNING))  # warnings always pass
+
+
+def test_growth_log_names_every_layer_it_counts_or_says_how_many_more():
+    from fedlowrank.methods.inrank import describe_growth
+
+    few = {"a": (2, 4), "b": (3, 6)}
+    assert describe_growth(few) == "grew 2 layers: a 2->4, b 3->6"
+    many = {f"h.{i}.mlp": (1, 2) for i in range(8)}
+    text = describe_growth(many)
+    assert text.startswith("grew 8 layers: ") and text.count("->") == 6 and text.endswith("and 2 more")
+
+
+def test_central_summary_lines_report_ppl_params_ranks_time_and_paths(tmp_path):
+    from fedlowrank.central import summary_lines
+
+    summary = {"step": 30, "final_eval": {"step": 30, "loss": 3.2875, "ppl": 26.78}, "params": 91072,
+               "trainable_params": 91072, "compression": {"params_if_dense": 124672},
+               "ranks": {f"h.{i}.mlp.c_fc": 32 for i in range(8)}, "tokens_per_s": 13180.4, "tokens_seen": 30720}
+    text = "\n".join(summary_lines(summary, str(tmp_path), 4.5))
+    assert "held-out loss 3.2875, ppl 26.78" in text and "4.5 s wall" in text
+    assert "parameters 91,072 (0.730x the dense model's 124,672)" in text
+    assert "final ranks (8 layers)" in text and text.count(" 32") == 6 and ", ..." in text
+    assert "13,180 tokens/s" in text
+    assert f"summary: {tmp_path / 'summary.json'}" in text and f"tensorboard --logdir {tmp_path}" in text
+
+
+def test_federated_summary_lines_report_accuracy_budgets_bytes_and_paths(tmp_path):
+    from fedlowrank.federated.report import summary_lines
+
+    summary = {"strategy": "slice", "num_clients": 4, "rounds": 2,
+               "final": {"global_accuracy": 0.95, "global_loss": 0.2, "ratio0.1_accuracy": 0.72,
+                         "ratio1.0_accuracy": 0.95, "sim_time_s": 12.5},
+               "rounds_detail": [{"upload_bytes": 1_000_000, "download_bytes": 2_000_000}] * 2,
+               "global_model_bytes": 186_000, "dense_model_bytes": 104_000}
+    text = "\n".join(summary_lines(summary, str(tmp_path), 15.1))
+    assert "slice · 4 clients · 2 rounds · 15.1 s wall" in text and "global accuracy 0.9500" in text
+    assert "at each budget: ratio0.1 0.7200, ratio1.0 0.9500" in text
+    assert "2.00 MB up, 4.00 MB down" in text and "simulated device time 12.50 s" in text
+    assert f"summary: {tmp_path / 'metrics.json'}" in text
+
+
+@pytest.mark.timeout(240)
+def test_central_run_logs_its_output_dir_first_and_summary_last(tmp_path, caplog):
+    from helpers import FAST, compose_cfg
+
+    from fedlowrank.central import run
+
+    caplog.set_level(logging.INFO)
+    run(compose_cfg("mode=central", "experiment=gpt2_full", *FAST, f"out_dir={tmp_path}", "trainer.max_steps=4",
+                    "trainer.eval_interval=4"))
+    msgs = [r.getMessage() for r in caplog.records if r.name == "fedlowrank.central"]
+    assert msgs[0].endswith(f"output in {tmp_path}")
+    assert msgs[1].startswith("central run finished at step 4") and "held-out loss" in msgs[2]
+    assert msgs[-1] == f"  tensorboard --logdir {tmp_path}"

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ["FEDLOWRANK_CACHE_DIR"] = "off"  # time the partitioning itself; the in-process cache is timed apart
+os.environ.pop("FEDLOWRANK_CACHE_DIR", None)  # no node cache: time the partitioning itself
 from _common import emit, environment  # noqa: E402
 
 from torch.utils.data import DataLoader  # noqa: E402
@@ -105,7 +105,7 @@ def one_superlink(n: int, rounds: int, per_round: int, steps: int, tmp: str) -> 
     out = Path(tmp) / f"sl{n}"
     cmd = [sys.executable, "main.py", *overrides(n, rounds, per_round, steps), "fed.runtime=superlink",
            "fed.eval_budgets=false", f"out_dir={out}"]
-    env = {**os.environ, "FEDLOWRANK_CACHE_DIR": str(Path(tmp) / "cache")}
+    env = {k: v for k, v in os.environ.items() if k != "FEDLOWRANK_CACHE_DIR"}  # simulations use no node cache
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

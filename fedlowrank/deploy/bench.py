@@ -7,7 +7,7 @@ process that has imported torch), and the same with the SuperNode loop polling e
 (models sent -> replies aggregated); the whole ``flwr run`` wall time is recorded beside it. Prints JSON with
 ratios against the simulation and the extra seconds per round.
 
-    python benchmarks/bench_fed_deploy.py [--nodes 3] [--rounds 3] [--local-epochs 1] [--fastest-only] [--out ...]
+    python -m fedlowrank.deploy.bench [--nodes 3] [--rounds 3] [--local-epochs 1] [--fastest-only] [--out ...]
 """
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))  # needs a project checkout
 from _common import emit, environment  # noqa: E402
 
 from fedlowrank.deploy.loopback import PROJECT, flwr_run, loopback_deployment  # noqa: E402
@@ -52,7 +51,8 @@ def main() -> None:
         t0 = time.time()
         subprocess.run([sys.executable, "main.py", "mode=federated", "fed.runtime=superlink", *ov.split(),
                         f"out_dir={tmp}/sim"], cwd=PROJECT,
-                       check=True, capture_output=True, env={**os.environ, "FEDLOWRANK_CACHE_DIR": f"{tmp}/simcache"})
+                       check=True, capture_output=True,
+                       env={k: v for k, v in os.environ.items() if k != "FEDLOWRANK_CACHE_DIR"})  # no node cache
         sim = "simulation (SuperLink --simulation, Ray)"
         rows[sim] = {"round_s": rounds_s(Path(tmp) / "sim" / "metrics.json"), "wall_s": time.time() - t0}
         setups = [("deployed, warm executor + node cache + 0.1 s node poll", f"{tmp}/fcache", True, 0.1),

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from fedlowrank.federated.run_config import CACHE_ENV
-from fedlowrank.runtime.superlink import BIN, PROJECT, Loopback, start_superlink, stop, wait_port
+from fedlowrank.runtime.superlink import BIN, PROJECT, Loopback, free_port, start_superlink, stop, wait_port
 
 
 @contextlib.contextmanager

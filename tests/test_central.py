@@ -1,6 +1,7 @@
 """Central LM pretraining on CPU: DDP replicas, exact resume, InRank stages, optimizer state."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,12 +136,97 @@ def test_inrank_default_rule_is_the_papers_variance_ratio():
         S = torch.linspace(3.0, 0.5, 12)
         layer.U.copy_(P * S.sqrt())
         layer.V.copy_((Q * S.sqrt()).T)
-    cfg = InRankConfig(buffer=4)
+    cfg = InRankConfig(buffer=4, init_rank=8)
     assert cfg.rule == "variance"
     k = explained_variance_rank(S, cfg.threshold, n_total=16)
     assert k == 9  # independent of the factor rank: the tail is padded to min(m, n) = 16
+    # the window from the kept rank 8 is [8, min(8 + 4, 16 - 4)) = [8, 12): 9 is its first passing index
     assert InRank(cfg).targets(model) == {"0": k + 4}
-    assert InRank(InRankConfig(buffer=4, rule="energy")).targets(model) != {"0": k + 4}
+    assert InRank(InRankConfig(buffer=4, init_rank=8, rule="energy")).targets(model) != {"0": k + 4}
+    # from the kept rank 2 the window [2, 6) holds no passing index: its last, 5, is kept (the reference)
+    assert InRank(InRankConfig(buffer=4)).targets(model) == {"0": 5 + 4}
+
+
+def _set_spectrum(layer, S: torch.Tensor, seed: int) -> None:
+    """Factors of ``layer`` (rank len(S)) whose product has singular values S."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = layer.U.shape[0], layer.V.shape[1]
+    P, _ = torch.linalg.qr(torch.randn(m, len(S), generator=g, dtype=torch.float64))
+    Q, _ = torch.linalg.qr(torch.randn(n, len(S), generator=g, dtype=torch.float64))
+    with torch.no_grad():
+        layer.U.copy_((P * S.double().sqrt()).float())
+        layer.V.copy_((Q * S.double().sqrt()).T.float())
+
+
+def _reference_window(s: np.ndarray, k: int, buffer: int, max_modes: int, threshold: float) -> int:
+    """InRank's reference rank search, written again from its description: from the current modes k, the
+    first index of [k, min(k + buffer, max_modes - buffer)) whose ratio 1 - var(s - s_kept)/var(s) (torch's
+    unbiased variance, s = every singular value of the dense product) exceeds the threshold, else the last."""
+    if k >= max_modes - buffer:
+        return k
+    for index in range(k, min(k + buffer, max_modes - buffer)):
+        kept = s.copy()
+        kept[index:] = 0
+        ratio = 1 - np.var(s - kept, ddof=1) / np.var(s, ddof=1)
+        if ratio > threshold:
+            break
+    return index
+
+
+def test_inrank_kept_rank_follows_the_reference_window_and_is_the_stage2_rank():
+    """Over a sequence of spectra (slowly decaying, then concentrated), the kept rank after every check equals
+    the reference's windowed search on the dense product's singular values (numpy), never decreases, and is
+    what stage 2 keeps: not the explained rank recomputed at the end (3 here)."""
+    from fedlowrank.lowrank import explained_variance_rank
+
+    model = torch.nn.Sequential(LowRankLinear(64, 64, rank=4))
+    layer = model[0]
+    cfg = InRankConfig(init_rank=2, buffer=6, max_rank_ratio=0.5)  # the reference's max_modes = min(m, n) / 2
+    ir = InRank(cfg)
+    ir.prepare(model)
+    assert layer.rank == 8 and ir.kept == {"0": 2}
+    k_ref, kept = 2, []
+    for step, decay in enumerate([0.97, 0.97, 0.97, 0.98, 0.2, 0.2], start=1):
+        S = decay ** torch.arange(layer.rank, dtype=torch.float64) * 10
+        _set_spectrum(layer, S, seed=step)
+        dense = np.linalg.svd((layer.U @ layer.V).detach().double().numpy(), compute_uv=False)
+        k_ref = _reference_window(dense, k_ref, cfg.buffer, 32, cfg.threshold)
+        ir.update(model, step)
+        kept.append(ir.kept["0"])
+        assert ir.kept["0"] == k_ref and layer.rank == min(32, k_ref + cfg.buffer)
+    assert kept == sorted(kept) and kept[-1] > kept[0]
+    assert explained_variance_rank(layer.spectrum(), cfg.threshold, n_total=64) <= 3  # concentrated by now
+    assert ir.compressed_ranks(model) == {"0": kept[-1]}
+    ir.compress(model)
+    assert layer.rank == kept[-1]
+
+
+def test_inrank_kept_ranks_survive_resume(tmp_path):
+    """The kept ranks are trainer state: a run stopped mid stage 1 and resumed keeps them, and ends at the same
+    stage-2 ranks as an uninterrupted run."""
+    args = ("experiment=gpt2_inrank", "trainer.max_steps=30", "method.init_rank=1", "method.buffer=2",
+            "method.check_interval=5", "method.stage1_steps=30", "trainer.lr=1e-2", "trainer.eval_interval=30",
+            "trainer.ckpt_interval=10")
+    full = launch(_run(tmp_path / "full", *args))
+    launch(_run(tmp_path / "part", *args, "trainer.stop_after=15"))
+    meta = json.loads((tmp_path / "part" / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["step"] == 15 and set(meta["method_state"]["kept"]) == set(full["ranks"])
+    resumed = launch(_run(tmp_path / "part", *args, "trainer.resume=auto"))
+    assert resumed["ranks"] == full["ranks"]
+
+
+def test_gpt2_inrank_experiments_factorize_the_mlp_only():
+    """As the reference: GPT-2's MLP (c_fc, c_proj) is factorized, attention stays dense."""
+    from fedlowrank.central.model import build_lm
+    from fedlowrank.lowrank import lowrank_modules
+
+    for exp in ("gpt2_inrank", "gpt2_small_inrank", "gpt2_medium_inrank", "gpt2_large_inrank"):
+        run = central_run_from_cfg(compose_cfg("mode=central", f"experiment={exp}", "out_dir=x"))
+        assert run.model.targets == [r"mlp\."], exp
+    model = build_lm(_run("x", "experiment=gpt2_inrank"), vocab_size=64)
+    names = sorted(lowrank_modules(model))
+    assert names and all(".mlp." in n for n in names)
+    assert {n.rsplit(".", 1)[1] for n in names} == {"c_fc", "c_proj"}
 
 
 def test_central_config_errors():

@@ -132,6 +132,14 @@ def test_section_defaults_are_written_once_in_the_dataclasses():
     for mode in ("federated", "central"):
         raw = OmegaConf.to_container(OmegaConf.load(CONF / "mode" / f"{mode}.yaml"))
         assert set(raw) == {"defaults", "run_mode"}, raw
+    # the method options are the method dataclasses' defaults too
+    from fedlowrank.methods.inrank import InRankConfig
+    from fedlowrank.methods.relora import ReLoRAConfig
+    from fedlowrank.methods.welore import WeLoreConfig
+
+    for name, cls in (("inrank", InRankConfig), ("relora", ReLoRAConfig), ("welore", WeLoreConfig)):
+        assert OmegaConf.to_container(_compose(["mode=federated", f"method={name}"]).method) == defaults(cls)
+        assert not (CONF / "method" / f"{name}.yaml").exists()
     # a command-line override still reaches the typed run, and a nested default can be overridden
     run = federated_run_from_cfg(_compose(["mode=federated", "fed.rounds=3", "fed.devices.spread=2"]))
     assert run.fed.rounds == 3 and run.fed.devices.spread == 2.0 and run.fed.lr == FedConfig().lr

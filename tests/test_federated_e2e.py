@@ -174,8 +174,9 @@ def test_federated_resume_after_kill_matches_uninterrupted_run(tmp_path):
 
     from fedlowrank.checkpoint import read_jsonl
 
-    common = ["strategy=product", "fed.rounds=4", "fed.num_clients=3", "fed.local_steps=5",
-              "fed.fraction_train=0.67", "fed.eval_budgets=false"]
+    # 2 of 4 clients a round: a resume that re-seeded the sampling RNG instead of restoring it would pick others
+    common = ["strategy=product", "fed.rounds=4", "fed.num_clients=4", "fed.local_steps=5",
+              "fed.fraction_train=0.5", "fed.eval_budgets=false"]
     full = run(_cfg(tmp_path / "full", *common, FAST))  # the other runtime: both must train the same model
     before = _ray_pids()
     part = tmp_path / "part"
@@ -190,7 +191,10 @@ def test_federated_resume_after_kill_matches_uninterrupted_run(tmp_path):
     res = run(_cfg(part, *common, "fed.resume=auto"))
     assert res["resumed_after"] == 2 and len(res["rounds_detail"]) == 4
     st = json.loads((part / "checkpoints" / "round-000004" / "strategy.json").read_text())
-    assert st["round"] == 4 and sorted(st["budgets"]) == ["0", "1", "2"] and len(st["rng"][1]) == 625
+    assert st["round"] == 4 and sorted(st["budgets"]) == ["0", "1", "2", "3"] and len(st["rng"][1]) == 625
+    sampled = [sorted(int(c["pid"]) for c in r["clients"]) for r in full["rounds_detail"]]
+    assert all(len(x) == 2 for x in sampled) and sampled[2:] != sampled[:2]  # a re-seeded RNG would repeat 1-2
+    assert [sorted(int(c["pid"]) for c in r["clients"]) for r in res["rounds_detail"]] == sampled
     a = load_file(str(tmp_path / "full" / "checkpoints" / "last.safetensors"))
     b = load_file(str(part / "checkpoints" / "last.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

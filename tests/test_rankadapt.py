@@ -189,8 +189,8 @@ def test_federated_inrank_resume_is_exact(tmp_path):
     from fedlowrank.federated.strategy import HeteroRankStrategy
 
     run = federated_run_from_cfg(compose_cfg(
-        "mode=federated", f"out_dir={tmp_path}", "fed.num_clients=3", "fed.local_steps=4", "fed.rounds=4",
-        "fed.fraction_train=0.67", "fed.rank_ratios=[0.25,1.0]", "method=inrank", "method.buffer=4",
+        "mode=federated", f"out_dir={tmp_path}", "fed.num_clients=4", "fed.local_steps=4", "fed.rounds=4",
+        "fed.fraction_train=0.5", "fed.rank_ratios=[0.25,1.0]", "method=inrank", "method.buffer=4",
         "strategy=slice"))
     full = make_strategy(run)
     start = sum(layer_ranks(full.global_state).values())
@@ -204,5 +204,9 @@ def test_federated_inrank_resume_is_exact(tmp_path):
     resumed.restore(json.loads((tmp_path / "s.json").read_text()), part.history)
     run_rounds(resumed, InProcessGrid(run), 2)
     a, b = full.global_state, resumed.global_state
+    # 2 of 4 clients a round: the restored sampling RNG (not a re-seeded one) picks the same clients
+    sampled = [sorted(int(c["pid"]) for c in h["clients"]) for h in full.history]
+    assert all(len(x) == 2 for x in sampled) and sampled[2:] != sampled[:2]  # a re-seeded RNG would repeat 1-2
+    assert [sorted(int(c["pid"]) for c in h["clients"]) for h in resumed.history] == sampled
     assert len({start} | {h["global_rank_sum"] for h in full.history}) > 1  # ranks changed along the way
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

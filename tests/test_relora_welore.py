@@ -1,5 +1,7 @@
 """ReLoRA and WeLore: merge invariance, pruning, schedule, reduction targets, trainer integration."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -277,10 +279,11 @@ def test_plan_threshold_is_solved_not_tabled():
 
 def test_welore_central_pretrain_compress_finetune_and_resume(tmp_path):
     common = ["experiment=llama_welore", "trainer.max_steps=14", "method.pretrain_steps=6", "trainer.log_interval=1",
-              "trainer.eval_interval=7", "method.target_reduction=0.4"]
+              "trainer.eval_interval=7", "method.target_reduction=0.4", "method.refine=true"]
     full = launch(_run(tmp_path / "full", *common))
     w = full["welore"]
     assert abs(w["plan"]["reduction"] - 0.4) < 0.01 and w["params_after"] < w["params_before"]
+    assert w["plan"]["refined"] and json.loads((tmp_path / "full" / "welore_plan.json").read_text()) == w["plan"]
     assert full["trainable_params"] == w["trainable_params"] < full["params"]
     launch(_run(tmp_path / "part", *common, "trainer.stop_after=9"))
     res = launch(_run(tmp_path / "part", *common, "trainer.resume=auto"))
@@ -334,12 +337,35 @@ def test_welore_solver_lands_on_reference_ranks_and_refines():
     model = Llama(LlamaConfig.from_size("mini", vocab_size=256, block_size=32))
     _heavy_tailed(model, tg, sk, seed=7)
     sp = normalized_spectra(model, tg, sk)
-    plan = plan_welore(sp, 0.5, "params", 0.4999, "rank")
+    plan = plan_welore(sp, 0.5, "params", 0.4999, "rank", refine=True)
     at_tau = plan_at_threshold(sp, plan.threshold, "params", 0.4999, "rank")
-    assert abs(plan.reduction - 0.5) < 0.01
+    assert abs(plan.reduction - 0.5) < 0.01 and plan.refined
     assert abs(at_tau.reduction - 0.5) > abs(plan.reduction - 0.5)  # τ alone misses; refinement hits
     diff = {n for n in plan.ranks if plan.ranks[n] != at_tau.ranks.get(n)}
     assert diff and all(abs(plan.ranks[n] - at_tau.ranks[n]) <= 64 for n in diff if n in at_tau.ranks)
+
+
+def test_welore_default_plan_is_one_global_threshold_as_the_reference():
+    """refine off (the default): every matrix keeps exactly its values >= the solved τ, i.e. the plan is the
+    reference's plan at that single τ (which the test above checks against a numpy re-implementation);
+    the solved τ is the lowest reaching the target, and the parameter reduction is reported beside the
+    rank reduction of kind=rank."""
+    torch.manual_seed(2)
+    tg, sk = [r"attn\.", r"mlp\."], ["lm_head"]
+    model = Llama(LlamaConfig.from_size("mini", vocab_size=256, block_size=32))
+    _heavy_tailed(model, tg, sk, seed=7)
+    sp = normalized_spectra(model, tg, sk)
+    assert WeLoreConfig().refine is False
+    for kind in ("params", "rank"):
+        plan = plan_welore(sp, 0.5, kind, 0.4999, "rank")
+        at_tau = plan_at_threshold(sp, plan.threshold, kind, 0.4999, "rank")
+        assert not plan.refined and plan.ranks == at_tau.ranks and plan.dense == at_tau.dense
+        assert plan.reduction >= 0.5 - 1e-9 and plan.reduction == pytest.approx(at_tau.reduction)
+        lower = max(v for n in sp for v in sp[n][0] if v < plan.threshold)  # the next lower observed value
+        assert plan_at_threshold(sp, lower, kind, 0.4999, "rank").reduction < 0.5
+        assert plan.params_reduction == pytest.approx(plan_at_threshold(sp, plan.threshold, "params", 0.4999,
+                                                                        "rank").reduction)
+    assert plan.kind == "rank" and plan.params_reduction < plan.reduction  # attempted rank > achieved params
 
 
 def test_welore_warns_with_the_achieved_value_when_the_target_is_missed(caplog):

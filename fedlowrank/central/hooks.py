@@ -2,10 +2,12 @@
 policy object called at fixed points; the trainer owns wrapping, optimizers and checkpoints."""
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedlowrank.checkpoint import atomic_write_bytes
 from fedlowrank.config import to_dataclass
 from fedlowrank.lowrank import count_params, lowrank_modules, set_ranks
 from fedlowrank.methods.inrank import InRank, InRankConfig
@@ -73,6 +75,12 @@ class InRankHook(Hook):
     def restore(self, tr: "Trainer", state: dict) -> None:
         self.stage = int(state.get("stage", self.stage))
         self.ir.history = list(state.get("history", []))
+        kept = state.get("kept")
+        if kept is None:  # a checkpoint from before the kept search: the last growth of each layer, less the buffer
+            kept = {n: self.ir.cfg.init_rank for n in lowrank_modules(tr.model)}
+            for h in self.ir.history:
+                kept.update({n: max(kept.get(n, 1), new - self.ir.cfg.buffer) for n, (_, new) in h["changes"].items()})
+        self.ir.kept = {n: int(k) for n, k in kept.items()}
 
     def acts_at(self, step: int) -> bool:
         return self.stage == 1 and (self.ir.due(step) or step == self.ir.cfg.stage1_steps)
@@ -83,6 +91,7 @@ class InRankHook(Hook):
             return
         if ir.due(tr.step):
             targets = tr.broadcast(ir.targets(tr.model) if tr.env.is_main else None)
+            ir.keep(targets)  # every process keeps the same ranks
             grow = {n: r for n, r in targets.items() if r > lowrank_modules(tr.model)[n].rank}
             if grow:
                 tr.apply_rank_change(lambda m: ir.apply(m, grow, tr.step))
@@ -97,7 +106,7 @@ class InRankHook(Hook):
             tr.barrier()
 
     def state(self) -> dict:
-        return {"stage": self.stage, "history": self.ir.history}
+        return {"stage": self.stage, "history": self.ir.history, "kept": self.ir.kept}
 
     def summary(self) -> dict:
         return {"stage": self.stage, "inrank_history": self.ir.history}
@@ -171,6 +180,8 @@ class WeLoreHook(Hook):
         if evaluate:
             self.report["dense_eval"] = tr.evaluate()
         self.plan = welore_compress(tr.model, self.cfg)  # deterministic: identical on every process
+        if tr.env.is_main:  # the plan (per-matrix ranks) beside the run's checkpoints; also in every checkpoint
+            atomic_write_bytes(tr.out / "welore_plan.json", json.dumps(self.plan.to_dict(), indent=2).encode())
         self.report.update(params_before=before, params_after=count_params(tr.model),
                            trainable_params=count_params(tr.model, trainable_only=True), step=tr.step)
 

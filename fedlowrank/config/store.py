@@ -1,6 +1,7 @@
-"""The sections' defaults, registered once in Hydra's ConfigStore (group ``schema``) from the dataclasses:
-``conf/mode/*.yaml`` pull them in (``- /schema@fed: fed``), so a default is written in one place only, the
-dataclass. The nodes are untyped; :func:`fedlowrank.schema.to_dataclass` types and checks them when a run is
+"""The sections' defaults, registered once in Hydra's ConfigStore from the dataclasses, so a default is written
+in one place only, the dataclass: ``schema/fed`` and ``schema/trainer``, which ``conf/mode/*.yaml`` pull in
+(``- /schema@fed: fed``), and the ``method`` group's options ``inrank``, ``relora`` and ``welore`` (``none`` is
+``conf/method/none.yaml``). The nodes are untyped; :func:`fedlowrank.schema.to_dataclass` types and checks them when a run is
 built, so every config error keeps the project's message and exit code 2."""
 from __future__ import annotations
 
@@ -8,19 +9,26 @@ from hydra.core.config_store import ConfigStore
 
 from fedlowrank.schema import defaults
 
+from fedlowrank.methods.inrank import InRankConfig
+from fedlowrank.methods.relora import ReLoRAConfig
+from fedlowrank.methods.welore import WeLoreConfig
+
 from .central import TrainerConfig
 from .federated import FedConfig
 
 SECTIONS = {"fed": FedConfig, "trainer": TrainerConfig}
+METHODS = {"inrank": InRankConfig, "relora": ReLoRAConfig, "welore": WeLoreConfig}
 
 
 def schema_defaults() -> dict[str, dict]:
-    """Every registered section's defaults (what :func:`register` stores)."""
-    return {name: defaults(cls) for name, cls in SECTIONS.items()}
+    """Every registered node (what :func:`register` stores), by ``group/name``."""
+    return {**{f"schema/{n}": defaults(c) for n, c in SECTIONS.items()},
+            **{f"method/{n}": defaults(c) for n, c in METHODS.items()}}
 
 
 def register() -> None:
-    """Store every section's defaults as ``schema/<name>`` (idempotent: ConfigStore replaces by name)."""
+    """Store every node of :func:`schema_defaults` (idempotent: ConfigStore replaces by name)."""
     cs = ConfigStore.instance()
-    for name, node in schema_defaults().items():
-        cs.store(group="schema", name=name, node=node)
+    for key, node in schema_defaults().items():
+        group, name = key.split("/")
+        cs.store(group=group, name=name, node=node)

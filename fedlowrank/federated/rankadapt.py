@@ -9,7 +9,7 @@ the explained-ratio rank k (InRank's ``1 - var(tail)/var(s)``, or the energy rul
     R' = k + buffer                if k + buffer + slack < R    (shrink: optimal truncation via the SVD)
 
 ``cap_p`` is the largest client budget's rank for that layer (fedlmt: the smallest), times
-``max_rank_ratio``. The settings are central InRank's (``conf/method/inrank.yaml``) plus ``warmup_rounds``,
+``max_rank_ratio``. The settings are central InRank's (``InRankConfig``, registered as ``method=inrank``) plus ``warmup_rounds``,
 ``check_rounds``, ``shrink`` and ``slack``. Clients'
 budgets are caps: client c trains min(R', budget_c) slots. Growth is seeded by (seed, round, layer),
 so a resumed run grows identically.

@@ -9,9 +9,12 @@ factors U√S, √SVᵀ), the others (N-LRC) stay dense and frozen. During fine-
 the norms train (embeddings, head and N-LRCs stay frozen). ``normalize=max`` (σ/σ_max) and
 ``lrc_rule=params`` (parameter reduction ≥ ``min_ratio``) keep the project's earlier convention.
 
-The reference looks τ up in per-model tables; here τ is *solved for* (binary search over the
-observed values, then a greedy per-rank refinement) so that the overall reduction hits the
-requested target. A target that cannot be met is reported with the achieved value.
+The reference looks τ up in per-model tables; here τ is *solved for*: the lowest observed value whose plan
+reaches the requested reduction (binary search). By default the plan is that one global τ, as the reference;
+``refine=True`` then corrects ranks greedily, matrix by matrix, to land on the target, and those per-matrix ranks
+are the plan (no single τ reproduces them). ``kind=rank`` measures the reduction as the reference's tables do
+(attempted rank reduction, over all target matrices); the achieved *parameter* reduction is always reported
+beside it (``params_reduction``). A target that cannot be met is reported with the achieved value.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ class WeLoreConfig:
     pretrain_steps: int = 200  # dense training before compression (0 with from_ckpt)
     from_ckpt: str | None = None  # dense checkpoint dir (model.safetensors) to compress
     train_extra: list[str] = field(default_factory=list)  # regexes of non-LRC params that still train
+    refine: bool = False  # per-matrix rank correction after the global τ (off: one global τ, as the reference)
 
     def validate(self) -> None:
         if not 0.0 <= self.target_reduction < 1.0:
@@ -72,10 +76,13 @@ class WeLorePlan:
     threshold: float
     reduction: float  # achieved, by ``kind``
     kind: str
+    params_reduction: float | None = None  # achieved parameter reduction over the target matrices
+    refined: bool = False  # ranks corrected per matrix after τ (then τ alone does not reproduce them)
 
     def to_dict(self) -> dict:
         return {"ranks": self.ranks, "dense": self.dense, "threshold": self.threshold,
-                "reduction": self.reduction, "kind": self.kind}
+                "reduction": self.reduction, "kind": self.kind, "params_reduction": self.params_reduction,
+                "refined": self.refined}
 
 
 def target_linears(model: nn.Module, targets, skip) -> dict[str, nn.Linear]:
@@ -131,7 +138,7 @@ def plan_at_threshold(spectra: Spectra, tau: float, kind: str = "params", min_ra
     ranks = ranks_at(spectra, tau)
     lrc = {n: k for n, k in sorted(ranks.items()) if is_lrc(n, k)}
     return WeLorePlan(lrc, sorted(n for n in spectra if n not in lrc), tau,
-                      _reduction(spectra, ranks, kind, is_lrc), kind)
+                      _reduction(spectra, ranks, kind, is_lrc), kind, _reduction(spectra, ranks, "params", is_lrc))
 
 
 def _reduction(spectra: Spectra, ranks: dict[str, int], kind: str, is_lrc) -> float:
@@ -142,8 +149,9 @@ def _reduction(spectra: Spectra, ranks: dict[str, int], kind: str, is_lrc) -> fl
 
 
 def plan_welore(spectra: Spectra, target: float, kind: str = "params", min_ratio: float = 0.4999,
-                rule: str = "rank", tolerance: float = 0.01) -> WeLorePlan:
-    """Solve the global threshold (and refine per-rank) so the overall reduction ≈ ``target``."""
+                rule: str = "rank", tolerance: float = 0.01, refine: bool = False) -> WeLorePlan:
+    """Solve the global threshold τ so the overall reduction reaches ``target``; with ``refine``, correct the
+    ranks per matrix to land on it."""
     names = sorted(spectra)
     dense = {n: _cost(kind, spectra[n][1], spectra[n][2])[0] for n in names}
     per = {n: _cost(kind, spectra[n][1], spectra[n][2])[1] for n in names}
@@ -164,14 +172,16 @@ def plan_welore(spectra: Spectra, target: float, kind: str = "params", min_ratio
             lo = mid + 1
     tau = float(cands[lo])
     ranks = ranks_at(spectra, tau)
-    ranks = _refine(ranks, spectra, per, is_lrc, size(ranks), goal)
+    if refine:
+        ranks = _refine(ranks, spectra, per, is_lrc, size(ranks), goal)
     lrc = {n: k for n, k in ranks.items() if is_lrc(n, k)}
     achieved = 1.0 - size(ranks) / before
     if abs(achieved - target) > tolerance:
         log.warning("WeLore: requested %s reduction %.4f but achieved %.4f (%d matrices; min_ratio %.4g and "
                     "the LRC rule %r limit which reductions exist)", kind, target, achieved, len(names),
                     min_ratio, rule)
-    return WeLorePlan(lrc, [n for n in names if n not in lrc], tau, achieved, kind)
+    return WeLorePlan(lrc, [n for n in names if n not in lrc], tau, achieved, kind,
+                      _reduction(spectra, ranks, "params", is_lrc), refine)
 
 
 def _refine(ranks, spectra, per, is_lrc, cur: float, goal: float) -> dict[str, int]:
@@ -242,9 +252,10 @@ def welore_compress(model: nn.Module, cfg: WeLoreConfig) -> WeLorePlan:
     """Plan + apply + freeze in one call, on any torch model with nn.Linear layers."""
     cfg.validate()
     plan = plan_welore(normalized_spectra(model, cfg.targets, cfg.skip, cfg.normalize), cfg.target_reduction,
-                       cfg.kind, cfg.min_ratio, cfg.lrc_rule, cfg.tolerance)
+                       cfg.kind, cfg.min_ratio, cfg.lrc_rule, cfg.tolerance, cfg.refine)
     apply_welore(model, plan)
     freeze_non_lrc(model, plan, cfg.train_extra, cfg.train_norms)
-    log.info("WeLore: %d LRC / %d N-LRC matrices, %s reduction %.4f (target %.4f), τ=%.4g",
-             len(plan.ranks), len(plan.dense), plan.kind, plan.reduction, cfg.target_reduction, plan.threshold)
+    log.info("WeLore: %d LRC / %d N-LRC matrices, %s reduction %.4f (target %.4f; parameter reduction %.4f), "
+             "τ=%.4g%s", len(plan.ranks), len(plan.dense), plan.kind, plan.reduction, cfg.target_reduction,
+             plan.params_reduction, plan.threshold, ", ranks refined per matrix" if plan.refined else "")
     return plan

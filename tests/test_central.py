@@ -18,7 +18,7 @@ from helpers import compose_cfg
 
 def test_ddp_two_processes_keep_replicas_identical_through_rank_growth(tmp_path):
     run = _run(tmp_path, "experiment=gpt2_inrank", "trainer.devices=2", "trainer.device=cpu", "trainer.max_steps=16",
-               "trainer.grad_accum=2", "method.init_rank=1", "method.buffer=1", "method.check_interval=4",
+               "trainer.grad_accum=2", "method.init_rank=1", "method.buffer=2", "method.check_interval=4",
                "method.stage1_steps=12", "trainer.log_interval=4", "trainer.eval_interval=8")
     res = launch(run)
     assert res["step"] == 16 and res["stage"] == 2

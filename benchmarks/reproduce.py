@@ -9,6 +9,13 @@ tokens/s over the whole run (every stage; eval and checkpoints left out).
     python benchmarks/reproduce.py --config cpu     # LLaMA mini, byte tokens, <= 25 min on 2 cores
     python benchmarks/reproduce.py --config gpu     # LLaMA 130m (a lent GPU)
     python benchmarks/reproduce.py --text my.txt [--eval-text held_out.txt]
+    python benchmarks/reproduce.py --config cpu --sweep   # rank-vs-quality frontier (frontier.{json,md,png})
+
+``--sweep`` runs, on the same tokens and text: InRank at thresholds 0.9 / 0.95 / 0.99 with the MLP factorized and
+with MLP + attention, and for each target set fixed-rank runs matched in parameters to its InRank runs plus one
+more ratio; it checks that every InRank point lies on or below the fixed-rank frontier (no fixed-rank run with
+at most its parameters has a lower held-out ppl) and the MLP-only InRank at the paper's threshold against
+1.03x full rank, and plots held-out ppl against parameters and against training FLOPs.
 """
 from __future__ import annotations
 
@@ -73,7 +80,7 @@ def run_one(name: str, overrides: list[str], common: list[str], data: list[str],
     row = {"overrides": overrides, "held_out_loss": res["final_eval"]["loss"], "held_out_ppl": res["final_eval"]["ppl"],
            "params": res["params"], "trainable_params": res["trainable_params"],
            "optimizer_state_bytes": res["optimizer_state_bytes"], "tokens_per_s": res["tokens_per_s"],
-           "train_time_s": res["train_time_s"], "wall_s": time.perf_counter() - t0,
+           "train_time_s": res["train_time_s"], "wall_s": time.perf_counter() - t0, "model_flops": res["model_flops"],
            "curve": [(e["step"], e["ppl"]) for e in res["evals"]]}
     if res.get("ranks"):
         row["ranks"] = res["ranks"]
@@ -153,6 +160,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override trainer.max_steps (method steps scale along)")
     ap.add_argument("--evals", type=int, default=10, help="eval points per run")
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results_<config>)")
+    ap.add_argument("--sweep", action="store_true", help="the rank-vs-quality frontier instead of the methods")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg = CONFIGS[args.config]
@@ -164,6 +172,10 @@ def main() -> None:
     data = ["data=textfile", f"data.train_path={Path(args.text).resolve()}"]
     if args.eval_text:
         data.append(f"data.eval_path={Path(args.eval_text).resolve()}")
+    if args.sweep:
+        from _frontier import frontier_main
+
+        return frontier_main(args, cfg, common, data, run_one, emit)
     names = ["full rank"] + [n for n in cfg["runs"] if n != "full rank" and (not args.runs or n in args.runs)]
     scale = (args.steps or 0) / int(next(o for o in cfg["common"] if "max_steps" in o).split("=")[1])
     rows = {}

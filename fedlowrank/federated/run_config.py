@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import shlex
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fedlowrank.config import ConfigError, FederatedRun, federated_run_from_cfg
@@ -50,6 +50,7 @@ def node_cache_dir() -> Path | None:
     """The deployed node's cache directory from ``FEDLOWRANK_CACHE_DIR``; None when unset, empty or ``off``."""
     value = os.environ.get(CACHE_ENV, "")
     return None if value.lower() in ("", "0", "off", "none") else Path(value)
+
 
 TRUST_ENV = "FEDLOWRANK_TRUSTED_RUN_CONFIG"  # set only by main.py on the runtime it starts for itself
 

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from fedlowrank.schema import defaults
-
 from fedlowrank.methods.inrank import InRankConfig
 from fedlowrank.methods.relora import ReLoRAConfig
 from fedlowrank.methods.welore import WeLoreConfig
+from fedlowrank.schema import defaults
 
 from .central import TrainerConfig
 from .federated import FedConfig

@@ -56,11 +56,19 @@ def personalized_eval(run: FederatedRun, method, state: State, fd: FedData) -> d
             "max": float(acc.max()), "clients": rows}
 
 
+def keep_matplotlib_in(out_dir: str) -> None:
+    """Matplotlib (imported by flwr-datasets, and for ``report.png``) keeps its config and font cache under
+    ``<out_dir>/.matplotlib`` (unless ``MPLCONFIGDIR`` is set), in this process and the ones it starts, instead
+    of HOME; its font-cache notice stays out of the run's log."""
+    os.environ.setdefault("MPLCONFIGDIR", os.path.join(os.path.abspath(out_dir), ".matplotlib"))
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+
+
 def plot_report(path: Path, evals: dict[int, dict], history: list[dict], title: str) -> Path | None:
     """PNG: global and per-budget accuracy over rounds; each client's (reported) rank ratio over rounds; and,
     with a device population, accuracy against simulated time. Matplotlib's config and font cache go beside
     the PNG (``.matplotlib/``) unless ``MPLCONFIGDIR`` names a place: a run writes nothing under HOME."""
-    os.environ.setdefault("MPLCONFIGDIR", str(Path(path).parent / ".matplotlib"))
+    keep_matplotlib_in(str(Path(path).parent))
     try:
         import matplotlib
 

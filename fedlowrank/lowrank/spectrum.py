@@ -112,14 +112,18 @@ def explained_variance_rank(S: Tensor, threshold: float, n_total: int | None = N
     return int(hit[0].item()) + 1 if hit.numel() else max(1, S.numel())
 
 
+def explained_energy_ratios(S: Tensor) -> Tensor:
+    """``Σ_{i<k} s_i² / Σ s_i²`` for every k = 0..n, (n+1,) float64; all zeros when S is all zero."""
+    energy = S.detach().double().cpu().flatten().pow(2)
+    return torch.cat([energy.new_zeros(1), torch.cumsum(energy, 0)]) / energy.sum().clamp_min(1e-300)
+
+
 def explained_rank(S: Tensor, threshold: float) -> int:
     """Smallest k with ``Σ_{i<k} s_i² / Σ s_i² ≥ threshold`` (energy rule)."""
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"explained-ratio threshold must be in (0, 1], got {threshold}")
-    energy = S.detach().double().cpu().pow(2)
-    total = energy.sum()
-    if total <= 0:
+    if not bool((S != 0).any()):
         return 1
-    cum = torch.cumsum(energy, 0) / total
+    cum = explained_energy_ratios(S)[1:]
     k = int(torch.searchsorted(cum, torch.tensor(threshold, dtype=cum.dtype) - 1e-12).item()) + 1
     return min(k, S.numel())

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fedlowrank.lowrank import explained_rank, explained_variance_rank, explained_variance_ratios, lowrank_modules
+from fedlowrank.lowrank import (explained_energy_ratios, explained_rank, explained_variance_rank,
+                                explained_variance_ratios, lowrank_modules)
 from fedlowrank.lowrank.layers import growth_generator
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,7 @@ class InRank:
         S = layer.spectrum()
         if self.cfg.rule == "variance":
             return (explained_variance_ratios(S, n_total=layer.full_rank) > self.cfg.threshold).tolist()
-        energy = S.detach().double().cpu().pow(2)
-        cum = torch.cat([energy.new_zeros(1), torch.cumsum(energy, 0)]) / energy.sum().clamp_min(1e-300)
-        return (cum >= self.cfg.threshold - 1e-12).tolist()
+        return (explained_energy_ratios(S) >= self.cfg.threshold - 1e-12).tolist()
 
     def search(self, name: str, layer) -> int:
         """The reference's windowed search from the kept rank (see the class docstring)."""

@@ -51,15 +51,16 @@ class EngineTracebackFilter(logging.Filter):
         return not any(path.endswith(f) and record.funcName == fn for f, fn in ENGINE_SITES)
 
 
+def _install_once(cls: type[logging.Filter], logger: logging.Logger | None) -> None:
+    """Add a ``cls`` filter to ``logger`` (Flower's by default) unless it has one already."""
+    logger = logger or logging.getLogger("flwr")
+    if not any(isinstance(f, cls) for f in logger.filters):
+        logger.addFilter(cls())
+
+
 def quiet_engine_tracebacks(logger: logging.Logger | None = None) -> None:
     """Install :class:`EngineTracebackFilter` on Flower's logger (once) in this process."""
-    logger = logger or logging.getLogger("flwr")
-    if not any(isinstance(f, EngineTracebackFilter) for f in logger.filters):
-        logger.addFilter(EngineTracebackFilter())
-
-
-class _StderrHandler(logging.StreamHandler):
-    """Marker class: the handler :func:`log_to_stderr` installs."""
+    _install_once(EngineTracebackFilter, logger)
 
 
 def log_to_stderr(name: str = "fedlowrank") -> None:
@@ -68,7 +69,7 @@ def log_to_stderr(name: str = "fedlowrank") -> None:
     logger = logging.getLogger(name)
     if logger.handlers or logging.getLogger().handlers:
         return
-    handler = _StderrHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -104,9 +105,7 @@ class FlowerNoiseFilter(logging.Filter):
 
 def quiet_flower(logger: logging.Logger | None = None) -> None:
     """Install :class:`FlowerNoiseFilter` on Flower's logger (once) in this process."""
-    logger = logger or logging.getLogger("flwr")
-    if not any(isinstance(f, FlowerNoiseFilter) for f in logger.filters):
-        logger.addFilter(FlowerNoiseFilter())
+    _install_once(FlowerNoiseFilter, logger)
 
 
 class StreamRelay:

@@ -11,6 +11,7 @@ import warnings
 from omegaconf import DictConfig
 
 from fedlowrank.config import ConfigError, FederatedRun, federated_run_from_cfg
+from fedlowrank.federated.report import keep_matplotlib_in
 from fedlowrank.federated.server import partition_sizes
 
 from . import reaper
@@ -41,14 +42,6 @@ def run(cfg: DictConfig) -> dict:
     log.info("%.1f s wall in all (start-up included); summary: %s", time.time() - t0,
              os.path.join(os.path.abspath(fr.out_dir), "metrics.json"))
     return results
-
-
-def keep_matplotlib_in(out_dir: str) -> None:
-    """Matplotlib (imported by flwr-datasets, and for ``report.png``) keeps its config and font cache under
-    ``<out_dir>/.matplotlib`` (unless ``MPLCONFIGDIR`` is set), in this process and the ones it starts, instead
-    of HOME; its font-cache notice stays out of the run's log."""
-    os.environ.setdefault("MPLCONFIGDIR", os.path.join(os.path.abspath(out_dir), ".matplotlib"))
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
 def run_in_process(fr: FederatedRun) -> dict:

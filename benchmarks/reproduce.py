@@ -45,8 +45,7 @@ CONFIGS: dict[str, dict] = {
             "fixed rank 0.25": ["experiment=llama_full", "model.lowrank=fixed", "model.ratio=0.25"],
             "InRank": ["experiment=llama_inrank", "method.stage1_steps=500", "method.check_interval=25",
                        "method.init_rank=2", "method.buffer=16"],
-            "ReLoRA": ["experiment=llama_relora", "method.r=32", "method.alpha=32", "method.warm_start_steps=375",
-                       "method.reset_every=375", "method.restart_warmup_steps=20", "method.warmup_steps=20"],
+            "ReLoRA": ["experiment=llama_relora"],  # the experiment's defaults (fractions of max_steps)
             "WeLore": ["experiment=llama_welore", "method.pretrain_steps=1200", "method.target_reduction=0.5",
                        "method.kind=params"],
         },
@@ -59,8 +58,7 @@ CONFIGS: dict[str, dict] = {
             "fixed rank 0.25": ["experiment=llama_full", "model.lowrank=fixed", "model.ratio=0.25"],
             "InRank": ["experiment=llama_inrank", "method.stage1_steps=1000", "method.check_interval=25",
                        "method.init_rank=2", "method.buffer=100"],
-            "ReLoRA": ["experiment=llama_relora", "method.r=128", "method.alpha=32", "method.warm_start_steps=750",
-                       "method.reset_every=750", "method.restart_warmup_steps=50", "method.warmup_steps=50"],
+            "ReLoRA": ["experiment=llama_relora", "method.lr=2e-3"],  # twice trainer.lr, as the default's
             "WeLore": ["experiment=llama_welore", "method.pretrain_steps=2500", "method.target_reduction=0.5",
                        "method.kind=params"],
         },

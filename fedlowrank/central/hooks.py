@@ -113,8 +113,8 @@ class InRankHook(Hook):
 
 
 class ReLoRAHook(Hook):
-    def __init__(self, cfg: ReLoRAConfig, seed: int) -> None:
-        self.rl = ReLoRA(cfg, seed)
+    def __init__(self, cfg: ReLoRAConfig, seed: int, max_steps: int) -> None:
+        self.rl = ReLoRA(cfg, seed, max_steps)
         self.wrapped = False
         self.restarts = 0
 
@@ -144,7 +144,7 @@ class ReLoRAHook(Hook):
             self.wrapped = True
             tr.rebuild()
             log.info("ReLoRA: full-rank warm start done at step %d; adapters attached", tr.step)
-        elif self.wrapped and self.rl.is_restart(tr.step):
+        elif self.wrapped and self.rl.is_restart(tr.step, tr.t.max_steps):
             self.rl.restart(tr.model, tr.opt, tr.step)
             self.restarts += 1
 
@@ -200,12 +200,12 @@ class WeLoreHook(Hook):
         return {"welore": {**self.report, **({"plan": self.plan.to_dict()} if self.plan else {})}}
 
 
-def make_hook(method: dict, seed: int) -> Hook:
+def make_hook(method: dict, seed: int, max_steps: int) -> Hook:
     name = method.get("name", "none")
     if name == "inrank":
         return InRankHook(to_dataclass(InRankConfig, method, "method"), seed)
     if name == "relora":
-        return ReLoRAHook(to_dataclass(ReLoRAConfig, method, "method"), seed)
+        return ReLoRAHook(to_dataclass(ReLoRAConfig, method, "method"), seed, max_steps)
     if name == "welore":
         return WeLoreHook(to_dataclass(WeLoreConfig, method, "method"))
     return Hook()

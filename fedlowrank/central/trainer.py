@@ -59,7 +59,7 @@ class Trainer:
         self.graph_compile_steps: list[int] = []  # step at each graph the backend really compiled
         torch.manual_seed(run.seed)  # identical init on every process
         self.model = build_lm(run, data.vocab_size)
-        self.hook = make_hook(run.method, run.seed)
+        self.hook = make_hook(run.method, run.seed, run.trainer.max_steps)
         trainer_state = self._resume()
         if trainer_state is None:
             self.hook.setup(self)

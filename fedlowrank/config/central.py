@@ -197,6 +197,7 @@ class CentralRun:
         cls = ReLoRAConfig if name == "relora" else WeLoreConfig
         try:
             mc = to_dataclass(cls, self.method, "method")
+            mc = mc.for_steps(self.trainer.max_steps) if isinstance(mc, ReLoRAConfig) else mc
             mc.validate()
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from e

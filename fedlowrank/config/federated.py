@@ -253,7 +253,10 @@ class FederatedRun:
         cls = {"inrank": InRankConfig, "relora": ReLoRAConfig, "welore": WeLoreConfig}[name]
         mc = to_dataclass(cls, self.method, "method")
         try:
-            mc.validate_federated() if name == "inrank" else mc.validate()
+            if name == "inrank":
+                mc.validate_federated()
+            else:
+                mc.for_steps(None) if name == "relora" else mc.validate()
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from e
         if name != "inrank":

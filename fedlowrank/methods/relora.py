@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -32,13 +32,17 @@ log = logging.getLogger(__name__)
 @dataclass
 class ReLoRAConfig:
     name: str = "relora"
-    r: int = 8
+    r: int | None = None  # adapter rank (null: ratio of each matrix's full rank, or 8); wins over ratio
+    ratio: float | None = None
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: [r"attn\.", r"mlp\."])
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
-    warm_start_steps: int = 0  # full-rank steps before the adapters are attached
-    reset_every: int = 50  # merge-and-reinit cycle length (optimizer steps)
+    warm_start_steps: int | None = None  # full-rank steps before the adapters attach (null: the fraction, or 0)
+    reset_every: int | None = None  # merge-and-reinit cycle length in steps (null: the fraction, or 50)
+    # fractions of trainer.max_steps, used where the step count above is null (see for_steps)
+    warm_start_fraction: float | None = None
+    reset_fraction: float | None = None
     restart_warmup_steps: int = 10  # linear LR ramp after each restart
     # reference default (--reset_optimizer_on_relora): random pruning of 99.9% of the state
     prune_ratio: float = 0.999
@@ -52,12 +56,19 @@ class ReLoRAConfig:
     adapter_weight_decay: float | None = None  # (reference: 0.0; null: trainer.weight_decay)
 
     def validate(self) -> None:
-        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+        if (self.r is not None and self.r < 1) or self.alpha <= 0 or not 0 <= self.dropout < 1:
             raise ValueError("method.r must be >= 1, method.alpha > 0 and method.dropout in [0, 1)")
-        if self.reset_every < 1 or self.warm_start_steps < 0 or self.restart_warmup_steps < 0:
+        if (self.reset_every is not None and self.reset_every < 1) or self.restart_warmup_steps < 0 or (
+                self.warm_start_steps is not None and self.warm_start_steps < 0):
             raise ValueError("method.reset_every must be >= 1; warm_start_steps, restart_warmup_steps >= 0")
-        if self.restart_warmup_steps >= self.reset_every:
+        if self.reset_every is not None and self.restart_warmup_steps >= self.reset_every:
             raise ValueError("method.restart_warmup_steps must be smaller than method.reset_every")
+        if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"method.ratio must be in (0, 1], got {self.ratio}")
+        for key in ("warm_start_fraction", "reset_fraction"):
+            f = getattr(self, key)
+            if f is not None and not 0.0 < f < 1.0:
+                raise ValueError(f"method.{key} must be in (0, 1) (a fraction of trainer.max_steps), got {f}")
         if not 0.0 <= self.prune_ratio <= 1.0:
             raise ValueError(f"method.prune_ratio must be in [0, 1], got {self.prune_ratio}")
         if self.prune not in ("magnitude", "random"):
@@ -70,6 +81,26 @@ class ReLoRAConfig:
             raise ValueError(f"method.adapter_beta2 must be in [0, 1), got {self.adapter_beta2}")
         if self.adapter_weight_decay is not None and self.adapter_weight_decay < 0:
             raise ValueError(f"method.adapter_weight_decay must be >= 0, got {self.adapter_weight_decay}")
+
+    def for_steps(self, max_steps: int | None) -> "ReLoRAConfig":
+        """This config for a run of ``max_steps``, validated: a step count left null comes from its
+        fraction (rounded; a cycle is at least one step), else from the defaults 0 and 50. A step
+        count that is set wins over its fraction. Fractions need ``max_steps`` (central mode)."""
+        if max_steps is None and (self.warm_start_fraction is not None or self.reset_fraction is not None):
+            raise ValueError("method.warm_start_fraction / reset_fraction are fractions of trainer.max_steps "
+                             "(central mode); set method.warm_start_steps / reset_every instead")
+        self.validate()
+
+        def steps(given: int | None, fraction: float | None, default: int, least: int) -> int:
+            if given is not None:
+                return given
+            return default if fraction is None else max(least, round(fraction * max_steps))  # type: ignore
+
+        out = replace(self, warm_start_fraction=None, reset_fraction=None,
+                      warm_start_steps=steps(self.warm_start_steps, self.warm_start_fraction, 0, 0),
+                      reset_every=steps(self.reset_every, self.reset_fraction, 50, 1))
+        out.validate()
+        return out
 
 
 def _local(t: Tensor) -> Tensor:
@@ -104,15 +135,16 @@ def prune_tensor_(t: Tensor, ratio: float, mode: str, generator: torch.Generator
 class ReLoRA:
     """Policy acting on a model's LoRA adapters and on the optimizer holding them."""
 
-    def __init__(self, cfg: ReLoRAConfig, seed: int = 0) -> None:
-        cfg.validate()
-        self.cfg, self.seed = cfg, seed
+    def __init__(self, cfg: ReLoRAConfig, seed: int = 0, max_steps: int | None = None) -> None:
+        self.cfg, self.seed = cfg.for_steps(max_steps), seed
 
     def wrap(self, model: nn.Module, r: int | None = None, ratio: float | None = None) -> list[str]:
         """Attach adapters to target linears and set what trains (see :meth:`freeze`).
-        The adapter rank is ``cfg.r`` unless a budget (``r`` or ``ratio`` of full rank) is given."""
+        The adapter rank is ``cfg.r``, else ``cfg.ratio`` of full rank, else 8, unless a budget
+        (``r`` or ``ratio``) is given."""
         if r is None and ratio is None:
-            r = self.cfg.r
+            r, ratio = self.cfg.r, self.cfg.ratio
+            r, ratio = (r, None) if r is not None else ((None, ratio) if ratio is not None else (8, None))
         names = add_lora(model, r=r, ratio=ratio, alpha=self.cfg.alpha, dropout=self.cfg.dropout,
                          targets=self.cfg.targets or None, skip=self.cfg.skip,
                          trainable_scaling=self.cfg.trainable_scaling)
@@ -133,10 +165,12 @@ class ReLoRA:
         """Parameters whose optimizer state a restart prunes (A, B and a trainable scale)."""
         return [p for m in lora_modules(model).values() for p in m.adapter_parameters()]
 
-    def is_restart(self, step: int) -> bool:
-        """A merge-and-reinit happens after optimizer step ``step``."""
+    def is_restart(self, step: int, max_steps: int | None = None) -> bool:
+        """A merge-and-reinit happens after optimizer step ``step`` (never after the last one,
+        ``max_steps``: nothing would train the new adapters; the reference has none there either)."""
         w = self.cfg.warm_start_steps
-        return step > w and (step - w) % self.cfg.reset_every == 0
+        last = max_steps is not None and step >= max_steps
+        return step > w and (step - w) % self.cfg.reset_every == 0 and not last
 
     def lr(self, step: int, max_steps: int, lr: float, warmup_steps: int, min_lr_ratio: float) -> float:
         """Warm start: the full-rank run's cosine. Afterwards a new cycle over the remaining

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -38,8 +39,11 @@ def train(run: CentralRun) -> dict:
     env = init_dist(run.trainer.backend, run.trainer.device)
     try:
         d = run.data
-        data = load_text_data(d.name, d.tokenizer, d.path, d.val_fraction, d.max_chars, d.cache_dir,
+        tokenizer = run.tokenizer()
+        data = load_text_data(d.name, tokenizer, d.path, d.val_fraction, d.max_chars, d.cache_dir,
                               train_path=d.train_path, eval_path=d.eval_path)
+        if env.is_main:
+            keep_tokenizer(tokenizer, Path(run.out_dir))
         check_splits(data, run.trainer.block_size, f"data={d.name}" + (f" ({d.train_path})" if d.train_path else ""))
         summary = Trainer(run, env, data).fit()
         if env.distributed:
@@ -48,6 +52,19 @@ def train(run: CentralRun) -> dict:
     finally:
         if env.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def keep_tokenizer(tokenizer: str, out: Path) -> None:
+    """Copy a tokenizer given as a file or directory into ``<out>/tokenizer/`` (export writes it beside the
+    weights); named tokenizers (byte, hub names) need nothing."""
+    src = Path(tokenizer).expanduser()
+    files = [src] if src.is_file() else [src / n for n in ("tokenizer.json", "tokenizer_config.json",
+                                                          "special_tokens_map.json") if (src / n).is_file()]
+    if not files:
+        return
+    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copyfile(f, out / "tokenizer" / ("tokenizer.json" if f == src else f.name))
 
 
 def launch(run: CentralRun) -> dict:

@@ -3,6 +3,7 @@ eval perplexity, exact resume, TensorBoard, InRank stage 1 → compressed checkp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -360,7 +361,7 @@ class Trainer:
         return {"step": self.step, "method_state": self.hook.state(), "ranks": model_ranks(self.model),
                 "losses": self.losses, "tokens_seen": self.tokens_seen, "train_time_s": self.train_time,
                 "model_flops": self.model_flops, "evals": self.evals, "arch": self.run.model.arch, "size": self.run.model.size,
-                "vocab_size": self.data.vocab_size}
+                "vocab_size": self.data.vocab_size, "model_config": dataclasses.asdict(self.model.config)}
 
     def barrier(self) -> None:
         if self.env.distributed:

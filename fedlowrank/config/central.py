@@ -27,6 +27,8 @@ class LMConfig:
     ratio: float | None = None
     targets: list[str] = field(default_factory=lambda: [r"attn\.", r"mlp\."])
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
+    # a Hugging Face checkpoint (hub repo id or local directory): architecture and weights from it, size ignored
+    pretrained: str | None = None
 
     def validate(self) -> None:
         if self.arch not in LM_ARCHS:
@@ -51,7 +53,9 @@ class LMConfig:
 @dataclass
 class TextDataConfig:
     name: str = "pydoc"
-    tokenizer: str = "byte"  # byte | gpt2 (BPE from the HF hub)
+    # byte | gpt2 (BPE from the HF hub) | a tokenizer.json or a directory holding one; with model.pretrained,
+    # byte means the checkpoint's own tokenizer.json where it has one
+    tokenizer: str = "byte"
     path: str | None = None
     train_path: str | None = None  # data=textfile: your corpus
     eval_path: str | None = None  # data=textfile: optional held-out eval file
@@ -161,6 +165,8 @@ class CentralRun:
         self.model.validate()
         self.data.validate()
         self._check_paths()
+        if self.model.pretrained:
+            self._check_pretrained()
         name = self.method.get("name", "none")
         if name not in ("none", "inrank", "relora", "welore"):
             raise ConfigError(f"unknown method {name!r} (none|inrank|relora|welore)")
@@ -186,6 +192,31 @@ class CentralRun:
         for key, path, kind in checks:
             if path and not (os.path.isdir(path) if kind == "dir" else os.path.isfile(path)):
                 raise ConfigError(f"{key}={path!r} is not an existing {'directory' if kind == 'dir' else 'file'}")
+
+    def _check_pretrained(self) -> None:
+        """``model.pretrained`` names a checkpoint of ``model.arch`` that this project can represent, with
+        safetensors weights and a context of at least ``trainer.block_size`` (nothing is loaded yet)."""
+        from fedlowrank.models import hf
+
+        d = hf.resolve(str(self.model.pretrained))
+        arch, mc = hf.model_config(d)
+        if arch != self.model.arch:
+            raise ConfigError(f"model.pretrained={self.model.pretrained!r} is a {arch} checkpoint; use model={arch}")
+        hf.weight_files(d)
+        if self.trainer.block_size > mc.block_size:
+            raise ConfigError(f"trainer.block_size={self.trainer.block_size} exceeds the checkpoint's context "
+                              f"({mc.block_size} positions)")
+
+    def tokenizer(self) -> str:
+        """``data.tokenizer``; with ``model.pretrained`` and ``data.tokenizer=byte``, the checkpoint's own
+        ``tokenizer.json`` (its directory) where it has one."""
+        if self.model.pretrained and self.data.tokenizer == "byte":
+            from fedlowrank.models.hf import resolve
+
+            d = resolve(str(self.model.pretrained))
+            if (d / "tokenizer.json").is_file():
+                return str(d)
+        return self.data.tokenizer
 
     def _validate_dense_method(self, name: str) -> None:
         """ReLoRA and WeLore act on dense models; FSDP2 allows no restructuring after sharding."""

@@ -29,13 +29,16 @@ class ByteTokenizer:
 
 
 class BPETokenizer:
-    """GPT-2 byte-level BPE from the HF hub (``tokenizers``)."""
+    """A ``tokenizers`` tokenizer: a ``tokenizer.json`` file, a directory holding one (a checkpoint's), or a hub
+    name such as ``gpt2`` (downloaded once)."""
 
     def __init__(self, name: str = "gpt2") -> None:
+        path = Path(name).expanduser()
+        path = path / "tokenizer.json" if path.is_dir() else path
         try:
             from tokenizers import Tokenizer
 
-            self.tok = Tokenizer.from_pretrained(name)
+            self.tok = Tokenizer.from_file(str(path)) if path.is_file() else Tokenizer.from_pretrained(name)
         except Exception as e:
             raise RuntimeError(f"could not load the BPE tokenizer {name!r} ({e}); it is downloaded from the "
                                "Hugging Face hub on first use: connect once or use data.tokenizer=byte") from e

@@ -1,4 +1,8 @@
-"""LLaMA (Touvron et al. 2023): RMSNorm, rotary embeddings (RoPE), SwiGLU MLP, no biases."""
+"""LLaMA (Touvron et al. 2023): RMSNorm, rotary embeddings (RoPE), SwiGLU MLP, no biases; grouped-query
+attention (Ainslie et al. 2023) when ``n_kv_head < n_head`` (LLaMA-3, Mistral, Qwen).
+
+RoPE here rotates interleaved pairs ``(x[2i], x[2i+1])``, as Meta's original code; Hugging Face checkpoints
+rotate halves, so :mod:`fedlowrank.models.hf` permutes their q/k rows on load and back on export."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ class LlamaConfig:
     block_size: int = 1024
     n_layer: int = 12
     n_head: int = 12
+    n_kv_head: int | None = None  # key/value heads (GQA); null: n_head (multi-head attention)
     dim: int = 768
     hidden_dim: int = 2048
     rope_theta: float = 10000.0
@@ -66,22 +71,25 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        if cfg.dim % cfg.n_head:
-            raise ValueError("dim must be divisible by n_head")
-        self.n_head, self.head_dim = cfg.n_head, cfg.dim // cfg.n_head
+        kv = cfg.n_kv_head or cfg.n_head
+        if cfg.dim % cfg.n_head or cfg.n_head % kv:
+            raise ValueError(f"dim ({cfg.dim}) must be divisible by n_head ({cfg.n_head}), and n_head by n_kv_head ({kv})")
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, kv, cfg.dim // cfg.n_head
         self.fuse = cfg.fuse_shared_input
         self.q_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # (B, T, D)
         B, T, D = x.shape
         proj = (self.q_proj, self.k_proj, self.v_proj)
         qkv = shared_input_linear(x, proj) if self.fuse else [p(x) for p in proj]
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in qkv)  # (B, H, T, hd)
+        heads = (self.n_head, self.n_kv_head, self.n_kv_head)
+        q, k, v = (t.view(B, T, h, self.head_dim).transpose(1, 2) for t, h in zip(qkv, heads))  # (B, H|Hkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        gqa = self.n_kv_head != self.n_head  # each kv head serves n_head / n_kv_head consecutive query heads
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
 
 

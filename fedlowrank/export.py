@@ -1,0 +1,131 @@
+"""Export a central run, a checkpoint, or a Hugging Face directory as a directory that ``transformers``'
+``AutoModelForCausalLM.from_pretrained`` loads: ``config.json``, ``model.safetensors`` and, where the run had
+them, the tokenizer files. Factorized layers (fixed rank, InRank, WeLore's LRCs) and LoRA adapters (ReLoRA)
+are merged to dense weights first, so any tool can use the result.
+
+    python -m fedlowrank.export <run dir | checkpoint dir | HF dir> <out dir>
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from fedlowrank.checkpoint import CheckpointError, latest_complete, load_tensors, read_json
+from fedlowrank.models.gpt2 import GPT2, GPT2Config
+from fedlowrank.models.hf import PretrainedError, load_pretrained, save_hf
+from fedlowrank.models.llama import Llama, LlamaConfig
+
+log = logging.getLogger("fedlowrank.export")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def dense_state(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A checkpoint's state with every low-rank form merged: ``X.U, X.V`` -> ``X.weight = U·V``;
+    ``X.base.weight + s·X.adapter.U·X.adapter.V`` -> ``X.weight`` (s = ``X.scaling``, or tanh(``X.scale_param``))."""
+    out: dict[str, Tensor] = {}
+    done: set[str] = set()
+    for key in sd:
+        if key.endswith(".adapter.U"):
+            x = key[: -len(".adapter.U")]
+            s = torch.tanh(sd[f"{x}.scale_param"]) if f"{x}.scale_param" in sd else sd[f"{x}.scaling"]
+            out[f"{x}.weight"] = sd[f"{x}.base.weight"].float() + s.float() * (sd[key].float() @ sd[f"{x}.adapter.V"].float())
+            if f"{x}.base.bias" in sd:
+                out[f"{x}.bias"] = sd[f"{x}.base.bias"].float()
+            done |= {key, f"{x}.adapter.V", f"{x}.base.weight", f"{x}.base.bias", f"{x}.scaling", f"{x}.scale_param"}
+        elif key.endswith(".U") and f"{key[:-2]}.V" in sd:
+            x = key[:-2]
+            out[f"{x}.weight"] = sd[key].float() @ sd[f"{x}.V"].float()
+            done |= {key, f"{x}.V"}
+    out.update({k: v.float() for k, v in sd.items() if k not in done and k not in out})
+    return out
+
+
+def _model_from_meta(meta: dict, sd: dict[str, Tensor]) -> nn.Module:
+    """The dense architecture a checkpoint was trained with (``model_config`` in its meta; older
+    checkpoints: the named size, with the vocabulary and GPT-2's positions read from the weights)."""
+    arch, cfg = meta.get("arch"), dict(meta.get("model_config") or {})
+    if arch == "gpt2":
+        if not cfg:
+            cfg = dataclasses.asdict(GPT2Config.from_size(meta["size"], vocab_size=sd["wte.weight"].shape[0],
+                                                          block_size=sd["wpe.weight"].shape[0]))
+        return GPT2(GPT2Config(**cfg))
+    if arch == "llama":
+        if not cfg:
+            cfg = dataclasses.asdict(LlamaConfig.from_size(meta["size"], vocab_size=sd["embed.weight"].shape[0]))
+        return Llama(LlamaConfig(**cfg))
+    raise PretrainedError(f"checkpoint arch {arch!r} cannot be exported (gpt2 or llama)")
+
+
+def find_checkpoint(src: Path) -> Path:
+    """A checkpoint directory from a run directory, a checkpoint root, or the directory itself."""
+    for cand in (src, src / "checkpoints"):
+        if (cand / "meta.json").is_file() and (cand / "model.safetensors").is_file():
+            return cand
+        if cand.is_dir() and (found := latest_complete(cand)) is not None:
+            return found
+    raise PretrainedError(f"{src}: no complete checkpoint (a run directory, its checkpoints/, one step-* "
+                          "directory, or a Hugging Face directory with config.json)")
+
+
+def load_any(src: Path) -> tuple[nn.Module, int, Path | None]:
+    """(dense model, parameters of the stored form, directory holding the tokenizer files or None)."""
+    if (src / "config.json").is_file() and not (src / "meta.json").is_file():
+        model, d = load_pretrained(str(src))
+        return model, sum(p.numel() for p in model.parameters()), d
+    ckpt = find_checkpoint(src)
+    meta, sd = read_json(ckpt / "meta.json"), load_tensors(ckpt / "model.safetensors")
+    stored = sum(v.numel() for k, v in sd.items() if v.is_floating_point() and not k.endswith(".scaling"))
+    model = _model_from_meta(meta, sd)
+    dense = dense_state(sd)
+    if getattr(model, "lm_head", None) is not None and "lm_head.weight" not in dense:  # tied: stored once
+        dense["lm_head.weight"] = dense["wte.weight" if isinstance(model, GPT2) else "embed.weight"]
+    model.load_state_dict(dense, strict=True)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    tok = next((d for d in (run_dir / "tokenizer", ckpt / "tokenizer") if (d / "tokenizer.json").is_file()), None)
+    return model, stored, tok
+
+
+def export(src: str | Path, out: str | Path) -> dict:
+    """Write the HF directory; returns a summary (parameters stored vs dense, files written)."""
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise PretrainedError(f"{src} is not a directory")
+    model, stored, tok = load_any(src)
+    save_hf(model, out)
+    copied = []
+    for name in TOKENIZER_FILES if tok is not None else ():
+        if (tok / name).is_file():
+            shutil.copyfile(tok / name, out / name)
+            copied.append(name)
+    dense = sum(p.numel() for p in model.parameters())
+    summary = {"source": str(src), "out": str(out), "arch": type(model).__name__, "params_stored": stored,
+               "params_dense": dense, "tokenizer_files": copied}
+    log.info("exported %s to %s: %s, %d parameters as stored (low-rank form) -> %d dense (%.3fx); tokenizer: %s",
+             src, out, summary["arch"], stored, dense, stored / dense, ", ".join(copied) or "none in the run")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fedlowrank.export", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("src", help="a central run directory, a checkpoint directory, or a Hugging Face directory")
+    ap.add_argument("out", help="the directory to write (created)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        export(args.src, args.out)
+    except (PretrainedError, CheckpointError) as e:
+        log.error("export failed: %s", e)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

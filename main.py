@@ -28,8 +28,10 @@ def main(cfg: DictConfig) -> None:
             from fedlowrank.runtime.runner import run
         elif mode == "central":
             from fedlowrank.central import run  # type: ignore[no-redef]
+        elif mode == "sample":
+            from fedlowrank.central.sample import run  # type: ignore[no-redef]
         else:
-            raise ConfigError(f"unknown mode {mode!r} (federated|central)")
+            raise ConfigError(f"unknown mode {mode!r} (federated|central|sample)")
         run(cfg)
     except ConfigError as e:
         log.error("invalid configuration: %s", e)

@@ -24,6 +24,10 @@ def to_dataclass(cls: type, node: Any, where: str, fixed: dict[str, Any] | None 
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+    missing = sorted(k for k, v in data.items() if v == "???")  # OmegaConf's mandatory marker
+    if missing:
+        raise ConfigError(f"{where}: {', '.join(f'{where}.{k}' for k in missing)} must be set (this config "
+                          "has no default for it), e.g. on the command line")
     hints = typing.get_type_hints(cls)
     for k, v in data.items():  # OmegaConf turns any int (3) or "yes" into a bool: a switch takes true/false only
         if hints[k] in (bool, bool | None) and not (isinstance(v, bool) or (v is None and hints[k] != bool)):

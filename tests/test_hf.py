@@ -231,3 +231,32 @@ def test_a_pretrained_run_starts_from_the_checkpoint(tmp_path, lowrank):
     model = build_lm(central_run(tmp_path / "r", "model=gpt2", f"model.pretrained={tmp_path}", *lowrank), 256).eval()
     idx = torch.randint(0, VOCAB, (2, 32))
     assert (_logits(model, idx) - _logits(hf, idx)).abs().max() <= (1e-5 if not lowrank else 1e-4)
+
+
+def test_welore_on_a_pretrained_model_reports_before_after_and_finetuned(tmp_path):
+    """experiment=llama_welore_pretrained: the 'before' perplexity is the checkpoint's own (recomputed here with
+    transformers over the same held-out windows), compression removes parameters, fine-tuning follows."""
+    import torch.nn.functional as F
+
+    from fedlowrank.data.text import load_text_data
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    hf = _hf("llama", ckpt, num_key_value_heads=2)
+    _tokenizer(ckpt)
+    corpus = _write_text(tmp_path)
+    res = launch(central_run(tmp_path / "w", "experiment=llama_welore_pretrained", f"model.pretrained={ckpt}",
+                             "data=textfile", f"data.train_path={corpus}", "trainer.max_steps=4",
+                             "trainer.block_size=32", "trainer.eval_full=true", "trainer.eval_interval=4"))
+    w = json.loads((tmp_path / "w" / "summary.json").read_text())["welore"]
+    val = load_text_data("textfile", str(ckpt), train_path=str(corpus)).val
+    starts = range(0, len(val) - 33 + 1, 32)
+    with torch.no_grad():
+        x = torch.stack([val[s: s + 32] for s in starts])
+        y = torch.stack([val[s + 1: s + 33] for s in starts])
+        loss = F.cross_entropy(_logits(hf, x).reshape(-1, VOCAB), y.reshape(-1)).item()
+    assert w["dense_eval"]["loss"] == pytest.approx(loss, abs=1e-4)
+    assert w["params_after"] < w["params_before"] and 0 < w["params_reduction"] < 1
+    assert w["compressed_eval"]["loss"] != w["dense_eval"]["loss"] and res["final_eval"]["step"] == 4
+    with pytest.raises(ConfigError, match="model.pretrained"):  # the experiment needs a model to compress
+        central_run(tmp_path / "x", "experiment=llama_welore_pretrained")

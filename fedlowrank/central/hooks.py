@@ -33,6 +33,9 @@ class Hook:
     def restore(self, tr: "Trainer", state: dict) -> None:
         """Resume: rebuild the model structure recorded in ``state`` before weights are loaded."""
 
+    def start(self, tr: "Trainer") -> None:
+        """Fresh run, after wrapping, before the first step (the model can be evaluated here)."""
+
     def lr(self, tr: "Trainer", step: int) -> float:
         t = tr.t
         return cosine_lr(step, t.max_steps, t.lr, t.warmup_steps, t.min_lr_ratio)
@@ -165,8 +168,13 @@ class WeLoreHook(Hook):
         if self.cfg.from_ckpt:
             load_weights(tr.model, Path(self.cfg.from_ckpt))
             log.info("WeLore: loaded dense weights from %s", self.cfg.from_ckpt)
-        if self.cfg.pretrain_steps == 0:
+        if self.cfg.pretrain_steps == 0 and tr.t.dist == "fsdp":  # FSDP2: no restructuring after sharding
             self._compress(tr, evaluate=False)
+
+    def start(self, tr: "Trainer") -> None:
+        """No pretraining (a loaded or given model): compress now, with held-out evals before and after."""
+        if self.plan is None and self.cfg.pretrain_steps == 0:
+            self._compress_and_report(tr)
 
     def restore(self, tr: "Trainer", state: dict) -> None:
         self.report = state.get("report", {})
@@ -185,19 +193,26 @@ class WeLoreHook(Hook):
         self.report.update(params_before=before, params_after=count_params(tr.model),
                            trainable_params=count_params(tr.model, trainable_only=True), step=tr.step)
 
+    def _compress_and_report(self, tr: "Trainer") -> None:
+        self._compress(tr, evaluate=True)
+        tr.rebuild()
+        self.report["compressed_eval"] = tr.evaluate()
+        log.info("WeLore at step %d: held-out ppl %.3f -> %.3f after compression (%.1f%% fewer parameters)",
+                 tr.step, self.report["dense_eval"]["ppl"], self.report["compressed_eval"]["ppl"],
+                 100 * (1 - self.report["params_after"] / self.report["params_before"]))
+
     def after_step(self, tr: "Trainer") -> None:
         if self.plan is None and tr.step == self.cfg.pretrain_steps:
-            self._compress(tr, evaluate=True)
-            tr.rebuild()
-            self.report["compressed_eval"] = tr.evaluate()
-            log.info("WeLore at step %d: ppl %.3f -> %.3f after compression", tr.step,
-                     self.report["dense_eval"]["ppl"], self.report["compressed_eval"]["ppl"])
+            self._compress_and_report(tr)
 
     def state(self) -> dict:
         return {"plan": self.plan.to_dict() if self.plan else None, "report": self.report}
 
     def summary(self) -> dict:
-        return {"welore": {**self.report, **({"plan": self.plan.to_dict()} if self.plan else {})}}
+        r = dict(self.report)
+        if r.get("params_before"):
+            r["params_reduction"] = 1 - r["params_after"] / r["params_before"]
+        return {"welore": {**r, **({"plan": self.plan.to_dict()} if self.plan else {})}}
 
 
 def make_hook(method: dict, seed: int, max_steps: int) -> Hook:

@@ -24,6 +24,7 @@ from fedlowrank.training.optim import remap_optimizer_state
 
 from .guard import NonFiniteGuard
 from .hooks import make_hook
+from .sample import tb_sample
 from .model import build_lm
 from .throughput import device_peak_flops, mfu, train_flops_per_token
 from .dist import (DistEnv, broadcast_object, full_state, load_checkpoint_meta, load_optimizer_state, load_weights,
@@ -150,11 +151,11 @@ class Trainer:
             self.compiles += 1
 
     # ------------------------------------------------------------------ loop
-    def _autocast(self):
+    def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def _loss(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module) -> torch.Tensor:
-        with self._autocast():
+        with self.autocast():
             logits = model(x)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
 
@@ -193,7 +194,7 @@ class Trainer:
                 ix = starts[i: i + t.batch_size].tolist()
                 x = torch.stack([self.data.val[j: j + t.block_size] for j in ix]).to(env.device)
                 y = torch.stack([self.data.val[j + 1: j + 1 + t.block_size] for j in ix]).to(env.device)
-                with self._autocast():
+                with self.autocast():
                     logits = self.wrapped(x)
                 tot[0] += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum")
                 tot[1] += y.numel()
@@ -217,6 +218,8 @@ class Trainer:
         tokens_per_step = t.batch_size * t.block_size * t.grad_accum * env.world
         pace = _Pace(self.step)
         end = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
+        if self.step == 0:
+            self.hook.start(self)
         lazy = self._lazy_checks()
         while self.step < end:
             loss_t = self._train_one(tokens_per_step, lazy, end)
@@ -281,6 +284,8 @@ class Trainer:
             if self.writer:
                 self.writer.add_scalar("eval/loss", ev["loss"], self.step)
                 self.writer.add_scalar("eval/ppl", ev["ppl"], self.step)
+            if t.sample_every and self.step % t.sample_every == 0:
+                tb_sample(self)
         if ckpt_now:
             self.train_time += ts - pace.loop_start - pace.side  # bank the training time so far in the checkpoint
             pace.side, pace.loop_start = 0.0, time.perf_counter()

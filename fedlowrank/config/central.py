@@ -100,6 +100,8 @@ class TrainerConfig:
     eval_full: bool = False  # evaluate on every non-overlapping window of the eval split
     log_interval: int = 10
     ckpt_interval: int = 100
+    sample_every: int = 0  # at eval steps that are multiples of it, a text sample to TensorBoard (0: never)
+    sample_tokens: int = 64  # tokens per sample
     devices: int = 1  # >1 without torchrun: spawn that many workers
     device: str = "auto"  # auto (CUDA if available) | cuda | cpu
     dist: str = "ddp"  # ddp | fsdp (FSDP2)
@@ -116,7 +118,7 @@ class TrainerConfig:
 
     def validate(self) -> None:
         for k in ("max_steps", "batch_size", "grad_accum", "block_size", "eval_iters", "log_interval",
-                  "eval_interval", "ckpt_interval", "devices", "keep_checkpoints"):
+                  "eval_interval", "ckpt_interval", "devices", "keep_checkpoints", "sample_tokens"):
             if getattr(self, k) < 1:
                 raise ConfigError(f"trainer.{k} must be >= 1, got {getattr(self, k)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
@@ -232,6 +234,9 @@ class CentralRun:
             mc.validate()
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from e
+        if name == "welore" and mc.pretrain_steps == 0 and not (mc.from_ckpt or self.model.pretrained):  # type: ignore
+            raise ConfigError("method=welore with method.pretrain_steps=0 compresses the model it starts from: give "
+                              "one with model.pretrained=<hub id or directory> or method.from_ckpt=<checkpoint>")
         if self.trainer.dist == "fsdp":
             if name == "relora" and mc.warm_start_steps > 0:  # type: ignore[union-attr]
                 raise ConfigError("ReLoRA's full-rank warm start attaches adapters mid-run, which FSDP2 sharding "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
+from fedlowrank.central.sample import SampleConfig
 from fedlowrank.methods.inrank import InRankConfig
 from fedlowrank.methods.relora import ReLoRAConfig
 from fedlowrank.methods.welore import WeLoreConfig
@@ -15,7 +16,7 @@ from fedlowrank.schema import defaults
 from .central import TrainerConfig
 from .federated import FedConfig
 
-SECTIONS = {"fed": FedConfig, "trainer": TrainerConfig}
+SECTIONS = {"fed": FedConfig, "trainer": TrainerConfig, "sample": SampleConfig}
 METHODS = {"inrank": InRankConfig, "relora": ReLoRAConfig, "welore": WeLoreConfig}
 
 

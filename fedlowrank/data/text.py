@@ -7,6 +7,7 @@ tokenizer (``tokenizers``); both need the internet once and fail with a clear er
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,7 @@ class TextData:
     train: torch.Tensor  # (N,) int64 token ids
     val: torch.Tensor  # (M,) int64
     vocab_size: int
+    decode: Callable[[list[int]], str] | None = None  # token ids -> text (samples)
 
 
 def _read(path: str | Path, what: str) -> str:
@@ -152,7 +154,7 @@ def load_text_data(name: str, tokenizer: str = "byte", path: str | None = None, 
                 np.savez(cache, train=train, val=val)
     else:
         raise ValueError(f"unknown text dataset {name!r} (pydoc|shakespeare|file|textfile|wikitext103|c4)")
-    return TextData(torch.from_numpy(train), torch.from_numpy(val), tok.vocab_size)
+    return TextData(torch.from_numpy(train), torch.from_numpy(val), tok.vocab_size, tok.decode)
 
 
 def check_splits(data: TextData, block_size: int, source: str) -> None:

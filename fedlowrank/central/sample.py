@@ -1,0 +1,125 @@
+"""Sampling from the language models: :func:`generate` (temperature, top-k, a maximum of new tokens) for any
+model mapping ``idx (B, T) -> logits (B, T, vocab)``, dense or factorized, and ``python main.py mode=sample``.
+
+The context is recomputed at every step (cropped to the model's ``block_size``), as nanoGPT does: no KV cache.
+At the sizes this project trains on CPU that costs little; long generations from large models pay O(T²)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+from fedlowrank.schema import ConfigError, to_dataclass
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+             generator: torch.Generator | None = None) -> Tensor:
+    """Extend ``idx`` (B, T) by ``max_new_tokens`` sampled tokens -> (B, T + max_new_tokens). ``temperature`` 0
+    picks the most likely token; ``top_k`` keeps the k most likely before sampling."""
+    was_training = model.training
+    model.eval()
+    block = getattr(getattr(model, "config", None), "block_size", None)
+    try:
+        for _ in range(max_new_tokens):
+            ctx = idx if block is None else idx[:, -block:]
+            logits = model(ctx)[:, -1, :].float()  # (B, vocab)
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.size(-1):
+                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = torch.softmax(logits, dim=-1)
+                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
+            idx = torch.cat([idx, nxt], dim=1)
+    finally:
+        model.train(was_training)
+    return idx
+
+
+def tb_sample(tr: "Trainer") -> str:
+    """A text sample continuing the start of the eval split, to TensorBoard (``samples/text``). Every process
+    runs it (FSDP2 forwards are collective) with its own generator, so the training RNG is untouched."""
+    prompt = tr.data.val[: max(1, min(16, tr.t.block_size // 2))].unsqueeze(0).to(tr.env.device)
+    with tr.autocast():
+        out = generate(tr.model, prompt, tr.t.sample_tokens, 0.8, 50, torch.Generator().manual_seed(tr.step))
+    text = tr.data.decode(out[0].tolist()) if tr.data.decode is not None else " ".join(map(str, out[0].tolist()))
+    if tr.writer:
+        tr.writer.add_text("samples/text", text, tr.step)
+    return text
+
+
+@dataclass
+class SampleConfig:
+    """``sample.*`` of ``mode=sample``."""
+
+    prompt: str = "\n"
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = 50
+    num_samples: int = 1
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1 or self.num_samples < 1:
+            raise ConfigError("sample.max_new_tokens and sample.num_samples must be >= 1")
+        if self.temperature < 0:
+            raise ConfigError(f"sample.temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"sample.top_k must be >= 1 (or null), got {self.top_k}")
+        if not self.prompt:
+            raise ConfigError("sample.prompt must not be empty")
+
+
+def load_for_sampling(src: Path):
+    """(model, tokenizer) from a central run directory, a checkpoint directory or a Hugging Face directory: the
+    dense equivalent of the stored model, and the run's tokenizer (bytes when the model's vocabulary is 256)."""
+    from fedlowrank.data.text import BPETokenizer, ByteTokenizer
+    from fedlowrank.export import load_any
+    from fedlowrank.models.hf import PretrainedError
+
+    if not src.is_dir():
+        raise ConfigError(f"ckpt={str(src)!r} is not a directory (a run, a checkpoint or a Hugging Face directory)")
+    try:
+        model, _, tok_dir = load_any(src)
+    except PretrainedError as e:
+        raise ConfigError(str(e)) from e
+    if tok_dir is None and (src / "tokenizer.json").is_file():
+        tok_dir = src
+    if tok_dir is not None:
+        return model, BPETokenizer(str(tok_dir))
+    if model.config.vocab_size in (256, 257):
+        return model, ByteTokenizer()
+    raise ConfigError(f"{src} has no tokenizer.json and the model's vocabulary ({model.config.vocab_size}) is not "
+                      "the byte tokenizer's (256)")
+
+
+def run(cfg: DictConfig) -> list[str]:
+    """``python main.py mode=sample ckpt=<dir> sample.prompt=...``: log and return the samples."""
+    sc = to_dataclass(SampleConfig, cfg.get("sample") or {}, "sample")
+    sc.validate()
+    if not cfg.get("ckpt"):
+        raise ConfigError("mode=sample needs ckpt=<run directory, checkpoint directory or Hugging Face directory>")
+    model, tok = load_for_sampling(Path(str(cfg.ckpt)))
+    ids = tok.encode(sc.prompt)
+    if not ids:
+        raise ConfigError("sample.prompt encodes to no tokens")
+    g = torch.Generator().manual_seed(sc.seed)
+    idx = torch.tensor([ids] * sc.num_samples, dtype=torch.long)
+    out = generate(model, idx, sc.max_new_tokens, sc.temperature, sc.top_k, g)
+    texts = [tok.decode(row.tolist()) for row in out]
+    for i, t in enumerate(texts):
+        log.info("sample %d:\n%s", i, t)
+    return texts

@@ -40,8 +40,8 @@ def train(run: CentralRun) -> dict:
     try:
         d = run.data
         tokenizer = run.tokenizer()
-        data = load_text_data(d.name, tokenizer, d.path, d.val_fraction, d.max_chars, d.cache_dir,
-                              train_path=d.train_path, eval_path=d.eval_path)
+        data = load_text_data(d.name, tokenizer, d.dir if d.name == "tokens" else d.path, d.val_fraction,
+                              d.max_chars, d.cache_dir, train_path=d.train_path, eval_path=d.eval_path)
         if env.is_main:
             keep_tokenizer(tokenizer, Path(run.out_dir))
         check_splits(data, run.trainer.block_size, f"data={d.name}" + (f" ({d.train_path})" if d.train_path else ""))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ from fedlowrank.schema import ConfigError, to_dataclass
 from fedlowrank.methods.inrank import InRankConfig
 
 LM_ARCHS = ("gpt2", "llama")
-TEXT_DATA = ("pydoc", "shakespeare", "file", "textfile", "wikitext103", "c4")
+TEXT_DATA = ("pydoc", "shakespeare", "file", "textfile", "wikitext103", "c4", "tokens")
 
 
 @dataclass
@@ -59,6 +60,7 @@ class TextDataConfig:
     path: str | None = None
     train_path: str | None = None  # data=textfile: your corpus
     eval_path: str | None = None  # data=textfile: optional held-out eval file
+    dir: str | None = None  # data=tokens: a directory of token shards (python -m fedlowrank.data.prepare)
     val_fraction: float = 0.1
     max_chars: int | None = None
     cache_dir: str | None = "data/cache"
@@ -76,6 +78,12 @@ class TextDataConfig:
             raise ConfigError(f"data.max_chars must be >= 1 (or null), got {self.max_chars}")
         if self.name == "textfile" and not self.train_path:
             raise ConfigError("data=textfile needs data.train_path=<UTF-8 text file>")
+        if self.name == "tokens":
+            from fedlowrank.data.shards import read_meta
+
+            if not self.dir or not os.path.isdir(self.dir):
+                raise ConfigError(f"data=tokens needs data.dir=<directory of token shards>, got {self.dir!r}")
+            read_meta(Path(self.dir))
         for key in ("path", "train_path", "eval_path"):
             path = getattr(self, key)
             if path and not os.path.isfile(path):
@@ -210,8 +218,13 @@ class CentralRun:
                               f"({mc.block_size} positions)")
 
     def tokenizer(self) -> str:
-        """``data.tokenizer``; with ``model.pretrained`` and ``data.tokenizer=byte``, the checkpoint's own
-        ``tokenizer.json`` (its directory) where it has one."""
+        """``data.tokenizer``; the shards' own with ``data=tokens``; with ``model.pretrained`` and
+        ``data.tokenizer=byte``, the checkpoint's ``tokenizer.json`` (its directory) where it has one."""
+        if self.data.name == "tokens":
+            from fedlowrank.data.shards import read_meta
+
+            tok = read_meta(Path(str(self.data.dir)))["tokenizer"]
+            return tok if tok == "byte" else str(Path(str(self.data.dir)) / tok)
         if self.model.pretrained and self.data.tokenizer == "byte":
             from fedlowrank.models.hf import resolve
 

@@ -113,12 +113,20 @@ def _read(path: str | Path, what: str) -> str:
 def load_text_data(name: str, tokenizer: str = "byte", path: str | None = None, val_fraction: float = 0.1,
                    max_chars: int | None = None, cache_dir: str | None = None, train_path: str | None = None,
                    eval_path: str | None = None) -> TextData:
-    """Tokenized train/val streams. ``name``: pydoc | shakespeare | file | textfile | wikitext103 | c4.
+    """Tokenized train/val streams. ``name``: pydoc | shakespeare | file | textfile | wikitext103 | c4 | tokens
+    (``path``: a shard directory, memory-mapped).
 
     ``textfile``: your own corpus, ``train_path`` (required) and an optional held-out
     ``eval_path``; without it the last ``val_fraction`` of the train file is held out.
     """
     tok = ByteTokenizer() if tokenizer == "byte" else BPETokenizer(tokenizer)
+    if name == "tokens":  # memory-mapped shards: nothing is read into RAM here
+        from .shards import open_split, read_meta
+
+        d = Path(str(path))
+        meta = read_meta(d)
+        return TextData(open_split(d, meta, "train"), open_split(d, meta, "val"),  # type: ignore[arg-type]
+                        int(meta["vocab_size"]), tok.decode)
     if name == "textfile":
         if not train_path:
             raise ValueError("data=textfile needs data.train_path")

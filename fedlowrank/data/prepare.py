@@ -1,0 +1,190 @@
+"""Tokenize a corpus into memory-mapped token shards for ``data=tokens data.dir=<out>``.
+
+    python -m fedlowrank.data.prepare --out <dir> --tokenizer <byte | gpt2 | tokenizer.json | dir> FILE [FILE ...]
+    python -m fedlowrank.data.prepare --out <dir> --tokenizer gpt2 --dataset allenai/c4 --config en --streaming
+
+Text files are cut into ~1 MB chunks at line ends, and the last ``--val-fraction`` of each file's bytes is the
+held-out split. A Hugging Face dataset is read row by row (``--streaming`` for a large one); its validation split
+is ``--val-split`` when given, else every document whose index hashes below ``--val-fraction``. Chunks are
+tokenized on ``--workers`` processes (in order, so the shards do not depend on the worker count), each document
+ends with the tokenizer's end-of-text token when it has one, and tokens are appended to ``uint16`` (vocabulary
+< 65 536) or ``uint32`` shards of at most ``--shard-tokens``. ``meta.json`` records the tokenizer, the
+vocabulary size, the dtype and the token count of every shard; a BPE tokenizer is saved beside the shards."""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import multiprocessing as mp
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .shards import META
+
+log = logging.getLogger("fedlowrank.data.prepare")
+CHUNK_CHARS = 1 << 20
+EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(spec: str):
+    from .text import BPETokenizer, ByteTokenizer
+
+    return ByteTokenizer() if spec == "byte" else BPETokenizer(spec)
+
+
+def eos_id(spec: str) -> int | None:
+    tok = _tokenizer(spec)
+    if spec == "byte":
+        return None
+    return next((i for n in EOS_NAMES if (i := tok.tok.token_to_id(n)) is not None), None)
+
+
+def _encode(task: tuple[str, str, str, bool]) -> tuple[str, np.ndarray]:
+    """(split, token ids as uint32) of one chunk; ``end``: the chunk ends a document (append end-of-text)."""
+    spec, split, text, end = task
+    ids = _tokenizer(spec).encode(text)
+    eos = eos_id(spec) if end else None
+    return split, np.asarray(ids + ([eos] if eos is not None else []), dtype=np.uint32)
+
+
+def file_chunks(paths: list[Path], val_fraction: float) -> Iterator[tuple[str, str, bool]]:
+    """(split, text, ends a document) chunks of each file: train up to (1 - val_fraction) of its bytes, then val."""
+    for p in paths:
+        size = p.stat().st_size
+        cut = int(size * (1 - val_fraction))
+        with p.open("r", encoding="utf-8", newline="") as f:
+            buf, chars, done, split = [], 0, 0, "train"
+            for line in f:
+                buf.append(line)
+                chars += len(line)
+                done += len(line.encode("utf-8"))
+                switch = split == "train" and done >= cut
+                if switch or chars >= CHUNK_CHARS:
+                    yield split, "".join(buf), switch
+                    buf, chars = [], 0
+                    split = "val" if done >= cut else split
+            if buf:
+                yield split, "".join(buf), True
+
+
+def dataset_chunks(name: str, config: str | None, split: str, field: str, streaming: bool, val_split: str | None,
+                   val_fraction: float, max_docs: int | None) -> Iterator[tuple[str, str, bool]]:
+    """(split, document, True) rows of a Hugging Face dataset (needs the internet once)."""
+    try:
+        from datasets import load_dataset
+
+        sources = [("train", load_dataset(name, config, split=split, streaming=streaming))]
+        if val_split:
+            sources.append(("val", load_dataset(name, config, split=val_split, streaming=streaming)))
+    except Exception as e:
+        raise RuntimeError(f"could not open dataset {name!r} ({type(e).__name__}: {e}); it needs internet access "
+                           "or a populated Hugging Face cache") from e
+    for which, ds in sources:
+        for i, row in enumerate(ds):
+            if max_docs is not None and i >= max_docs:
+                break
+            held = which == "val" or (not val_split and ((i * 2654435761) % 2**32) / 2**32 < val_fraction)
+            yield ("val" if held else "train"), row[field], True
+
+
+class ShardWriter:
+    """Appends tokens to ``<split>_<n>.bin`` files of at most ``shard_tokens`` tokens each."""
+
+    def __init__(self, out: Path, split: str, dtype: type, shard_tokens: int) -> None:
+        self.out, self.split, self.dtype, self.cap = out, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+
+    def write(self, ids: np.ndarray) -> None:
+        ids = ids.astype(self.dtype, copy=False)
+        while len(ids):
+            if not self.shards or self.shards[-1]["tokens"] >= self.cap:
+                self.shards.append({"file": f"{self.split}_{len(self.shards):06d}.bin", "tokens": 0})
+                (self.out / self.shards[-1]["file"]).write_bytes(b"")
+            cur = self.shards[-1]
+            take = ids[: self.cap - cur["tokens"]]
+            with (self.out / cur["file"]).open("ab") as f:
+                f.write(take.tobytes())
+            cur["tokens"] += len(take)
+            ids = ids[len(take):]
+
+
+def prepare(chunks: Iterator[tuple[str, str, bool]], out: Path, spec: str, workers: int, shard_tokens: int,
+            sources: list[str]) -> dict:
+    """Tokenize ``chunks`` on ``workers`` processes into shards under ``out``; returns (and writes) meta.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer(spec)
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    writers = {s: ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
+    tasks = ((spec, split, text, end) for split, text, end in chunks)
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers) if workers > 1 else _Serial() as pool:
+        for split, ids in pool.imap(_encode, tasks, chunksize=1):
+            writers[split].write(ids)
+    if spec != "byte":
+        tok.tok.save(str(out / "tokenizer.json"))
+    meta = {"format": 1, "tokenizer": "byte" if spec == "byte" else "tokenizer.json", "tokenizer_source": spec,
+            "vocab_size": tok.vocab_size, "dtype": np.dtype(dtype).name, "eos_id": eos_id(spec), "sources": sources,
+            "splits": {s: {"tokens": sum(sh["tokens"] for sh in w.shards), "shards": w.shards}
+                       for s, w in writers.items()}}
+    (out / META).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+class _Serial:
+    """``Pool.imap`` in this process (``--workers 1``)."""
+
+    def __enter__(self) -> "_Serial":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    @staticmethod
+    def imap(fn, it, chunksize: int = 1):
+        return map(fn, it)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fedlowrank.data.prepare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="*", type=Path, help="UTF-8 text files")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokenizer", default="byte", help="byte | a hub name (gpt2) | tokenizer.json | its directory")
+    ap.add_argument("--dataset", help="a Hugging Face dataset instead of files (e.g. allenai/c4)")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--val-split", default=None, help="the dataset's held-out split (e.g. validation)")
+    ap.add_argument("--text-field", default="text")
+    ap.add_argument("--streaming", action="store_true", help="stream the dataset (large corpora)")
+    ap.add_argument("--max-docs", type=int, default=None)
+    ap.add_argument("--val-fraction", type=float, default=0.01)
+    ap.add_argument("--workers", type=int, default=max(1, (mp.cpu_count() or 2) - 1))
+    ap.add_argument("--shard-tokens", type=int, default=100_000_000)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    bad = [str(f) for f in a.files if not f.is_file()]
+    if bool(a.files) == bool(a.dataset) or bad or not 0 < a.val_fraction < 1 or a.workers < 1 or a.shard_tokens < 1:
+        log.error("give text files or --dataset (not both); files must exist (missing: %s); --val-fraction in "
+                  "(0, 1); --workers and --shard-tokens >= 1", bad or "none")
+        return 2
+    try:
+        _tokenizer(a.tokenizer)
+        chunks = file_chunks(a.files, a.val_fraction) if a.files else dataset_chunks(
+            a.dataset, a.config, a.split, a.text_field, a.streaming, a.val_split, a.val_fraction, a.max_docs)
+        meta = prepare(chunks, a.out, a.tokenizer, a.workers, a.shard_tokens,
+                       [str(f) for f in a.files] or [f"{a.dataset}:{a.config}:{a.split}"])
+    except (RuntimeError, OSError, UnicodeDecodeError) as e:
+        log.error("prepare failed: %s", e)
+        return 2
+    log.info("wrote %s: %d train / %d val tokens (%s, vocabulary %d)", a.out, meta["splits"]["train"]["tokens"],
+             meta["splits"]["val"]["tokens"], meta["dtype"], meta["vocab_size"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

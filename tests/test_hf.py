@@ -184,7 +184,10 @@ def _ours_from_checkpoint(run, out: Path):
     ["model.lowrank=fixed", "model.ratio=0.5"],
     ["method=relora", "method.warm_start_steps=0", "method.r=2", "method.reset_every=3", "method.restart_warmup_steps=1"],
     ["method=welore", "method.pretrain_steps=0", "method.target_reduction=0.3"],
-], ids=["fixed", "relora", "welore"])
+    ["model.lowrank=inrank", "method=inrank", "method.stage1_steps=2", "method.check_interval=1",
+     "method.warmup_steps=0", "method.init_rank=2", "method.buffer=2"],
+    [],
+], ids=["fixed", "relora", "welore", "inrank", "dense"])
 def test_pretrained_run_trains_resumes_and_exports(tmp_path, method):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -199,7 +202,8 @@ def test_pretrained_run_trains_resumes_and_exports(tmp_path, method):
     assert [round(x, 6) for _, x in resumed["losses"]] == [round(x, 6) for _, x in full["losses"]]
     assert (tmp_path / "full" / "tokenizer" / "tokenizer.json").is_file()
     summary = export(tmp_path / "full", tmp_path / "hf")
-    assert "tokenizer.json" in summary["tokenizer_files"] and summary["params_stored"] != summary["params_dense"]
+    assert "tokenizer.json" in summary["tokenizer_files"]
+    assert (summary["params_stored"] == summary["params_dense"]) == (not method)  # low-rank forms are merged
     back = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ours = _ours_from_checkpoint(central_run(tmp_path / "full", *common), tmp_path / "full")
     idx = torch.randint(0, VOCAB, (2, 32))

@@ -74,3 +74,26 @@ def test_mode_sample_from_a_run_directory(tmp_path):
     bad = subprocess.run([sys.executable, "main.py", "mode=sample", f"ckpt={tmp_path / 'nothing'}",
                           f"out_dir={tmp_path / 's2'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "not a directory" in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "llama-factorized"])
+def test_the_kv_cache_gives_the_recomputed_logits(name):
+    model = _models()[name].eval()
+    idx = torch.randint(0, 50, (2, 4))
+    cache = [{} for _ in range(model.config.n_layer)]
+    with torch.no_grad():
+        steps = [model(idx, cache=cache)[:, -1]]
+        seq = idx
+        for t in range(6):
+            nxt = torch.randint(0, 50, (2, 1))
+            seq = torch.cat([seq, nxt], 1)
+            steps.append(model(nxt, cache=cache)[:, -1])
+            assert (steps[-1] - model(seq)[:, -1]).abs().max() <= 1e-5  # cached step == full recompute
+        with pytest.raises(ValueError, match="block_size"):
+            model(torch.zeros(2, 3, dtype=torch.long), cache=cache)  # 10 cached + 3 > block_size 12
+    # generate: the cached path (fits in block_size) and the recompute path agree on greedy decoding
+    cached = generate(model, idx, 8, temperature=0)
+    assert torch.equal(cached, generate(model, idx, 8, temperature=0, top_k=1))
+    with torch.no_grad():
+        for t in range(4, 12):
+            assert torch.equal(cached[:, t], model(cached[:, :t])[:, -1].argmax(-1))

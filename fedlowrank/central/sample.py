@@ -1,8 +1,8 @@
 """Sampling from the language models: :func:`generate` (temperature, top-k, a maximum of new tokens) for any
 model mapping ``idx (B, T) -> logits (B, T, vocab)``, dense or factorized, and ``python main.py mode=sample``.
 
-The context is recomputed at every step (cropped to the model's ``block_size``), as nanoGPT does: no KV cache.
-At the sizes this project trains on CPU that costs little; long generations from large models pay O(T²)."""
+GPT-2 and LLaMA keep a key/value cache while the sequence fits in ``block_size``; beyond it (and for any other
+model) the context is recomputed at every step, cropped to the last ``block_size`` tokens, as nanoGPT does."""
 from __future__ import annotations
 
 import logging
@@ -14,6 +14,8 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from fedlowrank.models.gpt2 import GPT2
+from fedlowrank.models.llama import Llama
 from fedlowrank.schema import ConfigError, to_dataclass
 
 if TYPE_CHECKING:
@@ -22,31 +24,48 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _pick(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None) -> Tensor:
+    """(B, vocab) logits -> (B, 1) next tokens: argmax at temperature 0, else a draw from the top-k softmax."""
+    logits = logits.float()
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator).to(logits.device)
+
+
+def _cacheable(model: nn.Module) -> bool:
+    return isinstance(model, (GPT2, Llama))
+
+
 @torch.no_grad()
 def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              generator: torch.Generator | None = None) -> Tensor:
     """Extend ``idx`` (B, T) by ``max_new_tokens`` sampled tokens -> (B, T + max_new_tokens). ``temperature`` 0
-    picks the most likely token; ``top_k`` keeps the k most likely before sampling."""
+    picks the most likely token; ``top_k`` keeps the k most likely before sampling. GPT-2 and LLaMA (dense or
+    factorized) use a key/value cache while the whole sequence fits in ``block_size``; otherwise (or for other
+    models) the context is recomputed at every step, cropped to the last ``block_size`` tokens."""
     was_training = model.training
     model.eval()
     block = getattr(getattr(model, "config", None), "block_size", None)
     try:
+        if _cacheable(model) and idx.size(1) + max_new_tokens <= block:  # type: ignore[operator]
+            cache: list[dict] = [{} for _ in range(model.config.n_layer)]
+            logits = model(idx, cache=cache)[:, -1]  # the prompt fills the cache
+            for i in range(max_new_tokens):
+                nxt = _pick(logits, temperature, top_k, generator).to(idx.device)
+                idx = torch.cat([idx, nxt], dim=1)
+                if i + 1 < max_new_tokens:
+                    logits = model(nxt, cache=cache)[:, -1]  # one token, attending to every cached one
+            return idx
         for _ in range(max_new_tokens):
             ctx = idx if block is None else idx[:, -block:]
-            logits = model(ctx)[:, -1, :].float()  # (B, vocab)
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None and top_k < logits.size(-1):
-                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = torch.softmax(logits, dim=-1)
-                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
-            idx = torch.cat([idx, nxt], dim=1)
+            idx = torch.cat([idx, _pick(model(ctx)[:, -1], temperature, top_k, generator).to(idx.device)], dim=1)
+        return idx
     finally:
         model.train(was_training)
-    return idx
 
 
 def tb_sample(tr: "Trainer") -> str:

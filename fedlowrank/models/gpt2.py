@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kv_cache import extend_cache
+
 GPT2_SIZES = {  # n_layer, n_head, n_embd
     "tiny": (2, 2, 64),
     "mini": (4, 4, 128),
@@ -47,11 +49,13 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.dropout = cfg.n_head, cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, T, C)
+    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:  # (B, T, C)
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        k, v, causal = extend_cache(cache, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                           is_causal=causal)
         return self.resid_drop(self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C)))
 
 
@@ -74,8 +78,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.ln_eps, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -106,12 +110,14 @@ class GPT2(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: Tensor) -> Tensor:
+    def forward(self, idx: Tensor, cache: list[dict] | None = None) -> Tensor:
+        """``cache`` (generation): one dict per block, filled by the prompt, then extended one token at a time."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} > block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        start = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0  # tokens already in the cache
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence length {start + T} > block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.h:
-            x = block(x)
+        for i, block in enumerate(self.h):
+            x = block(x, cache[i] if cache is not None else None)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab)

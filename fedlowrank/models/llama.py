@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from fedlowrank.lowrank.shared_input import shared_input_linear
 
+from .kv_cache import extend_cache
+
 LLAMA_SIZES = {  # n_layer, n_head, dim, ffn hidden
     "tiny": (2, 2, 64, 172),
     "mini": (4, 4, 128, 344),
@@ -81,15 +83,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # (B, T, D)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: dict | None = None) -> Tensor:  # (B, T, D)
         B, T, D = x.shape
         proj = (self.q_proj, self.k_proj, self.v_proj)
         qkv = shared_input_linear(x, proj) if self.fuse else [p(x) for p in proj]
         heads = (self.n_head, self.n_kv_head, self.n_kv_head)
         q, k, v = (t.view(B, T, h, self.head_dim).transpose(1, 2) for t, h in zip(qkv, heads))  # (B, H|Hkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v, causal = extend_cache(cache, k, v)
         gqa = self.n_kv_head != self.n_head  # each kv head serves n_head / n_kv_head consecutive query heads
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -115,8 +118,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: dict | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -136,12 +139,15 @@ class Llama(nn.Module):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: Tensor) -> Tensor:
+    def forward(self, idx: Tensor, cache: list[dict] | None = None) -> Tensor:
+        """``cache`` (generation): one dict per layer, filled by the prompt, then extended one token at a time."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} > block_size {self.config.block_size}")
-        cos, sin = rope_cache(T, self.config.dim // self.config.n_head, self.config.rope_theta, idx.device)
+        pos = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0  # tokens already in the cache
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence length {pos + T} > block_size {self.config.block_size}")
+        cos, sin = rope_cache(pos + T, self.config.dim // self.config.n_head, self.config.rope_theta, idx.device)
+        cos, sin = cos[pos:], sin[pos:]
         x = self.embed(idx)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache[i] if cache is not None else None)
         return self.lm_head(self.norm(x))

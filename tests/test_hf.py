@@ -264,3 +264,30 @@ def test_welore_on_a_pretrained_model_reports_before_after_and_finetuned(tmp_pat
     assert w["compressed_eval"]["loss"] != w["dense_eval"]["loss"] and res["final_eval"]["step"] == 4
     with pytest.raises(ConfigError, match="model.pretrained"):  # the experiment needs a model to compress
         central_run(tmp_path / "x", "experiment=llama_welore_pretrained")
+
+
+def test_prepare_train_resume_export_one_pretrained_model(tmp_path):
+    """The whole path on one tiny checkpoint: shards tokenized with its own tokenizer, a fixed-rank fine-tune from
+    the shards that resumes exactly, an export transformers loads, and a sample from the export."""
+    from fedlowrank.central.sample import load_for_sampling
+    from fedlowrank.data.prepare import main as prepare_main
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    _hf("llama", ckpt, num_key_value_heads=2)
+    _tokenizer(ckpt)
+    assert prepare_main(["--out", str(tmp_path / "shards"), "--tokenizer", str(ckpt), "--workers", "2",
+                         "--val-fraction", "0.1", str(_write_text(tmp_path))]) == 0
+    common = ["model=llama", f"model.pretrained={ckpt}", "data=tokens", f"data.dir={tmp_path / 'shards'}",
+              "model.lowrank=fixed", "model.ratio=0.5", "trainer.max_steps=6", "trainer.block_size=32",
+              "trainer.ckpt_interval=3", "trainer.eval_interval=3", "trainer.log_interval=1"]
+    full = launch(central_run(tmp_path / "full", *common))
+    launch(central_run(tmp_path / "part", *common, "trainer.stop_after=3"))
+    assert launch(central_run(tmp_path / "part", *common, "trainer.resume=auto"))["losses"] == full["losses"]
+    export(tmp_path / "full", tmp_path / "hf")
+    back = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = _ours_from_checkpoint(central_run(tmp_path / "full", *common), tmp_path / "full")
+    idx = torch.randint(0, VOCAB, (2, 32))
+    assert (_logits(back, idx) - _logits(ours, idx)).abs().max() <= 1e-5
+    model, tok = load_for_sampling(tmp_path / "hf")
+    assert tok.vocab_size <= VOCAB and isinstance(tok.decode([1, 2, 3]), str)

@@ -8,6 +8,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fedlowrank.checkpoint import CheckpointError
 from fedlowrank.config import ConfigError
 
 log = logging.getLogger("fedlowrank")
@@ -35,6 +36,9 @@ def main(cfg: DictConfig) -> None:
         run(cfg)
     except ConfigError as e:
         log.error("invalid configuration: %s", e)
+        sys.exit(2)
+    except CheckpointError as e:  # a damaged checkpoint or log, named; nothing was trained from it
+        log.error("cannot resume: %s", e)
         sys.exit(2)
 
 

@@ -45,3 +45,11 @@ def defaults(cls: type) -> dict[str, Any]:
     """The defaults of dataclass ``cls`` as a plain (untyped) dict: what Hydra composes for a section whose
     schema is ``cls`` (the values live once, in the dataclass; typing happens in :func:`to_dataclass`)."""
     return OmegaConf.to_container(OmegaConf.structured(cls))  # type: ignore[return-value]
+
+
+def check_top_level(cfg: Any, allowed: set[str], mode: str) -> None:
+    """Refuse top-level keys this mode does not read (e.g. ``+bogus_key=1``, or ``fed.*`` in central mode), so a
+    typo never passes silently."""
+    unknown = sorted(set(cfg.keys()) - allowed - {"hydra"})
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown} in {mode} mode; valid: {sorted(allowed)}")

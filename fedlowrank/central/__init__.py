@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fedlowrank.config.central import CentralRun, central_run_from_cfg
+from fedlowrank.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,13 @@ def launch(run: CentralRun) -> dict:
         from .dist import free_port
 
         log.info("spawning %d workers", run.trainer.devices)
-        mp.spawn(_spawned, args=(run, free_port(), run.trainer.devices), nprocs=run.trainer.devices, join=True)
+        try:
+            mp.spawn(_spawned, args=(run, free_port(), run.trainer.devices), nprocs=run.trainer.devices, join=True)
+        except mp.ProcessRaisedException as e:  # a worker's config error (e.g. a split too short) stays one
+            lines = [ln for ln in str(e).splitlines() if "ConfigError: " in ln]
+            if lines:
+                raise ConfigError(lines[-1].split("ConfigError: ", 1)[1]) from None
+            raise
         return json.loads((Path(run.out_dir) / "summary.json").read_text())
     return train(run)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -12,7 +13,10 @@ import torch.distributed as dist
 from safetensors.torch import save_model
 from torch import nn
 
-from fedlowrank.checkpoint import load_tensors, point_link, prune, read_json, write_checkpoint_dir
+from fedlowrank.checkpoint import latest_complete, load_tensors, point_link, prune, read_json, write_checkpoint_dir
+from fedlowrank.schema import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -129,6 +133,21 @@ def resolve_checkpoint(path: Path | str) -> Path:
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"no checkpoint at {path} (missing meta.json)")
     return path.resolve()
+
+
+def resume_path(resume: str | None, root: Path) -> str | None:
+    """The checkpoint ``trainer.resume`` names: a path as given, or for ``auto`` / ``auto_or_fresh`` the newest
+    complete one under ``root`` (None: start fresh). ``auto`` refuses to start afresh over checkpoints that are
+    all damaged; ``auto_or_fresh`` warns and does."""
+    if resume not in ("auto", "auto_or_fresh"):
+        return resume
+    newest = latest_complete(root)
+    if newest is None and root.is_dir() and any(root.glob("step-*")):
+        if resume == "auto":
+            raise ConfigError(f"every checkpoint under {root} is incomplete or damaged; trainer.resume=auto_or_fresh "
+                              "starts the run afresh (the damaged checkpoints are left in place)")
+        log.warning("every checkpoint under %s is damaged: starting afresh (trainer.resume=auto_or_fresh)", root)
+    return str(newest) if newest is not None else None
 
 
 def load_checkpoint_meta(path: Path) -> dict:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from fedlowrank.models.gpt2 import GPT2
 from fedlowrank.models.llama import Llama
-from fedlowrank.schema import ConfigError, to_dataclass
+from fedlowrank.schema import ConfigError, check_top_level, to_dataclass
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -127,6 +127,8 @@ def load_for_sampling(src: Path):
 
 def run(cfg: DictConfig) -> list[str]:
     """``python main.py mode=sample ckpt=<dir> sample.prompt=...``: log and return the samples."""
+    check_top_level(cfg, {"seed", "out_dir", "model", "data", "strategy", "method", "sample", "ckpt", "run_mode"},
+                    "sample")
     sc = to_dataclass(SampleConfig, cfg.get("sample") or {}, "sample")
     sc.validate()
     if not cfg.get("ckpt"):

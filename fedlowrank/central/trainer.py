@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fedlowrank.checkpoint import is_complete, latest_complete, load_torch_state
+from fedlowrank.checkpoint import CheckpointError, is_complete, load_torch_state
 from fedlowrank.data.text import TextData, eval_windows, get_batch
 from fedlowrank.config.central import CentralRun
 from fedlowrank.lowrank import compression_summary, count_params, model_ranks, set_ranks
@@ -28,7 +28,7 @@ from .sample import tb_sample
 from .model import build_lm
 from .throughput import device_peak_flops, mfu, train_flops_per_token
 from .dist import (DistEnv, broadcast_object, full_state, load_checkpoint_meta, load_optimizer_state, load_weights,
-                   mean_across, resolve_checkpoint, save_checkpoint, tied_duplicates, wrap_model)
+                   mean_across, resolve_checkpoint, resume_path, save_checkpoint, tied_duplicates, wrap_model)
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +93,15 @@ class Trainer:
 
     def _resume(self) -> dict | None:
         """Restore structure (method state, ranks) and weights from a checkpoint; trainer state or None."""
-        path = self.t.resume
-        if path == "auto":
-            newest = latest_complete(self.out / "checkpoints")
-            path = str(newest) if newest is not None else None
+        path = resume_path(self.t.resume, self.out / "checkpoints")
         if not path:
             return None
         path = str(resolve_checkpoint(path))
         if not is_complete(Path(path)):
             log.warning("resuming from %s, which has no manifest matching its files (incomplete or altered)", path)
         meta = load_checkpoint_meta(Path(path))
+        if not isinstance(meta, dict) or {"step", "ranks"} - set(meta):
+            raise CheckpointError(f"{Path(path) / 'meta.json'}: not a checkpoint's meta (needs step and ranks)")
         self.hook.restore(self, meta.get("method_state", {}))
         set_ranks(self.model, meta["ranks"])
         load_weights(self.model, Path(path))

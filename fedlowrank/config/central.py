@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedlowrank.schema import ConfigError, to_dataclass
+from fedlowrank.schema import ConfigError, check_top_level, to_dataclass
 from fedlowrank.methods.inrank import InRankConfig
 
 LM_ARCHS = ("gpt2", "llama")
@@ -115,7 +115,9 @@ class TrainerConfig:
     dist: str = "ddp"  # ddp | fsdp (FSDP2)
     backend: str | None = None  # default: nccl on CUDA, gloo on CPU
     precision: str = "auto"  # auto (bf16 on CUDA) | bf16 | fp32
-    resume: str | None = None  # checkpoint dir, or "auto" = newest complete one under <out_dir>/checkpoints
+    # a checkpoint dir; "auto": the newest complete one under <out_dir>/checkpoints (fresh when there is none; an
+    # error when all are damaged); "auto_or_fresh": the same, but damaged checkpoints only warn
+    resume: str | None = None
     keep_checkpoints: int = 2  # complete checkpoints kept under <out_dir>/checkpoints (step-<n>, last -> newest)
     stop_after: int | None = None  # stop (with a checkpoint) after this step, e.g. to fit a job's time limit
     progress: bool = True
@@ -153,6 +155,10 @@ class TrainerConfig:
         if cuda and self.devices > torch.cuda.device_count():
             raise ConfigError(f"trainer.devices={self.devices} but only {torch.cuda.device_count()} GPU(s) are "
                               "visible (one process per GPU); use trainer.device=cpu for CPU processes")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if not cuda and self.devices > cores:
+            raise ConfigError(f"trainer.devices={self.devices} CPU processes, but this machine gives the run "
+                              f"{cores} core(s): use at most {cores}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"trainer.precision must be auto|bf16|fp32, got {self.precision!r}")
 
@@ -196,7 +202,8 @@ class CentralRun:
 
     def _check_paths(self) -> None:
         """Checkpoint and data paths named in the config exist (before any process starts)."""
-        checks = [("trainer.resume", self.trainer.resume if self.trainer.resume != "auto" else None, "dir"),
+        auto = self.trainer.resume in ("auto", "auto_or_fresh")
+        checks = [("trainer.resume", None if auto else self.trainer.resume, "dir"),
                   ("method.from_ckpt", self.method.get("from_ckpt"), "dir"),
                   ("method.stage1_ckpt", self.method.get("stage1_ckpt"), "dir")]
         for key, path, kind in checks:
@@ -261,6 +268,7 @@ class CentralRun:
 
 def central_run_from_cfg(cfg: DictConfig | dict) -> CentralRun:
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    check_top_level(cfg, {"seed", "out_dir", "model", "data", "strategy", "method", "trainer", "run_mode"}, "central")
     name = (cfg.get("data") or {}).get("name", "pydoc")
     if name not in TEXT_DATA:  # before the key check: an image dataset's keys would hide the real mistake
         raise ConfigError(f"data.name must be a text corpus {TEXT_DATA} in central mode, got {name!r}")

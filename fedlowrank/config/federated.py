@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fedlowrank.data.vision import IMAGE_SPECS
-from fedlowrank.schema import ConfigError, to_dataclass
+from fedlowrank.schema import ConfigError, check_top_level, to_dataclass
 
 from .devices import DevicesConfig, budget_ratio, population
 
@@ -263,6 +263,11 @@ class FederatedRun:
             self._check_targets(mc)
 
     def _check_data_and_model(self) -> None:
+        for key in ("skip", "targets"):  # module-name regexes: a list of strings (or null)
+            v = self.model.get(key)
+            if v is not None and not (isinstance(v, list) and all(isinstance(x, str) for x in v)):
+                raise ConfigError(f"model.{key} must be a list of module-name regexes, e.g. model.{key}=[head], "
+                                  f"got {v!r}")
         text = self.data.name in TEXT_SPECS
         if self.fed.partition == "natural" and not (text or self.data.name == "femnist"):
             raise ConfigError(f"fed.partition=natural needs a dataset with natural client ids ({list(TEXT_SPECS)}), "
@@ -301,6 +306,7 @@ class FederatedRun:
 
 def federated_run_from_cfg(cfg: DictConfig | dict) -> FederatedRun:
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    check_top_level(cfg, {"seed", "out_dir", "model", "data", "strategy", "method", "fed", "run_mode"}, "federated")
     strategy = cfg.get("strategy", {}) or {}
     out_dir = cfg.get("out_dir") or os.path.join("outputs", "federated")
     run = FederatedRun(

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedlowrank.schema import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -169,7 +171,7 @@ def check_splits(data: TextData, block_size: int, source: str) -> None:
     """Reject a split too short for one ``block_size`` window, naming it (before any training)."""
     for split, ids in (("train", data.train), ("eval", data.val)):
         if len(ids) <= block_size + 1:
-            raise ValueError(f"the {split} split of {source} has {len(ids)} tokens, fewer than one window of "
+            raise ConfigError(f"the {split} split of {source} has {len(ids)} tokens, fewer than one window of "
                              f"trainer.block_size + 1 = {block_size + 1}: give more text or a smaller block_size")
 
 

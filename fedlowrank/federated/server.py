@@ -12,8 +12,8 @@ from flwr.serverapp import Grid
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from fedlowrank.checkpoint import (append_jsonl, atomic_write_bytes, latest_complete, load_tensors, prune, read_json,
-                                   read_jsonl, write_checkpoint_dir)
+from fedlowrank.checkpoint import (CheckpointError, append_jsonl, atomic_write_bytes, latest_complete, load_tensors,
+                                   prune, read_json, write_checkpoint_dir)
 from fedlowrank.config import FederatedRun
 from fedlowrank.lowrank import count_params, state_bytes
 from fedlowrank.training.loop import evaluate_classifier
@@ -59,13 +59,37 @@ def _resume_point(out: Path, run: FederatedRun) -> tuple[int, State, dict, list[
         log.info("fed.resume=auto: no complete round checkpoint in %s; starting at round 1", out)
         return None
     st = read_json(ckpt / "strategy.json")
-    rnd = int(st.pop("round"))
-    records = [r for r in read_jsonl(out / "rounds.jsonl") if r["round"] <= rnd]
+    try:
+        rnd = int(st.pop("round"))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{ckpt / 'strategy.json'}: no valid round number ({type(e).__name__}: {e})") from e
+    records = _read_rounds(out / "rounds.jsonl", rnd)
     evals = {int(r["round"]): r["eval"] for r in records if "eval" in r}
     history = [r["train"] for r in records if "train" in r]
     _rewrite_jsonl(out / "rounds.jsonl", records)
     log.info("fed.resume=auto: continuing after round %d from %s", rnd, ckpt)
     return rnd, load_tensors(ckpt / "global.safetensors"), st, history, evals
+
+
+def _read_rounds(path: Path, rnd: int) -> list[dict]:
+    """``rounds.jsonl``'s records of rounds 1..``rnd``. A damaged line after all of them (a write cut by a crash,
+    or garbage) is dropped with what follows, with a warning: the intact round checkpoint is what resumes. A
+    damaged line before them is an error naming the file and the line."""
+    out: list[dict] = []
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    for i, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+            rec["round"] = int(rec["round"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            if {r["round"] for r in out} >= set(range(1, rnd + 1)):
+                log.warning("%s: line %d is damaged (%s); dropping it and the %d line(s) after it (round %d's "
+                            "checkpoint is intact)", path, i, type(e).__name__, len(lines) - i, rnd)
+                break
+            raise CheckpointError(f"{path}: line {i} is damaged ({type(e).__name__}: {e}) before the records of "
+                                  f"the checkpointed round {rnd}") from e
+        out.append(rec)
+    return [r for r in out if r["round"] <= rnd]
 
 
 def _rewrite_jsonl(path: Path, records: list[dict]) -> None:

@@ -79,7 +79,7 @@ def check_partitions(fr: FederatedRun) -> None:
     """Every client gets data under the configured partitioning, checked before Ray starts."""
     try:
         sizes = partition_sizes(fr)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, IndexError) as e:  # e.g. more clients than examples
         raise ConfigError(f"cannot partition data={fr.data.name} for fed.num_clients={fr.fed.num_clients} with "
                           f"fed.partition={fr.fed.partition} fed.min_partition_size={fr.fed.min_partition_size}: "
                           f"{e}") from e

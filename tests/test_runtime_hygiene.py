@@ -123,23 +123,116 @@ def test_wait_for_run_stops_flwr_run_soon_after_the_simulation_process_dies():
         link.wait()
 
 
-def test_stop_trees_kills_what_is_left_in_a_gone_roots_group():
-    """A root that already exited can leave members in its process group (re-parented away from it): they are
-    stopped too, as the loopback's SuperLink and node groups must be."""
+def _zombie(pid: int, timeout: float = 10) -> None:
+    deadline = time.time() + timeout
+    while reaper._fields(pid)[0] != "Z" and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    return reaper._stat(pid) is not None
+
+
+def _group_orphan():
+    """A root (its own session) that exits at once, leaving a child in its process group."""
     root = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; print(subprocess.Popen([sys.executable, "
                              "'-c', 'import time; time.sleep(60)']).pid, flush=True)"],
                             stdout=subprocess.PIPE, text=True, start_new_session=True)
-    orphan = int(root.stdout.readline())
-    root.wait()
+    return root, int(root.stdout.readline())
+
+
+def test_stop_trees_kills_what_is_left_in_an_unreaped_roots_group():
+    """A root that exited but is not reaped yet still owns its pid and its group: what is left in the group is
+    stopped (the loopback's SuperLink and node groups)."""
+    root, orphan = _group_orphan()
     try:
+        _zombie(root.pid)
         assert reaper.tree(root.pid) == [] and os.getpgid(orphan) == root.pid
         reaper.stop_trees([root.pid], grace=1)
         deadline = time.time() + 10
-        while reaper._stat(orphan) is not None and time.time() < deadline:
+        while _alive(orphan) and time.time() < deadline:
             time.sleep(0.1)
-        assert reaper._stat(orphan) is None
+        assert not _alive(orphan)
     finally:
+        root.wait()
         try:
             os.kill(orphan, signal.SIGKILL)
         except OSError:
             pass
+
+
+def test_a_reaped_roots_group_is_never_selected_by_group_alone():
+    """Once a root is reaped its pid (and so its group id) may belong to anyone: a member of that group is not
+    the root's to stop (here the orphan stands in for a process of a reused pid's group)."""
+    root, orphan = _group_orphan()
+    root.wait()
+    try:
+        reaper.stop_trees([root.pid], grace=1)
+        time.sleep(0.5)
+        assert _alive(orphan)
+    finally:
+        os.kill(orphan, signal.SIGKILL)
+
+
+OWNER = """
+import os, subprocess, sys, time
+sys.path.insert(0, {src!r})
+from fedlowrank.runtime import reaper
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])  # something the owner started
+reaper.start()
+print(child.pid, flush=True)
+time.sleep(300)
+"""
+SHELL = """
+import subprocess, sys
+# a shell-like group leader: the owner and an unrelated process named like Ray share its process group
+owner = subprocess.Popen([sys.executable, "-c", {owner!r}], stdout=subprocess.PIPE, text=True)
+ray = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "/ray/raylet"])
+print(owner.pid, owner.stdout.readline().strip(), ray.pid, flush=True)
+owner.wait()
+ray.wait()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_watchdog_kills_only_what_its_owner_started():
+    """Killing the owner stops the process it started, but not an unrelated process in the owner's group that
+    is named like Ray and started after the owner (the old watchdog selected those by group and name)."""
+    src = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(reaper.__file__))))
+    owner_code = OWNER.format(src=src)
+    shell = subprocess.Popen([sys.executable, "-c", SHELL.format(owner=owner_code)], stdout=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        owner, child, ray = map(int, shell.stdout.readline().split())
+        assert os.getpgid(ray) == os.getpgid(owner)
+        time.sleep(1.5)  # the watchdog has recorded the owner's tree
+        os.kill(owner, signal.SIGKILL)
+        deadline = time.time() + 30
+        while _alive(child) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(child), "the owner's own child outlived it"
+        time.sleep(1)
+        assert _alive(ray), "an unrelated process in the owner's group was killed"
+    finally:
+        try:
+            os.killpg(shell.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        shell.wait()
+
+
+def test_a_root_whose_start_time_changed_is_not_signalled():
+    """The watchdog's roots carry the start time recorded at spawn; a pid that now starts at another time (a
+    reused pid) is left alone."""
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        pid, started = reaper.identity(victim.pid)
+        assert reaper.owned((0, 0), ((pid, started + 1),)) == set()
+        assert (pid, started) in reaper.owned((0, 0), ((pid, started),))
+        watchdog = subprocess.Popen([sys.executable, reaper.__file__, f"{os.getpid()}:{started}",
+                                     f"{pid}:{started + 1}"])  # an owner identity that is already gone
+        watchdog.wait(timeout=30)
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()

@@ -1,13 +1,14 @@
-"""Watchdog that kills a simulation's Ray processes when the process that started them dies.
+"""Watchdog that stops what a run started when the process that started it dies, and nothing else.
 
-Ray's raylet and GCS share the driver's fate, but its agents (dashboard, runtime env) and
-workers (re-parented to init at once) can linger for a minute after a SIGKILL of the driver.
-This script runs in its own session (``python reaper.py <pid>``, no package imports) and, once
-``pid`` is gone, kills the Ray processes of ``pid``'s process group that started after it (so
-the shell or pytest that shares the group is never hit). Given ``roots`` (``python reaper.py <pid>
-<root> ...``), it also stops each root's process tree (a private SuperLink, and the SuperExec, simulation
-and Ray processes it started in sessions of their own): SIGTERM to the root's group, then SIGKILL to what
-is left of the tree. :func:`start` / :func:`stop` wrap it.
+Ray's raylet and GCS share the driver's fate, but its agents (dashboard, runtime env) and workers (re-parented
+to init at once) can linger for a minute after a SIGKILL of the driver. This script runs in its own session
+(``python reaper.py <pid>:<start> [<root pid>:<start> ...]``, no package imports). While ``pid`` lives it records,
+every ``interval``, the (pid, start time) of every descendant of ``pid`` and of each root (a private SuperLink,
+whose SuperExec and simulation run in sessions of their own), and of the members of a root's process group while
+that root is verifiably the process it was given. Once ``pid`` is gone it stops exactly those recorded processes
+that are still the same process (same pid, same start time): SIGTERM, then SIGKILL after a grace period. Nothing
+is ever selected by name or by process group alone, so neither an unrelated process in the same group nor a
+reused pid is touched. :func:`start` / :func:`stop` wrap it.
 """
 from __future__ import annotations
 
@@ -17,9 +18,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-RAY_MARKERS = ("ray::", "/ray/", "raylet", "gcs_server")
-
 
 def _fields(pid: int) -> tuple[str, int, int, int] | None:
     """(state, parent, process group, start time in clock ticks) from ``/proc/<pid>/stat``, or None."""
@@ -43,20 +41,47 @@ def _same(pid: int, started: int) -> bool:
     return st is not None and st[1] == started
 
 
-def _now_ticks() -> int:
-    """Time since boot in the clock ticks of /proc/<pid>/stat's start time."""
-    return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
+def identity(pid: int) -> tuple[int, int] | None:
+    """(pid, start time) of a process, zombies included (an unreaped child still owns its pid and group)."""
+    f = _fields(pid)
+    return None if f is None else (pid, f[3])
 
 
-def _ray_processes(pgid: int, after: int, before: int) -> list[int]:
-    """Ray processes of group ``pgid`` started between ``after`` and ``before`` (clock ticks)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or (st := _stat(int(d.name))) is None or st[0] != pgid or not after <= st[1] <= before:
+def _is(ident: tuple[int, int]) -> bool:
+    """``ident`` still names the same process (zombie or not): its pid was not reused."""
+    f = _fields(ident[0])
+    return f is not None and f[3] == ident[1]
+
+
+def _snapshot() -> dict[int, tuple[str, int, int, int]]:
+    return {int(d.name): f for d in Path("/proc").iterdir() if d.name.isdigit() and (f := _fields(int(d.name)))}
+
+
+def owned(pid: tuple[int, int], roots: tuple[tuple[int, int], ...]) -> set[tuple[int, int]]:
+    """(pid, start) of every live process that ``pid`` or a root owns, from one pass over /proc: their
+    descendants, and the members of every group led by one of those processes while its leader is verifiably
+    itself (a SuperExec's session keeps Ray processes whose parent died). ``pid``'s own group is never expanded
+    (a shell puts unrelated processes, e.g. ``| tee``, into it); ``pid`` itself is left out."""
+    procs = _snapshot()
+    children: dict[int, list[int]] = {}
+    members: dict[int, list[int]] = {}
+    for p, (_, ppid, pgid, _) in procs.items():
+        children.setdefault(ppid, []).append(p)
+        members.setdefault(pgid, []).append(p)
+    out: set[tuple[int, int]] = set()
+    seen: set[int] = set()
+    todo = [r for r, t in (pid, *roots) if r in procs and procs[r][3] == t]  # zombies too: unreaped, still ours
+    while todo:
+        p = todo.pop()
+        if p not in procs or p in seen:
             continue
-        if any(m in cmdline(int(d.name)) for m in RAY_MARKERS):
-            out.append(int(d.name))
-    return out
+        seen.add(p)
+        if procs[p][0] != "Z":
+            out.add((p, procs[p][3]))
+        todo.extend(children.get(p, []))
+        if procs[p][2] == p and p != pid[0]:  # p leads its group: the group is p's
+            todo.extend(members.get(p, []))
+    return out - {pid}
 
 
 def group_alive(pgid: int) -> bool:
@@ -91,69 +116,67 @@ def tree(root: int) -> list[tuple[int, int]]:
     return out
 
 
-def stop_trees(roots: list[int], grace: float = 10.0, spare: frozenset[int] = frozenset()) -> int:
-    """SIGTERM the process group of each root (each leads its own group), then SIGKILL whatever outlives
-    ``grace`` of their trees, of the roots' groups (also when a root itself is gone) and of the groups the
-    trees had (a SuperExec's session keeps its Ray processes when their parent dies and they are re-parented
-    away from the tree). The caller's own group and ``spare`` are never signalled. Returns how many
-    processes of the trees had to be killed."""
-    procs = [pt for r in roots for pt in tree(r)]
-    spare = spare | {os.getpgrp()}
-    groups = ({*roots} | {st[0] for p, _ in procs if (st := _stat(p)) is not None}) - spare
-    for r in roots:
-        if r in spare:
-            continue
+def stop_trees(roots: list[int], grace: float = 10.0) -> int:
+    """Stop what ``roots`` own (see :func:`owned`; the roots included): SIGTERM, then SIGKILL after ``grace``.
+    ``roots`` must be this process's own unreaped children (``Popen`` objects not yet waited): their pids, and so
+    their groups, cannot have been reused. A root already reaped is skipped. Returns how many needed SIGKILL."""
+    idents = tuple(i for r in roots if (i := identity(r)) is not None)
+    known = owned((0, 0), idents) | {i for i in idents if _same(*i)}
+    return kill_known(known, grace)
+
+
+def kill_known(known: set[tuple[int, int]], grace: float = 10.0) -> int:
+    """SIGTERM every process of ``known`` that is still itself, then SIGKILL those that outlive ``grace``;
+    returns how many needed SIGKILL."""
+    spare = {os.getpid()}
+    live = [k for k in known if k[0] not in spare and _same(*k)]
+    for p, _ in live:
         try:
-            os.killpg(r, signal.SIGTERM)
+            os.kill(p, signal.SIGTERM)
         except OSError:
             pass
     deadline = time.time() + grace
-    while time.time() < deadline and any(_same(p, t) for p, t in procs):
+    while time.time() < deadline and any(_same(*k) for k in live):
         time.sleep(0.2)
     killed = 0
-    for p, t in procs:
+    for p, t in live:
         if _same(p, t):
             try:
                 os.kill(p, signal.SIGKILL)
                 killed += 1
             except OSError:
                 pass
-    for g in groups:
-        try:
-            os.killpg(g, signal.SIGKILL)
-        except OSError:
-            pass
     return killed
 
 
-def watch(pid: int, interval: float = 0.5, roots: tuple[int, ...] = ()) -> int:
-    """Wait for ``pid`` to end, then stop the trees of ``roots`` and kill its group's Ray processes;
-    returns how many processes were killed."""
-    st = _stat(pid)
-    if st is None:
-        return 0
-    pgid, started = st
-    while _stat(pid) is not None:
+def watch(pid: tuple[int, int], interval: float = 0.5, roots: tuple[tuple[int, int], ...] = (),
+          grace: float = 5.0) -> int:
+    """Record what ``pid`` and ``roots`` own while ``pid`` lives; then stop it (see the module docstring).
+    Returns how many processes needed SIGKILL."""
+    known: set[tuple[int, int]] = set()
+    while _is(pid) and _fields(pid[0])[0] != "Z":  # type: ignore[index]
+        known |= owned(pid, roots)
         time.sleep(interval)
-    died = _now_ticks() + 1  # a run started after this moment (e.g. a resume) is never touched
-    killed = stop_trees(list(roots), spare=frozenset({pgid}))
+    known |= owned(pid, roots)  # what the roots still hold
+    killed = 0
     for _ in range(3):  # workers may still be forking while the first ones go
-        for child in _ray_processes(pgid, started, died):
-            try:
-                os.kill(child, signal.SIGKILL)
-                killed += 1
-            except OSError:
-                pass
-        time.sleep(interval)
+        killed += kill_known({k for k in known if k[0] != os.getpid()}, grace)
+        more = owned(pid, roots) - known
+        if not more:
+            break
+        known |= more
     return killed
 
 
 def start(roots: tuple[int, ...] = ()) -> subprocess.Popen | None:
-    """Watch the current process (Linux only), and stop the process trees of ``roots`` when it dies;
-    returns the watchdog, or None where /proc is missing."""
-    if not Path("/proc/self/stat").exists():
+    """Watch the current process (Linux only), and stop what it and ``roots`` (pids of this process's own,
+    unreaped children) own when it dies; returns the watchdog, or None where /proc is missing."""
+    me = identity(os.getpid())
+    idents = [identity(r) for r in roots]
+    if me is None:
         return None
-    return subprocess.Popen([sys.executable, __file__, str(os.getpid()), *map(str, roots)], start_new_session=True,
+    args = [f"{p}:{t}" for p, t in (me, *[i for i in idents if i is not None])]
+    return subprocess.Popen([sys.executable, __file__, *args], start_new_session=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -164,5 +187,10 @@ def stop(proc: subprocess.Popen | None) -> None:
         proc.wait(timeout=10)
 
 
+def _parse(arg: str) -> tuple[int, int]:
+    p, t = arg.split(":")
+    return int(p), int(t)
+
+
 if __name__ == "__main__":
-    watch(int(sys.argv[1]), roots=tuple(int(a) for a in sys.argv[2:]))
+    watch(_parse(sys.argv[1]), roots=tuple(_parse(a) for a in sys.argv[2:]))

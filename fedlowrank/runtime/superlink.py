@@ -47,8 +47,8 @@ def wait_port(port: int, timeout: float) -> None:
 
 
 def stop(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
-    """SIGTERM each process's own group, SIGKILL what is left of their process trees (and of the groups
-    those trees had) after ``grace`` seconds, and reap them."""
+    """Stop what each (unreaped) process owns, itself included: SIGTERM, SIGKILL after ``grace`` seconds
+    (:func:`reaper.stop_trees`: by (pid, start time), never by name or group alone); then reap them."""
     reaper.stop_trees([p.pid for p in procs], grace)
     for p in procs:
         p.wait(timeout=10)

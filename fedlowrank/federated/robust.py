@@ -17,25 +17,38 @@ from .aggregation import State, factor_prefixes
 
 ROBUST = ("none", "median", "trimmed_mean")
 REQUIRED_METRICS = ("train_loss", "num-examples", "rank_sum", "rank_ratio")
+# what a client may report (fedlowrank.federated.client.local_train); anything else is dropped
+CLIENT_METRICS = frozenset({*REQUIRED_METRICS, "train_accuracy", "steps", "partition_id", "params", "trainable_params"})
+# what the server writes beside them: a reply that sets one is rejected
+RESERVED_METRICS = frozenset({"pid", "weight", "update_norm", "sim_time_s"})
+MAX_METRIC_KEYS = 64
 
 
 class RejectedReply(ValueError):
     """A client reply the server will not aggregate (the message says why)."""
 
 
-def check_metrics(metrics: dict, max_abs: float) -> dict[str, float]:
-    """Finite float metrics with the required keys and plausible magnitudes, or :class:`RejectedReply`."""
+def check_metrics(metrics: dict, max_abs: float, partition_id: int | None = None) -> dict[str, float]:
+    """The whitelisted metrics (:data:`CLIENT_METRICS`), finite, with the required keys and plausible magnitudes,
+    or :class:`RejectedReply`: too many keys, a reserved key, or a ``partition_id`` other than the server's."""
+    if len(metrics) > MAX_METRIC_KEYS:
+        raise RejectedReply(f"{len(metrics)} metric keys (at most {MAX_METRIC_KEYS})")
+    reserved = sorted(RESERVED_METRICS & set(metrics))
+    if reserved:
+        raise RejectedReply(f"metrics set server-reserved key(s) {reserved}")
     missing = [k for k in REQUIRED_METRICS if k not in metrics]
     if missing:
         raise RejectedReply(f"metrics lack {missing}")
     out = {}
-    for k, v in metrics.items():
+    for k, v in ((k, v) for k, v in metrics.items() if k in CLIENT_METRICS):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise RejectedReply(f"metric {k!r} is not a number ({type(v).__name__})")
         v = float(v)
         if not math.isfinite(v) or abs(v) > max(max_abs, 1e12):
             raise RejectedReply(f"metric {k!r} = {v} is not finite or out of range")
         out[k] = v
+    if partition_id is not None and "partition_id" in out and out["partition_id"] != partition_id:
+        raise RejectedReply(f"metrics claim partition {out['partition_id']:g}, the server gave {partition_id}")
     if out["num-examples"] <= 0 or not 0.0 <= out["rank_ratio"] <= 1.0 or out["train_loss"] < 0:
         raise RejectedReply(f"implausible metrics num-examples={out['num-examples']} "
                             f"rank_ratio={out['rank_ratio']} train_loss={out['train_loss']}")

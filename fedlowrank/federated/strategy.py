@@ -1,7 +1,7 @@
 """One Flower strategy for heterogeneous-rank aggregation (fedlmt | slice | product).
 
-Each node first answers a ``query`` with its rank budget (devices know their own limits);
-every round the server sends each sampled node the global model cut to that budget,
+Each node first answers a ``query`` with its partition id and rank budget; the budget must be the one the
+server's own config gives that partition (a node claiming another is ignored); every round the server sends each sampled node the global model cut to that budget,
 validates the replies (keys, shapes, finiteness), aggregates the valid ones with the
 configured rule, and logs per-client loss/rank and bytes to TensorBoard.
 """
@@ -104,15 +104,11 @@ class HeteroRankStrategy(Strategy):
             raise ValueError(f"partition id {pid!r} outside 0..{self.run.fed.num_clients - 1}")
         if pid in self.partition.values():
             raise ValueError(f"partition id {pid} is already claimed by another node")
-        if "rank" in cfg:
-            r = cfg["rank"]
-            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-                raise ValueError(f"rank budget {r!r} is not a positive integer")
-            return pid, {"rank": r}
-        r = cfg["ratio"]
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) <= 1.0:
-            raise ValueError(f"ratio budget {r!r} is not in (0, 1]")
-        return pid, {"ratio": float(r)}
+        want = self.run.fed.budget(pid)  # the server's own config decides; a node only confirms it
+        claimed = {k: cfg[k] for k in ("rank", "ratio") if k in cfg}
+        if {k: float(v) for k, v in claimed.items()} != {k: float(v) for k, v in want.items()}:
+            raise ValueError(f"claims budget {claimed}, but the run gives partition {pid} {want}")
+        return pid, want
 
     def _discover(self, grid: Grid) -> None:
         """Ask nodes we do not know yet for their partition id and rank budget."""
@@ -177,7 +173,7 @@ class HeteroRankStrategy(Strategy):
             raise RejectedReply(reason)
         sent = self.sent[node]
         check_values(state, {k: v.dtype for k, v in sent.items()}, f.max_abs_value)
-        metrics = check_metrics(metrics, f.max_abs_value)
+        metrics = check_metrics(metrics, f.max_abs_value, self.partition[node])
         known = self.sizes[self.partition[node]] if self.sizes is not None else None
         weight = bounded_weight(metrics["num-examples"], known, f.max_weight)
         if f.clip_norm is not None:
@@ -236,7 +232,7 @@ class HeteroRankStrategy(Strategy):
                 rejected += 1
                 log.warning("round %d: rejected update of client %d: %s", rnd, pid, e)
                 continue
-            valid.append((pid, state, weight, {"pid": pid, **metrics, "weight": weight},
+            valid.append((pid, state, weight, {**metrics, "pid": pid, "weight": weight},
                           self.sent[reply.metadata.src_node_id]))
         valid.sort(key=lambda v: v[0])
         return valid, failures, rejected, up

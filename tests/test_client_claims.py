@@ -36,3 +36,29 @@ def test_a_node_claiming_a_larger_budget_is_ignored(tmp_path):
         st._check_budget(ConfigRecord({"partition_id": 1, "ratio": 1.0}))
     with pytest.raises(ValueError, match="claims budget"):
         st._check_budget(ConfigRecord({"partition_id": 1, "rank": 64}))
+
+
+def test_clip_to_median_bounds_each_change_rms_against_numpy():
+    import numpy as np
+    import torch
+
+    from fedlowrank.federated.robust import clip_to_median
+
+    torch.manual_seed(0)
+    views = [{"w": torch.randn(4, 3), "b": torch.randn(4)} for _ in range(4)]
+    scales = [1.0, 1.1, 0.9, 50.0]  # the last one is blown up
+    ups = [{k: v + s * torch.randn_like(v) for k, v in view.items()} for view, s in zip(views, scales)]
+    out, clipped = clip_to_median(list(zip(views, ups)), 1.5)
+    rms = [np.sqrt(np.mean(np.concatenate([(u[k] - v[k]).numpy().ravel() for k in v]) ** 2)) for v, u in zip(views, ups)]
+    bound = 1.5 * np.median(rms)
+    for v, u, o, r, c in zip(views, ups, out, rms, clipped):
+        new = np.sqrt(np.mean(np.concatenate([(o[k] - v[k]).numpy().ravel() for k in v]) ** 2))
+        if r > bound:
+            assert c == pytest.approx(r, rel=1e-6) and new == pytest.approx(bound, rel=1e-5)
+            d_old, d_new = (u["w"] - v["w"]).flatten(), (o["w"] - v["w"]).flatten()
+            assert torch.nn.functional.cosine_similarity(d_old, d_new, dim=0) > 0.9999  # direction kept
+        else:
+            assert c is None and all(torch.equal(o[k], u[k]) for k in u)
+    assert clipped[3] is not None and clipped[:3] == [None, None, None]
+    two, c2 = clip_to_median(list(zip(views[2:], ups[2:])), 1.5)  # fewer than 3: the smallest is the reference
+    assert c2[0] is None and c2[1] is not None

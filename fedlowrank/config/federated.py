@@ -58,6 +58,9 @@ class FedConfig:
     robust: str = "none"  # none | median | trimmed_mean (coordinate-wise; fedlmt and slice)
     trim_ratio: float = 0.1  # fraction cut from each end for trimmed_mean
     clip_norm: float | None = None  # clip each client's change (update - what it downloaded) to this L2 norm
+    # on by default: clip each change's RMS (norm / sqrt(elements)) to this multiple of the round's median RMS
+    # (of the smallest with fewer than 3 replies), so one blown-up update cannot take the model over; null: off
+    clip_auto: float | None = 1.5
     max_weight: float = 1e6  # aggregation weight cap (weights are also capped at the known partition size)
     max_abs_value: float = 1e4  # replies with a larger tensor entry are rejected
     max_failed_rounds: int = 3  # this many rounds in a row without a valid update stop the run (error)
@@ -131,6 +134,9 @@ class FedConfig:
             raise ConfigError(f"fed.trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"fed.clip_norm must be > 0 (or null), got {self.clip_norm}")
+        if self.clip_auto is not None and not self.clip_auto >= 1:
+            raise ConfigError(f"fed.clip_auto must be >= 1 (a multiple of the median change; or null), got "
+                              f"{self.clip_auto}")
         if not (self.max_weight > 0 and self.max_abs_value > 0 and self.timeout > 0 and self.poll_s > 0):
             raise ConfigError("fed.max_weight, fed.max_abs_value, fed.timeout and fed.poll_s must be > 0")
         if self.runtime not in ("simulation", "superlink"):

@@ -20,7 +20,7 @@ REQUIRED_METRICS = ("train_loss", "num-examples", "rank_sum", "rank_ratio")
 # what a client may report (fedlowrank.federated.client.local_train); anything else is dropped
 CLIENT_METRICS = frozenset({*REQUIRED_METRICS, "train_accuracy", "steps", "partition_id", "params", "trainable_params"})
 # what the server writes beside them: a reply that sets one is rejected
-RESERVED_METRICS = frozenset({"pid", "weight", "update_norm", "sim_time_s"})
+RESERVED_METRICS = frozenset({"pid", "weight", "update_norm", "sim_time_s", "clipped_rms"})
 MAX_METRIC_KEYS = 64
 
 
@@ -86,6 +86,33 @@ def clip_update(view: State, update: State, max_norm: float) -> tuple[State, flo
         base = update[k].double() - d
         out[k] = (base + s * d).to(update[k].dtype)
     return out, norm
+
+
+def change_rms(view: State, update: State) -> tuple[float, int]:
+    """(RMS of the client's change ``update - view`` per element, elements): a budget-invariant size."""
+    _, norm = clip_update(view, update, math.inf)
+    n = sum(u.numel() for u in update.values() if u.is_floating_point())
+    return norm / math.sqrt(max(1, n)), n
+
+
+def clip_to_median(pairs: list[tuple[State, State]], factor: float) -> tuple[list[State], list[float | None]]:
+    """Clip each (view, update) change whose RMS exceeds ``factor`` x the median RMS of the round (the smallest
+    when fewer than 3 changes: one of two may be hostile) to that bound. Returns the updates and, per update,
+    the RMS it had when it was clipped (None when untouched)."""
+    sizes = [change_rms(v, u) for v, u in pairs]
+    rms = sorted(r for r, _ in sizes)
+    ref = rms[len(rms) // 2] if len(rms) >= 3 and len(rms) % 2 else (
+        (rms[len(rms) // 2 - 1] + rms[len(rms) // 2]) / 2 if len(rms) >= 3 else rms[0])
+    bound = factor * ref
+    out, clipped = [], []
+    for (view, update), (r, n) in zip(pairs, sizes):
+        if r > bound and r > 0:
+            out.append(clip_update(view, update, bound * math.sqrt(max(1, n)))[0])
+            clipped.append(r)
+        else:
+            out.append(update)
+            clipped.append(None)
+    return out, clipped
 
 
 def _reduce(stack: Tensor, kind: str, trim: float) -> Tensor:

@@ -24,8 +24,8 @@ from fedlowrank.federated.aggregation import State, layer_ranks, validate_update
 from fedlowrank.federated.methods import FedMethod
 from fedlowrank.federated.simclock import SimClock
 from fedlowrank.federated.tb import RunWriters
-from fedlowrank.federated.robust import (RejectedReply, bounded_weight, check_metrics, check_values, clip_update,
-                                         robust_aggregate)
+from fedlowrank.federated.robust import (RejectedReply, bounded_weight, check_metrics, check_values, clip_to_median,
+                                         clip_update, robust_aggregate)
 from fedlowrank.lowrank import state_bytes
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,7 @@ class HeteroRankStrategy(Strategy):
         ``fed.max_failed_rounds`` rounds in a row without a valid update."""
         rnd = server_round + self.round_offset
         valid, failures, rejected, up = self._collect(rnd, replies)
+        valid = self._clip_auto(rnd, valid)
         valid, sim = self._drop_stragglers(rnd, valid)
         if valid and not self._aggregate(rnd, valid):
             rejected += len(valid)
@@ -236,6 +237,20 @@ class HeteroRankStrategy(Strategy):
                           self.sent[reply.metadata.src_node_id]))
         valid.sort(key=lambda v: v[0])
         return valid, failures, rejected, up
+
+    def _clip_auto(self, rnd: int, valid: list[tuple]) -> list[tuple]:
+        """``fed.clip_auto``: clip changes far above the round's median size (see :func:`clip_to_median`)."""
+        if self.run.fed.clip_auto is None or not valid:
+            return valid
+        updates, clipped = clip_to_median([(v[4], v[1]) for v in valid], self.run.fed.clip_auto)
+        out = []
+        for v, u, c in zip(valid, updates, clipped):
+            if c is not None:
+                log.warning("round %d: client %d's change (RMS %.3g) clipped to %gx the round's median", rnd, v[0],
+                            c, self.run.fed.clip_auto)
+                v = (v[0], u, v[2], {**v[3], "clipped_rms": c}, v[4])
+            out.append(v)
+        return out
 
     def _drop_stragglers(self, rnd: int, valid: list[tuple]) -> tuple[list[tuple], dict]:
         """With a device model: each client's simulated time into its metrics, clients past the deadline

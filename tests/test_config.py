@@ -39,7 +39,7 @@ def _validate(cfg):
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
 def test_every_group_option_composes(group, option):
     cfg = _compose([f"{group}={option}"])
-    assert cfg.run_mode in ("federated", "central")
+    assert cfg.run_mode in ("federated", "central", "sample")
     # group options are valid in the mode they belong to
     if group in ("strategy",) or (group == "model" and cfg.model.get("family") == "vision") or \
             (group == "data" and option in ("digits", "cifar10")):
@@ -53,6 +53,10 @@ def test_every_experiment_composes_and_validates(exp, tmp_path):
         play = tmp_path / "play.txt"
         play.write_text("ROMEO:\nBut soft, what light.\n\nJULIET:\nAy me.\n")
         cfg.data.path = str(play)
+    if exp == "llama_welore_pretrained":  # needs a checkpoint to compress (loaded end to end in test_hf.py)
+        with pytest.raises(ConfigError, match="model.pretrained"):
+            _validate(cfg)
+        return
     _validate(cfg)
 
 

@@ -45,7 +45,7 @@ CONFIGS: dict[str, dict] = {
             "fixed rank 0.25": ["experiment=llama_full", "model.lowrank=fixed", "model.ratio=0.25"],
             "InRank": ["experiment=llama_inrank", "method.stage1_steps=500", "method.check_interval=25",
                        "method.init_rank=2", "method.buffer=16"],
-            "ReLoRA": ["experiment=llama_relora"],  # the experiment's defaults (fractions of max_steps)
+            "ReLoRA": ["experiment=llama_relora", "method.restart_warmup_steps=10"],  # the defaults (10 named: --steps scales it)
             "WeLore": ["experiment=llama_welore", "method.pretrain_steps=1200", "method.target_reduction=0.5",
                        "method.kind=params"],
         },

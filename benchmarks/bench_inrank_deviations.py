@@ -12,13 +12,12 @@ import argparse
 import logging
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import emit  # noqa: E402
-from reproduce import SHAKESPEARE, run_one  # noqa: E402
+from reproduce import SHAKESPEARE, run_seeds  # noqa: E402
 
 RUNS = {
     "full rank": ["experiment=gpt2_full"],
@@ -42,14 +41,8 @@ def main() -> None:
               "trainer.lr=3e-3", "trainer.warmup_steps=20", "trainer.device=cpu", "method.check_interval=25",
               f"method.stage1_steps={args.steps // 2}", "method.init_rank=2", "method.buffer=16"]
     data = ["data=textfile", f"data.train_path={Path(args.text).resolve()}"]
-    per_seed: dict[str, list[dict]] = {name: [] for name in RUNS}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            for i, (name, ov) in enumerate(RUNS.items()):
-                extra = [o for o in common if not (o.startswith("method.") and "inrank" not in ov[0])]
-                row = run_one(name, [*ov, f"seed={seed}"], extra, data, Path(tmp) / f"{seed}-{i}", evals=4)
-                row.pop("curve")
-                per_seed[name].append(row)
+    per_seed = run_seeds(RUNS, args.seeds, lambda ov: [o for o in common if not (
+        o.startswith("method.") and "inrank" not in ov[0])], data, evals=4)
     base = per_seed["full rank"]
     summary = {}
     for name, rows in per_seed.items():

@@ -12,13 +12,12 @@ import argparse
 import logging
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import emit  # noqa: E402
-from reproduce import run_one  # noqa: E402
+from reproduce import run_seeds  # noqa: E402
 
 RUNS = {
     "full rank": ["experiment=llama_full"],
@@ -40,13 +39,7 @@ def main() -> None:
         raise SystemExit(f"--text {args.text} not found")
     common = [f"trainer.max_steps={args.steps}", "trainer.device=cpu"]
     data = ["data=textfile", f"data.train_path={Path(args.text).resolve()}"] if args.text else []
-    per_seed: dict[str, list[dict]] = {name: [] for name in RUNS}
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            for i, (name, ov) in enumerate(RUNS.items()):
-                row = run_one(name, [*ov, f"seed={seed}"], common, data, Path(tmp) / f"{seed}-{i}", evals=3)
-                row.pop("curve")
-                per_seed[name].append(row)
+    per_seed = run_seeds(RUNS, args.seeds, lambda ov: common, data, evals=3)
     base = per_seed["full rank"]
     summary = {}
     for name, rows in per_seed.items():

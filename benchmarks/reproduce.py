@@ -24,6 +24,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -92,6 +93,20 @@ def run_one(name: str, overrides: list[str], common: list[str], data: list[str],
     logging.getLogger("reproduce").warning("%s: held-out ppl %.3f, %d params, %.0f tokens/s, %.0f s", name,
                                            row["held_out_ppl"], row["params"], row["tokens_per_s"], row["wall_s"])
     return row
+
+
+def run_seeds(runs: dict[str, list[str]], seeds: list[int], common: Callable[[list[str]], list[str]],
+              data: list[str], evals: int) -> dict[str, list[dict]]:
+    """Every run at every seed (``common(overrides)``: the shared settings for that run), in a temporary
+    directory; per run, one row per seed in seed order (curves dropped)."""
+    per_seed: dict[str, list[dict]] = {name: [] for name in runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            for i, (name, ov) in enumerate(runs.items()):
+                row = run_one(name, [*ov, f"seed={seed}"], common(ov), data, Path(tmp) / f"{seed}-{i}", evals)
+                row.pop("curve")
+                per_seed[name].append(row)
+    return per_seed
 
 
 def add_ratios(rows: dict[str, dict]) -> None:

@@ -19,11 +19,10 @@ from torch import Tensor, nn
 
 from fedlowrank.checkpoint import CheckpointError, latest_complete, load_tensors, read_json
 from fedlowrank.models.gpt2 import GPT2, GPT2Config
-from fedlowrank.models.hf import PretrainedError, load_pretrained, save_hf
+from fedlowrank.models.hf import TOKENIZER_FILES, PretrainedError, load_pretrained, save_hf
 from fedlowrank.models.llama import Llama, LlamaConfig
 
 log = logging.getLogger("fedlowrank.export")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def dense_state(sd: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -58,9 +58,10 @@ def train(run: CentralRun) -> dict:
 def keep_tokenizer(tokenizer: str, out: Path) -> None:
     """Copy a tokenizer given as a file or directory into ``<out>/tokenizer/`` (export writes it beside the
     weights); named tokenizers (byte, hub names) need nothing."""
+    from fedlowrank.models.hf import TOKENIZER_FILES
+
     src = Path(tokenizer).expanduser()
-    files = [src] if src.is_file() else [src / n for n in ("tokenizer.json", "tokenizer_config.json",
-                                                          "special_tokens_map.json") if (src / n).is_file()]
+    files = [src] if src.is_file() else [src / n for n in TOKENIZER_FILES if (src / n).is_file()]
     if not files:
         return
     (out / "tokenizer").mkdir(parents=True, exist_ok=True)

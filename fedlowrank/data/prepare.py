@@ -32,9 +32,9 @@ EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 @functools.lru_cache(maxsize=2)
 def _tokenizer(spec: str):
-    from .text import BPETokenizer, ByteTokenizer
+    from .text import make_tokenizer
 
-    return ByteTokenizer() if spec == "byte" else BPETokenizer(spec)
+    return make_tokenizer(spec)
 
 
 def eos_id(spec: str) -> int | None:

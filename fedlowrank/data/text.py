@@ -54,6 +54,11 @@ class BPETokenizer:
         return self.tok.decode(list(ids))
 
 
+def make_tokenizer(spec: str) -> ByteTokenizer | BPETokenizer:
+    """``byte``, or a ``tokenizers`` tokenizer (file, directory or hub name; see :class:`BPETokenizer`)."""
+    return ByteTokenizer() if spec == "byte" else BPETokenizer(spec)
+
+
 def pydoc_text() -> str:
     """~466 kB of English/Python prose that ships with CPython."""
     from pydoc_data.topics import topics
@@ -121,7 +126,7 @@ def load_text_data(name: str, tokenizer: str = "byte", path: str | None = None, 
     ``textfile``: your own corpus, ``train_path`` (required) and an optional held-out
     ``eval_path``; without it the last ``val_fraction`` of the train file is held out.
     """
-    tok = ByteTokenizer() if tokenizer == "byte" else BPETokenizer(tokenizer)
+    tok = make_tokenizer(tokenizer)
     if name == "tokens":  # memory-mapped shards: nothing is read into RAM here
         from .shards import open_split, read_meta
 

@@ -9,6 +9,7 @@ weighted sum of products and ReLoRA merges adapter products, so those support cl
 from __future__ import annotations
 
 import math
+import statistics
 
 import torch
 from torch import Tensor
@@ -40,7 +41,9 @@ def check_metrics(metrics: dict, max_abs: float, partition_id: int | None = None
     if missing:
         raise RejectedReply(f"metrics lack {missing}")
     out = {}
-    for k, v in ((k, v) for k, v in metrics.items() if k in CLIENT_METRICS):
+    for k, v in metrics.items():
+        if k not in CLIENT_METRICS:
+            continue
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise RejectedReply(f"metric {k!r} is not a number ({type(v).__name__})")
         v = float(v)
@@ -100,10 +103,8 @@ def clip_to_median(pairs: list[tuple[State, State]], factor: float) -> tuple[lis
     when fewer than 3 changes: one of two may be hostile) to that bound. Returns the updates and, per update,
     the RMS it had when it was clipped (None when untouched)."""
     sizes = [change_rms(v, u) for v, u in pairs]
-    rms = sorted(r for r, _ in sizes)
-    ref = rms[len(rms) // 2] if len(rms) >= 3 and len(rms) % 2 else (
-        (rms[len(rms) // 2 - 1] + rms[len(rms) // 2]) / 2 if len(rms) >= 3 else rms[0])
-    bound = factor * ref
+    rms = [r for r, _ in sizes]
+    bound = factor * (statistics.median(rms) if len(rms) >= 3 else min(rms))
     out, clipped = [], []
     for (view, update), (r, n) in zip(pairs, sizes):
         if r > bound and r > 0:

@@ -24,8 +24,8 @@ from .llama import Llama, LlamaConfig
 
 log = logging.getLogger(__name__)
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
-HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
 
 
 class PretrainedError(ConfigError):

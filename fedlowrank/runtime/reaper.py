@@ -47,12 +47,6 @@ def identity(pid: int) -> tuple[int, int] | None:
     return None if f is None else (pid, f[3])
 
 
-def _is(ident: tuple[int, int]) -> bool:
-    """``ident`` still names the same process (zombie or not): its pid was not reused."""
-    f = _fields(ident[0])
-    return f is not None and f[3] == ident[1]
-
-
 def _snapshot() -> dict[int, tuple[str, int, int, int]]:
     return {int(d.name): f for d in Path("/proc").iterdir() if d.name.isdigit() and (f := _fields(int(d.name)))}
 
@@ -103,7 +97,7 @@ def cmdline(pid: int) -> str:
 
 def tree(root: int) -> list[tuple[int, int]]:
     """(pid, start time) of ``root`` and all its live (non-zombie) descendants, from one pass over /proc."""
-    procs = {int(d.name): f for d in Path("/proc").iterdir() if d.name.isdigit() and (f := _fields(int(d.name)))}
+    procs = _snapshot()
     children: dict[int, list[int]] = {}
     for pid, (_, ppid, _, _) in procs.items():
         children.setdefault(ppid, []).append(pid)
@@ -121,8 +115,7 @@ def stop_trees(roots: list[int], grace: float = 10.0) -> int:
     ``roots`` must be this process's own unreaped children (``Popen`` objects not yet waited): their pids, and so
     their groups, cannot have been reused. A root already reaped is skipped. Returns how many needed SIGKILL."""
     idents = tuple(i for r in roots if (i := identity(r)) is not None)
-    known = owned((0, 0), idents) | {i for i in idents if _same(*i)}
-    return kill_known(known, grace)
+    return kill_known(owned((0, 0), idents), grace)  # owned() includes the live roots themselves
 
 
 def kill_known(known: set[tuple[int, int]], grace: float = 10.0) -> int:
@@ -154,13 +147,13 @@ def watch(pid: tuple[int, int], interval: float = 0.5, roots: tuple[tuple[int, i
     """Record what ``pid`` and ``roots`` own while ``pid`` lives; then stop it (see the module docstring).
     Returns how many processes needed SIGKILL."""
     known: set[tuple[int, int]] = set()
-    while _is(pid) and _fields(pid[0])[0] != "Z":  # type: ignore[index]
+    while _same(*pid):  # alive, not a zombie, not a reused pid
         known |= owned(pid, roots)
         time.sleep(interval)
     known |= owned(pid, roots)  # what the roots still hold
     killed = 0
     for _ in range(3):  # workers may still be forking while the first ones go
-        killed += kill_known({k for k in known if k[0] != os.getpid()}, grace)
+        killed += kill_known(known, grace)
         more = owned(pid, roots) - known
         if not more:
             break

@@ -124,14 +124,23 @@ def test_inflated_example_count_changes_nothing_and_bad_replies_are_rejected(tmp
     assert [(r["clients_ok"], r["rejected"]) for r in st.history] == [(3, 2), (3, 2)]
 
 
-def test_forged_partition_ids_are_ignored(tmp_path):
-    run = _run(tmp_path, "fed.rounds=1", "fed.local_steps=2")
+def test_server_assigns_partitions_and_a_larger_budget_is_rejected(tmp_path):
+    """Partition ids come from the server (one per node, every id once, sent with each message); a client that
+    returns factors beyond the rank it was sent (a claimed larger budget) is rejected by shape."""
+    run = _run(tmp_path, "fed.rounds=2", "fed.local_steps=2", 'fed.faults=["1:budget"]')
     st = _strategy(run)
-    grid = InProcessGrid(run, {1: {"partition_id": 0, "ratio": 1.0}, 2: {"partition_id": 99, "ratio": 0.5},
-                          3: {"partition_id": 3, "ratio": 7.0}})
-    run_rounds(st, grid, 1)
-    assert sorted(st.partition.values()) == [0, 4]  # duplicate, out-of-range and bad-budget nodes left out
-    assert st.history[0]["clients_ok"] == 2
+    grid = InProcessGrid(run)
+    grid.nodes = [7, 3, 5, 9, 1, 11]  # more nodes than partitions, in no order
+    sent = []
+    answer = grid._answer
+    grid._answer = lambda m: sent.append((m.metadata.dst_node_id, m.content["config"]["partition-id"])) or answer(m)
+    run_rounds(st, grid, 2)
+    assert st.partition == {1: 0, 3: 1, 5: 2, 7: 3, 9: 4}  # sorted node ids get 0..n-1; node 11 gets nothing
+    assert sorted(set(sent)) == sorted(st.partition.items())
+    assert [(r["clients_ok"], r["rejected"]) for r in st.history] == [(4, 1), (4, 1)]
+    grid.nodes = [1, 5, 7, 9, 11, 12]  # node 3 left: its partition goes to the lowest new node
+    st._assign(grid)
+    assert st.partition == {1: 0, 5: 2, 7: 3, 9: 4, 11: 1}
 
 
 def test_rounds_without_valid_update_stop_the_run(tmp_path):

@@ -3,7 +3,6 @@ mapped reader slices across shard boundaries like one array, batches equal the i
 rank, a data=tokens run resumes exactly, and damaged shard directories are named."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

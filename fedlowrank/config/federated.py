@@ -18,7 +18,7 @@ from .devices import DevicesConfig, budget_ratio, population
 STRATEGIES = ("fedlmt", "slice", "product", "fedavg")  # fedavg: dense baseline, budgets ignored
 PARTITIONS = ("iid", "dirichlet", "natural")  # natural: one client per speaking role (text tasks)
 TEXT_SPECS = ("shakespeare",)  # next-character prediction, LEAF style
-FAULTS = ("nan", "shape", "crash", "scale", "weight", "metrics")
+FAULTS = ("nan", "shape", "crash", "scale", "budget", "weight", "metrics")
 ROBUST = ("none", "median", "trimmed_mean")
 HUB_DATASETS = ("shakespeare", "femnist", "cifar10")  # data.source=hub: flwr-datasets FederatedDataset
 
@@ -58,13 +58,14 @@ class FedConfig:
     robust: str = "none"  # none | median | trimmed_mean (coordinate-wise; fedlmt and slice)
     trim_ratio: float = 0.1  # fraction cut from each end for trimmed_mean
     clip_norm: float | None = None  # clip each client's change (update - what it downloaded) to this L2 norm
-    # on by default: clip each change's RMS (norm / sqrt(elements)) to this multiple of the round's median RMS
-    # (of the smallest with fewer than 3 replies), so one blown-up update cannot take the model over; null: off
+    # on by default: scale a client's change down until no tensor or rank-slot group exceeds this multiple of the
+    # round's median change there, and cap slots fewer than 3 clients trained (fedlowrank.federated.clipping); null: off
     clip_auto: float | None = 1.5
     max_weight: float = 1e6  # aggregation weight cap (weights are also capped at the known partition size)
     max_abs_value: float = 1e4  # replies with a larger tensor entry are rejected
+    max_reply_mb: float = 256.0  # replies larger than this (from their metadata, before deserializing) are rejected
     max_failed_rounds: int = 3  # this many rounds in a row without a valid update stop the run (error)
-    # Fault injection for robustness studies: ["<client id>:<nan|shape|crash|scale|weight|metrics>", ...].
+    # Fault injection for robustness studies: ["<client id>:<nan|shape|crash|scale|budget|weight|metrics>", ...].
     faults: list[str] = field(default_factory=list)
     # Device heterogeneity (fedlowrank.federated.devices): population, derived budgets, deadline
     devices: DevicesConfig = field(default_factory=DevicesConfig)
@@ -137,8 +138,10 @@ class FedConfig:
         if self.clip_auto is not None and not self.clip_auto >= 1:
             raise ConfigError(f"fed.clip_auto must be >= 1 (a multiple of the median change; or null), got "
                               f"{self.clip_auto}")
-        if not (self.max_weight > 0 and self.max_abs_value > 0 and self.timeout > 0 and self.poll_s > 0):
-            raise ConfigError("fed.max_weight, fed.max_abs_value, fed.timeout and fed.poll_s must be > 0")
+        if not (self.max_weight > 0 and self.max_abs_value > 0 and self.timeout > 0 and self.poll_s > 0
+                and self.max_reply_mb > 0):
+            raise ConfigError("fed.max_weight, fed.max_abs_value, fed.max_reply_mb, fed.timeout and fed.poll_s must "
+                              "be > 0")
         if self.runtime not in ("simulation", "superlink"):
             raise ConfigError(f"fed.runtime must be simulation|superlink, got {self.runtime!r}")
         if self.client_cpus <= 0 or self.client_gpus < 0:

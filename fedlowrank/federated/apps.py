@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -50,18 +50,16 @@ def server_app() -> ServerApp:
     return app
 
 
-def _ids(context: Context) -> tuple[int, int]:
-    return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+def _partition(msg: Message, run: FederatedRun) -> int:
+    """The partition id the server assigned in this message (never the node's own claim)."""
+    pid = msg.content["config"]["partition-id"]
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < run.fed.num_clients:
+        raise ValueError(f"server sent partition id {pid!r} outside 0..{run.fed.num_clients - 1}")
+    return pid
 
 
 def register(app: ClientApp, get_run: Callable[[Context], FederatedRun]) -> ClientApp:
-    """Add the budget query and the local training handlers to ``app``."""
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        pid, _ = _ids(context)
-        budget = ConfigRecord({"partition_id": pid, **get_run(context).fed.budget(pid)})
-        return Message(RecordDict({"budget": budget}), reply_to=msg)
+    """Add the local training handler to ``app``."""
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -69,10 +67,10 @@ def register(app: ClientApp, get_run: Callable[[Context], FederatedRun]) -> Clie
 
         run = get_run(context)
         torch.set_num_threads(max(1, int(run.fed.client_cpus)))
-        pid, n = _ids(context)
+        pid = _partition(msg, run)
         state = msg.content["arrays"].to_torch_state_dict()
         rnd = int(msg.content["config"]["server-round"])
-        new_state, metrics = local_train(run, pid, n, state, rnd)
+        new_state, metrics = local_train(run, pid, run.fed.num_clients, state, rnd)
         return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(new_state),
                                    "metrics": MetricRecord(metrics)}), reply_to=msg)
 

@@ -117,7 +117,8 @@ def inject_fault(kind: str | None, update: State, metrics: dict, received: State
                  partition_id: int) -> tuple[State, dict]:
     """Corrupt a reply on purpose (config ``fed.faults``) to exercise the server's defences:
     ``nan``/``shape`` break a factor, ``crash`` fails the job, ``scale`` sends a finite but 100x
-    blown-up change (a model-replacement attack), ``weight`` claims 1e9 examples, ``metrics``
+    blown-up change (a model-replacement attack), ``budget`` returns factors of twice the rank it was sent
+    (a client claiming a larger budget), ``weight`` claims 1e9 examples, ``metrics``
     drops ``train_loss`` and sends a non-number."""
     if kind is None:
         return update, metrics
@@ -132,6 +133,10 @@ def inject_fault(kind: str | None, update: State, metrics: dict, received: State
     elif kind == "scale":
         bad = {k: (received[k] + 100.0 * (v - received[k]) if k in received and v.is_floating_point()
                    and received[k].shape == v.shape else v) for k, v in update.items()}
+    elif kind == "budget":  # trains beyond its budget: sends every factor at twice the rank it was given
+        bad = {k: (torch.cat([v, torch.randn_like(v)], dim=1) if k.endswith(".U") else
+                   torch.cat([v, torch.randn_like(v)], dim=0) if k.endswith(".V") else v) for k, v in update.items()}
+        meta["rank_ratio"] = 1.0
     elif kind == "weight":
         meta["num-examples"] = 1e9
     elif kind == "metrics":

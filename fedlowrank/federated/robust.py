@@ -9,20 +9,50 @@ weighted sum of products and ReLoRA merges adapter products, so those support cl
 from __future__ import annotations
 
 import math
-import statistics
 
 import torch
 from torch import Tensor
 
 from .aggregation import State, factor_prefixes
+from .clipping import clip_update, slot_groups  # noqa: F401  (clip_update: re-exported)
 
 ROBUST = ("none", "median", "trimmed_mean")
 REQUIRED_METRICS = ("train_loss", "num-examples", "rank_sum", "rank_ratio")
 # what a client may report (fedlowrank.federated.client.local_train); anything else is dropped
 CLIENT_METRICS = frozenset({*REQUIRED_METRICS, "train_accuracy", "steps", "partition_id", "params", "trainable_params"})
 # what the server writes beside them: a reply that sets one is rejected
-RESERVED_METRICS = frozenset({"pid", "weight", "update_norm", "sim_time_s", "clipped_rms"})
+RESERVED_METRICS = frozenset({"pid", "weight", "update_norm", "sim_time_s", "clipped_excess", "clipped_slots"})
 MAX_METRIC_KEYS = 64
+NPY_HEADER_SLACK = 4096  # bytes an Array's .npy header may add to its raw data
+
+
+def record_bytes(record) -> int:
+    """Bytes a Flower ArrayRecord holds, from its Arrays' serialized data (nothing is deserialized)."""
+    return sum(len(record[k].data) for k in record.keys())
+
+
+def check_record(record, expected: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype],
+                 max_bytes: float) -> int:
+    """Check a reply's ArrayRecord from its metadata before a single array is deserialized: total size at most
+    ``max_bytes`` (``fed.max_reply_mb``), exactly the expected keys, each with the expected declared shape and
+    dtype and no more bytes than that shape needs (plus a .npy header). Returns the size, else
+    :class:`RejectedReply`."""
+    size = record_bytes(record)
+    if size > max_bytes:
+        raise RejectedReply(f"reply of {size / 2**20:.1f} MB exceeds fed.max_reply_mb={max_bytes / 2**20:g}")
+    keys = set(record.keys())
+    if keys != set(expected):
+        raise RejectedReply(f"key mismatch: missing={sorted(set(expected) - keys)[:5]} "
+                            f"extra={sorted(keys - set(expected))[:5]}")
+    for k, shape in expected.items():
+        arr, want = record[k], dtypes.get(k, torch.float32)
+        want_np = str(torch.empty(0, dtype=want).numpy().dtype)
+        if tuple(arr.shape) != tuple(shape) or str(arr.dtype) != want_np:
+            raise RejectedReply(f"{k} declares shape {tuple(arr.shape)} {arr.dtype}, expected {tuple(shape)} {want_np}")
+        limit = math.prod(shape) * torch.empty(0, dtype=want).element_size() + NPY_HEADER_SLACK
+        if len(arr.data) > limit:
+            raise RejectedReply(f"{k} carries {len(arr.data)} bytes, more than its shape {tuple(shape)} needs")
+    return size
 
 
 class RejectedReply(ValueError):
@@ -75,47 +105,6 @@ def bounded_weight(reported: float, known: int | None, cap: float) -> float:
     return min(w, float(known)) if known is not None else w
 
 
-def clip_update(view: State, update: State, max_norm: float) -> tuple[State, float]:
-    """Scale the client's change ``update - view`` to L2 norm <= ``max_norm`` (keys the view lacks,
-    e.g. fresh adapters, count from zero). Returns (clipped update, original norm)."""
-    deltas = {k: u.double() - (view[k].double() if k in view and view[k].shape == u.shape else 0.0)
-              for k, u in update.items() if u.is_floating_point()}
-    norm = math.sqrt(sum(float(d.square().sum()) for d in deltas.values()))
-    if norm <= max_norm:
-        return update, norm
-    s = max_norm / norm
-    out = dict(update)
-    for k, d in deltas.items():
-        base = update[k].double() - d
-        out[k] = (base + s * d).to(update[k].dtype)
-    return out, norm
-
-
-def change_rms(view: State, update: State) -> tuple[float, int]:
-    """(RMS of the client's change ``update - view`` per element, elements): a budget-invariant size."""
-    _, norm = clip_update(view, update, math.inf)
-    n = sum(u.numel() for u in update.values() if u.is_floating_point())
-    return norm / math.sqrt(max(1, n)), n
-
-
-def clip_to_median(pairs: list[tuple[State, State]], factor: float) -> tuple[list[State], list[float | None]]:
-    """Clip each (view, update) change whose RMS exceeds ``factor`` x the median RMS of the round (the smallest
-    when fewer than 3 changes: one of two may be hostile) to that bound. Returns the updates and, per update,
-    the RMS it had when it was clipped (None when untouched)."""
-    sizes = [change_rms(v, u) for v, u in pairs]
-    rms = [r for r, _ in sizes]
-    bound = factor * (statistics.median(rms) if len(rms) >= 3 else min(rms))
-    out, clipped = [], []
-    for (view, update), (r, n) in zip(pairs, sizes):
-        if r > bound and r > 0:
-            out.append(clip_update(view, update, bound * math.sqrt(max(1, n)))[0])
-            clipped.append(r)
-        else:
-            out.append(update)
-            clipped.append(None)
-    return out, clipped
-
-
 def _reduce(stack: Tensor, kind: str, trim: float) -> Tensor:
     """Coordinate-wise median or trimmed mean over dim 0 (the clients)."""
     n = stack.shape[0]
@@ -141,11 +130,8 @@ def robust_aggregate(global_state: State, updates: list[State], rule: str, kind:
     for p in pref:
         U, V = global_state[f"{p}.U"].clone(), global_state[f"{p}.V"].clone()
         ranks = [u[f"{p}.U"].shape[1] for u in updates]
-        lo = 0
-        for hi in sorted(set(ranks)):  # slots [lo, hi) were trained by every client with rank >= hi
-            idx = [i for i, r in enumerate(ranks) if r >= hi]
+        for lo, hi, idx in slot_groups(ranks):
             U[:, lo:hi] = _reduce(torch.stack([updates[i][f"{p}.U"][:, lo:hi].to(U.dtype) for i in idx]), kind, trim)
             V[lo:hi] = _reduce(torch.stack([updates[i][f"{p}.V"][lo:hi].to(V.dtype) for i in idx]), kind, trim)
-            lo = hi
         new[f"{p}.U"], new[f"{p}.V"] = U, V
     return {k: new[k] for k in global_state}

@@ -1,7 +1,8 @@
 """One Flower strategy for heterogeneous-rank aggregation (fedlmt | slice | product).
 
-Each node first answers a ``query`` with its partition id and rank budget; the budget must be the one the
-server's own config gives that partition (a node claiming another is ignored); every round the server sends each sampled node the global model cut to that budget,
+The server assigns each connected node a partition id (its budget is the one the server's config gives that
+partition; nodes are never asked); every round it sends each sampled node its partition id and the global model
+cut to that budget,
 validates the replies (keys, shapes, finiteness), aggregates the valid ones with the
 configured rule, and logs per-client loss/rank and bytes to TensorBoard.
 """
@@ -24,8 +25,9 @@ from fedlowrank.federated.aggregation import State, layer_ranks, validate_update
 from fedlowrank.federated.methods import FedMethod
 from fedlowrank.federated.simclock import SimClock
 from fedlowrank.federated.tb import RunWriters
-from fedlowrank.federated.robust import (RejectedReply, bounded_weight, check_metrics, check_values, clip_to_median,
-                                         clip_update, robust_aggregate)
+from fedlowrank.federated.clipping import clip_auto, clip_update
+from fedlowrank.federated.robust import (RejectedReply, bounded_weight, check_metrics, check_record, check_values,
+                                         record_bytes, robust_aggregate)
 from fedlowrank.lowrank import state_bytes
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,14 @@ class NoValidUpdates(RuntimeError):
     """Too many rounds in a row without a single valid client update."""
 
 
+def to_wire(t: torch.Tensor) -> torch.Tensor:
+    """A tensor as it is sent: float32 (ArrayRecord rejects bf16), on the CPU."""
+    return (t.float() if t.is_floating_point() else t).cpu()
+
+
 def to_record(state: State) -> ArrayRecord:
     """ArrayRecord of float32 (ArrayRecord rejects bf16) CPU tensors."""
-    return ArrayRecord.from_torch_state_dict(
-        {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in state.items()})
+    return ArrayRecord.from_torch_state_dict({k: to_wire(v) for k, v in state.items()})
 
 
 def from_record(record: ArrayRecord) -> State:
@@ -48,7 +54,7 @@ def from_record(record: ArrayRecord) -> State:
 class HeteroRankStrategy(Strategy):
     """Aggregates factorized models trained at different ranks. Tensors are matched by key.
 
-    Nothing a client reports is trusted: partition ids must be unique and in range, weights are
+    Nothing a client reports is trusted: partition ids and budgets are the server's, weights are
     capped by the partition sizes the server computed itself (``sizes``) and ``fed.max_weight``,
     and any malformed reply is rejected and logged. ``round_offset`` continues a resumed run.
     """
@@ -98,46 +104,32 @@ class HeteroRankStrategy(Strategy):
             time.sleep(0.5)
         return nodes
 
-    def _check_budget(self, cfg: ConfigRecord) -> tuple[int, dict[str, float | int]]:
-        pid = cfg["partition_id"]
-        if isinstance(pid, bool) or not isinstance(pid, int) or not 0 <= pid < self.run.fed.num_clients:
-            raise ValueError(f"partition id {pid!r} outside 0..{self.run.fed.num_clients - 1}")
-        if pid in self.partition.values():
-            raise ValueError(f"partition id {pid} is already claimed by another node")
-        want = self.run.fed.budget(pid)  # the server's own config decides; a node only confirms it
-        claimed = {k: cfg[k] for k in ("rank", "ratio") if k in cfg}
-        if {k: float(v) for k, v in claimed.items()} != {k: float(v) for k, v in want.items()}:
-            raise ValueError(f"claims budget {claimed}, but the run gives partition {pid} {want}")
-        return pid, want
-
-    def _discover(self, grid: Grid) -> None:
-        """Ask nodes we do not know yet for their partition id and rank budget."""
-        unknown = [n for n in self._wait_for_nodes(grid) if n not in self.budgets]
-        if not unknown:
-            return
-        msgs = [Message(RecordDict({"config": ConfigRecord({"ask": "budget"})}), dst_node_id=n,
-                        message_type=MessageType.QUERY) for n in unknown]
-        for reply in grid.send_and_receive(msgs, timeout=self.run.fed.timeout):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("budget query to node %d failed: %s", node, reply.error.reason)
-                continue
-            try:
-                pid, budget = self._check_budget(reply.content["budget"])
-            except (KeyError, TypeError, ValueError) as e:
-                log.warning("node %d: ignored, bad budget reply (%s)", node, e)
-                continue
-            self.partition[node], self.budgets[node] = pid, budget
-            if pid in self.resumed_budgets and self.resumed_budgets[pid] != budget:
-                log.warning("client %d now reports budget %s; before the resume it had %s", pid, budget,
+    def _assign(self, grid: Grid) -> None:
+        """Give every connected node without a partition the lowest free partition id; its budget is the one the
+        server's config gives that partition. Nodes are never asked: an id or budget is never a client's claim,
+        so no node can take another's partition or a larger budget, and start-up sends no query round."""
+        nodes = sorted(self._wait_for_nodes(grid))
+        for gone in [n for n in self.partition if n not in set(nodes)]:  # a node that left frees its partition
+            del self.partition[gone], self.budgets[gone]
+        free = sorted(set(range(self.run.fed.num_clients)) - set(self.partition.values()))
+        new = [n for n in nodes if n not in self.partition]
+        for node, pid in zip(new, free):
+            self.partition[node], self.budgets[node] = pid, self.run.fed.budget(pid)
+            if pid in self.resumed_budgets and self.resumed_budgets[pid] != self.budgets[node]:
+                log.warning("client %d now has budget %s; before the resume it had %s", pid, self.budgets[node],
                             self.resumed_budgets[pid])
-        log.info("known client budgets: %s", {self.partition[n]: b for n, b in self.budgets.items()})
+        if len(new) > len(free):
+            log.warning("%d node(s) beyond fed.num_clients=%d get no partition", len(new) - len(free),
+                        self.run.fed.num_clients)
+        if new:
+            log.info("partitions assigned to %d node(s); budgets by partition: %s", min(len(new), len(free)),
+                     {self.partition[n]: self.budgets[n] for n in new if n in self.partition})
 
     # ----------------------------------------------------------------- train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         rnd = server_round + self.round_offset
-        self._discover(grid)
+        self._assign(grid)
         by_pid = {self.partition[n]: n for n in self.budgets}
         pids = sorted(by_pid)  # sample partition ids, not node ids: the same clients on every run and resume
         k = max(1, math.ceil(self.run.fed.fraction_train * len(pids))) if pids else 0
@@ -151,7 +143,7 @@ class HeteroRankStrategy(Strategy):
             self.expected[node] = self.method.expected(view, self.budgets[node])
             self.sent[node] = view
             self._round_down += state_bytes(view)
-            cfg = ConfigRecord({"server-round": rnd})
+            cfg = ConfigRecord({"server-round": rnd, "partition-id": pid})
             msgs.append(Message(RecordDict({"arrays": to_record(view), "config": cfg}), dst_node_id=node,
                                 message_type=MessageType.TRAIN))
         log.info("round %d: sent models to %d/%d clients (%d bytes)", rnd, len(msgs), len(pids), self._round_down)
@@ -163,15 +155,20 @@ class HeteroRankStrategy(Strategy):
         if node not in self.sent:
             raise RejectedReply("reply from a node that was not sent a model this round")
         f = self.run.fed
+        sent = self.sent[node]
         try:
-            state = from_record(reply.content["arrays"])
+            record = reply.content["arrays"]
+            check_record(record, self.expected.get(node, {}), {k: to_wire(v).dtype for k, v in sent.items()},
+                         f.max_reply_mb * 2**20)
+            state = from_record(record)
             metrics = dict(reply.content["metrics"])
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, RejectedReply):
+                raise
             raise RejectedReply(f"malformed reply ({e})") from e
         reason = validate_update(state, self.expected.get(node, {}))
         if reason is not None:
             raise RejectedReply(reason)
-        sent = self.sent[node]
         check_values(state, {k: v.dtype for k, v in sent.items()}, f.max_abs_value)
         metrics = check_metrics(metrics, f.max_abs_value, self.partition[node])
         known = self.sizes[self.partition[node]] if self.sizes is not None else None
@@ -227,9 +224,10 @@ class HeteroRankStrategy(Strategy):
                 self._log_failure(rnd, pid, reply.error.reason)
                 continue
             try:
-                up += state_bytes(from_record(reply.content["arrays"])) if "arrays" in reply.content else 0
                 state, metrics, weight = self._check_reply(reply)
+                up += state_bytes(state)  # payload bytes, as for downloads
             except Exception as e:  # anything a client sends must not stop the server
+                up += self._sent_bytes(reply)
                 rejected += 1
                 log.warning("round %d: rejected update of client %d: %s", rnd, pid, e)
                 continue
@@ -238,17 +236,30 @@ class HeteroRankStrategy(Strategy):
         valid.sort(key=lambda v: v[0])
         return valid, failures, rejected, up
 
+    @staticmethod
+    def _sent_bytes(reply: Message) -> int:
+        """Serialized bytes of a rejected reply's arrays (0 when it has none that can be read)."""
+        try:
+            return record_bytes(reply.content["arrays"])
+        except Exception:  # noqa: BLE001 - only for the byte count
+            return 0
+
     def _clip_auto(self, rnd: int, valid: list[tuple]) -> list[tuple]:
-        """``fed.clip_auto``: clip changes far above the round's median size (see :func:`clip_to_median`)."""
-        if self.run.fed.clip_auto is None or not valid:
+        """``fed.clip_auto``: clip changes far above the round's median, group by group, and cap rank slots that
+        fewer than 3 clients trained (see :mod:`fedlowrank.federated.clipping`)."""
+        factor = self.run.fed.clip_auto
+        if factor is None or not valid:
             return valid
-        updates, clipped = clip_to_median([(v[4], v[1]) for v in valid], self.run.fed.clip_auto)
+        updates, scaled, capped = clip_auto([(v[4], v[1]) for v in valid], factor)
         out = []
-        for v, u, c in zip(valid, updates, clipped):
-            if c is not None:
-                log.warning("round %d: client %d's change (RMS %.3g) clipped to %gx the round's median", rnd, v[0],
-                            c, self.run.fed.clip_auto)
-                v = (v[0], u, v[2], {**v[3], "clipped_rms": c}, v[4])
+        for v, u, x, c in zip(valid, updates, scaled, capped):
+            if x is not None:
+                log.warning("round %d: client %d's change (%.3g x the median on some tensor or slot group) scaled "
+                            "to %gx", rnd, v[0], x, factor)
+            if c:
+                log.info("round %d: client %d: change on %d thinly trained slot group(s) capped", rnd, v[0], c)
+            if x is not None or c:
+                v = (v[0], u, v[2], {**v[3], "clipped_excess": x or 0.0, "clipped_slots": c}, v[4])
             out.append(v)
         return out
 

@@ -3,7 +3,7 @@ with a stand-in Grid whose nodes answer by calling the library's client function
 Deterministic and fast: for tests, sweeps and benchmarks (``benchmarks/bench_fed_quality.py``)."""
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
 
 from fedlowrank.config import FederatedRun
 
@@ -20,22 +20,19 @@ def _ensure_identity() -> None:
 
 
 class InProcessGrid:
-    """Node ``100 + i`` is partition ``i``; ``budget_override`` lets a node report a forged budget."""
+    """Nodes ``100 .. 100 + n - 1``; each trains the partition the server's message names, as the ClientApp does."""
 
-    def __init__(self, run: FederatedRun, budget_override: dict[int, dict] | None = None) -> None:
+    def __init__(self, run: FederatedRun) -> None:
         _ensure_identity()
-        self.run, self.override = run, budget_override or {}
-        self.nodes = {100 + pid: pid for pid in range(run.fed.num_clients)}
+        self.run = run
+        self.nodes = [100 + i for i in range(run.fed.num_clients)]
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
 
     def _answer(self, msg: Message) -> Message:
-        pid = self.nodes[msg.metadata.dst_node_id]
         try:
-            if msg.metadata.message_type == MessageType.QUERY:
-                budget = self.override.get(pid, {"partition_id": pid, **self.run.fed.budget(pid)})
-                return Message(RecordDict({"budget": ConfigRecord(budget)}), reply_to=msg)
+            pid = int(msg.content["config"]["partition-id"])
             state = msg.content["arrays"].to_torch_state_dict()
             new, metrics = local_train(self.run, pid, self.run.fed.num_clients, state,
                                        int(msg.content["config"]["server-round"]))

@@ -180,7 +180,7 @@ def test_superlink_runtime_without_a_project_checkout_fails_before_any_work(tmp_
     started = []
     monkeypatch.setattr(runner, "check_partitions", lambda fr: started.append("partitions"))
     monkeypatch.setattr(superlink, "run_on_superlink", lambda fr, cfg: started.append("superlink") or {})
-    cfg = compose_cfg_for(tmp_path)
+    cfg = compose_cfg_for(tmp_path, "fed.isolation=none")  # the stand-in above runs in this process
     monkeypatch.setattr(superlink, "PROJECT", tmp_path / "site-packages")
     with pytest.raises(ConfigError, match="pyproject.toml"):
         runner.run(cfg)
@@ -198,9 +198,27 @@ def test_superlink_runtime_without_a_project_checkout_fails_before_any_work(tmp_
     assert started == ["partitions", "superlink"]
 
 
-def compose_cfg_for(tmp_path):
+def test_private_network_is_required_used_or_warned_about(tmp_path, monkeypatch, caplog):
+    """``fed.isolation``: netns refuses (exit 2, before any work) where the kernel has no private network,
+    auto warns there and runs on the shared loopback, none never probes."""
+    from fedlowrank.runtime import private_net, runner
+
+    probes = []
+    monkeypatch.setattr(private_net, "unavailable", lambda: probes.append(1) or "unshare: EPERM")
+    fr = lambda *o: federated_run_from_cfg(compose_cfg_for(tmp_path, *o))  # noqa: E731
+    with pytest.raises(ConfigError, match="fed.isolation=netns.*EPERM"):
+        runner.use_private_network(fr("fed.isolation=netns"))
+    with caplog.at_level("WARNING", logger="fedlowrank"):
+        assert runner.use_private_network(fr()) is False
+    assert "accept any local process" in caplog.text and "EPERM" in caplog.text
+    assert runner.use_private_network(fr("fed.isolation=none")) is False and len(probes) == 2
+    monkeypatch.setattr(private_net, "unavailable", lambda: None)
+    assert runner.use_private_network(fr()) is True and runner.use_private_network(fr("fed.isolation=netns"))
+
+
+def compose_cfg_for(tmp_path, *overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=["mode=federated", f"out_dir={tmp_path / 'out'}"])
+        return compose("config", overrides=["mode=federated", f"out_dir={tmp_path / 'out'}", *overrides])
 
 
 def test_remote_run_config_cannot_choose_file_paths():

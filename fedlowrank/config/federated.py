@@ -49,6 +49,9 @@ class FedConfig:
     # superlink: Flower's simulation runtime (a private `flower-superlink --simulation` + `flwr run`)
     # simulation: flwr.simulation.run_simulation (in this process; deprecated in flwr 1.41, ~12 s less start-up)
     runtime: str = "superlink"
+    # auto: run inside a private user+network namespace where the kernel allows it (no other local process can
+    # reach the SuperLink's or Ray's ports; fedlowrank.runtime.private_net), else warn; netns: require it; none: off
+    isolation: str = "auto"
     nested: bool = False  # ordered dropout: each local step trains a sampled budget <= the client's (slice/product)
     eval_budgets: bool = True  # also evaluate the global model truncated to each client budget
     checkpoint_every: int = 1
@@ -144,6 +147,8 @@ class FedConfig:
                               "be > 0")
         if self.runtime not in ("simulation", "superlink"):
             raise ConfigError(f"fed.runtime must be simulation|superlink, got {self.runtime!r}")
+        if self.isolation not in ("auto", "netns", "none"):
+            raise ConfigError(f"fed.isolation must be auto|netns|none, got {self.isolation!r}")
         if self.client_cpus <= 0 or self.client_gpus < 0:
             raise ConfigError(f"fed.client_cpus must be > 0 (0 makes Ray wait forever), got {self.client_cpus}; "
                               f"fed.client_gpus >= 0, got {self.client_gpus}")

@@ -1,22 +1,29 @@
 """``python main.py mode=federated``: heterogeneous-rank clients on Flower's simulation runtime (a private
 SuperLink in simulation mode, clients on Ray), or with ``fed.runtime=simulation`` on the deprecated in-process
-``run_simulation``. Validates first (errors before any training), then hands over to the runtime."""
+``run_simulation``. Validates first (errors before any training), then hands over to the runtime, inside a
+private network namespace where it can (``fed.isolation``, :mod:`.private_net`)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from fedlowrank.checkpoint import CheckpointError
 from fedlowrank.config import ConfigError, FederatedRun, federated_run_from_cfg
 from fedlowrank.federated.report import keep_matplotlib_in
 from fedlowrank.federated.server import partition_sizes
 
-from . import reaper
+from . import private_net, reaper
 
 log = logging.getLogger(__name__)
+_ERRORS: dict[str, type[Exception]] = {"ConfigError": ConfigError, "CheckpointError": CheckpointError}  # exit 2
 
 
 def run(cfg: DictConfig) -> dict:
@@ -27,21 +34,73 @@ def run(cfg: DictConfig) -> dict:
         from .superlink import check_superlink_runtime
 
         check_superlink_runtime()
-    check_partitions(fr)
+    isolate = use_private_network(fr)
+    check_partitions(fr)  # loads (downloads) the data here: the private network has no other network
     os.makedirs(fr.out_dir, exist_ok=True)
-    log.info("federated run: strategy=%s clients=%d rounds=%d budgets=%s runtime=%s; output in %s", fr.strategy,
+    log.info("federated run: strategy=%s clients=%d rounds=%d budgets=%s runtime=%s%s; output in %s", fr.strategy,
              fr.fed.num_clients, fr.fed.rounds, fr.fed.ranks or fr.fed.rank_ratios, fr.fed.runtime,
-             os.path.abspath(fr.out_dir))
+             " in a private network" if isolate else "", os.path.abspath(fr.out_dir))
     t0 = time.time()
-    if fr.fed.runtime == "superlink":
-        from .superlink import run_on_superlink
-
-        results = run_on_superlink(fr, cfg)
-    else:
-        results = run_in_process(fr)
+    results = run_isolated(fr, cfg) if isolate else run_runtime(fr, cfg)
     log.info("%.1f s wall in all (start-up included); summary: %s", time.time() - t0,
              os.path.join(os.path.abspath(fr.out_dir), "metrics.json"))
     return results
+
+
+def run_runtime(fr: FederatedRun, cfg: DictConfig) -> dict:
+    """The run on its configured runtime, in this process's network."""
+    if fr.fed.runtime == "superlink":
+        from .superlink import run_on_superlink
+
+        return run_on_superlink(fr, cfg)
+    return run_in_process(fr)
+
+
+def use_private_network(fr: FederatedRun) -> bool:
+    """Whether the run goes into a private network namespace (``fed.isolation``); ConfigError when ``netns``
+    is required and the kernel refuses it."""
+    if fr.fed.isolation == "none":
+        return False
+    why = private_net.unavailable()
+    if why is None:
+        return True
+    if fr.fed.isolation == "netns":
+        raise ConfigError(f"fed.isolation=netns: this kernel refuses a private network namespace ({why}); "
+                          "unprivileged user namespaces must be enabled, or choose fed.isolation=none")
+    log.warning("no private network namespace here (%s): the run's SuperLink and Ray ports on 127.0.0.1 accept "
+                "any local process, which can submit code to them; fed.isolation=none silences this", why)
+    return False
+
+
+def run_isolated(fr: FederatedRun, cfg: DictConfig) -> dict:
+    """Run this module's ``__main__`` on ``cfg`` inside a private network (see :mod:`.private_net`), relaying
+    its log; the summary (or the error that stopped it) comes back as JSON in ``<out_dir>/flwr_runtime``."""
+    from .logs import relay_stream
+
+    work = Path(fr.out_dir).resolve() / "flwr_runtime"
+    work.mkdir(parents=True, exist_ok=True)
+    conf, result = work / "isolated_config.yaml", work / "isolated_result.json"
+    OmegaConf.save(cfg, conf, resolve=True)
+    result.unlink(missing_ok=True)
+    proc = subprocess.Popen(private_net.command([sys.executable, "-m", "fedlowrank.runtime.runner", str(conf),
+                                                 str(result)]),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    relay = relay_stream(proc.stdout) if proc.stdout is not None else None
+    try:
+        proc.wait()
+    finally:
+        if proc.poll() is None:  # interrupted here: stop the run (its own watchdog stops what it started)
+            proc.terminate()
+            proc.wait(timeout=60)
+        if relay is not None:
+            relay.join(timeout=5)
+    out = json.loads(result.read_text()) if result.exists() else {}
+    if "error" in out:
+        raise _ERRORS.get(out.get("kind"), RuntimeError)(out["error"])
+    if proc.returncode != 0 or "results" not in out:
+        raise RuntimeError(f"the federated run in its private network exited {proc.returncode} without a result; "
+                           f"see the log above and {fr.out_dir}")
+    return out["results"]
 
 
 def run_in_process(fr: FederatedRun) -> dict:
@@ -88,3 +147,23 @@ def check_partitions(fr: FederatedRun) -> None:
         raise ConfigError(f"client(s) {empty[:10]} get fewer than max(1, fed.min_partition_size="
                           f"{fr.fed.min_partition_size}) examples (sizes {sizes[:10]}); lower fed.num_clients or "
                           "fed.min_partition_size")
+
+
+def _isolated_main(conf: str, result: str) -> None:
+    """Inside the private network: run the saved config on its runtime; write {"results": ...} or the error."""
+    from .logs import log_to_stderr
+
+    log_to_stderr("fedlowrank")
+    logging.getLogger("flwr").propagate = False
+    cfg = OmegaConf.load(conf)
+    try:
+        out = {"results": run_runtime(federated_run_from_cfg(cfg), cfg)}
+    except Exception as e:  # noqa: BLE001 - handed to main.py, which raises it again
+        log.exception("federated run failed")
+        out = {"error": str(e), "kind": type(e).__name__}
+    Path(result).write_text(json.dumps(out))
+    sys.exit(1 if "error" in out else 0)
+
+
+if __name__ == "__main__":
+    _isolated_main(sys.argv[1], sys.argv[2])

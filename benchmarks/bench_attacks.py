@@ -6,7 +6,7 @@ and under ``fed.robust=median``, with the defences that matter switched off besi
 global test accuracy (359 held-out images), mean over seeds, and the difference to the clean run of the same
 settings and seed.
 
-    python benchmarks/bench_attacks.py [--seeds 0 1 2] [--out benchmarks/results_cpu/attacks.json]
+    python benchmarks/bench_attacks.py [--seeds 0 1 2 3 4] [--out benchmarks/results_cpu/attacks.json]
 """
 from __future__ import annotations
 
@@ -60,9 +60,19 @@ def accuracy(overrides: list[str], seed: int, tmp: str) -> tuple[float, int]:
     return acc, sum(h["rejected"] for h in st.history)
 
 
+def ci95(xs: list[float]) -> list[float] | None:
+    """95 % confidence interval of the mean of paired differences (Student's t; None below 2 seeds or NaN)."""
+    from scipy import stats
+
+    if len(xs) < 2 or any(x != x for x in xs):
+        return None
+    half = stats.t.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / len(xs) ** 0.5
+    return [statistics.fmean(xs) - half, statistics.fmean(xs) + half]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -79,6 +89,8 @@ def main() -> None:
         rows.append({"settings": setting, "attack": attack, "accuracy": accs, "mean": statistics.fmean(accs),
                      "aborted_runs": sum(a != a for a in accs),
                      "minus_clean_pt": [100 * (a - c) for a, c in zip(accs, clean)],
+                     "mean_minus_clean_pt": statistics.fmean(100 * (a - c) for a, c in zip(accs, clean)),
+                     "ci95_minus_clean_pt": ci95([100 * (a - c) for a, c in zip(accs, clean)]),
                      "worst_minus_clean_pt": min(100 * (a - c) for a, c in zip(accs, clean)),
                      "rejected_replies": [r for _, r in runs]})
     emit("attacks", {"seeds": args.seeds, "config": "mode=federated (defaults), attacker = client 3 (budget 1.0)",

@@ -3,7 +3,11 @@ for every message; with this cache that process reads a few tensors instead of i
 and recomputing partitions. Keyed by everything that decides the data (config values, and size and
 mtime of input files), written atomically (unique temp dir, then rename), read without pickle
 (safetensors and ``np.load(allow_pickle=False)``). Used only where ``FEDLOWRANK_CACHE_DIR`` names a directory
-(set it on your SuperNodes; :mod:`.loopback` sets it for its nodes); unset, empty or ``off``: no cache."""
+(set it on your SuperNodes; :mod:`.loopback` sets it for its nodes); unset, empty or ``off``: no cache.
+
+The cache holds at most ``FEDLOWRANK_CACHE_MAX_GB`` (default 4 GB): after each write, the entries used least
+recently (each hit touches its entry) are deleted until it fits, and an entry larger than the whole limit is not
+kept. A damaged entry is deleted when it is found, so the recomputed data replace it."""
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +25,81 @@ from fedlowrank.federated.run_config import CONF_DIR, compose_cfg, node_cache_di
 
 log = logging.getLogger(__name__)
 VERSION = 1
+MAX_ENV = "FEDLOWRANK_CACHE_MAX_GB"
+DEFAULT_MAX_GB = 4.0
+
+
+def max_bytes() -> int:
+    """The cache's size limit from ``FEDLOWRANK_CACHE_MAX_GB`` (a bad value: the default, with a warning)."""
+    raw = os.environ.get(MAX_ENV, "")
+    try:
+        gb = float(raw) if raw else DEFAULT_MAX_GB
+        if not gb >= 0:
+            raise ValueError
+    except ValueError:
+        log.warning("%s=%r is not a size in GB >= 0; using %g", MAX_ENV, raw, DEFAULT_MAX_GB)
+        gb = DEFAULT_MAX_GB
+    return int(gb * 2**30)
+
+
+def _size(path: Path) -> int:
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    except OSError:  # removed meanwhile by another process
+        return 0
+
+
+def _remove(path: Path) -> None:
+    """Delete an entry: renamed aside first (atomic), so no reader sees half of it."""
+    aside = path.with_name(f"{path.name}.gone{os.getpid()}")
+    try:
+        os.rename(path, aside)
+    except OSError:
+        return
+    if aside.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
+def _entries(root: Path) -> list[Path]:
+    """Complete entries (no temp or removed ones): data directories and config files."""
+    out = [p for p in (root / "fed-data").glob("*") if p.is_dir() and "." not in p.name]
+    return out + [p for p in (root / "configs").glob("*.yaml")]
+
+
+def evict(root: Path, keep: Path | None = None, limit: int | None = None) -> list[Path]:
+    """Delete the least recently used entries (by mtime) until the cache fits ``limit`` bytes
+    (:func:`max_bytes`); ``keep`` (the entry just written) is never deleted. Returns what was deleted."""
+    limit = max_bytes() if limit is None else limit
+    sized = []
+    for p in _entries(root):
+        try:
+            sized.append((p.stat().st_mtime_ns, p, _size(p)))
+        except OSError:
+            continue
+    total, gone = sum(s for _, _, s in sized), []
+    for _, p, s in sorted(sized, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if keep is not None and p == keep:
+            continue
+        _remove(p)
+        total -= s
+        gone.append(p)
+    if gone:
+        log.info("node cache over %.2f GB: deleted %d least recently used entr%s", limit / 2**30, len(gone),
+                 "y" if len(gone) == 1 else "ies")
+    return gone
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def cache_key(args: tuple, files: list[str | None]) -> str:
@@ -63,7 +142,11 @@ def save(key: str, fd) -> None:
         if fd.heldout_parts is not None:
             np.savez(tmp / "heldout.npz", **_pack(fd.heldout_parts))
         (tmp / "meta.json").write_text(json.dumps({"num_classes": fd.num_classes}))
+        if _size(tmp) > max_bytes():
+            log.info("fed-data cache entry of %.2f GB exceeds %s: not kept", _size(tmp) / 2**30, MAX_ENV)
+            return
         os.rename(tmp, final)
+        evict(root, keep=final)
     except OSError as e:  # another process won the rename, or the disk refused: the cache is optional
         log.debug("fed-data cache not written (%s)", e)
     finally:
@@ -85,10 +168,13 @@ def load(key: str, cls):
             with np.load(path / "heldout.npz", allow_pickle=False) as z:
                 held = _unpack(z)
         meta = json.loads((path / "meta.json").read_text())
-        return cls(t["x"], t["y"], train, held, TensorDataset(t["x_test"], t["y_test"]), int(meta["num_classes"]))
-    except Exception as e:  # a damaged entry is recomputed, never trusted
-        log.warning("ignoring damaged fed-data cache %s (%s)", path, e)
+        out = cls(t["x"], t["y"], train, held, TensorDataset(t["x_test"], t["y_test"]), int(meta["num_classes"]))
+    except Exception as e:  # a damaged entry is deleted and recomputed, never trusted
+        log.warning("deleting damaged fed-data cache %s (%s); it is rebuilt", path, e)
+        _remove(path)
         return None
+    _touch(path)
+    return out
 
 
 def composed_config(overrides: list[str], conf_dir: Path, compose):
@@ -115,15 +201,17 @@ def composed_config(overrides: list[str], conf_dir: Path, compose):
         try:
             cfg = OmegaConf.load(path)
             OmegaConf.set_struct(cfg, True)
+            _touch(path)
             return cfg
-        except Exception as e:  # a damaged entry is recomposed, never trusted
-            log.warning("ignoring damaged config cache %s (%s)", path, e)
+        except Exception as e:  # a damaged entry is recomposed (and replaced), never trusted
+            log.warning("ignoring damaged config cache %s (%s); it is rebuilt", path, e)
     cfg = compose(overrides)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, tmp)
         os.replace(tmp, path)
+        evict(root, keep=path)
     except OSError as e:  # the cache is optional
         log.debug("config cache not written (%s)", e)
         tmp.unlink(missing_ok=True)

@@ -27,7 +27,14 @@ def test_node_disk_cache_round_trips_and_ignores_damage(play, tmp_path, monkeypa
     assert all(np.array_equal(a, b) for a, b in zip(again.train_parts, first.train_parts))
     assert all(np.array_equal(a, b) for a, b in zip(again.heldout_parts, first.heldout_parts))
     (entries[0] / "tensors.safetensors").write_bytes(b"garbage")
-    assert cache.load(entries[0].name, FedData) is None  # damaged: not trusted
+    assert cache.load(entries[0].name, FedData) is None  # damaged: not trusted, and deleted
+    assert not entries[0].exists()
+    task._cached.cache_clear()
+    monkeypatch.undo()
+    monkeypatch.setenv("FEDLOWRANK_CACHE_DIR", str(tmp_path / "c"))
+    fed_data(run)  # recomputed, and the entry rebuilt
+    rebuilt = cache.load(entries[0].name, FedData)
+    assert rebuilt is not None and torch.equal(rebuilt.x, first.x)
     play.write_text(play.read_text() + "\\nROMEO:\\nOne more line for the key.\\n")
     assert cache.cache_key((1,), [str(play)]) != cache.cache_key((1,), [str(play) + "x"])
     task._cached.cache_clear()
@@ -75,3 +82,39 @@ def test_node_config_cache_matches_hydra_and_follows_the_config_files(tmp_path, 
     monkeypatch.setenv("FEDLOWRANK_CACHE_DIR", "off")
     cache.composed_config(ov, conf, compose)
     assert len(calls) == 5
+
+
+def test_node_cache_evicts_least_recently_used_entries_beyond_its_limit(tmp_path, monkeypatch, play):
+    """``FEDLOWRANK_CACHE_MAX_GB``: after a write the least recently used entries go until the cache fits; a hit
+    makes an entry recent; the entry just written stays; an entry larger than the limit is not kept."""
+    import os
+
+    from fedlowrank.deploy import cache
+    from fedlowrank.federated import task
+
+    root = tmp_path / "c"
+    monkeypatch.setenv("FEDLOWRANK_CACHE_DIR", str(root))
+    (root / "fed-data").mkdir(parents=True)
+    (root / "configs").mkdir()
+    entries = []
+    for i in range(4):  # 1000-byte entries, used at times 1..4
+        e = root / "fed-data" / f"e{i}"
+        e.mkdir()
+        (e / "blob").write_bytes(b"x" * 1000)
+        os.utime(e, ns=(10**9 * (i + 1),) * 2)
+        entries.append(e)
+    cfg = root / "configs" / "k.yaml"
+    cfg.write_text("a: 1\n" * 100)  # 500 bytes, the newest
+    assert cache.evict(root, limit=10**6) == []
+    gone = cache.evict(root, keep=entries[0], limit=2600)  # e0 is kept although it is the oldest
+    assert gone == [entries[1], entries[2]] and entries[0].exists() and entries[3].exists() and cfg.exists()
+    assert sum(cache._size(p) for p in cache._entries(root)) <= 2600
+    cache._touch(entries[0])
+    assert cache.evict(root, limit=1600) == [entries[3]]  # e0 was used since: e3 is now the least recent
+    monkeypatch.setenv("FEDLOWRANK_CACHE_MAX_GB", "0")  # nothing fits: a new entry is not kept
+    task._cached.cache_clear()
+    fed_data(text_run(play, "fed.num_clients=2"))
+    assert sorted(p.name for p in (root / "fed-data").iterdir()) == ["e0"]
+    monkeypatch.setenv("FEDLOWRANK_CACHE_MAX_GB", "lots")
+    assert cache.max_bytes() == int(cache.DEFAULT_MAX_GB * 2**30)
+    task._cached.cache_clear()

@@ -34,6 +34,26 @@ def test_cpu_workers_are_capped_at_the_cores(tmp_path):
         central_run(tmp_path, "experiment=llama_full", f"trainer.devices={cores + 1}")
 
 
+def test_cpu_workers_are_capped_at_the_memory(tmp_path, monkeypatch):
+    """More workers than the available memory holds stop before any spawn, naming the key and the limit; the
+    estimate counts the model's parameters (a larger model needs more)."""
+    from fedlowrank.central import launch, resources
+
+    run = central_run(tmp_path, "experiment=llama_full", "trainer.devices=2")
+    big = central_run(tmp_path, "experiment=llama_full", "trainer.devices=2", "model.size=mini")
+    assert resources.model_params(big) > resources.model_params(run) > 0
+    per = resources.WORKER_BASE_BYTES + resources.BYTES_PER_PARAM * resources.model_params(run)
+    spawned = []
+    monkeypatch.setattr("torch.multiprocessing.spawn", lambda *a, **k: spawned.append(a))
+    monkeypatch.setattr(resources, "available_bytes", lambda: int(1.5 * per))
+    with pytest.raises(ConfigError, match=r"trainer.devices=2 worker processes need about .* GB of memory is "
+                                          r"available: use at most 1"):
+        launch(run)
+    assert spawned == []
+    monkeypatch.setattr(resources, "available_bytes", lambda: 2 * per + 1)
+    resources.check_worker_memory(run)  # fits: no error
+
+
 def test_main_exits_2_on_a_split_too_short(tmp_path):
     (tmp_path / "t.txt").write_text("x" * 400)
     res = subprocess.run([sys.executable, "main.py", "mode=central", "data=textfile", f"data.train_path={tmp_path / 't.txt'}",

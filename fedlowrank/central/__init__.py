@@ -76,6 +76,9 @@ def launch(run: CentralRun) -> dict:
         import torch.multiprocessing as mp
 
         from .dist import free_port
+        from .resources import check_worker_memory
+
+        check_worker_memory(run)  # before any worker exists
 
         log.info("spawning %d workers", run.trainer.devices)
         try:

@@ -18,7 +18,7 @@ from fedlowrank.runtime.superlink import BIN, PROJECT, Loopback, free_port, star
 @contextlib.contextmanager
 def loopback_deployment(n: int, workdir: Path, env: dict[str, str] | None = None, warm: bool = False,
                         node_poll_s: float | None = None) -> Iterator[Loopback]:
-    """Start a SuperLink and ``n`` SuperNodes (``partition-id=i num-partitions=n``) with their logs in
+    """Start a SuperLink and ``n`` SuperNodes (the server assigns their partitions) with their logs in
     ``workdir``, and a Flower config (``workdir/flwr_home``) naming the connection ``loopback``. ``warm``:
     each node runs ``--isolation process`` beside a :mod:`.warmexec` process that forks its ClientApps;
     ``node_poll_s``: nodes run through :mod:`.fastnode`, polling the SuperLink that often (Flower: 3 s)."""
@@ -32,8 +32,7 @@ def loopback_deployment(n: int, workdir: Path, env: dict[str, str] | None = None
         for i in range(n):
             port = free_port()
             start([*node, "--insecure", "--superlink", f"127.0.0.1:{link}", "--port",
-                   str(port), *(["--isolation", "process"] if warm else []),
-                   "--node-config", f"partition-id={i} num-partitions={n}"], f"node{i}.log")
+                   str(port), *(["--isolation", "process"] if warm else [])], f"node{i}.log")
             if warm:
                 start([sys.executable, "-m", "fedlowrank.deploy.warmexec", "--insecure", "--runtime-api-address",
                        f"127.0.0.1:{port}", "--parent-pid", str(procs[-1].pid)], f"warmexec{i}.log")

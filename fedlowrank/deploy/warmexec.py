@@ -12,8 +12,7 @@ shared between messages except the imported modules (copy-on-write); every messa
 own process, so one client's state never leaks into the next. Non-ClientApp tasks go to Flower's
 ``SubprocessExecutor``. POSIX only (``fork``).
 
-    flower-supernode --insecure --superlink HOST:9092 --isolation process --port 9094 \\
-        --node-config "partition-id=0 num-partitions=10"
+    flower-supernode --insecure --superlink HOST:9092 --isolation process --port 9094
     python -m fedlowrank.deploy.warmexec --insecure --runtime-api-address 127.0.0.1:9094
 """
 from __future__ import annotations

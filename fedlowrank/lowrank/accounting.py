@@ -27,6 +27,11 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+def size_mb(model: nn.Module) -> float:
+    """The model's size in MB (2**20 bytes): its parameters and buffers (BatchNorm statistics) as stored."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**20
+
+
 def compression_summary(model: nn.Module) -> dict[str, float]:
     """Dense-equivalent vs actual parameter counts of the factorized layers."""
     dense = fact = 0

@@ -1,4 +1,7 @@
-"""Image classifiers: MLP, CNN, VGG, ResNet, ViT. Dense definitions; low rank comes from
+"""Image classifiers: small MLP, CNN, VGG, ResNet and ViT for offline runs, and the architectures the
+low-rank-from-scratch literature reports, by name: ``vgg11`` / ``vgg16`` (Simonyan & Zisserman 2015, CIFAR
+variant: conv3×3-BN-ReLU stacks, 5 max-pools, a 512-512-classes MLP with dropout) and ``resnet18`` / ``resnet101``
+(He et al. 2016, CIFAR variant: 3×3 stem, no max-pool). Dense definitions; low rank comes from
 :func:`fedlowrank.lowrank.factorize` (hybrid = skip some layers)."""
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from torch import Tensor, nn
 
 @dataclass
 class VisionConfig:
-    arch: str = "mlp"  # mlp | cnn | vgg | resnet | vit
+    arch: str = "mlp"  # mlp | cnn | vgg | resnet | vit | vgg11 | vgg16 | resnet18 | resnet101
     in_channels: int = 1
     image_size: int = 8
     num_classes: int = 10
@@ -120,6 +123,90 @@ class ResNet(nn.Module):
         return self.head(F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1))
 
 
+# "M": 2x2 max-pool (skipped once the feature map is 1x1, e.g. on 8x8 digits)
+VGG_LAYERS: dict[str, list[int | str]] = {
+    "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+}
+
+
+class VGGNet(nn.Module):
+    """VGG-11/16 for CIFAR: ``features`` (conv3×3-BN-ReLU, max-pools) then ``classifier``
+    (dropout, 512→512, ReLU, dropout, 512→512, ReLU, 512→classes)."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c, s = cfg.in_channels, cfg.image_size
+        for v in VGG_LAYERS[cfg.arch]:
+            if v == "M":
+                if s >= 2:
+                    layers.append(nn.MaxPool2d(2))
+                    s //= 2
+                continue
+            layers += [nn.Conv2d(c, int(v), 3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU()]
+            c = int(v)
+        self.features = nn.Sequential(*layers)
+        d = c * s * s
+        p = cfg.dropout if cfg.dropout > 0 else 0.5
+        self.classifier = nn.Sequential(nn.Dropout(p), nn.Linear(d, 512), nn.ReLU(), nn.Dropout(p),
+                                        nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, cfg.num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, C, H, W) -> (N, classes)
+        return self.classifier(self.features(x).flatten(1))
+
+
+class Bottleneck(nn.Module):
+    """1×1 reduce, 3×3 (stride), 1×1 expand ×4, with a projection shortcut where the shape changes."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        return F.relu(self.bn3(self.conv3(h)) + self.shortcut(x))
+
+
+RESNET_LAYERS = {"resnet18": (BasicBlock, [2, 2, 2, 2]), "resnet101": (Bottleneck, [3, 4, 23, 3])}
+
+
+class ResNetCIFAR(nn.Module):
+    """ResNet-18/101 for CIFAR: ``stem`` (3×3 conv, BN, ReLU; no max-pool), ``layer1..4`` (64/128/256/512
+    planes, stride 2 from layer2 on), global average pool, ``head``."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        block, counts = RESNET_LAYERS[cfg.arch]
+        self.stem = nn.Sequential(nn.Conv2d(cfg.in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        c = 64
+        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), counts)):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(c, planes, 2 if (i > 0 and j == 0) else 1))
+                c = planes * getattr(block, "expansion", 1)
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        self.head = nn.Linear(c, cfg.num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stem(x)
+        for i in range(1, 5):
+            h = getattr(self, f"layer{i}")(h)
+        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with plain Linear projections (factorizable)."""
 
@@ -172,7 +259,8 @@ class ViT(nn.Module):
         return self.head(self.ln(self.blocks(t))[:, 0])
 
 
-VISION_MODELS = {"mlp": MLP, "cnn": CNN, "vgg": VGG, "resnet": ResNet, "vit": ViT}
+VISION_MODELS = {"mlp": MLP, "cnn": CNN, "vgg": VGG, "resnet": ResNet, "vit": ViT, "vgg11": VGGNet,
+                 "vgg16": VGGNet, "resnet18": ResNetCIFAR, "resnet101": ResNetCIFAR}
 
 
 def build_vision_model(cfg: VisionConfig) -> nn.Module:

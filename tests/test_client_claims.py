@@ -19,6 +19,8 @@ def test_metrics_are_whitelisted_and_reserved_keys_rejected():
             check_metrics({**GOOD, **bad}, 1e6, partition_id=2)
     with pytest.raises(RejectedReply, match="claim partition 3"):
         check_metrics({**GOOD, "partition_id": 3.0}, 1e6, partition_id=2)
+    with pytest.raises(RejectedReply, match="'junk' is not a number \\(list of 100000\\)"):
+        check_metrics({**GOOD, "junk": [0.0] * 100_000}, 1e6, partition_id=2)  # dropped keys are capped too
     with pytest.raises(RejectedReply, match="metric keys"):
         check_metrics({**GOOD, **{f"k{i}": 0.0 for i in range(MAX_METRIC_KEYS)}}, 1e6, partition_id=2)
 

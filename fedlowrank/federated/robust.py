@@ -61,7 +61,8 @@ class RejectedReply(ValueError):
 
 def check_metrics(metrics: dict, max_abs: float, partition_id: int | None = None) -> dict[str, float]:
     """The whitelisted metrics (:data:`CLIENT_METRICS`), finite, with the required keys and plausible magnitudes,
-    or :class:`RejectedReply`: too many keys, a reserved key, or a ``partition_id`` other than the server's."""
+    or :class:`RejectedReply`: too many keys, a value that is not a single number (a list, under any key), a
+    reserved key, or a ``partition_id`` other than the server's."""
     if len(metrics) > MAX_METRIC_KEYS:
         raise RejectedReply(f"{len(metrics)} metric keys (at most {MAX_METRIC_KEYS})")
     reserved = sorted(RESERVED_METRICS & set(metrics))
@@ -72,10 +73,11 @@ def check_metrics(metrics: dict, max_abs: float, partition_id: int | None = None
         raise RejectedReply(f"metrics lack {missing}")
     out = {}
     for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):  # lists (MetricRecord allows them) too
+            size = f" of {len(v)}" if isinstance(v, list) else ""
+            raise RejectedReply(f"metric {str(k)[:40]!r} is not a number ({type(v).__name__}{size})")
         if k not in CLIENT_METRICS:
             continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise RejectedReply(f"metric {k!r} is not a number ({type(v).__name__})")
         v = float(v)
         if not math.isfinite(v) or abs(v) > max(max_abs, 1e12):
             raise RejectedReply(f"metric {k!r} = {v} is not finite or out of range")

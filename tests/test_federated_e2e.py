@@ -162,6 +162,8 @@ def _ray_pids() -> set[int]:
     return out
 
 
+@pytest.mark.slow  # three runs, two on the SuperLink runtime: 2.5 min on 2 cores
+@pytest.mark.timeout(600)
 def test_federated_resume_after_kill_matches_uninterrupted_run(tmp_path):
     """Killed while checkpointing round 3 (files written, no manifest yet): fed.resume=auto continues
     after round 2 and ends with the same global model, bit for bit, as a run that was never killed.

@@ -36,6 +36,7 @@ class FedConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     frob_decay: float = 0.0
+    prox_mu: float = 0.0  # FedProx (Li et al. 2020): each client adds prox_mu/2 ||w - w_downloaded||^2 to its loss
     fraction_train: float = 1.0
     dropout_prob: float = 0.0  # chance that a client crashes in a round (simulated failures)
     partition: str = "iid"
@@ -147,6 +148,8 @@ class FedConfig:
                               "be > 0")
         if self.runtime not in ("simulation", "superlink"):
             raise ConfigError(f"fed.runtime must be simulation|superlink, got {self.runtime!r}")
+        if not self.prox_mu >= 0:
+            raise ConfigError(f"fed.prox_mu must be >= 0 (FedProx's proximal weight; 0: off), got {self.prox_mu}")
         if self.isolation not in ("auto", "netns", "none"):
             raise ConfigError(f"fed.isolation must be auto|netns|none, got {self.isolation!r}")
         if self.client_cpus <= 0 or self.client_gpus < 0:

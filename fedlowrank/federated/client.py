@@ -79,7 +79,7 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
     sampler = nested_sampler(model, run, budget, random.Random(f"nested-{run.seed}-{server_round}-{partition_id}")) \
         if f.nested else None
     stats = train_classifier(model, loader, opt, epochs=f.local_epochs, max_steps=f.local_steps,
-                             frob_decay=f.frob_decay, before_step=sampler)
+                             frob_decay=f.frob_decay, before_step=sampler, prox_mu=f.prox_mu)
     layers = lowrank_modules(model)
     for m in layers.values():
         m.set_active_rank(None)

@@ -27,14 +27,18 @@ def train_classifier(
     frob_decay: float = 0.0,
     device: str | torch.device = "cpu",
     before_step: Callable[[int], None] | None = None,
+    prox_mu: float = 0.0,
 ) -> dict[str, float]:
-    """Cross-entropy training with optional Frobenius decay on factorized layers.
+    """Cross-entropy training with optional Frobenius decay on factorized layers and FedProx's proximal term
+    ``prox_mu / 2 · ||w − w₀||²`` over the trainable parameters (w₀: their values when training starts, i.e.
+    what the client downloaded; on a factorized model the factors U, V, not their product).
 
     Raises FloatingPointError on a non-finite loss (the caller decides what a failure means).
     Returns mean loss, accuracy and optimizer steps taken.
     """
     model.train()
     total, correct, loss_sum, steps = 0, 0, 0.0, 0
+    anchor = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad] if prox_mu > 0 else []
     for _ in range(epochs):
         for x, y in loader:
             x, y = x.to(device), y.to(device)
@@ -44,6 +48,8 @@ def train_classifier(
             y = y.reshape(-1)
             loss = F.cross_entropy(logits, y)
             obj = loss + frob_decay * frobenius_decay(model) if frob_decay > 0 else loss
+            if anchor:
+                obj = obj + 0.5 * prox_mu * sum((p - p0).square().sum() for p, p0 in anchor)
             if not torch.isfinite(obj):
                 raise FloatingPointError(f"non-finite training loss at step {steps}: {obj.item()}")
             optimizer.zero_grad(set_to_none=True)

@@ -36,6 +36,13 @@ class FedConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     frob_decay: float = 0.0
+    # server optimizer on the aggregated change (fedlowrank.federated.server_opt): none | avgm | adam | yogi | adagrad
+    server_opt: str = "none"
+    server_lr: float | None = None  # null: Flower's default (avgm 1.0, adam 0.1, yogi 0.01, adagrad 0.1)
+    server_momentum: float = 0.9  # avgm
+    server_beta1: float = 0.9  # adam, yogi
+    server_beta2: float = 0.99  # adam, yogi
+    server_tau: float = 1e-3  # adam, yogi, adagrad
     prox_mu: float = 0.0  # FedProx (Li et al. 2020): each client adds prox_mu/2 ||w - w_downloaded||^2 to its loss
     fraction_train: float = 1.0
     dropout_prob: float = 0.0  # chance that a client crashes in a round (simulated failures)
@@ -148,6 +155,14 @@ class FedConfig:
                               "be > 0")
         if self.runtime not in ("simulation", "superlink"):
             raise ConfigError(f"fed.runtime must be simulation|superlink, got {self.runtime!r}")
+        from fedlowrank.federated.server_opt import SERVER_OPTS
+
+        if self.server_opt not in SERVER_OPTS:
+            raise ConfigError(f"fed.server_opt must be one of {SERVER_OPTS}, got {self.server_opt!r}")
+        if not (self.server_lr is None or self.server_lr > 0) or not self.server_tau > 0 \
+                or not (0 <= self.server_momentum < 1 and 0 <= self.server_beta1 < 1 and 0 <= self.server_beta2 < 1):
+            raise ConfigError("fed.server_lr and fed.server_tau must be > 0; fed.server_momentum, fed.server_beta1 "
+                              "and fed.server_beta2 in [0, 1)")
         if not self.prox_mu >= 0:
             raise ConfigError(f"fed.prox_mu must be >= 0 (FedProx's proximal weight; 0: off), got {self.prox_mu}")
         if self.isolation not in ("auto", "netns", "none"):
@@ -163,6 +178,15 @@ class FedConfig:
             raise ConfigError(str(e)) from e
         if self.devices.budget_from != "none" and self.ranks is not None:
             raise ConfigError("fed.devices.budget_from derives rank ratios: use fed.rank_ratios, not fed.ranks")
+
+    def server_optimizer(self, product_space: bool):
+        """The configured server optimizer (None for ``fed.server_opt=none``)."""
+        from fedlowrank.federated.server_opt import ServerOptConfig, ServerOptimizer
+
+        if self.server_opt == "none":
+            return None
+        return ServerOptimizer(ServerOptConfig(self.server_opt, self.server_lr, self.server_momentum,
+                                               self.server_beta1, self.server_beta2, self.server_tau), product_space)
 
     def fault_map(self) -> dict[int, str]:
         """Parsed ``faults``: client id -> fault kind."""

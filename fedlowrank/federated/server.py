@@ -32,9 +32,10 @@ def dense_model_bytes(run: FederatedRun) -> int:
     return sum(p.numel() * 4 for p in build_model(run).state_dict().values())
 
 
-def _save_round(out: Path, run: FederatedRun, rnd: int, state: State, strategy_state: dict) -> None:
-    """Round checkpoint ``checkpoints/round-<n>/`` (global model + strategy state, verified manifest)
-    and an atomically replaced ``checkpoints/last.safetensors``."""
+def _save_round(out: Path, run: FederatedRun, rnd: int, state: State, strategy_state: dict,
+                opt_state: dict | None = None) -> None:
+    """Round checkpoint ``checkpoints/round-<n>/`` (global model, strategy state, the server optimizer's moments
+    when there is one; verified manifest) and an atomically replaced ``checkpoints/last.safetensors``."""
     from safetensors.torch import save
 
     tensors = {k: v.contiguous() for k, v in state.items()}
@@ -43,6 +44,8 @@ def _save_round(out: Path, run: FederatedRun, rnd: int, state: State, strategy_s
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "global.safetensors"), metadata=meta)
         (tmp / "strategy.json").write_text(json.dumps({"round": rnd, **strategy_state}))
+        if opt_state:
+            save_file({k: v.contiguous() for k, v in opt_state.items()}, str(tmp / "server_opt.safetensors"))
 
     write_checkpoint_dir(out / "checkpoints" / f"round-{rnd:06d}", write)
     prune(out / "checkpoints", run.fed.keep_checkpoints, prefix="round-")
@@ -68,6 +71,8 @@ def _resume_point(out: Path, run: FederatedRun) -> tuple[int, State, dict, list[
     history = [r["train"] for r in records if "train" in r]
     _rewrite_jsonl(out / "rounds.jsonl", records)
     log.info("fed.resume=auto: continuing after round %d from %s", rnd, ckpt)
+    if (ckpt / "server_opt.safetensors").is_file():
+        st["server_opt"] = load_tensors(ckpt / "server_opt.safetensors")
     return rnd, load_tensors(ckpt / "global.safetensors"), st, history, evals
 
 
@@ -182,7 +187,8 @@ class _ServerRun:
     def on_round_end(self, rnd: int, state: State, summary: dict) -> None:
         append_jsonl(self.out / "rounds.jsonl", {"round": rnd, "train": self.strategy.history[-1]})
         if rnd % self.run.fed.checkpoint_every == 0 or rnd == self.run.fed.rounds:
-            _save_round(self.out, self.run, rnd, state, self.strategy.state())
+            opt = self.strategy.server_opt
+            _save_round(self.out, self.run, rnd, state, self.strategy.state(), opt.state() if opt else None)
 
     def finish(self, wall_s: float) -> dict:
         """Personalised evaluation, report, ``metrics.json`` and the closing lines; returns the summary."""

@@ -77,6 +77,7 @@ class HeteroRankStrategy(Strategy):
         self.failed_rounds = 0  # consecutive rounds without a valid update
         self.resumed_budgets: dict[int, dict] = {}  # partition id -> budget saved in the round checkpoint
         self.clock = SimClock(run, sizes)  # simulated device time (inactive without fed.devices)
+        self.server_opt = run.fed.server_optimizer(product_space=run.strategy == "product")
         self._round_start, self._round_down = time.perf_counter(), 0  # set again by every configure_train
 
     # ----------------------------------------------------------------- resume
@@ -94,6 +95,8 @@ class HeteroRankStrategy(Strategy):
         self.history = list(history)
         self.resumed_budgets = {int(p): b for p, b in st.get("budgets", {}).items()}
         self.clock.elapsed = float(st.get("sim_time_s", 0.0))
+        if self.server_opt is not None:
+            self.server_opt.load(st.get("server_opt", {}))
 
     # ----------------------------------------------------------------- discovery
     def _wait_for_nodes(self, grid: Grid) -> list[int]:
@@ -286,6 +289,8 @@ class HeteroRankStrategy(Strategy):
             new = robust_aggregate(self.global_state, updates, self.rule, self.run.fed.robust, self.run.fed.trim_ratio)
         else:
             new = self.method.aggregate(self.global_state, updates, weights, views)
+        if self.server_opt is not None:  # FedAvgM / FedAdam / ... on the aggregated change
+            new = self.server_opt.step(rnd, self.global_state, new)
         bad = [k for k, v in new.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:  # finite updates can still overflow when combined: never publish a broken model
             log.error("round %d: aggregated model has non-finite values in %s; keeping the previous global "

@@ -7,7 +7,9 @@ config. Prints JSON.
 ``--runtime superlink`` runs the same configs through ``python main.py mode=federated fed.runtime=superlink``
 (Flower's non-deprecated simulation runtime: a private ``flower-superlink --simulation``, Ray workers), one
 process tree per client count; round times are the server's own (``metrics.json``), memory is the peak of
-the summed RSS of the whole process tree (SuperLink, simulation process, Ray), sampled every 0.25 s.
+the summed RSS of the whole process tree (SuperLink, simulation process, Ray), sampled every 0.25 s. The server
+assigns partitions itself (no query round to every node), so ``round_s_first`` and ``outside_rounds_s`` (start-up,
+evaluation, shutdown) show whether start-up grows with the number of clients.
 
     python benchmarks/bench_fed_scale.py [--clients 10 100 1000] [--rounds 5] [--out ...]
     python benchmarks/bench_fed_scale.py --runtime superlink --out benchmarks/results_cpu/fed_scale_superlink.json
@@ -128,7 +130,7 @@ def one_superlink(n: int, rounds: int, per_round: int, steps: int, tmp: str) -> 
     sent = [r["clients_ok"] for r in m["rounds_detail"]]
     return {"clients": n, "fraction_train": min(1.0, per_round / n), "clients_per_round": statistics.fmean(sent),
             "local_steps": steps, "wall_s": wall, "round_s_median": statistics.median(times),
-            "round_s_first": times[0], "clients_per_s": sum(sent) / sum(times), "peak_tree_rss_mb": peak[0],
+            "round_s_first": times[0], "outside_rounds_s": wall - sum(times),  # start-up, evaluation, shutdown "clients_per_s": sum(sent) / sum(times), "peak_tree_rss_mb": peak[0],
             "global_accuracy": m["final"]["global_accuracy"]}
 
 

@@ -77,3 +77,4 @@ def test_the_namespace_has_only_its_own_loopback():
     assert r.stdout.strip() == "['lo']"
     host = sorted(n for _, n in socket.if_nameindex())
     assert host != ["lo"]  # a control: outside there is more than a loopback (else the check above shows nothing)
+

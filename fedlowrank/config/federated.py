@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedlowrank.data.vision import IMAGE_SPECS
+from fedlowrank.data.vision import IMAGE_SPECS, VECTOR_SPECS
 from fedlowrank.schema import ConfigError, check_top_level, to_dataclass
 
 from .devices import DevicesConfig, budget_ratio, population
@@ -220,10 +220,18 @@ class DataConfig:
     seq_len: int = 80  # text tasks: characters per sample (LEAF: 80)
     test_fraction: float = 0.1  # text and Hub tasks: each client's held-out share of its examples
     source: str = "local"  # local (embedded, file or torchvision) | hub (flwr-datasets FederatedDataset, online)
+    # data=synthetic: FedProx's Synthetic(alpha, beta) (fedlowrank.data.synthetic); one client per generated user
+    alpha: float = 1.0  # model heterogeneity
+    beta: float = 1.0  # data heterogeneity
+    iid: bool = False  # Synthetic-IID: one model and one input distribution for every client
 
     def validate(self) -> None:
-        if self.name not in IMAGE_SPECS and self.name not in TEXT_SPECS:
-            raise ConfigError(f"data.name {self.name!r} is not a federated dataset: {sorted(IMAGE_SPECS) + list(TEXT_SPECS)}")
+        known = [*IMAGE_SPECS, *VECTOR_SPECS, *TEXT_SPECS]
+        if self.name not in known:
+            raise ConfigError(f"data.name {self.name!r} is not a federated dataset: {known}")
+        if self.name in VECTOR_SPECS and not (self.alpha >= 0 and self.beta >= 0 and 0 < self.test_fraction < 1):
+            raise ConfigError(f"data.alpha and data.beta must be >= 0 and data.test_fraction in (0, 1), got "
+                              f"{self.alpha}, {self.beta}, {self.test_fraction}")
         if self.source not in ("local", "hub"):
             raise ConfigError(f"data.source must be local or hub, got {self.source!r}")
         if self.source == "hub":
@@ -310,7 +318,9 @@ class FederatedRun:
                 raise ConfigError(f"model.{key} must be a list of module-name regexes, e.g. model.{key}=[head], "
                                   f"got {v!r}")
         text = self.data.name in TEXT_SPECS
-        if self.fed.partition == "natural" and not (text or self.data.name == "femnist"):
+        if self.data.name in VECTOR_SPECS and self.fed.partition != "natural":
+            raise ConfigError(f"data={self.data.name} generates one client per user: use fed.partition=natural")
+        if self.fed.partition == "natural" and not (text or self.data.name in ("femnist", *VECTOR_SPECS)):
             raise ConfigError(f"fed.partition=natural needs a dataset with natural client ids ({list(TEXT_SPECS)}), "
                               f"not {self.data.name!r}")
         if text and self.fed.partition == "dirichlet":

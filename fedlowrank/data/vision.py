@@ -11,6 +11,8 @@ from torch.utils.data import TensorDataset
 
 # channels, image size, classes of each image dataset the project knows
 IMAGE_SPECS = {"digits": (1, 8, 10), "cifar10": (3, 32, 10), "femnist": (1, 28, 62)}
+# (features, 1, classes): vector data for the MLP (softmax regression with model.hidden=[]); not images
+VECTOR_SPECS = {"synthetic": (60, 1, 10)}
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ def _cached(*args) -> FedData:
         return _load(*args)
     from fedlowrank.deploy import cache
 
-    path = args[4] if args[0] in TEXT_TASKS and args[-1] == "local" else None
+    path = args[4] if args[0] in TEXT_TASKS and args[12] == "local" else None
     key = cache.cache_key(args, [path])
     hit = cache.load(key, FedData)
     if hit is not None:
@@ -74,8 +74,19 @@ def _cached(*args) -> FedData:
     return fd
 
 
+def _synthetic(n: int, alpha: float, beta: float, iid: bool, seed: int, test_fraction: float) -> FedData:
+    """FedProx's Synthetic(alpha, beta): one client per generated user; the pooled test set is every client's
+    held-out split."""
+    from fedlowrank.data.synthetic import CLASSES, generate
+
+    sd = generate(n, alpha, beta, iid=iid, seed=seed, test_fraction=test_fraction)
+    t = torch.as_tensor(np.concatenate(sd.heldout_parts), dtype=torch.long)
+    return FedData(sd.x, sd.y, sd.train_parts, sd.heldout_parts, TensorDataset(sd.x[t], sd.y[t]), CLASSES)
+
+
 def _load(name: str, root: str, download: bool, seed: int, path: str | None, seq_len: int, test_fraction: float,
-          kind: str, n: int, alpha: float, min_size: int, holdout: float, source: str = "local") -> FedData:
+          kind: str, n: int, alpha: float, min_size: int, holdout: float, source: str = "local",
+          synthetic: tuple[float, float, bool] = (1.0, 1.0, False)) -> FedData:
     if source == "hub":
         from fedlowrank.data.hub import load_hub
 
@@ -86,6 +97,8 @@ def _load(name: str, root: str, download: bool, seed: int, path: str | None, seq
         else:
             test = TensorDataset(*hd.test)
         return FedData(hd.x, hd.y, hd.parts, hd.heldout, test, hd.num_classes)
+    if name == "synthetic":
+        return _synthetic(n, *synthetic, seed, test_fraction)
     if name in TEXT_TASKS:
         from fedlowrank.data.shakespeare import load_role_text, natural_partitions
 
@@ -113,7 +126,7 @@ def fed_data(run: FederatedRun) -> FedData:
     """The run's data and partitions (cached per process; deterministic for a config)."""
     d, f = run.data, run.fed
     return _cached(d.name, d.root, d.download, d.seed, d.path, d.seq_len, d.test_fraction, f.partition,
-                 f.num_clients, f.alpha, f.min_partition_size, f.client_holdout, d.source)
+                 f.num_clients, f.alpha, f.min_partition_size, f.client_holdout, d.source, (d.alpha, d.beta, d.iid))
 
 
 def build_model(run: FederatedRun) -> nn.Module:

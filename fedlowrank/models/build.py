@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import nn
 
-from fedlowrank.data.vision import IMAGE_SPECS
+from fedlowrank.data.vision import IMAGE_SPECS, VECTOR_SPECS
 from fedlowrank.lowrank import factorize
 from fedlowrank.schema import to_dataclass
 
@@ -19,9 +19,13 @@ _LOWRANK_KEYS = ("family", "name", "skip", "targets")
 
 def vision_config(model: dict[str, Any], data_name: str) -> VisionConfig:
     """VisionConfig from a ``model`` config dict, shaped for the image dataset ``data_name``."""
-    if data_name not in IMAGE_SPECS:
+    specs = {**IMAGE_SPECS, **VECTOR_SPECS}
+    if data_name not in specs:
         raise ValueError(f"no image spec for dataset {data_name!r}")
-    c, s, k = IMAGE_SPECS[data_name]
+    if data_name in VECTOR_SPECS and model.get("arch") != "mlp":
+        raise ValueError(f"data={data_name} holds feature vectors: use model=mlp (model.hidden=[] is softmax "
+                         f"regression), not arch {model.get('arch')!r}")
+    c, s, k = specs[data_name]
     return _typed_config(VisionConfig, model, {"in_channels": c, "image_size": s, "num_classes": k}, "a vision model")
 
 

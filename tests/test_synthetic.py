@@ -1,0 +1,72 @@
+"""Synthetic(α, β) of FedProx: the generator's statistics against the paper's definition."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedlowrank.data.synthetic import DIM, generate
+
+
+def test_client_sizes_follow_the_power_law():
+    d = generate(2000, 1.0, 1.0, seed=0, test_fraction=0.2)
+    sizes = np.array([len(a) + len(b) for a, b in zip(d.train_parts, d.heldout_parts)])
+    assert sizes.min() >= 50
+    logs = np.log(sizes - 50 + 0.5)  # floor of lognormal(4, 2)
+    assert abs(np.median(logs) - 4) < 0.15 and abs(np.subtract(*np.percentile(logs, [84.1, 15.9])) / 2 - 2) < 0.2
+    assert all(abs(len(h) - 0.2 * s) <= 1 for h, s in zip(d.heldout_parts, sizes))  # each client's held-out share
+    every = np.sort(np.concatenate(d.train_parts + d.heldout_parts))
+    assert np.array_equal(every, np.arange(len(d.y)))  # a partition of all examples
+
+
+def test_inputs_labels_and_heterogeneity_match_the_definition():
+    d = generate(300, 1.0, 1.0, seed=1, max_per_client=400)
+    x, y = d.x.double().numpy(), d.y.numpy()
+    sigma = np.arange(1, DIM + 1) ** -1.2
+    means, within = [], []
+    for k, (tr, he) in enumerate(zip(d.train_parts, d.heldout_parts)):
+        idx = np.concatenate([tr, he])
+        xk = x[idx]
+        W, b = d.models[k]
+        assert np.array_equal(np.argmax(xk @ W.T + b, axis=1), y[idx])  # y = argmax softmax(W x + b)
+        means.append(xk.mean(0))
+        within.append(((xk - xk.mean(0)) ** 2).sum(0))
+    n = sum(len(a) + len(b) for a, b in zip(d.train_parts, d.heldout_parts)) - len(means)
+    np.testing.assert_allclose(np.sum(within, 0) / n, sigma, rtol=0.08)  # within-client covariance Σ = diag(j^-1.2)
+    v = np.array(means)  # ≈ v_k; v_kj = B_k + N(0, 1) with B_k ~ N(0, β²): Var(v_kj) ≈ β² + 1, Cov across j ≈ β²
+    assert abs(v.var() - 2.0) < 0.4 and abs(np.mean(np.corrcoef(v.T)[np.triu_indices(DIM, 1)]) - 0.5) < 0.1
+    us = np.array([W.mean() for W, _ in d.models])  # ≈ u_k ~ N(0, α²)
+    assert abs(us.std() - 1.0) < 0.15
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.0, 0.0), (0.5, 0.5)])
+def test_heterogeneity_grows_with_alpha_and_beta_and_iid_shares_one_model(alpha, beta):
+    iid = generate(50, alpha, beta, iid=True, seed=2, max_per_client=200)
+    assert all(np.array_equal(W, iid.models[0][0]) for W, _ in iid.models)
+    assert abs(iid.x.double().mean().item()) < 0.05  # x ~ N(0, Σ)
+    non = generate(400, alpha, beta, seed=3, max_per_client=50)
+    spread = np.std([W.mean() for W, _ in non.models])  # std of u_k + the mean of 600 N(0, 1) draws
+    assert abs(spread - np.sqrt(alpha**2 + 1 / 600)) < 0.1
+
+
+def test_data_synthetic_runs_federated_with_one_client_per_user(tmp_path):
+    import torch
+    from helpers import compose_cfg
+
+    from fedlowrank.config import ConfigError, federated_run_from_cfg
+    from fedlowrank.federated.task import fed_data
+    from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds
+
+    base = ["mode=federated", "experiment=fed_synthetic", f"out_dir={tmp_path}", "fed.num_clients=12",
+            "fed.fraction_train=0.5", "fed.local_steps=3", "fed.eval_budgets=false"]
+    with pytest.raises(ConfigError, match="fed.partition=natural"):
+        federated_run_from_cfg(compose_cfg(*base, "fed.partition=iid"))
+    with pytest.raises(ConfigError, match="model=mlp"):
+        federated_run_from_cfg(compose_cfg(*base, "model=cnn"))
+    run = federated_run_from_cfg(compose_cfg(*base, "model.hidden=[]"))  # softmax regression
+    fd = fed_data(run)
+    want = generate(12, 1.0, 1.0, seed=0, test_fraction=0.2)
+    assert torch.equal(fd.x, want.x) and len(fd.train_parts) == 12
+    assert len(fd.test) == sum(len(h) for h in want.heldout_parts)
+    st = make_strategy(run)
+    run_rounds(st, InProcessGrid(run), 2)
+    assert [h["clients_ok"] for h in st.history] == [6, 6]

@@ -70,3 +70,54 @@ def test_data_synthetic_runs_federated_with_one_client_per_user(tmp_path):
     st = make_strategy(run)
     run_rounds(st, InProcessGrid(run), 2)
     assert [h["clients_ok"] for h in st.history] == [6, 6]
+
+
+def test_each_sampled_client_is_evaluated_on_its_own_heldout_split(tmp_path):
+    """Every eval round: the sampled clients' held-out accuracies (checked against evaluate_classifier on each
+    client's split) in rounds.jsonl, their mean / p10 / p90 / worst, overall and per budget."""
+    import json
+
+    from helpers import compose_cfg
+    from torch.utils.data import DataLoader
+
+    from fedlowrank.config import federated_run_from_cfg
+    from fedlowrank.federated.client import model_from_state
+    from fedlowrank.federated.server import _ServerRun
+    from fedlowrank.federated.task import fed_data
+    from fedlowrank.runtime.inprocess import InProcessGrid
+    from fedlowrank.training.loop import evaluate_classifier
+
+    run = federated_run_from_cfg(compose_cfg(
+        "mode=federated", "experiment=fed_synthetic", f"out_dir={tmp_path}", "fed.num_clients=12", "fed.rounds=2",
+        "fed.fraction_train=0.5", "fed.local_steps=3", "fed.rank_ratios=[0.5,1.0]"))
+    sr, grid = _ServerRun(run), InProcessGrid(run)  # the server's own round loop, without Flower's Grid
+    sr.evaluate(0, sr.strategy.global_state)
+    for rnd in (1, 2):
+        st = sr.strategy
+        st.aggregate_train(rnd, grid.send_and_receive(list(st.configure_train(rnd, None, None, grid))))
+        sr.evaluate(rnd, st.global_state)
+    summary = sr.finish(0.0)
+    recs = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    evals = {r["round"]: r for r in recs if "eval" in r}
+    assert "clients" not in evals[0]  # before training nobody was sampled
+    sampled = {r["round"]: sorted(int(c["pid"]) for c in r["train"]["clients"]) for r in recs if "train" in r}
+    fd = fed_data(run)
+    from safetensors.torch import load_file
+
+    final = load_file(str(tmp_path / "checkpoints" / "last.safetensors"))
+    rows = evals[2]["clients"]
+    assert [r["pid"] for r in rows] == sampled[2] and summary["final_clients"] == rows
+    from fedlowrank.federated.methods import fed_method
+
+    method = fed_method(run)
+    for r in rows:
+        view = method.view(final, run.fed.budget(r["pid"]))
+        want = evaluate_classifier(model_from_state(run, view), DataLoader(fd.client_heldout(r["pid"]), batch_size=64))
+        assert r["accuracy"] == pytest.approx(want["accuracy"])
+    acc = np.array([r["accuracy"] for r in rows])
+    e = evals[2]["eval"]
+    assert e["clients_mean_accuracy"] == pytest.approx(acc.mean()) and e["clients_worst_accuracy"] == acc.min()
+    assert e["clients_p10_accuracy"] == pytest.approx(np.percentile(acc, 10))
+    half = np.array([r["accuracy"] for r in rows if r.get("ratio") == 0.5])
+    assert e["ratio0.5_clients_mean_accuracy"] == pytest.approx(half.mean())
+    assert len(fd.heldout_parts) == 12

@@ -56,6 +56,37 @@ def personalized_eval(run: FederatedRun, method, state: State, fd: FedData) -> d
             "max": float(acc.max()), "clients": rows}
 
 
+def client_eval(run: FederatedRun, method, state: State, fd: FedData, pids: list[int]) -> tuple[dict, list[dict]]:
+    """The global model, cut to each client's budget, on the held-out examples of clients ``pids``: flat
+    statistics (``clients_{mean,p10,p90,worst}_accuracy``, and the same per budget ``<budget>_clients_...``)
+    and the per-client rows. Empty when the task has no per-client held-out split."""
+    if fd.heldout_parts is None or not pids:
+        return {}, []
+    from .client import model_from_state
+
+    rows = []
+    for pid in sorted(pids):
+        ds = fd.client_heldout(pid)
+        if ds is None or len(ds) == 0:
+            continue
+        budget = run.fed.budget(pid)
+        model = model_from_state(run, method.view(state, budget) if method.budget_views() else state)
+        rows.append({"pid": pid, **budget, "accuracy": evaluate_classifier(model, DataLoader(ds, batch_size=256))
+                     ["accuracy"], "examples": len(ds)})
+    groups = {"clients": rows}
+    for b in {tuple(sorted(run.fed.budget(r["pid"]).items())) for r in rows}:
+        tag = "_".join(f"{k}{v}" for k, v in b)
+        groups[f"{tag}_clients"] = [r for r in rows if tuple(sorted(run.fed.budget(r["pid"]).items())) == b]
+    stats = {}
+    for name, rs in groups.items():
+        if rs:
+            acc = np.array([r["accuracy"] for r in rs])
+            stats.update({f"{name}_mean_accuracy": float(acc.mean()), f"{name}_worst_accuracy": float(acc.min()),
+                          f"{name}_p10_accuracy": float(np.percentile(acc, 10)),
+                          f"{name}_p90_accuracy": float(np.percentile(acc, 90))})
+    return stats, rows
+
+
 def keep_matplotlib_in(out_dir: str) -> None:
     """Matplotlib (imported by flwr-datasets, and for ``report.png``) keeps its config and font cache under
     ``<out_dir>/.matplotlib`` (unless ``MPLCONFIGDIR`` is set), in this process and the ones it starts, instead

@@ -151,6 +151,7 @@ class _ServerRun:
         self.budgets = sorted({tuple(run.fed.budget(i).items()) for i in range(run.fed.num_clients)})
         self.method = fed_method(run)
         resumed = _resume_point(self.out, run)
+        self.client_rows: dict[int, list[dict]] = {}  # round -> sampled clients' held-out accuracies
         self.done, self.evals = (resumed[0], resumed[4]) if resumed else (0, {})
         if not resumed and (self.out / "rounds.jsonl").exists():
             (self.out / "rounds.jsonl").unlink()  # a fresh run does not append to an old run's log
@@ -171,6 +172,8 @@ class _ServerRun:
                 tag = "_".join(f"{k}{v}" for k, v in bd.items())
                 view = model_from_state(run, method.view(state, bd))
                 res[f"{tag}_accuracy"] = evaluate_classifier(view, self.test_loader)["accuracy"]
+        stats, rows = self._client_eval(rnd, state)
+        res.update(stats)
         for k, v in res.items():
             w.add_scalar(f"global/{k}", v, rnd)
             if clock.active:  # the same against simulated device time (step = simulated milliseconds)
@@ -179,10 +182,24 @@ class _ServerRun:
             res["sim_time_s"] = clock.elapsed
         w.flush()
         if rnd not in self.evals:
-            append_jsonl(self.out / "rounds.jsonl", {"round": rnd, "eval": res})
+            append_jsonl(self.out / "rounds.jsonl", {"round": rnd, "eval": res, **({"clients": rows} if rows else {})})
+        if rows:
+            self.client_rows[rnd] = rows
         self.evals[rnd] = res
         log.info("round %d global eval: %s", rnd, {k: round(v, 4) for k, v in res.items()})
         return res
+
+    def _client_eval(self, rnd: int, state: State) -> tuple[dict[str, float], list[dict]]:
+        """This round's sampled clients, each on its own held-out split (tasks that have one): their accuracies
+        go to ``tb/clients/<id>`` (``client/heldout_accuracy``), the statistics into the round's eval record."""
+        from .report import client_eval
+
+        h = self.strategy.history[-1] if self.strategy.history else None
+        pids = [int(c["pid"]) for c in h["clients"]] if h is not None and h["round"] == rnd else []
+        stats, rows = client_eval(self.run, self.method, state, fed_data(self.run), pids)
+        for r in rows:
+            self.writers.client(r["pid"]).add_scalar("client/heldout_accuracy", r["accuracy"], rnd)
+        return stats, rows
 
     def on_round_end(self, rnd: int, state: State, summary: dict) -> None:
         append_jsonl(self.out / "rounds.jsonl", {"round": rnd, "train": self.strategy.history[-1]})
@@ -204,6 +221,7 @@ class _ServerRun:
             "global_params": count_params(model_from_state(run, st.global_state)),
             "global_model_bytes": state_bytes(st.global_state), "dense_model_bytes": dense_model_bytes(run),
             "personalized": personalized_eval(run, self.method, st.global_state, fed_data(run)),
+            "final_clients": self.client_rows.get(run.fed.rounds, []),  # the last round's sampled clients
             "label_skew": label_skew(fed_data(run)), "report_png": str(png) if png else None,
         }
         atomic_write_bytes(out / "metrics.json", json.dumps(summary, indent=2, default=float).encode())

@@ -32,15 +32,17 @@ def label_skew(fd: FedData) -> dict:
     return {name: {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())} for name, v in per.items()}
 
 
-def personalized_eval(run: FederatedRun, method, state: State, fd: FedData) -> dict | None:
-    """Accuracy of the global model, cut to each client's budget, on that client's own held-out
-    examples. None when the task has no per-client held-out split."""
-    if fd.heldout_parts is None:
-        return None
+def budget_tag(budget: dict) -> str:
+    """A budget as a metric-name prefix, e.g. ``ratio0.5``."""
+    return "_".join(f"{k}{v}" for k, v in budget.items())
+
+
+def _heldout_rows(run: FederatedRun, method, state: State, fd: FedData, pids) -> list[dict]:
+    """Per client of ``pids`` with held-out examples: the global model cut to its budget, on those examples."""
     from .client import model_from_state
 
     rows = []
-    for pid in range(run.fed.num_clients):
+    for pid in pids:
         ds = fd.client_heldout(pid)
         if ds is None or len(ds) == 0:
             continue
@@ -48,6 +50,15 @@ def personalized_eval(run: FederatedRun, method, state: State, fd: FedData) -> d
         model = model_from_state(run, method.view(state, budget) if method.budget_views() else state)
         res = evaluate_classifier(model, DataLoader(ds, batch_size=256))
         rows.append({"pid": pid, **budget, "examples": len(ds), "accuracy": res["accuracy"], "loss": res["loss"]})
+    return rows
+
+
+def personalized_eval(run: FederatedRun, method, state: State, fd: FedData) -> dict | None:
+    """Accuracy of the global model, cut to each client's budget, on that client's own held-out
+    examples. None when the task has no per-client held-out split."""
+    if fd.heldout_parts is None:
+        return None
+    rows = _heldout_rows(run, method, state, fd, range(run.fed.num_clients))
     if not rows:
         return None
     acc = np.array([r["accuracy"] for r in rows])
@@ -62,21 +73,10 @@ def client_eval(run: FederatedRun, method, state: State, fd: FedData, pids: list
     and the per-client rows. Empty when the task has no per-client held-out split."""
     if fd.heldout_parts is None or not pids:
         return {}, []
-    from .client import model_from_state
-
-    rows = []
-    for pid in sorted(pids):
-        ds = fd.client_heldout(pid)
-        if ds is None or len(ds) == 0:
-            continue
-        budget = run.fed.budget(pid)
-        model = model_from_state(run, method.view(state, budget) if method.budget_views() else state)
-        rows.append({"pid": pid, **budget, "accuracy": evaluate_classifier(model, DataLoader(ds, batch_size=256))
-                     ["accuracy"], "examples": len(ds)})
-    groups = {"clients": rows}
-    for b in {tuple(sorted(run.fed.budget(r["pid"]).items())) for r in rows}:
-        tag = "_".join(f"{k}{v}" for k, v in b)
-        groups[f"{tag}_clients"] = [r for r in rows if tuple(sorted(run.fed.budget(r["pid"]).items())) == b]
+    rows = _heldout_rows(run, method, state, fd, sorted(pids))
+    groups: dict[str, list[dict]] = {"clients": rows}
+    for r in rows:
+        groups.setdefault(f"{budget_tag(run.fed.budget(r['pid']))}_clients", []).append(r)
     stats = {}
     for name, rs in groups.items():
         if rs:

@@ -22,6 +22,7 @@ from .aggregation import State
 from .client import model_from_state
 from .grid import PollingGrid
 from .methods import fed_method
+from .report import budget_tag
 from .task import build_model, fed_data
 from .tb import RunWriters
 
@@ -169,9 +170,8 @@ class _ServerRun:
         if run.fed.eval_budgets and method.budget_views():
             for b in self.budgets:
                 bd = dict(b)
-                tag = "_".join(f"{k}{v}" for k, v in bd.items())
                 view = model_from_state(run, method.view(state, bd))
-                res[f"{tag}_accuracy"] = evaluate_classifier(view, self.test_loader)["accuracy"]
+                res[f"{budget_tag(bd)}_accuracy"] = evaluate_classifier(view, self.test_loader)["accuracy"]
         stats, rows = self._client_eval(rnd, state)
         res.update(stats)
         for k, v in res.items():

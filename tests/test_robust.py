@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 from fedlowrank.config import ConfigError, federated_run_from_cfg
 from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds
 from fedlowrank.federated.methods import fed_method
-from fedlowrank.federated.robust import RejectedReply, bounded_weight, check_metrics, clip_update, robust_aggregate
+from fedlowrank.federated.clipping import clip_update
+from fedlowrank.federated.robust import RejectedReply, bounded_weight, check_metrics, robust_aggregate
 from fedlowrank.federated.strategy import NoValidUpdates
 
 pytestmark = pytest.mark.timeout(300)

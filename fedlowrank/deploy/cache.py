@@ -142,8 +142,9 @@ def save(key: str, fd) -> None:
         if fd.heldout_parts is not None:
             np.savez(tmp / "heldout.npz", **_pack(fd.heldout_parts))
         (tmp / "meta.json").write_text(json.dumps({"num_classes": fd.num_classes}))
-        if _size(tmp) > max_bytes():
-            log.info("fed-data cache entry of %.2f GB exceeds %s: not kept", _size(tmp) / 2**30, MAX_ENV)
+        size = _size(tmp)
+        if size > max_bytes():
+            log.info("fed-data cache entry of %.2f GB exceeds %s: not kept", size / 2**30, MAX_ENV)
             return
         os.rename(tmp, final)
         evict(root, keep=final)

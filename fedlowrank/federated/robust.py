@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .aggregation import State, factor_prefixes
-from .clipping import clip_update, slot_groups  # noqa: F401  (clip_update: re-exported)
+from .clipping import slot_groups
 
 ROBUST = ("none", "median", "trimmed_mean")
 REQUIRED_METRICS = ("train_loss", "num-examples", "rank_sum", "rank_ratio")

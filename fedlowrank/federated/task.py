@@ -64,7 +64,7 @@ def _cached(*args) -> FedData:
         return _load(*args)
     from fedlowrank.deploy import cache
 
-    path = args[4] if args[0] in TEXT_TASKS and args[12] == "local" else None
+    path = args[4] if args[0] in TEXT_TASKS and args[-1] == "local" else None
     key = cache.cache_key(args, [path])
     hit = cache.load(key, FedData)
     if hit is not None:
@@ -85,8 +85,8 @@ def _synthetic(n: int, alpha: float, beta: float, iid: bool, seed: int, test_fra
 
 
 def _load(name: str, root: str, download: bool, seed: int, path: str | None, seq_len: int, test_fraction: float,
-          kind: str, n: int, alpha: float, min_size: int, holdout: float, source: str = "local",
-          synthetic: tuple[float, float, bool] = (1.0, 1.0, False)) -> FedData:
+          kind: str, n: int, alpha: float, min_size: int, holdout: float,
+          synthetic: tuple[float, float, bool] = (1.0, 1.0, False), source: str = "local") -> FedData:
     if source == "hub":
         from fedlowrank.data.hub import load_hub
 
@@ -126,7 +126,7 @@ def fed_data(run: FederatedRun) -> FedData:
     """The run's data and partitions (cached per process; deterministic for a config)."""
     d, f = run.data, run.fed
     return _cached(d.name, d.root, d.download, d.seed, d.path, d.seq_len, d.test_fraction, f.partition,
-                 f.num_clients, f.alpha, f.min_partition_size, f.client_holdout, d.source, (d.alpha, d.beta, d.iid))
+                 f.num_clients, f.alpha, f.min_partition_size, f.client_holdout, (d.alpha, d.beta, d.iid), d.source)
 
 
 def build_model(run: FederatedRun) -> nn.Module:

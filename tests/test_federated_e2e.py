@@ -109,7 +109,8 @@ def test_federated_run_rejects_bad_updates_survives_crash_and_logs(tmp_path):
     assert not (tmp_path / "tb" / "clients" / "1").exists()  # rejected updates are not logged as training progress
 
 
-@pytest.mark.parametrize("strategy", ["product", "fedlmt"])
+# product end to end is slow-marked (35 s): the fast suite keeps fedlmt here and product's maths in unit tests
+@pytest.mark.parametrize("strategy", [pytest.param("product", marks=pytest.mark.slow), "fedlmt"])
 def test_federated_strategies_learn_with_dropout(tmp_path, strategy):
     res = run(_cfg(tmp_path, f"strategy={strategy}", FAST, "fed.rounds=4", "fed.num_clients=4", "fed.dropout_prob=0.3",
                    "fed.partition=dirichlet", "fed.alpha=1.0"))

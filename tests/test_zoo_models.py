@@ -15,7 +15,8 @@ def cifar(arch: str) -> nn.Module:
     return build_vision_model(VisionConfig(arch=arch, in_channels=3, image_size=32, num_classes=10))
 
 
-@pytest.mark.parametrize("arch,params", [("resnet18", 11_173_962), ("resnet101", 42_512_970)])
+@pytest.mark.parametrize("arch,params", [("resnet18", 11_173_962),
+                                         pytest.param("resnet101", 42_512_970, marks=pytest.mark.slow)])
 def test_cifar_resnets_have_the_published_parameter_counts(arch, params):
     """11.17M / 42.51M: the CIFAR ResNet-18/101 (3x3 stem, no max-pool) of the literature's tables."""
     m = cifar(arch)

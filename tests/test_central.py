@@ -238,8 +238,11 @@ def test_central_config_errors():
         _run("x", "experiment=gpt2_fixed", "model.ratio=1.5")
     with pytest.raises(ConfigError, match="threshold"):
         _run("x", "experiment=gpt2_inrank", "method.threshold=0")
-    cfg = compose_cfg("mode=central", "data=digits", "out_dir=x")
-    with pytest.raises(ConfigError, match="text corpus"):
+    cfg = compose_cfg("mode=central", "data=digits", "out_dir=x")  # gpt2 on images
+    with pytest.raises(ConfigError, match="holds images: train a vision model"):
+        central_run_from_cfg(cfg)
+    cfg = compose_cfg("mode=central", "data=femnist", "out_dir=x")
+    with pytest.raises(ConfigError, match="text corpus .* or an image dataset"):
         central_run_from_cfg(cfg)
 
 

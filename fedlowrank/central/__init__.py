@@ -1,4 +1,5 @@
-"""Central mode: single-node (multi-process) LM pretraining. ``run(cfg)`` is the Hydra entry."""
+"""Central mode: single-node (multi-process) training of language models and of the model zoo (image
+classifiers, character LSTM/Transformer). ``run(cfg)`` is the Hydra entry."""
 from __future__ import annotations
 
 import json
@@ -32,27 +33,43 @@ def train(run: CentralRun) -> dict:
     """Entry point of one process (plain, torchrun, or spawned)."""
     import torch.distributed as dist
 
-    from fedlowrank.data.text import check_splits, load_text_data
-
     from .dist import init_dist
     from .trainer import Trainer
 
     env = init_dist(run.trainer.backend, run.trainer.device)
     try:
-        d = run.data
-        tokenizer = run.tokenizer()
-        data = load_text_data(d.name, tokenizer, d.dir if d.name == "tokens" else d.path, d.val_fraction,
-                              d.max_chars, d.cache_dir, train_path=d.train_path, eval_path=d.eval_path)
-        if env.is_main:
-            keep_tokenizer(tokenizer, Path(run.out_dir))
-        check_splits(data, run.trainer.block_size, f"data={d.name}" + (f" ({d.train_path})" if d.train_path else ""))
-        summary = Trainer(run, env, data).fit()
+        summary = Trainer(run, env, load_data(run, env.is_main)).fit()
         if env.distributed:
             dist.barrier()  # every rank leaves its last collective before rank 0 (the store host) tears down
         return summary
     finally:
         if env.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def load_data(run: CentralRun, main_process: bool = True):
+    """The run's data: an image set (:class:`~fedlowrank.data.vision.ImageData`) or token streams
+    (:class:`~fedlowrank.data.text.TextData`, its tokenizer kept in the run directory by the main process)."""
+    from fedlowrank.config.zoo import ImageDataConfig
+    from fedlowrank.data.text import check_splits, load_text_data
+
+    d = run.data
+    if isinstance(d, ImageDataConfig):
+        from fedlowrank.data.vision import load_digits_data, load_image_data
+
+        if d.name == "digits":
+            return load_digits_data(d.test_fraction, d.seed)
+        try:
+            return load_image_data(d.name, d.root, d.download, d.seed)
+        except RuntimeError as e:  # offline and not on disk: a clear error, before any training
+            raise ConfigError(str(e)) from None
+    tokenizer = run.tokenizer()
+    data = load_text_data(d.name, tokenizer, d.dir if d.name == "tokens" else d.path, d.val_fraction,
+                          d.max_chars, d.cache_dir, train_path=d.train_path, eval_path=d.eval_path)
+    if main_process:
+        keep_tokenizer(tokenizer, Path(run.out_dir))
+    check_splits(data, run.trainer.block_size, f"data={d.name}" + (f" ({d.train_path})" if d.train_path else ""))
+    return data
 
 
 def keep_tokenizer(tokenizer: str, out: Path) -> None:
@@ -93,13 +110,15 @@ def launch(run: CentralRun) -> dict:
 
 
 def summary_lines(summary: dict, out_dir: str, wall_s: float) -> list[str]:
-    """The closing lines of a central run: held-out loss/ppl, parameters against the dense model, final
-    ranks, wall time, whole-run tokens/s, and where ``summary.json`` and the TensorBoard logs are."""
+    """The closing lines of a central run: held-out loss (ppl, accuracy), parameters against the dense model, size
+    and forward FLOPs, final ranks, wall time, whole-run throughput, and where ``summary.json`` and the
+    TensorBoard logs are."""
     ev = summary.get("final_eval") or {}
     comp = summary.get("compression") or {}
     lines = [f"central run finished at step {summary.get('step')} in {wall_s:.1f} s wall"]
     if ev:
-        lines.append(f"  held-out loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f} (step {ev['step']})")
+        extra = "".join(f", {k} {ev[k]:.4f}" for k in ("ppl", "accuracy") if k in ev)
+        lines.append(f"  held-out loss {ev['loss']:.4f}{extra} (step {ev['step']})")
     params, dense = summary.get("params", 0), comp.get("params_if_dense") or summary.get("params", 0)
     lines.append(f"  parameters {params:,} ({params / max(1, dense):.3f}x the dense model's {dense:,}); "
                  f"trainable {summary.get('trainable_params', 0):,}")
@@ -107,8 +126,12 @@ def summary_lines(summary: dict, out_dir: str, wall_s: float) -> list[str]:
     if ranks:
         shown = ", ".join(f"{k} {v}" for k, v in list(ranks.items())[:6])
         lines.append(f"  final ranks ({len(ranks)} layers): {shown}{', ...' if len(ranks) > 6 else ''}")
-    lines.append(f"  throughput {summary.get('tokens_per_s', 0):,.0f} tokens/s over the whole run "
-                 f"({summary.get('tokens_seen', 0):,} tokens)")
+    if "size_mb" in summary:
+        lines.append(f"  size {summary['size_mb']:.3f} MB, forward {summary.get('forward_flops', 0) / 1e6:.3f} MFLOPs "
+                     f"per {'image' if summary.get('unit') == 'samples' else 'sequence'}")
+    u = summary.get("unit", "tokens")
+    lines.append(f"  throughput {summary.get(f'{u}_per_s', 0):,.0f} {u}/s over the whole run "
+                 f"({summary.get(f'{u}_seen', 0):,} {u})")
     out = os.path.abspath(out_dir)
     lines.append(f"  summary: {os.path.join(out, 'summary.json')}")
     lines.append(f"  tensorboard --logdir {out}")
@@ -120,7 +143,7 @@ def run(cfg: DictConfig) -> dict:
     and a short summary at the end."""
     cr = central_run_from_cfg(cfg)
     log.info("central run: %s %s, lowrank=%s, method=%s, data=%s, %d steps; output in %s", cr.model.arch,
-             cr.model.size, cr.model.lowrank, cr.method.get("name", "none"), cr.data.name, cr.trainer.max_steps,
+             getattr(cr.model, "family", "") if cr.model.size == "zoo" else cr.model.size, cr.model.lowrank, cr.method.get("name", "none"), cr.data.name, cr.trainer.max_steps,
              os.path.abspath(cr.out_dir))
     t0 = time.time()
     summary = launch(cr)
@@ -130,4 +153,4 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-__all__ = ["CentralRun", "central_run_from_cfg", "launch", "run", "summary_lines", "train"]
+__all__ = ["CentralRun", "central_run_from_cfg", "launch", "load_data", "run", "summary_lines", "train"]

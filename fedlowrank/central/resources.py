@@ -40,10 +40,12 @@ def model_params(run: CentralRun) -> int:
         return 0
     import torch
 
-    from .model import build_lm
+    from fedlowrank.config.zoo import IMAGE_DATA
+
+    from .model import build_model
 
     with torch.device("meta"):
-        model = build_lm(run, VOCAB_BOUND)
+        model = build_model(run, None if run.data.name in IMAGE_DATA else VOCAB_BOUND)
     return sum(p.numel() for p in model.parameters())
 
 

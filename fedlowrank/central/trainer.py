@@ -1,5 +1,7 @@
-"""Language-model pretraining loop: DDP/FSDP2, grad accumulation, cosine LR, bf16 autocast,
-eval perplexity, exact resume, TensorBoard, InRank stage 1 → compressed checkpoint → stage 2."""
+"""The central training loop for every task (language models, image classifiers, character models): DDP/FSDP2,
+grad accumulation, cosine LR, bf16 autocast, held-out evaluation, exact resume, TensorBoard, the method hooks
+(InRank stage 1 → compressed checkpoint → stage 2, ReLoRA, WeLore). What is trained on comes from a task
+(:mod:`fedlowrank.central.task`)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,20 +15,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from fedlowrank.checkpoint import CheckpointError, is_complete, load_torch_state
-from fedlowrank.data.text import TextData, eval_windows, get_batch
-from fedlowrank.config.central import CentralRun
-from fedlowrank.lowrank import compression_summary, count_params, model_ranks, set_ranks
+from fedlowrank.config.central import CentralRun, LMConfig
+from fedlowrank.data.text import TextData
+from fedlowrank.data.vision import ImageData
+from fedlowrank.lowrank import compression_summary, count_params, frobenius_decay, model_ranks, set_ranks, size_mb
 from fedlowrank.training.optim import remap_optimizer_state
 
 from .guard import NonFiniteGuard
 from .hooks import make_hook
 from .sample import tb_sample
-from .model import build_lm
-from .throughput import device_peak_flops, mfu, train_flops_per_token
+from .model import build_model
+from .task import ClassifierTask, LMTask, Task, forward_flops
+from .throughput import device_peak_flops, mfu
 from .dist import (DistEnv, broadcast_object, full_state, load_checkpoint_meta, load_optimizer_state, load_weights,
                    mean_across, resolve_checkpoint, resume_path, save_checkpoint, tied_duplicates, wrap_model)
 
@@ -35,7 +38,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Pace:
-    """Throughput bookkeeping of :meth:`Trainer.fit`: the last log point (time, step, tokens/s) and the
+    """Throughput bookkeeping of :meth:`Trainer.fit`: the last log point (time, step, units/s) and the
     training time not yet banked (since ``loop_start``, minus ``side``: eval and checkpoint time)."""
 
     s0: int
@@ -45,14 +48,28 @@ class _Pace:
     side: float = 0.0
 
 
+def make_task(run: CentralRun, env: DistEnv, data: TextData | ImageData) -> Task:
+    """The task of ``data``: next-token prediction on text, classification on images."""
+    t = run.trainer
+    if isinstance(data, ImageData):
+        from fedlowrank.data.vision import black_fill
+
+        aug = getattr(run.data, "augmented", False)
+        return ClassifierTask(data, t.batch_size, run.seed, env.world, t.grad_accum,
+                              black_fill(run.data.name) if aug else None)
+    return LMTask(data, t.batch_size, t.block_size, run.seed)
+
+
 class Trainer:
-    def __init__(self, run: CentralRun, env: DistEnv, data: TextData) -> None:
+    def __init__(self, run: CentralRun, env: DistEnv, data: TextData | ImageData) -> None:
         self.run, self.env, self.data, self.t = run, env, data, run.trainer
+        self.task = make_task(run, env, data)
+        self.unit = self.task.unit  # tokens | samples: what throughput counts
         self.out = Path(run.out_dir)
         self.bf16 = env.device.type == "cuda" and self.t.precision in ("auto", "bf16")
         self.step = 0
-        self.tokens_seen, self.train_time = 0, 0.0  # whole-run throughput, carried across resume
-        self.model_flops, self.flops_per_token = 0.0, 0.0  # counted FLOPs of the whole run / of one token now
+        self.units_seen, self.train_time = 0, 0.0  # whole-run throughput, carried across resume
+        self.model_flops, self.flops_per_unit = 0.0, 0.0  # counted FLOPs of the whole run / of one unit now
         self.guard = NonFiniteGuard(self.out / "checkpoints")
         self.losses: list[tuple[int, float]] = []
         self.evals: list[dict] = []
@@ -60,7 +77,7 @@ class Trainer:
         self.compiles = 0  # torch.compile wrappers built (one per structural change)
         self.graph_compile_steps: list[int] = []  # step at each graph the backend really compiled
         torch.manual_seed(run.seed)  # identical init on every process
-        self.model = build_lm(run, data.vocab_size)
+        self.model = build_model(run, self.task.vocab_size)
         self.hook = make_hook(run.method, run.seed, run.trainer.max_steps)
         trainer_state = self._resume()
         if trainer_state is None:
@@ -81,9 +98,12 @@ class Trainer:
             enable_kernels(self.model)
         self.wrapped = wrap_model(self.model, self.env, self.t.dist, self.bf16)
         self._compile()
-        self.flops_per_token = train_flops_per_token(self.model, self.t.block_size, self.env.device)
-        self.opt = torch.optim.AdamW(self.hook.param_groups(self), lr=self.t.lr,
-                                     betas=(self.t.beta1, self.t.beta2), fused=self.env.device.type == "cuda")
+        self.flops_per_unit = self.task.flops_per_unit(self.model, self.env.device)
+        groups, t = self.hook.param_groups(self), self.t
+        if t.optimizer == "sgd":
+            self.opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+        else:
+            self.opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=self.env.device.type == "cuda")
 
     def rebuild(self) -> None:
         """After a structural change (adapters attached, layers replaced, params frozen):
@@ -108,7 +128,7 @@ class Trainer:
         self.step = int(meta["step"])
         self.losses = [tuple(x) for x in meta.get("losses", [])]  # type: ignore[misc]
         self.evals = meta.get("evals", [])
-        self.tokens_seen = int(meta.get("tokens_seen", 0))
+        self.units_seen = int(meta.get(f"{self.unit}_seen", 0))
         self.model_flops = float(meta.get("model_flops", 0.0))
         self.train_time = float(meta.get("train_time_s", 0.0))
         log.info("resumed from %s at step %d", path, self.step)
@@ -127,7 +147,7 @@ class Trainer:
         remap_optimizer_state(self.opt, mapping, reset={old[n] for n in (reset or set()) if n in old})
         self.wrapped = wrap_model(self.model, self.env, self.t.dist, self.bf16)
         self._compile()
-        self.flops_per_token = train_flops_per_token(self.model, self.t.block_size, self.env.device)
+        self.flops_per_unit = self.task.flops_per_unit(self.model, self.env.device)
 
     def _compile(self) -> None:
         """``self.forward``: the wrapped model, compiled with ``trainer.compile``. Dynamo guards on
@@ -156,7 +176,7 @@ class Trainer:
     def _loss(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module) -> torch.Tensor:
         with self.autocast():
             logits = model(x)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+        return self.task.loss(logits, y)
 
     def train_step(self) -> float:
         t, env = self.t, self.env
@@ -165,14 +185,15 @@ class Trainer:
             g["lr"] = lr
         total = 0.0
         for micro in range(t.grad_accum):
-            x, y = get_batch(self.data.train, t.batch_size, t.block_size, self.run.seed, self.step, env.rank, micro)
+            x, y = self.task.batch(self.step, env.rank, micro)
             x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
             sync = micro == t.grad_accum - 1 or not (env.distributed and t.dist == "ddp")
             ctx = contextlib.nullcontext() if sync else self.wrapped.no_sync()  # type: ignore[operator]
             with ctx:
                 loss = self._loss(x, y, self.forward) / t.grad_accum
-                loss.backward()
-            total += loss.detach()
+                obj = loss + t.frob_decay / t.grad_accum * frobenius_decay(self.model) if t.frob_decay > 0 else loss
+                obj.backward()
+            total += loss.detach()  # the task's loss; Frobenius decay is a regulariser, not logged as loss
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.wrapped.parameters(), t.grad_clip)
         self.opt.step()
@@ -182,47 +203,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean next-token loss on the eval split: ``eval_iters`` random batches, or every
-        non-overlapping window (``eval_full``, windows shared out across processes)."""
+        """The task's held-out evaluation (loss, and accuracy; perplexity for language models)."""
         self.wrapped.eval()
-        t, env = self.t, self.env
-        if t.eval_full:
-            starts = eval_windows(self.data.val, t.block_size)[env.rank::env.world]
-            tot = torch.zeros(2, dtype=torch.float64, device=env.device)
-            for i in range(0, len(starts), t.batch_size):
-                ix = starts[i: i + t.batch_size].tolist()
-                x = torch.stack([self.data.val[j: j + t.block_size] for j in ix]).to(env.device)
-                y = torch.stack([self.data.val[j + 1: j + 1 + t.block_size] for j in ix]).to(env.device)
-                with self.autocast():
-                    logits = self.wrapped(x)
-                tot[0] += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="sum")
-                tot[1] += y.numel()
-            if env.distributed:
-                dist.all_reduce(tot)
-            loss = (tot[0] / tot[1].clamp_min(1)).item()
-        else:
-            losses = []
-            for i in range(t.eval_iters):
-                x, y = get_batch(self.data.val, t.batch_size, t.block_size, self.run.seed + 1, i, env.rank)
-                losses.append(self._loss(x.to(env.device), y.to(env.device), self.wrapped).item())
-            loss = mean_across(sum(losses) / len(losses), env)
-        self.wrapped.train()
-        return {"step": self.step, "loss": loss, "ppl": math.exp(min(loss, 50.0))}
+        try:
+            return {"step": self.step, **self.task.evaluate(self)}
+        finally:
+            self.wrapped.train()
 
     def fit(self) -> dict:
         """Train to ``max_steps`` (or ``stop_after``): step, log, evaluate, checkpoint; returns the summary
         (also written to ``summary.json``)."""
         t, env = self.t, self.env
         bar = self._open_outputs()
-        tokens_per_step = t.batch_size * t.block_size * t.grad_accum * env.world
+        units_per_step = self.task.units_per_batch * t.grad_accum * env.world
         pace = _Pace(self.step)
         end = min(t.max_steps, t.stop_after) if t.stop_after else t.max_steps
         if self.step == 0:
             self.hook.start(self)
         lazy = self._lazy_checks()
         while self.step < end:
-            loss_t = self._train_one(tokens_per_step, lazy, end)
-            self._after_step(loss_t, pace, tokens_per_step, end, bar)
+            loss_t = self._train_one(units_per_step, lazy, end)
+            self._after_step(loss_t, pace, units_per_step, end, bar)
             bar.update(1)
         bar.close()
         self._sync()
@@ -245,22 +246,22 @@ class Trainer:
         return tqdm(total=self.t.max_steps, initial=self.step, disable=not (self.env.is_main and self.t.progress),
                     desc="train")
 
-    def _train_one(self, tokens_per_step: int, lazy: bool, end: int) -> torch.Tensor:
+    def _train_one(self, units_per_step: int, lazy: bool, end: int) -> torch.Tensor:
         """One optimizer step with its FLOP/token accounting, the non-finite guard and the method hook."""
         t = self.t
-        flops_per_token = self.flops_per_token
+        flops_per_unit = self.flops_per_unit
         loss_t = self.train_step()
-        self.model_flops += flops_per_token * tokens_per_step
+        self.model_flops += flops_per_unit * units_per_step
         self.guard.note(loss_t, self.step)
         due = (self.step % t.log_interval == 0 or self.step % t.eval_interval == 0
                or self.step % t.ckpt_interval == 0 or self.step in (t.max_steps, end))
         if not lazy or due or self.hook.acts_at(self.step):
             self._raise_if_nonfinite()
         self.hook.after_step(self)
-        self.tokens_seen += tokens_per_step
+        self.units_seen += units_per_step
         return loss_t
 
-    def _after_step(self, loss_t: torch.Tensor, pace: "_Pace", tokens_per_step: int, end: int, bar) -> None:
+    def _after_step(self, loss_t: torch.Tensor, pace: "_Pace", units_per_step: int, end: int, bar) -> None:
         """Log, evaluate and checkpoint when due; eval and checkpoint time is kept out of the throughput."""
         t, env = self.t, self.env
         log_now = self.step % t.log_interval == 0 or self.step == t.max_steps
@@ -269,7 +270,7 @@ class Trainer:
         if log_now:
             loss = mean_across(float(loss_t), env)
             self._sync()
-            pace.tps = tokens_per_step * (self.step - pace.s0) / max(1e-9, time.perf_counter() - pace.t0)
+            pace.tps = units_per_step * (self.step - pace.s0) / max(1e-9, time.perf_counter() - pace.t0)
             pace.t0, pace.s0 = time.perf_counter(), self.step
             self.losses.append((self.step, loss))
             self._log_scalars(loss, pace.tps)
@@ -281,9 +282,10 @@ class Trainer:
             ev = self.evaluate()
             self.evals.append(ev)
             if self.writer:
-                self.writer.add_scalar("eval/loss", ev["loss"], self.step)
-                self.writer.add_scalar("eval/ppl", ev["ppl"], self.step)
-            if t.sample_every and self.step % t.sample_every == 0:
+                for k, v in ev.items():
+                    if k != "step":
+                        self.writer.add_scalar(f"eval/{k}", v, self.step)
+            if t.sample_every and self.step % t.sample_every == 0 and isinstance(self.run.model, LMConfig):
                 tb_sample(self)
         if ckpt_now:
             self.train_time += ts - pace.loop_start - pace.side  # bank the training time so far in the checkpoint
@@ -294,7 +296,7 @@ class Trainer:
 
     def _summary(self, tps_last: float) -> dict:
         """The run's ``summary.json``: evals, sizes, ranks, whole-run throughput and MFU, the method's part."""
-        t, env = self.t, self.env
+        t, env, u = self.t, self.env, self.unit
         return {"step": self.step, "final_eval": self.evals[-1] if self.evals else None,
                 "losses": self.losses, "evals": self.evals, "params": count_params(self.model),
                 "trainable_params": count_params(self.model, trainable_only=True),
@@ -302,10 +304,11 @@ class Trainer:
                 "optimizer_state_bytes": self.optimizer_state_bytes(),
                 "ranks": model_ranks(self.model),
                 # whole run (every stage, resumed segments included), eval and checkpoints left out
-                "tokens_per_s": self.tokens_seen / max(1e-9, self.train_time),
-                "tokens_seen": self.tokens_seen, "train_time_s": self.train_time,
-                "tokens_per_s_last_interval": tps_last,
-                "flops_per_token": self.flops_per_token, "model_flops": self.model_flops,
+                f"{u}_per_s": self.units_seen / max(1e-9, self.train_time),
+                f"{u}_seen": self.units_seen, "train_time_s": self.train_time,
+                f"{u}_per_s_last_interval": tps_last, "unit": u,
+                f"flops_per_{u[:-1]}": self.flops_per_unit, "model_flops": self.model_flops,
+                "size_mb": size_mb(self.model), "forward_flops": forward_flops(self.task, self.model, env.device),
                 "model_flops_per_s": self.model_flops / max(1e-9, self.train_time),
                 "mfu": mfu(self.model_flops, self.train_time, device_peak_flops(env.device, t.peak_tflops), env.world),
                 "replica_max_diff": self.replica_divergence(), "compiles": self.compiles,
@@ -352,9 +355,10 @@ class Trainer:
             return
         w, s = self.writer, self.step
         w.add_scalar("train/loss", loss, s)
-        w.add_scalar("train/ppl", math.exp(min(loss, 50.0)), s)
+        if self.unit == "tokens":
+            w.add_scalar("train/ppl", math.exp(min(loss, 50.0)), s)
         w.add_scalar("train/lr", self.opt.param_groups[0]["lr"], s)
-        w.add_scalar("train/tokens_per_s", tps, s)
+        w.add_scalar(f"train/{self.unit}_per_s", tps, s)
         w.add_scalar("model/params", count_params(self.model), s)
         for name, r in model_ranks(self.model).items():
             w.add_scalar(f"rank/{name}", r, s)
@@ -363,9 +367,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def meta(self) -> dict:
         return {"step": self.step, "method_state": self.hook.state(), "ranks": model_ranks(self.model),
-                "losses": self.losses, "tokens_seen": self.tokens_seen, "train_time_s": self.train_time,
-                "model_flops": self.model_flops, "evals": self.evals, "arch": self.run.model.arch, "size": self.run.model.size,
-                "vocab_size": self.data.vocab_size, "model_config": dataclasses.asdict(self.model.config)}
+                "losses": self.losses, f"{self.unit}_seen": self.units_seen, "train_time_s": self.train_time,
+                "model_flops": self.model_flops, "evals": self.evals, "arch": self.run.model.arch,
+                "size": self.run.model.size, "vocab_size": self.task.vocab_size,
+                "model_config": dataclasses.asdict(self.model.config) if hasattr(self.model, "config") else
+                {"family": self.run.model.family, **self.run.model.model_dict()}}
 
     def barrier(self) -> None:
         if self.env.distributed:

@@ -1,5 +1,6 @@
-"""Typed config of central (single-node, multi-process) language-model pretraining: ``model`` (:class:`LMConfig`),
-``data`` (:class:`TextDataConfig`), ``trainer`` (:class:`TrainerConfig`) and the run (:class:`CentralRun`)."""
+"""Typed config of central (single-node, multi-process) training: ``model`` (:class:`LMConfig`, or a zoo model,
+:class:`~fedlowrank.config.zoo.ZooModelConfig`), ``data`` (:class:`TextDataConfig` or
+:class:`~fedlowrank.config.zoo.ImageDataConfig`), ``trainer`` (:class:`TrainerConfig`) and the run (:class:`CentralRun`)."""
 from __future__ import annotations
 
 import os
@@ -12,20 +13,19 @@ from omegaconf import DictConfig, OmegaConf
 from fedlowrank.schema import ConfigError, check_top_level, to_dataclass
 from fedlowrank.methods.inrank import InRankConfig
 
+from .zoo import IMAGE_DATA, ImageDataConfig, LowRankSwitches, ZooModelConfig, check_lowrank
+
 LM_ARCHS = ("gpt2", "llama")
 TEXT_DATA = ("pydoc", "shakespeare", "file", "textfile", "wikitext103", "c4", "tokens")
 
 
 @dataclass
-class LMConfig:
+class LMConfig(LowRankSwitches):
     family: str = "lm"
     arch: str = "gpt2"
     size: str = "tiny"
     dropout: float = 0.0
-    # low rank: none (dense) | fixed (rank/ratio) | inrank (ranks grow; needs method=inrank)
-    lowrank: str = "none"
-    rank: int | None = None
-    ratio: float | None = None
+    # low rank (LowRankSwitches): none (dense) | fixed (rank/ratio) | inrank (ranks grow; needs method=inrank)
     targets: list[str] = field(default_factory=lambda: [r"attn\.", r"mlp\."])
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     # a Hugging Face checkpoint (hub repo id or local directory): architecture and weights from it, size ignored
@@ -33,22 +33,14 @@ class LMConfig:
 
     def validate(self) -> None:
         if self.arch not in LM_ARCHS:
-            raise ConfigError(f"model.arch must be one of {LM_ARCHS} in central mode, got {self.arch!r}")
+            raise ConfigError(f"model.arch must be one of {LM_ARCHS} for a family=lm model, got {self.arch!r}")
         from fedlowrank.models.gpt2 import GPT2_SIZES
         from fedlowrank.models.llama import LLAMA_SIZES
 
         sizes = GPT2_SIZES if self.arch == "gpt2" else LLAMA_SIZES
         if self.size not in sizes:
             raise ConfigError(f"model.size {self.size!r} is not a {self.arch} size; choose from {sorted(sizes)}")
-        if self.lowrank not in ("none", "fixed", "inrank"):
-            raise ConfigError(f"model.lowrank must be none|fixed|inrank, got {self.lowrank!r}")
-        if self.lowrank == "fixed":
-            if (self.rank is None) == (self.ratio is None):
-                raise ConfigError("model.lowrank=fixed needs exactly one of model.rank / model.ratio")
-            if self.rank is not None and self.rank <= 0:
-                raise ConfigError(f"model.rank must be > 0, got {self.rank}")
-            if self.ratio is not None and not 0 < self.ratio <= 1:
-                raise ConfigError(f"model.ratio must be in (0, 1], got {self.ratio}")
+        check_lowrank(self, ("none", "fixed", "inrank"))
 
 
 @dataclass
@@ -103,6 +95,9 @@ class TrainerConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    optimizer: str = "adamw"  # adamw | sgd (with momentum and weight_decay, as the CIFAR literature trains)
+    momentum: float = 0.9  # sgd
+    frob_decay: float = 0.0  # Frobenius decay: + frob_decay * sum ||U V||_F^2 of the factorized layers (0: off)
     eval_interval: int = 50
     eval_iters: int = 8
     eval_full: bool = False  # evaluate on every non-overlapping window of the eval split
@@ -133,6 +128,9 @@ class TrainerConfig:
                 raise ConfigError(f"trainer.{k} must be >= 1, got {getattr(self, k)}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ConfigError("trainer.lr must be > 0, min_lr_ratio in [0, 1], warmup_steps >= 0")
+        if self.optimizer not in ("adamw", "sgd") or not 0 <= self.momentum < 1 or self.frob_decay < 0:
+            raise ConfigError(f"trainer.optimizer must be adamw|sgd, trainer.momentum in [0, 1) and trainer.frob_decay "
+                              f">= 0, got {self.optimizer!r}, {self.momentum}, {self.frob_decay}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ConfigError(f"trainer.stop_after must be >= 1 (or null), got {self.stop_after}")
         if self.peak_tflops is not None and not self.peak_tflops > 0:
@@ -165,8 +163,8 @@ class TrainerConfig:
 
 @dataclass
 class CentralRun:
-    model: LMConfig
-    data: TextDataConfig
+    model: LMConfig | ZooModelConfig
+    data: TextDataConfig | ImageDataConfig
     trainer: TrainerConfig
     method: dict[str, Any]
     out_dir: str
@@ -178,8 +176,18 @@ class CentralRun:
     def validate(self) -> None:
         """Each section validates itself; then the checkpoints named, the method and what crosses sections."""
         self.trainer.validate()
-        self.model.validate()
+        if isinstance(self.model, ZooModelConfig):
+            self.model.validate(self.data.name, self.trainer.block_size)
+            self._validate_zoo()
+        else:
+            self.model.validate()
+            if isinstance(self.data, ImageDataConfig):
+                raise ConfigError(f"data={self.data.name} holds images: train a vision model on it (e.g. model=cnn, "
+                                  f"model=resnet18); model={self.model.arch} is a language model")
         self.data.validate()
+        if self.trainer.frob_decay > 0 and (self.trainer.dist == "fsdp" or self.model.lowrank == "none"):
+            raise ConfigError("trainer.frob_decay acts on factorized layers: it needs model.lowrank=fixed|inrank and "
+                              "trainer.dist=ddp")
         self._check_paths()
         if self.model.pretrained:
             self._check_pretrained()
@@ -199,6 +207,14 @@ class CentralRun:
             if self.trainer.dist == "fsdp" and ir.stage == 1:  # type: ignore[union-attr]
                 raise ConfigError("InRank stage 1 changes parameter shapes, which FSDP2 sharding does not allow; "
                                   "use trainer.dist=ddp for stage 1 (stage 2 works with fsdp)")
+
+    def _validate_zoo(self) -> None:
+        """Zoo models train from scratch, dense or at a fixed rank, replicated (DDP)."""
+        if self.method.get("name", "none") != "none":
+            raise ConfigError(f"method={self.method.get('name')} acts on the language models (model=gpt2|llama); "
+                              f"model.family={self.model.family} trains with method=none")
+        if self.trainer.dist == "fsdp":
+            raise ConfigError("trainer.dist=fsdp shards the language models' blocks; zoo models use trainer.dist=ddp")
 
     def _check_paths(self) -> None:
         """Checkpoint and data paths named in the config exist (before any process starts)."""
@@ -270,11 +286,14 @@ def central_run_from_cfg(cfg: DictConfig | dict) -> CentralRun:
     cfg = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     check_top_level(cfg, {"seed", "out_dir", "model", "data", "strategy", "method", "trainer", "run_mode"}, "central")
     name = (cfg.get("data") or {}).get("name", "pydoc")
-    if name not in TEXT_DATA:  # before the key check: an image dataset's keys would hide the real mistake
-        raise ConfigError(f"data.name must be a text corpus {TEXT_DATA} in central mode, got {name!r}")
+    if name not in TEXT_DATA + IMAGE_DATA:  # before the key check: another dataset's keys would hide the mistake
+        raise ConfigError(f"data.name must be a text corpus {TEXT_DATA} or an image dataset {IMAGE_DATA} in central "
+                          f"mode, got {name!r}")
+    model_node = OmegaConf.to_container(cfg.get("model") or {}, resolve=True)
+    lm = model_node.get("family", "lm") == "lm"  # type: ignore[union-attr]
     run = CentralRun(
-        model=to_dataclass(LMConfig, cfg.get("model", {}), "model"),
-        data=to_dataclass(TextDataConfig, cfg.get("data", {}), "data"),
+        model=to_dataclass(LMConfig, model_node, "model") if lm else ZooModelConfig.from_node(model_node),  # type: ignore
+        data=to_dataclass(TextDataConfig if name in TEXT_DATA else ImageDataConfig, cfg.get("data", {}), "data"),
         trainer=to_dataclass(TrainerConfig, cfg.get("trainer", {}), "trainer"),
         method=OmegaConf.to_container(cfg.get("method", {}) or {}, resolve=True),  # type: ignore[arg-type]
         out_dir=str(cfg.get("out_dir") or os.path.join("outputs", "central")),

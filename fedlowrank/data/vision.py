@@ -1,4 +1,5 @@
-"""Image datasets: sklearn digits (embedded, offline default) and CIFAR-10 (torchvision)."""
+"""Image datasets: sklearn digits (embedded, offline default) and CIFAR-10/100 (torchvision), and the
+standard CIFAR augmentation (padded random crop, horizontal flip) on batch tensors."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 # channels, image size, classes of each image dataset the project knows
-IMAGE_SPECS = {"digits": (1, 8, 10), "cifar10": (3, 32, 10), "femnist": (1, 28, 62)}
+IMAGE_SPECS = {"digits": (1, 8, 10), "cifar10": (3, 32, 10), "cifar100": (3, 32, 100), "femnist": (1, 28, 62)}
 # (features, 1, classes): vector data for the MLP (softmax regression with model.hidden=[]); not images
 VECTOR_SPECS = {"synthetic": (60, 1, 10)}
 
@@ -49,33 +50,72 @@ def load_digits_data(test_fraction: float = 0.2, seed: int = 0) -> ImageData:
     return ImageData(x[tr], y[tr], x[te], y[te], 10)
 
 
-def load_cifar10_data(root: str | Path = "data/cifar10", download: bool = True) -> ImageData:
-    """CIFAR-10 via torchvision; raises a clear error when it is neither on disk nor downloadable."""
-    from torchvision.datasets import CIFAR10
+CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
+CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
 
+
+def cifar_arrays(name: str, root: str | Path, download: bool) -> tuple[np.ndarray, list[int], np.ndarray, list[int]]:
+    """CIFAR-10/100 through torchvision: uint8 images (N, 32, 32, 3) and labels, train then test. torchvision
+    checks the archive's MD5 before it reads the (pickled) batches, so only the official files are read."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
     try:
-        tr = CIFAR10(str(root), train=True, download=download)
-        te = CIFAR10(str(root), train=False, download=download)
+        tr = cls(str(root), train=True, download=download)
+        te = cls(str(root), train=False, download=download)
     except Exception as e:  # network failure or missing files
         raise RuntimeError(
-            f"CIFAR-10 is not available under {root!r} and could not be downloaded ({e}). "
+            f"{name.replace('cifar', 'CIFAR-')} is not available under {str(root)!r} and could not be downloaded ({e}). "
             "Download it with internet access (data.download=true) or use data=digits."
         ) from e
-    mean = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
-    std = np.array([0.2470, 0.2435, 0.2616], dtype=np.float32)
+    return tr.data, tr.targets, te.data, te.targets
 
-    def conv(ds) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (ds.data.astype(np.float32) / 255.0 - mean) / std  # (N, 32, 32, 3)
-        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets, dtype=torch.long)
 
-    xtr, ytr = conv(tr)
-    xte, yte = conv(te)
-    return ImageData(xtr, ytr, xte, yte, 10)
+def load_cifar_data(name: str = "cifar10", root: str | Path = "data/cifar10", download: bool = True) -> ImageData:
+    """CIFAR-10 or CIFAR-100, normalised per channel with the dataset's mean and std: x (N, 3, 32, 32)."""
+    xtr, ytr, xte, yte = cifar_arrays(name, root, download)
+    mean, std = np.array(CIFAR_MEAN[name], np.float32), np.array(CIFAR_STD[name], np.float32)
+
+    def conv(x: np.ndarray, y: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (x.astype(np.float32) / 255.0 - mean) / std  # (N, 32, 32, 3)
+        return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(y, dtype=torch.long)
+
+    return ImageData(*conv(xtr, ytr), *conv(xte, yte), 100 if name == "cifar100" else 10)
+
+
+def load_cifar10_data(root: str | Path = "data/cifar10", download: bool = True) -> ImageData:
+    return load_cifar_data("cifar10", root, download)
+
+
+def augment_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4,
+                      fill: tuple[float, ...] | None = None) -> torch.Tensor:
+    """The standard CIFAR augmentation on a batch: a random ``H×W`` crop of the image padded by ``pad`` on
+    every side (padding = ``fill`` per channel, e.g. black after normalisation; 0 by default), then a
+    horizontal flip with probability 1/2. x: (B, C, H, W); draws come from ``generator`` (exact resume)."""
+    b, c, h, w = x.shape
+    xp = x.new_zeros(b, c, h + 2 * pad, w + 2 * pad)
+    if fill is not None:
+        xp += torch.tensor(fill, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+    xp[:, :, pad:pad + h, pad:pad + w] = x
+    oy = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    flip = torch.rand(b, generator=generator) < 0.5
+    rows = (oy[:, None] + torch.arange(h)).to(x.device)  # (B, H)
+    cols = ox[:, None] + torch.arange(w)  # (B, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols).to(x.device)
+    bi = torch.arange(b, device=x.device)[:, None, None]
+    out = xp.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def black_fill(name: str) -> tuple[float, ...]:
+    """The normalised value of a black pixel per channel (what torchvision's padded crop shows)."""
+    return tuple(-m / s for m, s in zip(CIFAR_MEAN[name], CIFAR_STD[name]))
 
 
 def load_image_data(name: str, root: str = "data", download: bool = True, seed: int = 0) -> ImageData:
     if name == "digits":
         return load_digits_data(seed=seed)
-    if name == "cifar10":
-        return load_cifar10_data(Path(root) / "cifar10", download=download)
-    raise ValueError(f"unknown image dataset {name!r} (digits|cifar10)")
+    if name in ("cifar10", "cifar100"):
+        return load_cifar_data(name, Path(root) / name, download=download)
+    raise ValueError(f"unknown image dataset {name!r} (digits|cifar10|cifar100)")

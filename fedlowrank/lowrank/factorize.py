@@ -38,21 +38,30 @@ def factorize(
     targets: Iterable[str] | None = None,
     skip: Iterable[str] | None = None,
     only_if_smaller: bool = False,
+    dense_first: int = 0,
+    init: str = "spectral",
 ) -> list[str]:
-    """Replace Linear/Conv2d modules of ``model`` in place by factorized ones (SVD init).
+    """Replace Linear/Conv2d modules of ``model`` in place by factorized ones.
 
     Args:
         rank / ratio: budget for every replaced layer (exactly one).
         targets: regexes of module names to factorize (default: every supported layer).
         skip: regexes of module names kept dense (hybrid models, e.g. first conv and head).
         only_if_smaller: keep a layer dense when the factors would hold more parameters.
+        dense_first: keep the first ``k`` layers that would be factorized dense, in module order (Pufferfish's
+            hybrid: the early layers, few parameters and sensitive, stay full rank).
+        init: ``spectral``: the best rank-r approximation (SVD) of the dense layer's weights, i.e. spectral
+            initialisation when they are a fresh init (Khodak et al. 2021); ``random``: independent factors.
     Returns:
         Names of the replaced modules.
     """
     if (rank is None) == (ratio is None):
         raise ValueError("factorize needs exactly one of rank= or ratio=")
+    if init not in ("spectral", "random") or dense_first < 0:
+        raise ValueError(f"factorize: init must be spectral|random and dense_first >= 0, got {init!r}, {dense_first}")
     targets = list(targets) if targets else None
     replaced: list[str] = []
+    kept_first = 0
     for name, module in list(model.named_modules()):
         maker = FACTORIZERS.get(type(module))
         if maker is None or not name:
@@ -64,9 +73,14 @@ def factorize(
         if isinstance(module, nn.Conv2d) and (module.groups != 1 or isinstance(module.padding, str)):
             log.debug("keeping %s dense (grouped or string padding)", name)
             continue
+        if kept_first < dense_first:
+            kept_first += 1
+            continue
         new = maker(module, rank=rank, ratio=ratio)
         if only_if_smaller and new.factor_params() >= new.dense_params():
             continue
+        if init == "random":
+            new.random_init_()
         set_submodule(model, name, new)
         replaced.append(name)
     if targets is not None and not replaced:

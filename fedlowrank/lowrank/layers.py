@@ -74,8 +74,7 @@ class LowRankMixin(nn.Module):
         if init == "spectral":
             self.spectral_init_()
         else:
-            nn.init.normal_(self.U, std=(1.0 / rank) ** 0.5)
-            nn.init.normal_(self.V, std=(1.0 / fan_in) ** 0.5)
+            self.random_init_()
         if self.bias is not None:
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
@@ -123,6 +122,13 @@ class LowRankMixin(nn.Module):
         with torch.no_grad():
             self.U.copy_(U)
             self.V.copy_(V)
+
+    def random_init_(self) -> None:
+        """Independent Gaussian factors, U ~ N(0, 1/r), V ~ N(0, 1/fan_in) (no SVD; the ablation of spectral
+        initialisation)."""
+        with torch.no_grad():
+            nn.init.normal_(self.U, std=(1.0 / self.rank) ** 0.5)
+            nn.init.normal_(self.V, std=(1.0 / self.V.shape[1]) ** 0.5)
 
     # ------------------------------------------------------------------ spectrum / regularisation
     def spectrum(self) -> Tensor:

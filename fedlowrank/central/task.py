@@ -20,6 +20,8 @@ from fedlowrank.lowrank import count_flops
 from .throughput import train_flops_per_token
 
 if TYPE_CHECKING:
+    from fedlowrank.config.central import CentralRun
+
     from .trainer import Trainer
 
 
@@ -162,6 +164,18 @@ class ClassifierTask:
 
 
 Task = LMTask | ClassifierTask
+
+
+def make_task(run: "CentralRun", world: int, data: TextData | ImageData) -> Task:
+    """The task of ``data``: next-token prediction on text, classification on images (CIFAR's crop-and-flip
+    when ``data.augment`` is on)."""
+    from fedlowrank.data.vision import black_fill
+
+    t = run.trainer
+    if isinstance(data, ImageData):
+        aug = black_fill(run.data.name) if getattr(run.data, "augmented", False) else None
+        return ClassifierTask(data, t.batch_size, run.seed, world, t.grad_accum, aug)
+    return LMTask(data, t.batch_size, t.block_size, run.seed)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from .guard import NonFiniteGuard
 from .hooks import make_hook
 from .sample import tb_sample
 from .model import build_model
-from .task import ClassifierTask, LMTask, Task, forward_flops
+from .task import forward_flops, make_task
 from .throughput import device_peak_flops, mfu
 from .dist import (DistEnv, broadcast_object, full_state, load_checkpoint_meta, load_optimizer_state, load_weights,
                    mean_across, resolve_checkpoint, resume_path, save_checkpoint, tied_duplicates, wrap_model)
@@ -48,22 +48,10 @@ class _Pace:
     side: float = 0.0
 
 
-def make_task(run: CentralRun, env: DistEnv, data: TextData | ImageData) -> Task:
-    """The task of ``data``: next-token prediction on text, classification on images."""
-    t = run.trainer
-    if isinstance(data, ImageData):
-        from fedlowrank.data.vision import black_fill
-
-        aug = getattr(run.data, "augmented", False)
-        return ClassifierTask(data, t.batch_size, run.seed, env.world, t.grad_accum,
-                              black_fill(run.data.name) if aug else None)
-    return LMTask(data, t.batch_size, t.block_size, run.seed)
-
-
 class Trainer:
     def __init__(self, run: CentralRun, env: DistEnv, data: TextData | ImageData) -> None:
         self.run, self.env, self.data, self.t = run, env, data, run.trainer
-        self.task = make_task(run, env, data)
+        self.task = make_task(run, env.world, data)
         self.unit = self.task.unit  # tokens | samples: what throughput counts
         self.out = Path(run.out_dir)
         self.bf16 = env.device.type == "cuda" and self.t.precision in ("auto", "bf16")

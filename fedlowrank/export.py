@@ -59,7 +59,7 @@ def _model_from_meta(meta: dict, sd: dict[str, Tensor]) -> nn.Module:
         if not cfg:
             cfg = dataclasses.asdict(LlamaConfig.from_size(meta["size"], vocab_size=sd["embed.weight"].shape[0]))
         return Llama(LlamaConfig(**cfg))
-    raise PretrainedError(f"checkpoint arch {arch!r} cannot be exported (gpt2 or llama)")
+    raise PretrainedError(f"checkpoint arch {arch!r} is not a GPT-2 or LLaMA run: export and sampling take those only")
 
 
 def find_checkpoint(src: Path) -> Path:

@@ -25,4 +25,5 @@ def central_run(out_dir, *overrides):
 def text_run(play, *overrides):
     """Validated FederatedRun of the Shakespeare experiment on the play file ``play``."""
     return federated_run_from_cfg(compose_cfg("experiment=fed_shakespeare", f"data.path={play}", "out_dir=/tmp/x",
-                                              "data.seq_len=16", "fed.min_partition_size=2", *overrides))
+                                              "data.seq_len=16", "fed.min_partition_size=2", "fed.fraction_train=1.0",
+                                              *overrides))

@@ -142,8 +142,9 @@ def run(cfg: DictConfig) -> dict:
     """Validate the config (errors before any training), then train; logs where the output goes at the start
     and a short summary at the end."""
     cr = central_run_from_cfg(cfg)
-    log.info("central run: %s %s, lowrank=%s, method=%s, data=%s, %d steps; output in %s", cr.model.arch,
-             getattr(cr.model, "family", "") if cr.model.size == "zoo" else cr.model.size, cr.model.lowrank, cr.method.get("name", "none"), cr.data.name, cr.trainer.max_steps,
+    what = f"{cr.model.arch} ({cr.model.family})" if cr.model.size == "zoo" else f"{cr.model.arch} {cr.model.size}"
+    log.info("central run: %s, lowrank=%s, method=%s, data=%s, %d steps; output in %s", what, cr.model.lowrank,
+             cr.method.get("name", "none"), cr.data.name, cr.trainer.max_steps,
              os.path.abspath(cr.out_dir))
     t0 = time.time()
     summary = launch(cr)

@@ -71,7 +71,8 @@ class LMTask:
             pairs = ((torch.stack([val[j: j + t.block_size] for j in ix]),
                       torch.stack([val[j + 1: j + 1 + t.block_size] for j in ix])) for ix in batches)
         else:
-            pairs = (get_batch(val, t.batch_size, t.block_size, self.seed + 1, i, env.rank) for i in range(t.eval_iters))
+            pairs = (get_batch(val, t.batch_size, t.block_size, self.seed + 1, i, env.rank)
+                     for i in range(t.eval_iters))
         for x, y in pairs:
             with tr.autocast():
                 logits = tr.wrapped(x.to(env.device))

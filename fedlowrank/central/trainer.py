@@ -91,7 +91,8 @@ class Trainer:
         if t.optimizer == "sgd":
             self.opt = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
         else:
-            self.opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=self.env.device.type == "cuda")
+            self.opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2),
+                                         fused=self.env.device.type == "cuda")
 
     def rebuild(self) -> None:
         """After a structural change (adapters attached, layers replaced, params frozen):

@@ -1,6 +1,7 @@
 """Typed config of central (single-node, multi-process) training: ``model`` (:class:`LMConfig`, or a zoo model,
 :class:`~fedlowrank.config.zoo.ZooModelConfig`), ``data`` (:class:`TextDataConfig` or
-:class:`~fedlowrank.config.zoo.ImageDataConfig`), ``trainer`` (:class:`TrainerConfig`) and the run (:class:`CentralRun`)."""
+:class:`~fedlowrank.config.zoo.ImageDataConfig`), ``trainer`` (:class:`TrainerConfig`) and the run
+(:class:`CentralRun`)."""
 from __future__ import annotations
 
 import os

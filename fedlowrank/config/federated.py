@@ -49,7 +49,7 @@ class FedConfig:
     partition: str = "iid"
     alpha: float = 0.5
     min_partition_size: int = 10
-    client_holdout: float = 0.0  # image tasks: fraction of each client's partition held out for its own eval
+    client_holdout: float = 0.1  # image tasks: fraction of each client's partition held out for its own eval (0: none)
     timeout: float = 600.0
     poll_s: float = 0.1  # seconds between the server's pulls for replies (Flower's deployed Grid: a fixed 3 s)
     client_cpus: float = 1.0
@@ -219,6 +219,9 @@ class DataConfig:
     path: str | None = None  # text tasks: the text file (tinyshakespeare.txt format)
     seq_len: int = 80  # text tasks: characters per sample (LEAF: 80)
     test_fraction: float = 0.1  # text and Hub tasks: each client's held-out share of its examples
+    # text tasks, evaluation: last (LEAF's protocol: the next character after each held-out window's seq_len-character
+    # context) | all (every position of a held-out window, its context growing from 1 character to seq_len)
+    eval_target: str = "last"
     source: str = "local"  # local (embedded, file or torchvision) | hub (flwr-datasets FederatedDataset, online)
     # data=synthetic: FedProx's Synthetic(alpha, beta) (fedlowrank.data.synthetic); one client per generated user
     alpha: float = 1.0  # model heterogeneity
@@ -246,6 +249,8 @@ class DataConfig:
             if not self.path or not os.path.isfile(self.path):
                 raise ConfigError(f"data.path={self.path!r} is not a file; {self.name} needs a text file such as "
                                   "tinyshakespeare.txt (speaker lines 'NAME:' followed by their speech)")
+            if self.eval_target not in ("last", "all"):
+                raise ConfigError(f"data.eval_target must be last (LEAF) or all, got {self.eval_target!r}")
             if self.seq_len < 2 or not 0.0 < self.test_fraction < 1.0:
                 raise ConfigError(f"data.seq_len must be >= 2 and data.test_fraction in (0, 1), got {self.seq_len}, "
                                   f"{self.test_fraction}")

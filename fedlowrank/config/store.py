@@ -1,8 +1,9 @@
 """The sections' defaults, registered once in Hydra's ConfigStore from the dataclasses, so a default is written
-in one place only, the dataclass: ``schema/fed``, ``schema/trainer`` and ``schema/lowrank`` (the central model's low-rank switches), which ``conf/mode/*.yaml`` pull in
-(``- /schema@fed: fed``), and the ``method`` group's options ``inrank``, ``relora`` and ``welore`` (``none`` is
-``conf/method/none.yaml``). The nodes are untyped; :func:`fedlowrank.schema.to_dataclass` types and checks them when a run is
-built, so every config error keeps the project's message and exit code 2."""
+in one place only, the dataclass: ``schema/fed``, ``schema/trainer`` and ``schema/lowrank`` (the central model's
+low-rank switches), which ``conf/mode/*.yaml`` pull in (``- /schema@fed: fed``), and the ``method`` group's options
+``inrank``, ``relora`` and ``welore`` (``none`` is ``conf/method/none.yaml``). The nodes are untyped;
+:func:`fedlowrank.schema.to_dataclass` types and checks them when a run is built, so every config error keeps the
+project's message and exit code 2."""
 from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore

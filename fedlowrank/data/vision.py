@@ -65,7 +65,8 @@ def cifar_arrays(name: str, root: str | Path, download: bool) -> tuple[np.ndarra
         te = cls(str(root), train=False, download=download)
     except Exception as e:  # network failure or missing files
         raise RuntimeError(
-            f"{name.replace('cifar', 'CIFAR-')} is not available under {str(root)!r} and could not be downloaded ({e}). "
+            f"{name.replace('cifar', 'CIFAR-')} is not available under {str(root)!r} and could not be downloaded "
+            f"({e}). "
             "Download it with internet access (data.download=true) or use data=digits."
         ) from e
     return tr.data, tr.targets, te.data, te.targets

@@ -17,6 +17,7 @@ from fedlowrank.config import FederatedRun
 from fedlowrank.data.partition import partition_indices
 from fedlowrank.federated.run_config import node_cache_dir
 from fedlowrank.models.build import dense_model
+from fedlowrank.training.loop import IGNORE
 
 
 @dataclass
@@ -31,16 +32,25 @@ class FedData:
     heldout_parts: list[np.ndarray] | None
     test: TensorDataset
     num_classes: int  # classes, or vocabulary size for text
+    y_eval: torch.Tensor | None = None  # text: the targets scored at evaluation (IGNORE where not scored)
 
-    def _subset(self, idx: np.ndarray) -> TensorDataset:
+    def _subset(self, idx: np.ndarray, y: torch.Tensor | None = None) -> TensorDataset:
         t = torch.as_tensor(idx, dtype=torch.long)
-        return TensorDataset(self.x[t], self.y[t])
+        return TensorDataset(self.x[t], (self.y if y is None else y)[t])
 
     def client_train(self, pid: int) -> TensorDataset:
         return self._subset(self.train_parts[pid])
 
     def client_heldout(self, pid: int) -> TensorDataset | None:
-        return None if self.heldout_parts is None else self._subset(self.heldout_parts[pid])
+        return None if self.heldout_parts is None else self._subset(self.heldout_parts[pid], self.y_eval)
+
+
+def leaf_targets(y: torch.Tensor) -> torch.Tensor:
+    """LEAF's evaluation of next-character prediction: only the character after each window's full context is
+    scored; every other position's target becomes :data:`IGNORE`. y: (N, T) -> (N, T)."""
+    out = torch.full_like(y, IGNORE)
+    out[:, -1] = y[:, -1]
+    return out
 
 
 def _holdout(parts: list[np.ndarray], fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -85,7 +95,7 @@ def _synthetic(n: int, alpha: float, beta: float, iid: bool, seed: int, test_fra
 
 
 def _load(name: str, root: str, download: bool, seed: int, path: str | None, seq_len: int, test_fraction: float,
-          kind: str, n: int, alpha: float, min_size: int, holdout: float,
+          kind: str, n: int, alpha: float, min_size: int, holdout: float, eval_target: str = "all",
           synthetic: tuple[float, float, bool] = (1.0, 1.0, False), source: str = "local") -> FedData:
     if source == "hub":
         from fedlowrank.data.hub import load_hub
@@ -103,15 +113,16 @@ def _load(name: str, root: str, download: bool, seed: int, path: str | None, seq
         from fedlowrank.data.shakespeare import load_role_text, natural_partitions
 
         text = load_role_text(path or "", seq_len, test_fraction, seed)
+        y_eval = leaf_targets(text.y) if eval_target == "last" else text.y
         if kind == "natural":
             train, held = natural_partitions(text, n, min_size)
             t = torch.as_tensor(np.concatenate(held), dtype=torch.long)  # every participating role's held-out
-            return FedData(text.x, text.y, train, held, TensorDataset(text.x[t], text.y[t]), text.vocab_size)
+            return FedData(text.x, text.y, train, held, TensorDataset(text.x[t], y_eval[t]), text.vocab_size, y_eval)
         tr, te = np.flatnonzero(~text.test), np.flatnonzero(text.test)
         parts = [tr[p] for p in partition_indices(torch.zeros(len(tr), dtype=torch.long), kind, n, alpha, seed + 42,
                                                   min_size)]
         t = torch.as_tensor(te, dtype=torch.long)
-        return FedData(text.x, text.y, parts, None, TensorDataset(text.x[t], text.y[t]), text.vocab_size)
+        return FedData(text.x, text.y, parts, None, TensorDataset(text.x[t], y_eval[t]), text.vocab_size, y_eval)
     from fedlowrank.data.vision import load_image_data
 
     data = load_image_data(name, root=root, download=download, seed=seed)
@@ -126,7 +137,8 @@ def fed_data(run: FederatedRun) -> FedData:
     """The run's data and partitions (cached per process; deterministic for a config)."""
     d, f = run.data, run.fed
     return _cached(d.name, d.root, d.download, d.seed, d.path, d.seq_len, d.test_fraction, f.partition,
-                 f.num_clients, f.alpha, f.min_partition_size, f.client_holdout, (d.alpha, d.beta, d.iid), d.source)
+                   f.num_clients, f.alpha, f.min_partition_size, f.client_holdout, d.eval_target,
+                   (d.alpha, d.beta, d.iid), d.source)
 
 
 def build_model(run: FederatedRun) -> nn.Module:

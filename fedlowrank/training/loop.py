@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader
 
 from fedlowrank.lowrank import frobenius_decay
 
+IGNORE = -100  # a target that is not scored (cross-entropy's ignore_index; left out of accuracy and counts)
+
 
 def _flat(logits: torch.Tensor) -> torch.Tensor:
     """(B, classes) stays; (B, T, vocab) -> (B·T, vocab) for next-token targets (B, T)."""
@@ -56,9 +58,11 @@ def train_classifier(
             obj.backward()
             optimizer.step()
             steps += 1
-            loss_sum += loss.item() * len(y)
-            total += len(y)
-            correct += (logits.argmax(-1) == y).sum().item()
+            scored = y != IGNORE
+            n = int(scored.sum())
+            loss_sum += loss.item() * n
+            total += n
+            correct += (logits.argmax(-1) == y)[scored].sum().item()
             if max_steps is not None and steps >= max_steps:
                 break
         if max_steps is not None and steps >= max_steps:
@@ -73,8 +77,9 @@ def evaluate_classifier(model: nn.Module, loader: DataLoader, device: str | torc
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         logits, y = _flat(model(x)), y.reshape(-1)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-        total += len(y)
+        scored = y != IGNORE  # e.g. LEAF's protocol scores only the last position of each window
+        loss_sum += F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE).item()
+        correct += (logits.argmax(-1) == y)[scored].sum().item()
+        total += int(scored.sum())
     loss = loss_sum / max(1, total)
     return {"loss": loss if math.isfinite(loss) else float("nan"), "accuracy": correct / max(1, total)}

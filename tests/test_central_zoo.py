@@ -201,3 +201,11 @@ def test_frobenius_decay_adds_its_gradient_once_per_step_under_grad_accumulation
 def test_wrong_combinations_are_named_before_any_work(tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
         central_run(tmp_path, *overrides)
+
+
+def test_two_ddp_processes_train_a_classifier_on_disjoint_batches_with_identical_replicas(tmp_path):
+    res = launch(central_run(tmp_path, "model=cnn", "data=digits", "model.lowrank=fixed", "model.ratio=0.25",
+                             "trainer.devices=2", "trainer.max_steps=4", "trainer.eval_interval=4"))
+    assert res["replica_max_diff"] == 0.0 and res["samples_seen"] == 4 * 4 * 2
+    one = ClassifierTask(vision.load_digits_data(), batch_size=4, seed=0, world=2, grad_accum=1)
+    assert not set(one.indices(0, 0, 0).tolist()) & set(one.indices(0, 1, 0).tolist())

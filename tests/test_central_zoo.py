@@ -203,6 +203,7 @@ def test_wrong_combinations_are_named_before_any_work(tmp_path, overrides, match
         central_run(tmp_path, *overrides)
 
 
+@pytest.mark.slow
 def test_two_ddp_processes_train_a_classifier_on_disjoint_batches_with_identical_replicas(tmp_path):
     res = launch(central_run(tmp_path, "model=cnn", "data=digits", "model.lowrank=fixed", "model.ratio=0.25",
                              "trainer.devices=2", "trainer.max_steps=4", "trainer.eval_interval=4"))

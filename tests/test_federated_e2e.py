@@ -92,7 +92,9 @@ def test_federated_run_rejects_bad_updates_survives_crash_and_logs(tmp_path):
     assert any(k.endswith(".U") for k in state)
     saved = res
     assert (tmp_path / "report.png").stat().st_size > 10_000 and saved["report_png"].endswith("report.png")
-    assert saved["label_skew"]["train_examples"]["min"] > 0 and saved["personalized"] is None  # no holdout asked
+    assert saved["label_skew"]["train_examples"]["min"] > 0
+    personal = saved["personalized"]  # image tasks hold out 10 % per client by default (fed.client_holdout)
+    assert 0.0 <= personal["min"] <= personal["mean"] <= personal["max"] <= 1.0
 
     sc = _scalars(tmp_path / "tb")
     for tag in ("global/global_accuracy", "global/global_loss", "round/upload_bytes", "round/download_bytes",
@@ -103,7 +105,8 @@ def test_federated_run_rejects_bad_updates_survives_crash_and_logs(tmp_path):
     assert sc["round/rejected"][0][1] == 2.0
     # one TensorBoard run per client under tb/clients/<id>, all with the same tags (they overlay on one chart)
     c0, c4 = _scalars(tmp_path / "tb" / "clients" / "0"), _scalars(tmp_path / "tb" / "clients" / "4")
-    assert sorted(c0) == sorted(c4) == ["client/rank_ratio", "client/rank_sum", "client/train_loss"]
+    assert sorted(c0) == sorted(c4) == ["client/heldout_accuracy", "client/rank_ratio", "client/rank_sum",
+                                        "client/train_loss"]  # held-out: the default 10 % per client
     assert [s for s, _ in c0["client/train_loss"]] == [1, 2, 3]
     assert c0["client/rank_sum"][0][1] < c4["client/rank_sum"][0][1]
     assert not (tmp_path / "tb" / "clients" / "1").exists()  # rejected updates are not logged as training progress

@@ -85,12 +85,15 @@ def test_federated_summary_lines_report_accuracy_budgets_bytes_and_paths(tmp_pat
 
     summary = {"strategy": "slice", "num_clients": 4, "rounds": 2,
                "final": {"global_accuracy": 0.95, "global_loss": 0.2, "ratio0.1_accuracy": 0.72,
-                         "ratio1.0_accuracy": 0.95, "sim_time_s": 12.5},
+                         "ratio1.0_accuracy": 0.95, "sim_time_s": 12.5, "clients_mean_accuracy": 0.9,
+                         "clients_p10_accuracy": 0.8, "clients_p90_accuracy": 0.97, "clients_worst_accuracy": 0.7,
+                         "ratio0.1_clients_mean_accuracy": 0.6},
                "rounds_detail": [{"upload_bytes": 1_000_000, "download_bytes": 2_000_000}] * 2,
                "global_model_bytes": 186_000, "dense_model_bytes": 104_000}
     text = "\n".join(summary_lines(summary, str(tmp_path), 15.1))
     assert "slice · 4 clients · 2 rounds · 15.1 s wall" in text and "global accuracy 0.9500" in text
-    assert "at each budget: ratio0.1 0.7200, ratio1.0 0.9500" in text
+    assert "at each budget: ratio0.1 0.7200, ratio1.0 0.9500\n" in text + "\n"  # client figures have their own line
+    assert "clients on their held-out data: mean 0.9000, p10 0.8000, p90 0.9700, worst 0.7000" in text
     assert "2.00 MB up, 4.00 MB down" in text and "simulated device time 12.50 s" in text
     assert f"summary: {tmp_path / 'metrics.json'}" in text
 

@@ -152,9 +152,12 @@ def summary_lines(summary: dict, out_dir: str, wall_s: float) -> list[str]:
     if "global_accuracy" in final:
         lines.append(f"  global accuracy {final['global_accuracy']:.4f} (loss {final.get('global_loss', float('nan')):.4f})")
     budgets = {k[: -len('_accuracy')]: v for k, v in final.items()
-               if k.endswith("_accuracy") and not k.startswith("global")}
+               if k.endswith("_accuracy") and not k.startswith("global") and "clients_" not in k}
     if budgets:
         lines.append("  at each budget: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(budgets.items())))
+    if "clients_mean_accuracy" in final:  # each evaluated client on its own held-out split
+        lines.append("  clients on their held-out data: " + ", ".join(
+            f"{q} {final[f'clients_{q}_accuracy']:.4f}" for q in ("mean", "p10", "p90", "worst")))
     lines.append(f"  bytes: {up / 1e6:.2f} MB up, {down / 1e6:.2f} MB down; global model "
                  f"{summary.get('global_model_bytes', 0) / 1e6:.3f} MB (dense {summary.get('dense_model_bytes', 0) / 1e6:.3f} MB)")
     if "sim_time_s" in final:

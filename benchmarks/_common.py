@@ -63,3 +63,32 @@ def emit(name: str, payload: dict, out: str | None = None) -> None:
         with open(out, "w") as f:
             f.write(text)
     sys.stdout.flush()
+
+
+def ci95(xs: list[float]) -> list[float] | None:
+    """Student-t 95 % confidence interval of the mean of ``xs`` (None for fewer than 2 values or a NaN)."""
+    if len(xs) < 2 or any(x != x for x in xs):
+        return None
+    from scipy import stats
+
+    m, se = statistics.fmean(xs), statistics.stdev(xs) / len(xs) ** 0.5
+    h = float(stats.t.ppf(0.975, len(xs) - 1)) * se
+    return [m - h, m + h]
+
+
+def paired(diffs: list[float]) -> dict:
+    """Paired comparison from per-seed differences: mean, 95 % t-interval, two-sided p (paired t-test) and
+    whether the interval excludes 0."""
+    from scipy import stats
+
+    out = {"mean": statistics.fmean(diffs), "ci95": ci95(diffs), "n": len(diffs), "p": None, "significant": False}
+    if out["ci95"] is not None:
+        sd = statistics.stdev(diffs)
+        if sd > 0:
+            t = out["mean"] / (sd / len(diffs) ** 0.5)
+            out["p"] = float(2 * stats.t.sf(abs(t), len(diffs) - 1))
+        else:
+            out["p"] = 0.0 if out["mean"] != 0 else 1.0
+        lo, hi = out["ci95"]
+        out["significant"] = bool(lo > 0 or hi < 0)
+    return out

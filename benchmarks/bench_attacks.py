@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import emit  # noqa: E402
+from _common import ci95, emit  # noqa: E402
 
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -58,16 +58,6 @@ def accuracy(overrides: list[str], seed: int, tmp: str) -> tuple[float, int]:
     test = DataLoader(fed_data(run).test, batch_size=256)
     acc = evaluate_classifier(model_from_state(run, st.global_state), test)["accuracy"]
     return acc, sum(h["rejected"] for h in st.history)
-
-
-def ci95(xs: list[float]) -> list[float] | None:
-    """95 % confidence interval of the mean of paired differences (Student's t; None below 2 seeds or NaN)."""
-    from scipy import stats
-
-    if len(xs) < 2 or any(x != x for x in xs):
-        return None
-    half = stats.t.ppf(0.975, len(xs) - 1) * statistics.stdev(xs) / len(xs) ** 0.5
-    return [statistics.fmean(xs) - half, statistics.fmean(xs) + half]
 
 
 def main() -> None:

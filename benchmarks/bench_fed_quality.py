@@ -1,110 +1,257 @@
-"""Federated quality: every strategy × partition over seeds, next to dense FedAvg and central
-training of the same dense model, mean ± std of the final global test accuracy, of the global model
-cut to each client budget and (where clients hold out data) of the personalised accuracy.
+"""Federated quality with confidence intervals: every strategy under each task's settings, over ``--seeds`` (5 by
+default), mean ± 95 % CI (Student t) of the final global test accuracy, and paired tests (by seed) of each claimed
+difference: every low-rank rule against dense FedAvg in the same setting, and every treatment (FedProx, a server
+optimizer) against the plain run of the same rule. Each run also reports the global model cut to each budget and
+the clients' own held-out accuracy (mean, 10th percentile, worst).
 
-Uses the in-process loop (the apps' strategy and client code, no Ray). ``--task digits``: the
-default federated config (4 clients, budgets 0.1/0.25/0.5/1.0, 15 rounds × 3 local epochs), iid and
-Dirichlet 0.5 / 0.1. ``--task shakespeare``: experiment fed_shakespeare (low-rank LSTM, one client
-per speaking role of tinyshakespeare, natural partition).
+Tasks (each stated in the JSON's ``settings``; runs go in worker processes, one thread each, ``--jobs`` at once,
+through the in-process loop: the apps' strategy and client code without Ray):
 
-    python benchmarks/bench_fed_quality.py [--seeds 0 1 2] [--out benchmarks/results_cpu/fed_quality.json]
-    python benchmarks/bench_fed_quality.py --task shakespeare --seeds 0 --out benchmarks/results_cpu/fed_shakespeare.json
+* ``synthetic``: ``experiment=fed_synthetic`` (FedProx's Synthetic(α, β), 100 clients with power-law sizes, 10 per
+  round, MLP 60-64-10, 30 rounds × 1 local epoch), Synthetic-IID and Synthetic(1, 1); pooled test set of every
+  client's held-out 20 %.
+* ``digits``: the default federated config (4 clients, budgets 0.1/0.25/0.5/1.0, 15 rounds × 3 local epochs) under
+  Dirichlet 0.1 label skew: plain, FedProx (μ = 0.01), FedAvgM (server lr 1, momentum 0.9), FedAdam (Flower's
+  defaults: lr 0.1, β 0.9/0.99, τ 1e-3).
+* ``shakespeare``: LEAF's setup (100 roles, 10 per round, 80 rounds); delegated to ``bench_fed_shakespeare.py``,
+  which reports final accuracy with CIs, paired differences and rounds/bytes to a target.
+
+    python benchmarks/bench_fed_quality.py --task synthetic --out benchmarks/results_cpu/fed_quality_synthetic.json
+    python benchmarks/bench_fed_quality.py --task digits --out benchmarks/results_cpu/fed_quality_digits.json
+    python benchmarks/bench_fed_quality.py --task shakespeare --seeds 0 1 2 3 4 --out ...
+
+Writes the JSON, a PNG (means with 95 % CIs) and a Markdown table next to it.
 """
 from __future__ import annotations
 
 import argparse
-import logging
+import multiprocessing as mp
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import emit  # noqa: E402
+from _common import ci95, emit, environment, paired  # noqa: E402
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from fedlowrank.config import federated_run_from_cfg  # noqa: E402
-from fedlowrank.federated.client import model_from_state  # noqa: E402
-from fedlowrank.federated.run_config import compose_cfg  # noqa: E402
-from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds  # noqa: E402
-from fedlowrank.federated.report import personalized_eval  # noqa: E402
-from fedlowrank.federated.task import build_model, fed_data  # noqa: E402
-from fedlowrank.training.loop import evaluate_classifier, train_classifier  # noqa: E402
+@dataclass
+class Task:
+    base: list[str]
+    settings: dict[str, list[str]]  # setting name -> overrides
+    treatments: bool = False  # settings after the first are treatments of it (paired against it per strategy)
+    strategies: list[str] = field(default_factory=lambda: ["fedavg", "fedlmt", "slice", "product"])
+    note: str = ""
 
-TASKS = {  # task -> (base overrides, partitions)
-    "digits": (["mode=federated"], {"iid": ["fed.partition=iid"],
-                                    "dirichlet 0.5": ["fed.partition=dirichlet", "fed.alpha=0.5"],
-                                    "dirichlet 0.1": ["fed.partition=dirichlet", "fed.alpha=0.1"]}),
-    "shakespeare": (["experiment=fed_shakespeare"], {"natural (roles)": ["fed.partition=natural"]}),
+
+TASKS = {
+    "synthetic": Task(["experiment=fed_synthetic"],
+                      {"Synthetic-IID": ["data.iid=true"], "Synthetic(1,1)": ["data.alpha=1.0", "data.beta=1.0"]},
+                      note="FedProx's Synthetic(α, β): 100 clients (power-law sizes), 10 per round, MLP 60-64-10, "
+                           "30 rounds × 1 local epoch, SGD lr 0.05 momentum 0.9, budgets 0.1/0.25/0.5/1.0"),
+    "digits": Task(["mode=federated", "fed.partition=dirichlet", "fed.alpha=0.1"],
+                   {"plain": [], "FedProx μ=0.01": ["fed.prox_mu=0.01"], "FedAvgM": ["fed.server_opt=avgm"],
+                    "FedAdam": ["fed.server_opt=adam"]}, treatments=True,
+                   note="sklearn digits, Dirichlet 0.1 label skew over 4 clients, budgets 0.1/0.25/0.5/1.0, 15 rounds "
+                        "× 3 local epochs, SGD lr 0.05 momentum 0.9, 10 % of each client held out; 359 test images"),
 }
-STRATEGIES = ["fedavg", "fedlmt", "slice", "product"]
+METRICS = ("global", "clients_mean", "clients_p10", "clients_worst")
 
 
-def _stats(xs: list[float]) -> dict:
-    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "runs": xs}
+def one_run(job: tuple[str, str, list[str], str, int, str]) -> dict:
+    """Final accuracies of one run (one thread): ``strategy`` is a fed strategy, or ``central`` (the dense model
+    on the union of the clients' training data, same optimizer, as many epochs as a client does in total)."""
+    task, setting, overrides, strategy, seed, tmp = job
+    import logging
+
+    import torch
+
+    from fedlowrank.config import federated_run_from_cfg
+    from fedlowrank.federated.run_config import compose_cfg
+
+    torch.set_num_threads(1)
+    logging.disable(logging.WARNING)
+    run = federated_run_from_cfg(compose_cfg([*overrides, f"seed={seed}", f"out_dir={tmp}",
+                                              *([] if strategy == "central" else [f"strategy={strategy}"])]))
+    t0 = time.perf_counter()
+    out = _central(run, seed) if strategy == "central" else _federated(run)
+    return {"task": task, "setting": setting, "strategy": strategy, "seed": seed,
+            "wall_s": time.perf_counter() - t0, **out}
 
 
-def federated(base: list[str], strategy: str, part: list[str], seed: int, tmp: str) -> dict[str, float]:
-    run = federated_run_from_cfg(compose_cfg([*base, f"strategy={strategy}", f"seed={seed}",
-                                              f"out_dir={tmp}/{strategy}-{seed}", *part]))
-    st = make_strategy(run)
+def _federated(run) -> dict[str, float]:
+    from torch.utils.data import DataLoader
+
+    from fedlowrank.federated.client import model_from_state
+    from fedlowrank.federated.report import client_eval
+    from fedlowrank.federated.task import fed_data
+    from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds
+    from fedlowrank.training.loop import evaluate_classifier
+
+    st, fd = make_strategy(run), fed_data(run)
     run_rounds(st, InProcessGrid(run), run.fed.rounds)
-    test = DataLoader(fed_data(run).test, batch_size=256)
+    test = DataLoader(fd.test, batch_size=512)
     out = {"global": evaluate_classifier(model_from_state(run, st.global_state), test)["accuracy"]}
     if st.method.budget_views():
         for b in sorted(set(run.fed.rank_ratios)):
             view = st.method.view(st.global_state, {"ratio": b})
             out[f"budget {b}"] = evaluate_classifier(model_from_state(run, view), test)["accuracy"]
-    personal = personalized_eval(run, st.method, st.global_state, fed_data(run))
-    if personal is not None:
-        out["personalised (mean over clients)"] = personal["mean"]
+    stats, _ = client_eval(run, st.method, st.global_state, fd, list(range(run.fed.num_clients)))
+    for k in ("mean", "p10", "worst"):
+        if f"clients_{k}_accuracy" in stats:
+            out[f"clients_{k}"] = stats[f"clients_{k}_accuracy"]
+    out["upload_mb"] = sum(h["upload_bytes"] for h in st.history) / 1e6
     return out
 
 
-def central(base: list[str], part: list[str], seed: int, tmp: str) -> float:
-    """The dense model on the union of the clients' training data, same optimizer, as many epochs as a
-    client does in total."""
-    run = federated_run_from_cfg(compose_cfg([*base, f"seed={seed}", f"out_dir={tmp}/central", *part]))
+def _central(run, seed: int) -> dict[str, float]:
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fedlowrank.federated.task import build_model, fed_data
+    from fedlowrank.training.loop import evaluate_classifier, train_classifier
+
     f, fd = run.fed, fed_data(run)
     torch.manual_seed(seed)
     model = build_model(run)
     idx = torch.as_tensor(np.concatenate(fd.train_parts), dtype=torch.long)
     loader = DataLoader(TensorDataset(fd.x[idx], fd.y[idx]), batch_size=f.batch_size, shuffle=True)
     opt = torch.optim.SGD(model.parameters(), lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
-    train_classifier(model, loader, opt, epochs=f.rounds * f.local_epochs)
-    return evaluate_classifier(model, DataLoader(fd.test, batch_size=256))["accuracy"]
+    epochs = max(1, round(f.rounds * f.local_epochs * f.fraction_train))  # a client's share of the passes
+    train_classifier(model, loader, opt, epochs=epochs)
+    return {"global": evaluate_classifier(model, DataLoader(fd.test, batch_size=512))["accuracy"], "epochs": epochs}
+
+
+def summarise(task: Task, runs: list[dict]) -> dict:
+    """Per setting and strategy: mean ± 95 % CI of each metric; paired differences in points (by seed) against
+    dense FedAvg in the same setting and, for treatments, against the first setting with the same strategy."""
+    by = {(r["setting"], r["strategy"]): {} for r in runs}
+    for r in runs:
+        by[(r["setting"], r["strategy"])][r["seed"]] = r
+    first = next(iter(task.settings))
+    res: dict[str, dict] = {}
+    for (setting, strat), seeds in by.items():
+        rs = [seeds[s] for s in sorted(seeds)]
+        keys = [k for k in rs[0] if k not in ("task", "setting", "strategy", "seed", "epochs")]
+        row = {k: {"mean": statistics.fmean(r[k] for r in rs), "ci95": ci95([r[k] for r in rs]),
+                   "per_seed": [r[k] for r in rs]} for k in keys}
+        for name, ref in (("vs_fedavg", (setting, "fedavg")), (f"vs_{first}", (first, strat))):
+            if ref == (setting, strat) or ref not in by or strat == "central" or (name != "vs_fedavg" and not task.treatments):
+                continue
+            diffs = [100 * (seeds[s]["global"] - by[ref][s]["global"]) for s in sorted(seeds) if s in by[ref]]
+            row[f"{name}_pt"] = paired(diffs)
+        res.setdefault(setting, {})[strat] = row
+    return res
+
+
+def _cell(row: dict, key: str = "global") -> str:
+    m, ci = row[key]["mean"], row[key]["ci95"]
+    return f"{m:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m:.3f}"
+
+
+def _diff(d: dict | None) -> str:
+    if not d:
+        return ""
+    lo, hi = d["ci95"] or (float("nan"), float("nan"))
+    return f"{d['mean']:+.1f} pt [{lo:+.1f}, {hi:+.1f}]" + ("" if d["significant"] else " (n.s.)")
+
+
+def markdown(task: Task, res: dict) -> str:
+    """One table: rows strategy × setting; accuracy with CI, the smallest budget's view, clients' p10, and the
+    paired differences."""
+    first = next(iter(task.settings))
+    head = ["setting", "strategy", "global accuracy [95 % CI]", "budget 0.1", "clients p10", "vs dense FedAvg"]
+    if task.treatments:
+        head.append(f"vs {first}")
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for setting, rows in res.items():
+        for strat, row in rows.items():
+            cells = [setting, strat, _cell(row), _cell(row, "budget 0.1") if "budget 0.1" in row else "",
+                     _cell(row, "clients_p10") if "clients_p10" in row else "", _diff(row.get("vs_fedavg_pt"))]
+            if task.treatments:
+                cells.append(_diff(row.get(f"vs_{first}_pt")))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, title: str, res: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(res)
+    strats = list(dict.fromkeys(s for rows in res.values() for s in rows))
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(settings) * len(strats) / 3, 4.5))
+    width = 0.8 / len(strats)
+    for j, s in enumerate(strats):
+        xs, ms, errs = [], [], [[], []]
+        for i, setting in enumerate(settings):
+            if s in res[setting]:
+                g = res[setting][s]["global"]
+                lo, hi = g["ci95"] or (g["mean"], g["mean"])
+                xs.append(i + (j - (len(strats) - 1) / 2) * width)
+                ms.append(g["mean"])
+                errs[0].append(g["mean"] - lo)
+                errs[1].append(hi - g["mean"])
+        ax.bar(xs, ms, width, yerr=errs, capsize=3, label=s)
+    ax.set_xticks(range(len(settings)), settings)
+    lows = [r["global"]["mean"] for rows in res.values() for r in rows.values()]
+    ax.set_ylim(max(0.0, min(lows) - 0.1), 1.0)
+    ax.set_ylabel("final global test accuracy (mean, 95 % CI)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--task", default="digits", choices=list(TASKS))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
-    ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides, e.g. fed.rounds=20")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="digits", choices=[*TASKS, "shakespeare"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--strategies", nargs="+", default=None)
+    ap.add_argument("--settings", nargs="+", default=None, help="a subset of the task's settings")
+    ap.add_argument("--no-central", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run (smoke tests)")
+    ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.ERROR)
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    t0 = time.perf_counter()
-    rows: dict[str, dict] = {}
+    args, rest = ap.parse_known_args()
+    if args.task == "shakespeare":
+        import bench_fed_shakespeare
+
+        sys.argv = [sys.argv[0], "--seeds", *map(str, args.seeds), "--jobs", str(args.jobs), *rest,
+                    *(["--out", args.out] if args.out else [])]
+        return bench_fed_shakespeare.main()
+    if rest:
+        ap.error(f"unknown arguments {rest}")
+    task = TASKS[args.task]
+    if args.settings:
+        task.settings = {k: task.settings[k] for k in args.settings}
+    strategies = args.strategies or task.strategies
+    # central baseline: once per dataset (treatments share the first setting's data)
+    central_settings = [] if args.no_central else list(task.settings)[:1] if task.treatments else list(task.settings)
+    t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        base, partitions = TASKS[args.task]
-        base = [*base, *args.set]
-        first = next(iter(partitions.values()))
-        rows["central (dense)"] = {"all": {"global": _stats([central(base, first, s, tmp) for s in args.seeds])}}
-        for strategy in args.strategies:
-            rows[strategy] = {}
-            for pname, part in partitions.items():
-                res = [federated(base, strategy, part, s, tmp) for s in args.seeds]
-                rows[strategy][pname] = {k: _stats([r[k] for r in res]) for k in res[0]}
-                logging.getLogger("bench").error("%s %s: %.3f", strategy, pname, rows[strategy][pname]["global"]["mean"])
-    emit("fed_quality", {"task": args.task, "seeds": args.seeds, "config": base, "wall_s": time.perf_counter() - t0,
-                         "results": rows}, args.out)
+        jobs = [(args.task, st, [*task.base, *task.settings[st], *args.set], s, seed, f"{tmp}/{i}")
+                for i, (st, s, seed) in enumerate(
+            [(st, s, seed) for st in task.settings for s in strategies for seed in args.seeds]
+            + [(st, "central", seed) for st in central_settings for seed in args.seeds])]
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            runs = pool.map(one_run, jobs, chunksize=1)
+    res = summarise(task, runs)
+    meta = {"task": args.task, "settings": {"base": [*task.base, *args.set], **task.settings, "note": task.note},
+            "seeds": args.seeds, "jobs": args.jobs, "date": time.strftime("%Y-%m-%d"),
+            "total_wall_s": time.time() - t0, "environment": environment("cpu")}
+    emit("fed_quality", {**meta, "results": res, "runs": runs}, args.out)
+    if args.out:
+        out = Path(args.out)
+        out.with_suffix(".md").write_text(markdown(task, res))
+        plot(out.with_suffix(".png"), f"{args.task}: {task.note[:60]}…", res)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ LEAF's anchor (its Shakespeare tutorial, FedAvg, 10 clients per round, 1 local e
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing as mp
 import statistics
 import sys
@@ -27,13 +26,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import emit, environment  # noqa: E402
+from _common import ci95, emit, environment, paired  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 METHODS = {"fedavg (dense)": ["strategy=fedavg"], "slice": ["strategy=slice"], "product": ["strategy=product"],
            "fedlmt": ["strategy=fedlmt"]}
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def one_run(job: tuple[str, list[str], int, int, str]) -> dict:
@@ -67,14 +65,6 @@ def one_run(job: tuple[str, list[str], int, int, str]) -> dict:
             "test_windows": len(fed_data(run).test)}
 
 
-def ci95(xs: list[float]) -> list[float] | None:
-    if len(xs) < 2:
-        return None
-    h = T975.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
-    m = statistics.fmean(xs)
-    return [m - h, m + h]
-
-
 def final(run: dict, last: int = 5) -> float:
     return statistics.fmean(r["accuracy"] for r in run["rounds"][-last:])
 
@@ -95,7 +85,7 @@ def summarise(runs: list[dict], base: dict[int, dict], target: float) -> dict:
            "curve": [statistics.fmean(r["rounds"][i]["accuracy"] for r in runs) for i in range(len(runs[0]["rounds"]))]}
     diffs = [100 * (final(r) - final(base[r["seed"]])) for r in runs if r["seed"] in base]
     if diffs and runs[0]["method"] != "fedavg (dense)":
-        out["diff_vs_fedavg_pt"] = {"mean": statistics.fmean(diffs), "ci95": ci95(diffs)}
+        out["diff_vs_fedavg_pt"] = paired(diffs)
         both = [(h, next((x for x in base[r["seed"]]["rounds"] if x["accuracy"] >= target), None))
                 for h, r in zip(hits, runs)]
         ratios = [h["upload_bytes"] / b["upload_bytes"] for h, b in both if h and b]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import multiprocessing as mp
 import statistics
 import sys
@@ -31,11 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import emit, environment  # noqa: E402
+from _common import emit, environment, paired  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 @dataclass
@@ -108,15 +106,6 @@ def one_run(job: tuple[list[str], str, int, str]) -> dict:
     return {"seed": seed, "accuracy": ev["accuracy"], "loss": ev["loss"], "ppl": ev.get("ppl"),
             "params": s["params"], "size_mb": s["size_mb"], "forward_mflops": s["forward_flops"] / 1e6,
             "train_time_s": s["train_time_s"], "wall_s": time.perf_counter() - t0}
-
-
-def paired(diffs: list[float]) -> dict:
-    """Mean and 95 % t-interval of paired differences."""
-    m = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return {"mean": m, "ci95": None}
-    h = T975.get(len(diffs) - 1, 1.96) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return {"mean": m, "ci95": [m - h, m + h]}
 
 
 def summarize(row: Row, runs: dict[str, list[dict]]) -> dict:

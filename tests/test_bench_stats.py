@@ -1,0 +1,61 @@
+"""The benchmarks' statistics: confidence intervals and paired tests against scipy's own routines, and the
+federated quality benchmark's pairing by seed (a run order that interleaves seeds must not change the result)."""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _common import ci95, paired  # noqa: E402
+import bench_fed_quality as bq  # noqa: E402
+
+
+@pytest.mark.parametrize("xs", [[0.91, 0.93, 0.92, 0.95, 0.90], [1.0, -2.0], [3.5, 3.1, 2.8, 4.0, 3.3, 3.9, 2.2]])
+def test_ci95_is_scipys_t_interval(xs):
+    lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=np.mean(xs), scale=stats.sem(xs))
+    assert ci95(xs) == pytest.approx([lo, hi], rel=1e-12)
+    assert ci95([1.0]) is None
+
+
+def test_paired_matches_ttest_rel():
+    rng = np.random.default_rng(0)
+    a = rng.normal(0.9, 0.02, 6)
+    for shift, expect_sig in ((0.05, True), (0.0, None)):
+        b = a + shift + rng.normal(0, 0.005, 6)
+        d = paired(list(b - a))
+        ref = stats.ttest_rel(b, a)
+        assert d["p"] == pytest.approx(ref.pvalue, rel=1e-9)
+        assert d["significant"] == (ref.pvalue < 0.05)  # the CI excludes 0 exactly when p < 0.05
+        if expect_sig is not None:
+            assert d["significant"] is expect_sig
+    assert paired([0.5, 0.5, 0.5])["significant"] is True  # zero spread, non-zero mean
+    assert paired([0.0, 0.0])["significant"] is False
+
+
+def _run(setting, strategy, seed, acc):
+    return {"task": "t", "setting": setting, "strategy": strategy, "seed": seed, "global": acc, "wall_s": 1.0}
+
+
+def test_summarise_pairs_by_seed_not_by_order():
+    """Seed s of each strategy is compared with seed s of FedAvg, and treatments with the first setting."""
+    task = bq.Task(base=[], settings={"plain": [], "prox": []}, treatments=True, strategies=["fedavg", "slice"])
+    base = {0: 0.80, 1: 0.90, 2: 0.70, 3: 0.85}
+    runs = [_run(st, s, seed, base[seed] + (0.01 * seed if s == "slice" else 0) + (0.02 if st == "prox" else 0))
+            for st in ("plain", "prox") for s in ("fedavg", "slice") for seed in base]
+    random.Random(1).shuffle(runs)
+    res = bq.summarise(task, runs)
+    d = res["plain"]["slice"]["vs_fedavg_pt"]
+    assert d["mean"] == pytest.approx(100 * np.mean([0.01 * s for s in base]))
+    assert d["ci95"][1] - d["ci95"][0] == pytest.approx(2 * stats.t.ppf(0.975, 3) * stats.sem([1, 2, 3, 0]) * 1.0)
+    t = res["prox"]["fedavg"]["vs_plain_pt"]
+    assert t["mean"] == pytest.approx(2.0) and t["significant"]
+    assert "vs_plain_pt" not in res["plain"]["fedavg"] and "vs_fedavg_pt" not in res["plain"]["fedavg"]
+    assert res["plain"]["fedavg"]["global"]["mean"] == pytest.approx(np.mean(list(base.values())))
+    # settings that are different datasets (not treatments) are never paired with each other
+    task.treatments = False
+    assert "vs_plain_pt" not in bq.summarise(task, runs)["prox"]["fedavg"]

@@ -8,11 +8,12 @@ Tasks (each stated in the JSON's ``settings``; runs go in worker processes, one 
 through the in-process loop: the apps' strategy and client code without Ray):
 
 * ``synthetic``: ``experiment=fed_synthetic`` (FedProx's Synthetic(α, β), 100 clients with power-law sizes, 10 per
-  round, MLP 60-64-10, 30 rounds × 1 local epoch), Synthetic-IID and Synthetic(1, 1); pooled test set of every
+  round, MLP 60-64-10, 100 rounds × 1 local epoch), Synthetic-IID and Synthetic(1, 1); pooled test set of every
   client's held-out 20 %.
 * ``digits``: the default federated config (4 clients, budgets 0.1/0.25/0.5/1.0, 15 rounds × 3 local epochs) under
   Dirichlet 0.1 label skew: plain, FedProx (μ = 0.01), FedAvgM (server lr 1, momentum 0.9), FedAdam (Flower's
   defaults: lr 0.1, β 0.9/0.99, τ 1e-3).
+* ``digits_iid``: the default federated run (iid over the 4 clients).
 * ``shakespeare``: LEAF's setup (100 roles, 10 per round, 80 rounds); delegated to ``bench_fed_shakespeare.py``,
   which reports final accuracy with CIs, paired differences and rounds/bytes to a target.
 
@@ -48,15 +49,18 @@ class Task:
 
 
 TASKS = {
-    "synthetic": Task(["experiment=fed_synthetic"],
+    "synthetic": Task(["experiment=fed_synthetic", "fed.rounds=100"],
                       {"Synthetic-IID": ["data.iid=true"], "Synthetic(1,1)": ["data.alpha=1.0", "data.beta=1.0"]},
                       note="FedProx's Synthetic(α, β): 100 clients (power-law sizes), 10 per round, MLP 60-64-10, "
-                           "30 rounds × 1 local epoch, SGD lr 0.05 momentum 0.9, budgets 0.1/0.25/0.5/1.0"),
+                           "100 rounds × 1 local epoch, SGD lr 0.05 momentum 0.9, budgets 0.1/0.25/0.5/1.0"),
     "digits": Task(["mode=federated", "fed.partition=dirichlet", "fed.alpha=0.1"],
                    {"plain": [], "FedProx μ=0.01": ["fed.prox_mu=0.01"], "FedAvgM": ["fed.server_opt=avgm"],
                     "FedAdam": ["fed.server_opt=adam"]}, treatments=True,
                    note="sklearn digits, Dirichlet 0.1 label skew over 4 clients, budgets 0.1/0.25/0.5/1.0, 15 rounds "
                         "× 3 local epochs, SGD lr 0.05 momentum 0.9, 10 % of each client held out; 359 test images"),
+    "digits_iid": Task(["mode=federated", "fed.partition=iid"], {"iid": []},
+                       note="the default federated run: sklearn digits, iid over 4 clients, budgets 0.1/0.25/0.5/1.0, "
+                            "15 rounds × 3 local epochs, 10 % of each client held out; 359 test images"),
 }
 METRICS = ("global", "clients_mean", "clients_p10", "clients_worst")
 

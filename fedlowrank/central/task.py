@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from fedlowrank.data.text import TextData, eval_windows, get_batch
 from fedlowrank.data.vision import ImageData, augment_crop_flip
 from fedlowrank.lowrank import count_flops
+from fedlowrank.training.loop import cross_entropy, eval_sums, mean_loss_accuracy
 
-from .throughput import train_flops_per_token
+from .throughput import train_flops, train_flops_per_token
 
 if TYPE_CHECKING:
     from fedlowrank.config.central import CentralRun
@@ -25,20 +25,10 @@ if TYPE_CHECKING:
     from .trainer import Trainer
 
 
-def _sums(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """[summed cross-entropy, correct top-1, count] of (..., K) logits against (...) targets, float64."""
-    flat, y = logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)
-    return torch.stack([F.cross_entropy(flat, y, reduction="sum").double(),
-                        (flat.argmax(-1) == y).sum().double(), torch.tensor(float(y.numel()), dtype=torch.float64,
-                                                                            device=y.device)])
-
-
 def _reduce(tot: torch.Tensor, distributed: bool) -> dict[str, float]:
     if distributed:
         dist.all_reduce(tot)
-    n = tot[2].clamp_min(1)
-    loss = (tot[0] / n).item()
-    return {"loss": loss if math.isfinite(loss) else float("nan"), "accuracy": (tot[1] / n).item()}
+    return mean_loss_accuracy(tot)
 
 
 class LMTask:
@@ -55,9 +45,7 @@ class LMTask:
         """x, y: (B, T) token ids, y = x shifted by one."""
         return get_batch(self.data.train, self.batch_size, self.block_size, self.seed, step, rank, micro)
 
-    @staticmethod
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+    loss = staticmethod(cross_entropy)  # (B, T, V) logits, (B, T) targets
 
     @torch.no_grad()
     def evaluate(self, tr: "Trainer") -> dict[str, float]:
@@ -76,7 +64,7 @@ class LMTask:
         for x, y in pairs:
             with tr.autocast():
                 logits = tr.wrapped(x.to(env.device))
-            tot += _sums(logits, y.to(env.device))
+            tot += eval_sums(logits, y.to(env.device))
         ev = _reduce(tot, env.distributed)
         return {**ev, "ppl": math.exp(min(ev["loss"], 50.0))}
 
@@ -130,9 +118,7 @@ class ClassifierTask:
             x = augment_crop_flip(x, g, fill=self.augment)
         return x, y
 
-    @staticmethod
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), y)
+    loss = staticmethod(cross_entropy)  # (B, K) logits, (B,) targets
 
     @torch.no_grad()
     def evaluate(self, tr: "Trainer") -> dict[str, float]:
@@ -144,20 +130,13 @@ class ClassifierTask:
         for i in range(0, len(ys), step):
             with tr.autocast():
                 logits = tr.wrapped(xs[i: i + step].to(env.device))
-            tot += _sums(logits, ys[i: i + step].to(env.device))
+            tot += eval_sums(logits, ys[i: i + step].to(env.device))
         return _reduce(tot, env.distributed)
 
     def flops_per_unit(self, model: nn.Module, device: torch.device) -> float:
         """Training FLOPs (forward + backward) of one image, counted in eval mode without touching the run's RNG
         or gradients."""
-        was = model.training
-        model.eval()
-        try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                return float(count_flops(model, self.example(device), backward=True))
-        finally:
-            model.zero_grad(set_to_none=True)
-            model.train(was)
+        return train_flops(model, self.example(device), device)
 
     def example(self, device: torch.device) -> torch.Tensor:
         """One input for the forward-FLOP count: one image."""

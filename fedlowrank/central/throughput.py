@@ -54,24 +54,28 @@ def _attention_mapping() -> dict:
     return out
 
 
-def train_flops_per_token(model: nn.Module, block_size: int, device: torch.device) -> float:
-    """FLOPs of one training token (forward + backward at sequence length ``block_size``).
-
-    Runs in eval mode inside a forked RNG (no dropout draws) and clears the gradients it made, so the
-    training run is unchanged. model: idx (1, T) -> logits (1, T, vocab).
-    """
+def train_flops(model: nn.Module, example: torch.Tensor, device: torch.device) -> float:
+    """FLOPs of one training step (forward + backward) on ``example``, SDPA attention counted as in
+    ``sdpa_flop_count``. Runs in eval mode inside a forked RNG (no dropout draws) and clears the gradients it
+    made, so the training run is unchanged."""
     was_training = model.training
     model.eval()
-    idx = torch.zeros(1, block_size, dtype=torch.long, device=device)
     counter = FlopCounterMode(display=False, custom_mapping=_attention_mapping())
-    devices = [device] if device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), counter:
-            model(idx).float().sum().backward()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), counter:
+            out = model(example)
+            (out if isinstance(out, torch.Tensor) else out[0]).float().sum().backward()
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return counter.get_total_flops() / block_size
+    return float(counter.get_total_flops())
+
+
+def train_flops_per_token(model: nn.Module, block_size: int, device: torch.device) -> float:
+    """FLOPs of one training token (forward + backward at sequence length ``block_size``).
+    model: idx (1, T) -> logits (1, T, vocab)."""
+    idx = torch.zeros(1, block_size, dtype=torch.long, device=device)
+    return train_flops(model, idx, device) / block_size
 
 
 def mfu(model_flops: float, seconds: float, peak_flops: float | None, world: int = 1) -> float | None:

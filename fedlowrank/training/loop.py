@@ -70,16 +70,31 @@ def train_classifier(
     return {"loss": loss_sum / max(1, total), "accuracy": correct / max(1, total), "steps": float(steps)}
 
 
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of (..., K) logits against (...) targets, in float32, IGNORE targets left out."""
+    return F.cross_entropy(_flat(logits.float()), y.reshape(-1), ignore_index=IGNORE)
+
+
+def eval_sums(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """[summed cross-entropy, correct top-1, scored count] of (..., K) logits against (...) targets, float64;
+    IGNORE targets are not scored. Sums add across batches and processes."""
+    flat, y = _flat(logits.float()), y.reshape(-1)
+    scored = y != IGNORE
+    return torch.stack([F.cross_entropy(flat, y, reduction="sum", ignore_index=IGNORE).double(),
+                        (flat.argmax(-1) == y)[scored].sum().double(), scored.sum().double()])
+
+
+def mean_loss_accuracy(tot: torch.Tensor) -> dict[str, float]:
+    """``eval_sums`` totals -> mean loss (NaN if not finite) and accuracy."""
+    n = tot[2].clamp_min(1)
+    loss = (tot[0] / n).item()
+    return {"loss": loss if math.isfinite(loss) else float("nan"), "accuracy": (tot[1] / n).item()}
+
+
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, loader: DataLoader, device: str | torch.device = "cpu") -> dict[str, float]:
     model.eval()
-    total, correct, loss_sum = 0, 0, 0.0
+    tot = torch.zeros(3, dtype=torch.float64)
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        logits, y = _flat(model(x)), y.reshape(-1)
-        scored = y != IGNORE  # e.g. LEAF's protocol scores only the last position of each window
-        loss_sum += F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE).item()
-        correct += (logits.argmax(-1) == y)[scored].sum().item()
-        total += int(scored.sum())
-    loss = loss_sum / max(1, total)
-    return {"loss": loss if math.isfinite(loss) else float("nan"), "accuracy": correct / max(1, total)}
+        tot += eval_sums(model(x.to(device)), y.to(device)).cpu()  # e.g. LEAF scores only each window's last target
+    return mean_loss_accuracy(tot)

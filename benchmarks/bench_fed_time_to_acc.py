@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import emit, environment  # noqa: E402
+from _common import emit, environment, paired  # noqa: E402
 
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -103,11 +103,14 @@ def summarise(runs: list[dict], target: float) -> dict:
 
 
 def versus_best_fixed(res: dict) -> dict:
-    """Each rank-adaptive run against the fixed-budget run with the best final accuracy."""
+    """Each rank-adaptive run against the fixed-budget run with the best final accuracy (difference of means, and
+    paired by seed with a 95 % CI)."""
     best = max(FIXED, key=lambda m: res[m]["final_accuracy"]["mean"])
     out = {"best_fixed": best}
     for m in (m for m in res if m.startswith("rank-adaptive")):
+        diffs = [100 * (a - b) for a, b in zip(res[m]["final_accuracy_runs"], res[best]["final_accuracy_runs"])]
         out[m] = {"final_accuracy_diff": res[m]["final_accuracy"]["mean"] - res[best]["final_accuracy"]["mean"],
+                  "final_accuracy_diff_pt_paired": paired(diffs),  # by seed (runs are in seed order)
                   "upload_bytes_ratio": res[m]["final_upload_bytes"]["mean"] / res[best]["final_upload_bytes"]["mean"]}
     return out
 

@@ -90,6 +90,8 @@ def summarise(runs: list[dict], base: dict[int, dict], target: float) -> dict:
                 for h, r in zip(hits, runs)]
         ratios = [h["upload_bytes"] / b["upload_bytes"] for h, b in both if h and b]
         out["upload_to_target_ratio_vs_fedavg"] = statistics.fmean(ratios) if ratios else None
+        out["upload_to_target_ratio_ci95"] = ci95(ratios)
+        out["rounds_to_target_diff_vs_fedavg"] = paired([h["round"] - b["round"] for h, b in both if h and b])
     return out
 
 
@@ -117,6 +119,16 @@ def plot(path: Path, res: dict, target: float) -> None:
     fig.savefig(path, dpi=110)
 
 
+def resummarise(path: Path) -> None:
+    """Recompute the per-method summary of a result file from its stored runs (after the summary gained fields)."""
+    import json
+
+    d = json.loads(path.read_text())
+    base = {r["seed"]: r for r in d["runs"] if r["method"] == "fedavg (dense)"}
+    d["methods"] = {m: summarise([r for r in d["runs"] if r["method"] == m], base, d["target"]) for m in d["methods"]}
+    path.write_text(json.dumps(d, indent=2, default=float))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=80)
@@ -126,7 +138,10 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.40)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--resummarise", default=None, help="recompute a result file's summary from its runs; no training")
     args = ap.parse_args()
+    if args.resummarise:
+        return resummarise(Path(args.resummarise))
     if not SHAKESPEARE.is_file():
         sys.exit(f"needs {SHAKESPEARE}")
     t0 = time.time()

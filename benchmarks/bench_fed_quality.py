@@ -11,8 +11,9 @@ through the in-process loop: the apps' strategy and client code without Ray):
   round, MLP 60-64-10, 100 rounds × 1 local epoch), Synthetic-IID and Synthetic(1, 1); pooled test set of every
   client's held-out 20 %.
 * ``digits``: the default federated config (4 clients, budgets 0.1/0.25/0.5/1.0, 15 rounds × 3 local epochs) under
-  Dirichlet 0.1 label skew: plain, FedProx (μ = 0.01), FedAvgM (server lr 1, momentum 0.9), FedAdam (Flower's
-  defaults: lr 0.1, β 0.9/0.99, τ 1e-3).
+  Dirichlet 0.1 label skew: plain, FedProx (μ = 0.01), FedAvgM (momentum 0.9; server lr 1, Flower's default, and
+  0.1, an effective lr of 1 as Hsu et al. advise), FedAdam (β 0.9/0.99, τ 1e-3; server lr 0.1, Flower's default,
+  and 0.01). A run whose clients all go non-finite stops; it is counted as diverged and left out of the means.
 * ``digits_iid``: the default federated run (iid over the 4 clients).
 * ``shakespeare``: LEAF's setup (100 roles, 10 per round, 80 rounds); delegated to ``bench_fed_shakespeare.py``,
   which reports final accuracy with CIs, paired differences and rounds/bytes to a target.
@@ -55,7 +56,8 @@ TASKS = {
                            "100 rounds × 1 local epoch, SGD lr 0.05 momentum 0.9, budgets 0.1/0.25/0.5/1.0"),
     "digits": Task(["mode=federated", "fed.partition=dirichlet", "fed.alpha=0.1"],
                    {"plain": [], "FedProx μ=0.01": ["fed.prox_mu=0.01"], "FedAvgM": ["fed.server_opt=avgm"],
-                    "FedAdam": ["fed.server_opt=adam"]}, treatments=True,
+                    "FedAvgM lr 0.1": ["fed.server_opt=avgm", "fed.server_lr=0.1"], "FedAdam": ["fed.server_opt=adam"],
+                    "FedAdam lr 0.01": ["fed.server_opt=adam", "fed.server_lr=0.01"]}, treatments=True,
                    note="sklearn digits, Dirichlet 0.1 label skew over 4 clients, budgets 0.1/0.25/0.5/1.0, 15 rounds "
                         "× 3 local epochs, SGD lr 0.05 momentum 0.9, 10 % of each client held out; 359 test images"),
     "digits_iid": Task(["mode=federated", "fed.partition=iid"], {"iid": []},
@@ -95,8 +97,13 @@ def _federated(run) -> dict[str, float]:
     from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds
     from fedlowrank.training.loop import evaluate_classifier
 
+    from fedlowrank.federated.strategy import NoValidUpdates
+
     st, fd = make_strategy(run), fed_data(run)
-    run_rounds(st, InProcessGrid(run), run.fed.rounds)
+    try:
+        run_rounds(st, InProcessGrid(run), run.fed.rounds)
+    except NoValidUpdates:  # every client's loss went non-finite: the run diverged and stopped
+        return {"global": float("nan"), "diverged_at_round": len(st.history)}
     test = DataLoader(fd.test, batch_size=512)
     out = {"global": evaluate_classifier(model_from_state(run, st.global_state), test)["accuracy"]}
     if st.method.budget_views():
@@ -130,31 +137,41 @@ def _central(run, seed: int) -> dict[str, float]:
     return {"global": evaluate_classifier(model, DataLoader(fd.test, batch_size=512))["accuracy"], "epochs": epochs}
 
 
+def _ok(r: dict) -> bool:
+    return r["global"] == r["global"]  # a diverged run's accuracy is NaN
+
+
 def summarise(task: Task, runs: list[dict]) -> dict:
-    """Per setting and strategy: mean ± 95 % CI of each metric; paired differences in points (by seed) against
-    dense FedAvg in the same setting and, for treatments, against the first setting with the same strategy."""
+    """Per setting and strategy: mean ± 95 % CI of each metric over the runs that completed (``diverged``: how many
+    did not); paired differences in points (by seed, over seeds where both completed) against dense FedAvg in the
+    same setting and, for treatments, against the first setting with the same strategy."""
     by = {(r["setting"], r["strategy"]): {} for r in runs}
     for r in runs:
         by[(r["setting"], r["strategy"])][r["seed"]] = r
     first = next(iter(task.settings))
     res: dict[str, dict] = {}
     for (setting, strat), seeds in by.items():
-        rs = [seeds[s] for s in sorted(seeds)]
-        keys = [k for k in rs[0] if k not in ("task", "setting", "strategy", "seed", "epochs")]
-        row = {k: {"mean": statistics.fmean(r[k] for r in rs), "ci95": ci95([r[k] for r in rs]),
-                   "per_seed": [r[k] for r in rs]} for k in keys}
+        done = [seeds[s] for s in sorted(seeds) if _ok(seeds[s])]
+        skip = ("task", "setting", "strategy", "seed", "epochs", "diverged_at_round")
+        keys = list(dict.fromkeys(k for r in done for k in r if k not in skip)) or ["global"]
+        row: dict = {k: {"mean": statistics.fmean(r[k] for r in done) if done else float("nan"),
+                         "ci95": ci95([r[k] for r in done]), "per_seed": [r[k] for r in done]} for k in keys}
+        row["diverged"] = f"{len(seeds) - len(done)}/{len(seeds)}"
         for name, ref in (("vs_fedavg", (setting, "fedavg")), (f"vs_{first}", (first, strat))):
             if ref == (setting, strat) or ref not in by or strat == "central" or (name != "vs_fedavg" and not task.treatments):
                 continue
-            diffs = [100 * (seeds[s]["global"] - by[ref][s]["global"]) for s in sorted(seeds) if s in by[ref]]
-            row[f"{name}_pt"] = paired(diffs)
+            both = [s for s in sorted(seeds) if s in by[ref] and _ok(seeds[s]) and _ok(by[ref][s])]
+            if both:
+                row[f"{name}_pt"] = paired([100 * (seeds[s]["global"] - by[ref][s]["global"]) for s in both])
         res.setdefault(setting, {})[strat] = row
     return res
 
 
 def _cell(row: dict, key: str = "global") -> str:
     m, ci = row[key]["mean"], row[key]["ci95"]
-    return f"{m:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m:.3f}"
+    text = f"{m:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{m:.3f}"
+    lost = int(row["diverged"].split("/")[0])
+    return text + (f" (diverged in {row['diverged']} seeds)" if lost and key == "global" else "")
 
 
 def _diff(d: dict | None) -> str:
@@ -168,14 +185,16 @@ def markdown(task: Task, res: dict) -> str:
     """One table: rows strategy × setting; accuracy with CI, the smallest budget's view, clients' p10, and the
     paired differences."""
     first = next(iter(task.settings))
-    head = ["setting", "strategy", "global accuracy [95 % CI]", "budget 0.1", "clients p10", "vs dense FedAvg"]
+    head = ["setting", "strategy", "global accuracy [95 % CI]", "budget 0.1", "clients p10", "uploaded MB",
+            "vs dense FedAvg"]
     if task.treatments:
         head.append(f"vs {first}")
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for setting, rows in res.items():
         for strat, row in rows.items():
             cells = [setting, strat, _cell(row), _cell(row, "budget 0.1") if "budget 0.1" in row else "",
-                     _cell(row, "clients_p10") if "clients_p10" in row else "", _diff(row.get("vs_fedavg_pt"))]
+                     _cell(row, "clients_p10") if "clients_p10" in row else "",
+                     f"{row['upload_mb']['mean']:.1f}" if "upload_mb" in row else "", _diff(row.get("vs_fedavg_pt"))]
             if task.treatments:
                 cells.append(_diff(row.get(f"vs_{first}_pt")))
             lines.append("| " + " | ".join(cells) + " |")
@@ -204,7 +223,7 @@ def plot(path: Path, title: str, res: dict) -> None:
                 errs[1].append(hi - g["mean"])
         ax.bar(xs, ms, width, yerr=errs, capsize=3, label=s)
     ax.set_xticks(range(len(settings)), settings)
-    lows = [r["global"]["mean"] for rows in res.values() for r in rows.values()]
+    lows = [r["global"]["mean"] for rows in res.values() for r in rows.values() if r["global"]["mean"] == r["global"]["mean"]]
     ax.set_ylim(max(0.0, min(lows) - 0.1), 1.0)
     ax.set_ylabel("final global test accuracy (mean, 95 % CI)")
     ax.set_title(title)
@@ -224,7 +243,10 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every run (smoke tests)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--replot", default=None, help="only rewrite the Markdown and PNG of this result JSON")
     args, rest = ap.parse_known_args()
+    if args.replot:
+        return write_views(Path(args.replot))
     if args.task == "shakespeare":
         import bench_fed_shakespeare
 
@@ -253,9 +275,20 @@ def main() -> None:
             "total_wall_s": time.time() - t0, "environment": environment("cpu")}
     emit("fed_quality", {**meta, "results": res, "runs": runs}, args.out)
     if args.out:
-        out = Path(args.out)
-        out.with_suffix(".md").write_text(markdown(task, res))
-        plot(out.with_suffix(".png"), f"{args.task}: {task.note[:60]}…", res)
+        write_views(Path(args.out))
+
+
+def write_views(path: Path) -> None:
+    """The Markdown table and the PNG next to a result JSON (its summary recomputed from its stored runs)."""
+    import json
+
+    d = json.loads(path.read_text())
+    settings = {k: v for k, v in d["settings"].items() if k not in ("base", "note")}
+    task = Task(d["settings"]["base"], settings, treatments=TASKS[d["task"]].treatments)
+    d["results"] = summarise(task, d["runs"])
+    path.write_text(json.dumps({k: d[k] for k in d if k != "runs"} | {"runs": d["runs"]}, indent=2, default=float))
+    path.with_suffix(".md").write_text(markdown(task, d["results"]))
+    plot(path.with_suffix(".png"), f"{d['task']} ({len(d['seeds'])} seeds)", d["results"])
 
 
 if __name__ == "__main__":

@@ -59,3 +59,15 @@ def test_summarise_pairs_by_seed_not_by_order():
     # settings that are different datasets (not treatments) are never paired with each other
     task.treatments = False
     assert "vs_plain_pt" not in bq.summarise(task, runs)["prox"]["fedavg"]
+
+
+def test_summarise_leaves_diverged_runs_out_and_counts_them():
+    task = bq.Task(base=[], settings={"plain": []}, strategies=["fedavg", "slice"])
+    runs = [_run("plain", "fedavg", s, a) for s, a in enumerate([0.80, 0.90, 0.70, 0.85])]
+    runs += [_run("plain", "slice", s, a) for s, a in enumerate([0.81, float("nan"), 0.73, 0.86])]
+    runs[5]["diverged_at_round"] = 7
+    row = bq.summarise(task, runs)["plain"]["slice"]
+    assert row["diverged"] == "1/4" and bq.summarise(task, runs)["plain"]["fedavg"]["diverged"] == "0/4"
+    assert row["global"]["mean"] == pytest.approx(np.mean([0.81, 0.73, 0.86]))
+    assert row["vs_fedavg_pt"]["n"] == 3 and row["vs_fedavg_pt"]["mean"] == pytest.approx(np.mean([1.0, 3.0, 1.0]))
+    assert "diverged in 1/4" in bq.markdown(task, bq.summarise(task, runs))

@@ -119,14 +119,22 @@ def plot(path: Path, res: dict, target: float) -> None:
     fig.savefig(path, dpi=110)
 
 
-def resummarise(path: Path) -> None:
-    """Recompute the per-method summary of a result file from its stored runs (after the summary gained fields)."""
+def resummarise(path: Path, more: list[dict] | None = None, note: str | None = None) -> None:
+    """Recompute the per-method summary of a result file from its stored runs, after adding ``more`` runs (of other
+    methods, same rounds, seeds and model: runs are deterministic per seed, so the file's FedAvg runs pair with them);
+    redraw its PNG."""
     import json
 
     d = json.loads(path.read_text())
+    if more:
+        d["runs"] += more
+        d.setdefault("added", []).append(note)
+        for m in dict.fromkeys(r["method"] for r in more):
+            d["methods"].setdefault(m, {})
     base = {r["seed"]: r for r in d["runs"] if r["method"] == "fedavg (dense)"}
     d["methods"] = {m: summarise([r for r in d["runs"] if r["method"] == m], base, d["target"]) for m in d["methods"]}
     path.write_text(json.dumps(d, indent=2, default=float))
+    plot(path.with_suffix(".png"), d["methods"], d["target"])
 
 
 def main() -> None:
@@ -139,17 +147,28 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=None)
     ap.add_argument("--resummarise", default=None, help="recompute a result file's summary from its runs; no training")
+    ap.add_argument("--add-to", default=None, help="add these runs to an existing result file (same rounds, seeds, "
+                    "model) and summarise them against its FedAvg runs")
     args = ap.parse_args()
     if args.resummarise:
         return resummarise(Path(args.resummarise))
     if not SHAKESPEARE.is_file():
         sys.exit(f"needs {SHAKESPEARE}")
+    if args.add_to:  # checked before any training
+        import json
+
+        d = json.loads(Path(args.add_to).read_text())
+        if (d["rounds"], sorted(d["seeds"]), d["model"]) != (args.rounds, sorted(args.seeds), args.model):
+            sys.exit(f"{args.add_to} has rounds/seeds/model {d['rounds']}/{d['seeds']}/{d['model']}")
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         jobs = [(m, [*METHODS[m], f"model={args.model}"], s, args.rounds, f"{tmp}/{i}")
                 for i, (m, s) in enumerate((m, s) for m in args.methods for s in args.seeds)]
         with mp.get_context("spawn").Pool(args.jobs) as pool:
             runs = pool.map(one_run, jobs, chunksize=1)
+    if args.add_to:
+        return resummarise(Path(args.add_to), runs, f"{args.methods} added {time.strftime('%Y-%m-%d')} "
+                           f"in {time.time() - t0:.0f} s with --jobs {args.jobs}")
     base = {r["seed"]: r for r in runs if r["method"] == "fedavg (dense)"}
     res = {m: summarise([r for r in runs if r["method"] == m], base, args.target) for m in args.methods}
     meta = {"rounds": args.rounds, "seeds": args.seeds, "model": args.model, "target": args.target,

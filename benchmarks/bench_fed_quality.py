@@ -217,14 +217,18 @@ def plot(path: Path, title: str, res: dict) -> None:
             if s in res[setting]:
                 g = res[setting][s]["global"]
                 lo, hi = g["ci95"] or (g["mean"], g["mean"])
+                lo, hi = max(lo, 0.0), min(hi, 1.0)  # an accuracy's interval, drawn within [0, 1]
                 xs.append(i + (j - (len(strats) - 1) / 2) * width)
+                if not res[setting][s].get("diverged", "0/").startswith("0/"):
+                    ax.annotate(f"diverged {res[setting][s]['diverged']}", (xs[-1], 0.05), rotation=90, fontsize=7,
+                                ha="center", va="bottom")
                 ms.append(g["mean"])
                 errs[0].append(g["mean"] - lo)
                 errs[1].append(hi - g["mean"])
         ax.bar(xs, ms, width, yerr=errs, capsize=3, label=s)
     ax.set_xticks(range(len(settings)), settings)
     lows = [r["global"]["mean"] for rows in res.values() for r in rows.values() if r["global"]["mean"] == r["global"]["mean"]]
-    ax.set_ylim(max(0.0, min(lows) - 0.1), 1.0)
+    ax.set_ylim(max(0.0, min(lows, default=0.0) - 0.1), 1.0)
     ax.set_ylabel("final global test accuracy (mean, 95 % CI)")
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=2)

@@ -48,7 +48,7 @@ def train_classifier(
                 before_step(steps)  # e.g. sample a nested sub-model's ranks (ordered dropout)
             logits = _flat(model(x))  # (N, classes); sequences: every position is a prediction
             y = y.reshape(-1)
-            loss = F.cross_entropy(logits, y)
+            loss = cross_entropy(logits, y)  # IGNORE targets left out
             obj = loss + frob_decay * frobenius_decay(model) if frob_decay > 0 else loss
             if anchor:
                 obj = obj + 0.5 * prox_mu * sum((p - p0).square().sum() for p, p0 in anchor)

@@ -93,7 +93,7 @@ def is_complete(path: Path) -> bool:
         manifest = json.loads((path / MANIFEST).read_text())
         return all((path / n).is_file() and (path / n).stat().st_size == m["bytes"] and _digest(path / n) == m["sha256"]
                    for n, m in manifest.items())
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return False
 
 
@@ -171,7 +171,7 @@ def read_jsonl(path: Path) -> list[dict]:
     for i, line in enumerate(lines):
         try:
             out.append(json.loads(line))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             if i == len(lines) - 1:
                 log.warning("%s: dropping a truncated last line", path)
                 break
@@ -185,21 +185,24 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: missing")
     try:
         return json.loads(path.read_text())
+    except RecursionError:
+        raise CheckpointError(f"{path}: JSON nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupted or truncated JSON ({e})") from e
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file as a dict (no pickle)."""
-    from safetensors.torch import load_file
+    """A safetensors file as a dict (no pickle); its header is validated against the file before any tensor is
+    allocated (:mod:`fedlowrank.tensorfile`)."""
+    from .tensorfile import TensorFileError, load_checked
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")
     try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for bad headers / truncation
-        raise CheckpointError(f"{path}: corrupted or truncated safetensors file ({e})") from e
+        return load_checked(path)
+    except TensorFileError as e:
+        raise CheckpointError(f"corrupted or truncated safetensors file: {e}") from None
 
 
 def load_torch_state(path: Path) -> dict:

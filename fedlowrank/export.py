@@ -20,9 +20,48 @@ from torch import Tensor, nn
 from fedlowrank.checkpoint import CheckpointError, latest_complete, load_tensors, read_json
 from fedlowrank.models.gpt2 import GPT2, GPT2Config
 from fedlowrank.models.hf import TOKENIZER_FILES, PretrainedError, load_pretrained, save_hf
+from fedlowrank.models.hf_config import checked_config
 from fedlowrank.models.llama import Llama, LlamaConfig
 
 log = logging.getLogger("fedlowrank.export")
+
+
+def _merges(sd: dict[str, Tensor]) -> dict[str, tuple[str, str, str | None]]:
+    """``X.weight`` -> (U, V, base weight or None) for every low-rank form in ``sd``: ``X.U, X.V`` and LoRA's
+    ``X.base.weight + s·X.adapter.U·X.adapter.V``."""
+    out: dict[str, tuple[str, str, str | None]] = {}
+    for key in sd:
+        if key.endswith(".adapter.U"):
+            x = key[: -len(".adapter.U")]
+            out[f"{x}.weight"] = (key, f"{x}.adapter.V", f"{x}.base.weight")
+        elif key.endswith(".U") and f"{key[:-2]}.V" in sd:
+            out[f"{key[:-2]}.weight"] = (key, f"{key[:-2]}.V", None)
+    return out
+
+
+def _consumed(x: str) -> set[str]:
+    return {f"{x}.U", f"{x}.V", f"{x}.adapter.U", f"{x}.adapter.V", f"{x}.base.weight", f"{x}.base.bias",
+            f"{x}.scaling", f"{x}.scale_param"}
+
+
+def dense_shapes(sd: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    """The shapes :func:`dense_state` would produce, computed without multiplying anything (``()`` where a factor
+    pair cannot be merged: not 2-D, inner sizes differ, a LoRA base of another shape or a scale that is no scalar)."""
+    done: set[str] = set()
+    out: dict[str, tuple[int, ...]] = {}
+    for w, (u, v, base) in _merges(sd).items():
+        U, V = sd[u], sd.get(v)
+        ok = V is not None and U.dim() == V.dim() == 2 and U.shape[1] == V.shape[0]
+        shape = (U.shape[0], V.shape[1]) if ok else ()  # type: ignore[union-attr]
+        if base is not None:
+            x = w[: -len(".weight")]
+            scale = sd.get(f"{x}.scale_param", sd.get(f"{x}.scaling"))
+            if base not in sd or tuple(sd[base].shape) != shape or scale is None or scale.numel() != 1:
+                shape = ()
+        out[w] = shape
+        done |= _consumed(w[: -len(".weight")])
+    out.update({k: tuple(t.shape) for k, t in sd.items() if k not in done and k not in out})
+    return out
 
 
 def dense_state(sd: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -30,36 +69,54 @@ def dense_state(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     ``X.base.weight + s·X.adapter.U·X.adapter.V`` -> ``X.weight`` (s = ``X.scaling``, or tanh(``X.scale_param``))."""
     out: dict[str, Tensor] = {}
     done: set[str] = set()
-    for key in sd:
-        if key.endswith(".adapter.U"):
-            x = key[: -len(".adapter.U")]
+    for w, (u, v, base) in _merges(sd).items():
+        x = w[: -len(".weight")]
+        prod = sd[u].float() @ sd[v].float()
+        if base is not None:
             s = torch.tanh(sd[f"{x}.scale_param"]) if f"{x}.scale_param" in sd else sd[f"{x}.scaling"]
-            out[f"{x}.weight"] = sd[f"{x}.base.weight"].float() + s.float() * (sd[key].float() @ sd[f"{x}.adapter.V"].float())
+            prod = sd[base].float() + s.float() * prod
             if f"{x}.base.bias" in sd:
                 out[f"{x}.bias"] = sd[f"{x}.base.bias"].float()
-            done |= {key, f"{x}.adapter.V", f"{x}.base.weight", f"{x}.base.bias", f"{x}.scaling", f"{x}.scale_param"}
-        elif key.endswith(".U") and f"{key[:-2]}.V" in sd:
-            x = key[:-2]
-            out[f"{x}.weight"] = sd[key].float() @ sd[f"{x}.V"].float()
-            done |= {key, f"{x}.V"}
+        out[w] = prod
+        done |= _consumed(x)
     out.update({k: v.float() for k, v in sd.items() if k not in done and k not in out})
     return out
 
 
-def _model_from_meta(meta: dict, sd: dict[str, Tensor]) -> nn.Module:
-    """The dense architecture a checkpoint was trained with (``model_config`` in its meta; older
-    checkpoints: the named size, with the vocabulary and GPT-2's positions read from the weights)."""
-    arch, cfg = meta.get("arch"), dict(meta.get("model_config") or {})
-    if arch == "gpt2":
-        if not cfg:
-            cfg = dataclasses.asdict(GPT2Config.from_size(meta["size"], vocab_size=sd["wte.weight"].shape[0],
-                                                          block_size=sd["wpe.weight"].shape[0]))
-        return GPT2(GPT2Config(**cfg))
-    if arch == "llama":
-        if not cfg:
-            cfg = dataclasses.asdict(LlamaConfig.from_size(meta["size"], vocab_size=sd["embed.weight"].shape[0]))
-        return Llama(LlamaConfig(**cfg))
-    raise PretrainedError(f"checkpoint arch {arch!r} is not a GPT-2 or LLaMA run: export and sampling take those only")
+def _model_from_meta(meta: dict, sd: dict[str, Tensor], where: str) -> nn.Module:
+    """The dense architecture a checkpoint was trained with (``model_config`` in its meta; older checkpoints: the
+    named size, with the vocabulary and GPT-2's positions read from the weights), built only after every stored
+    tensor's merged shape matches it (the config and the shapes are checked on a meta-device skeleton)."""
+    arch, cfg = meta.get("arch"), meta.get("model_config")
+    if arch not in ("gpt2", "llama"):
+        raise PretrainedError(f"{where}: checkpoint arch {str(arch)[:40]!r} is not a GPT-2 or LLaMA run: export and "
+                              "sampling take those only")
+    if not cfg:
+        emb = sd.get("wte.weight" if arch == "gpt2" else "embed.weight")
+        try:
+            kw = {"vocab_size": emb.shape[0]} | ({"block_size": sd["wpe.weight"].shape[0]} if arch == "gpt2" else {})
+            cls = GPT2Config if arch == "gpt2" else LlamaConfig
+            cfg = dataclasses.asdict(cls.from_size(meta["size"], **kw))  # type: ignore[union-attr]
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+            raise PretrainedError(f"{where}: no model_config, and no known size with embeddings to read the "
+                                  f"vocabulary from ({type(e).__name__}: {str(e)[:100]})") from None
+    mc = checked_config(arch, cfg, where)
+    build = GPT2 if arch == "gpt2" else Llama
+    try:
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in build(mc).state_dict().items()}  # type: ignore[arg-type]
+    except ValueError as e:
+        raise PretrainedError(f"{where}: model_config {e}") from None
+    have = dense_shapes(sd)
+    tied = [k for k in ("lm_head.weight",) if k in want and k not in have]
+    bad = sorted(k for k in want.keys() - set(tied) if have.get(k) != want[k]) + sorted(have.keys() - want.keys())
+    if bad:
+        k = bad[0]
+        raise PretrainedError(f"{where}: the stored weights do not match model_config: {k!r} "
+                              f"{'is missing' if k not in have else f'merges to {list(have[k])}'}"
+                              f"{f', expected {list(want[k])}' if k in want else ' (unexpected)'}"
+                              f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}")
+    return build(mc)  # type: ignore[arg-type]
 
 
 def find_checkpoint(src: Path) -> Path:
@@ -80,8 +137,10 @@ def load_any(src: Path) -> tuple[nn.Module, int, Path | None]:
         return model, sum(p.numel() for p in model.parameters()), d
     ckpt = find_checkpoint(src)
     meta, sd = read_json(ckpt / "meta.json"), load_tensors(ckpt / "model.safetensors")
+    if not isinstance(meta, dict):
+        raise PretrainedError(f"{ckpt / 'meta.json'}: expected a JSON object")
     stored = sum(v.numel() for k, v in sd.items() if v.is_floating_point() and not k.endswith(".scaling"))
-    model = _model_from_meta(meta, sd)
+    model = _model_from_meta(meta, sd, str(ckpt / "meta.json"))
     dense = dense_state(sd)
     if getattr(model, "lm_head", None) is not None and "lm_head.weight" not in dense:  # tied: stored once
         dense["lm_head.weight"] = dense["wte.weight" if isinstance(model, GPT2) else "embed.weight"]

@@ -236,7 +236,7 @@ class CentralRun:
         arch, mc = hf.model_config(d)
         if arch != self.model.arch:
             raise ConfigError(f"model.pretrained={self.model.pretrained!r} is a {arch} checkpoint; use model={arch}")
-        hf.weight_files(d)
+        hf.check_tensors(d, arch, mc)  # headers only: names, shapes and dtypes against config.json
         if self.trainer.block_size > mc.block_size:
             raise ConfigError(f"trainer.block_size={self.trainer.block_size} exceeds the checkpoint's context "
                               f"({mc.block_size} positions)")

@@ -36,15 +36,25 @@ class BPETokenizer:
     name such as ``gpt2`` (downloaded once)."""
 
     def __init__(self, name: str = "gpt2") -> None:
+        from tokenizers import Tokenizer
+
         path = Path(name).expanduser()
         path = path / "tokenizer.json" if path.is_dir() else path
-        try:
-            from tokenizers import Tokenizer
-
-            self.tok = Tokenizer.from_file(str(path)) if path.is_file() else Tokenizer.from_pretrained(name)
-        except Exception as e:
-            raise RuntimeError(f"could not load the BPE tokenizer {name!r} ({e}); it is downloaded from the "
-                               "Hugging Face hub on first use: connect once or use data.tokenizer=byte") from e
+        if path.is_file():
+            try:
+                self.tok = Tokenizer.from_file(str(path))
+            except Exception as e:  # the Rust parser's error: malformed JSON, an unknown model or field
+                raise ConfigError(f"{path}: not a tokenizers tokenizer ({str(e)[:200]})") from None
+        elif Path(name).expanduser().exists() or name.count("/") > 1 or name.startswith((".", "/", "~")) \
+                or name.endswith(".json"):  # a local path, not a hub id
+            raise ConfigError(f"tokenizer {name!r}: no such file (a tokenizer.json, a directory holding one, "
+                              "or a hub name such as gpt2)")
+        else:
+            try:
+                self.tok = Tokenizer.from_pretrained(name)
+            except Exception as e:
+                raise ConfigError(f"could not load the tokenizer {name!r} from the Hugging Face hub ({str(e)[:200]}); "
+                                  "it is downloaded on first use: connect once, or give a tokenizer.json") from None
         self.vocab_size = self.tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:

@@ -12,24 +12,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from fedlowrank.schema import ConfigError
+from fedlowrank.tensorfile import FLOAT_DTYPES, TensorFileError, TensorInfo, load_checked, read_header
 
 from .gpt2 import GPT2, GPT2Config
+from .hf_config import (PretrainedError, arch_of, gpt2_config, llama_config, model_config, read_config,
+                        to_hf_config)
 from .llama import Llama, LlamaConfig
 
 log = logging.getLogger(__name__)
 PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# tensors a checkpoint may hold beyond the weights: GPT-2's causal-mask buffers and a tied head saved anyway,
+# LLaMA's RoPE frequencies (older checkpoints) and a tied head; transformers ignores them too
+IGNORED = {"gpt2": re.compile(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$|^lm_head\.weight$"),
+           "llama": re.compile(r"(^|\.)rotary_emb\.inv_freq$|^lm_head\.weight$")}
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]
-
-
-class PretrainedError(ConfigError):
-    """A pretrained checkpoint that cannot be used as it is (raised before any training; exit code 2)."""
 
 
 def resolve(src: str, cache_dir: str | None = None) -> Path:
@@ -49,17 +52,6 @@ def resolve(src: str, cache_dir: str | None = None) -> Path:
                               "download is cached) or give a local directory") from e
 
 
-def read_config(d: Path) -> dict:
-    path = d / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PretrainedError(f"{path}: cannot read the checkpoint's config ({e})") from e
-    if not isinstance(cfg, dict):
-        raise PretrainedError(f"{path}: expected a JSON object")
-    return cfg
-
-
 def weight_files(d: Path) -> list[Path]:
     """The safetensors files holding the weights: ``model.safetensors``, or every shard the index names (files
     inside ``d`` only). A directory with pickle weights only is refused: they are never unpickled."""
@@ -69,7 +61,7 @@ def weight_files(d: Path) -> list[Path]:
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+        except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
             raise PretrainedError(f"{index}: not a safetensors index ({e})") from e
         for name in shards:
             if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors") \
@@ -80,74 +72,6 @@ def weight_files(d: Path) -> list[Path]:
         raise PretrainedError(f"{d} holds only pickle weights (e.g. pytorch_model.bin), which are never unpickled "
                               "here (they can run code); convert the checkpoint to safetensors first")
     raise PretrainedError(f"{d} has no model.safetensors or model.safetensors.index.json")
-
-
-def read_weights(d: Path) -> dict[str, Tensor]:
-    """Every tensor of the checkpoint's safetensors file(s)."""
-    from safetensors.torch import load_file
-
-    out: dict[str, Tensor] = {}
-    for f in weight_files(d):
-        out.update(load_file(str(f)))
-    return out
-
-
-def model_config(d: Path) -> tuple[str, GPT2Config | LlamaConfig]:
-    """(arch, config) of the checkpoint in ``d``, refusing what cannot be represented (naming the field)."""
-    cfg = read_config(d)
-    arch = arch_of(cfg)
-    try:
-        return arch, (gpt2_config(cfg) if arch == "gpt2" else llama_config(cfg))
-    except KeyError as e:
-        raise PretrainedError(f"{d / 'config.json'}: missing field {e}") from e
-
-
-def _refuse(cfg: dict, field: str, ok, why: str) -> None:
-    value = cfg.get(field)
-    if not (ok(value) if callable(ok) else value == ok):
-        raise PretrainedError(f"config.json: {field}={value!r} cannot be represented here ({why})")
-
-
-def gpt2_config(cfg: dict) -> GPT2Config:
-    """GPT-2's ``config.json`` as a :class:`GPT2Config`, refusing what this GPT-2 does not implement."""
-    d = cfg["n_embd"]
-    _refuse(cfg, "activation_function", lambda v: v in (None, "gelu_new", "gelu_pytorch_tanh"), "tanh GELU only")
-    _refuse(cfg, "n_inner", lambda v: v in (None, 4 * d), "the MLP is 4 x n_embd")
-    _refuse(cfg, "tie_word_embeddings", lambda v: v in (None, True), "lm_head is tied to wte")
-    _refuse(cfg, "scale_attn_weights", lambda v: v in (None, True), "attention is scaled by 1/sqrt(head dim)")
-    _refuse(cfg, "scale_attn_by_inverse_layer_idx", lambda v: not v, "no per-layer attention scaling")
-    _refuse(cfg, "add_cross_attention", lambda v: not v, "decoder only")
-    return GPT2Config(vocab_size=cfg["vocab_size"], block_size=cfg["n_positions"], n_layer=cfg["n_layer"],
-                      n_head=cfg["n_head"], n_embd=d, ln_eps=float(cfg.get("layer_norm_epsilon", 1e-5)))
-
-
-def llama_config(cfg: dict) -> LlamaConfig:
-    """LLaMA's (or Mistral's, without a sliding window) ``config.json`` as a :class:`LlamaConfig`."""
-    heads, dim = cfg["num_attention_heads"], cfg["hidden_size"]
-    rope = cfg.get("rope_parameters") or {}
-    _refuse(cfg, "hidden_act", lambda v: v in (None, "silu"), "SwiGLU with SiLU")
-    _refuse(cfg, "attention_bias", lambda v: not v, "LLaMA's projections have no biases")
-    _refuse(cfg, "mlp_bias", lambda v: not v, "LLaMA's projections have no biases")
-    _refuse(cfg, "rope_scaling", lambda v: not v or v.get("rope_type", v.get("type")) == "default",
-            "plain RoPE only")
-    _refuse(cfg, "rope_parameters", lambda v: not v or v.get("rope_type", "default") == "default", "plain RoPE only")
-    _refuse(cfg, "head_dim", lambda v: v in (None, dim // heads), "head_dim = hidden_size / num_attention_heads")
-    _refuse(cfg, "sliding_window", lambda v: v is None, "full causal attention only")
-    return LlamaConfig(vocab_size=cfg["vocab_size"], block_size=cfg.get("max_position_embeddings", 2048),
-                       n_layer=cfg["num_hidden_layers"], n_head=heads, dim=dim, hidden_dim=cfg["intermediate_size"],
-                       n_kv_head=cfg.get("num_key_value_heads") or heads,
-                       rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-                       norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                       tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
-
-
-def arch_of(cfg: dict) -> str:
-    kind = cfg.get("model_type")
-    if kind == "gpt2":
-        return "gpt2"
-    if kind in ("llama", "mistral"):
-        return "llama"
-    raise PretrainedError(f"config.json: model_type={kind!r} is not supported (gpt2, llama, mistral)")
 
 
 def _halves_to_pairs(w: Tensor, n_heads: int) -> Tensor:
@@ -186,28 +110,92 @@ def _llama_names(n_layer: int, tied: bool) -> dict[str, str]:
     return out
 
 
-def _take(sd: dict[str, Tensor], name: str, shape: torch.Size) -> Tensor:
-    if name not in sd:
-        raise PretrainedError(f"the checkpoint has no tensor {name!r}")
-    t = sd[name]
-    if t.shape != shape:
-        raise PretrainedError(f"tensor {name!r} has shape {tuple(t.shape)}; config.json implies {tuple(shape)}")
-    return t.float()
+def hf_names(arch: str, mc: GPT2Config | LlamaConfig) -> dict[str, tuple[str, bool]]:
+    """Our state-dict name -> (HF name, stored transposed) of every tensor the config implies."""
+    if arch == "gpt2":
+        return _gpt2_names(mc.n_layer)
+    return {ours: (theirs, False) for ours, theirs in _llama_names(mc.n_layer, mc.tie_embeddings).items()}  # type: ignore
+
+
+def read_headers(d: Path) -> dict[str, tuple[Path, TensorInfo]]:
+    """Every tensor the checkpoint's safetensors file(s) declare -> (file, header entry); headers only."""
+    out: dict[str, tuple[Path, TensorInfo]] = {}
+    for f in weight_files(d):
+        try:
+            tensors, _ = read_header(f)
+        except TensorFileError as e:
+            raise PretrainedError(str(e)) from None
+        for name, info in tensors.items():
+            if name in out:
+                raise PretrainedError(f"{f}: tensor {name!r} is also in {out[name][0].name}")
+            out[name] = (f, info)
+    return out
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(map(repr, names[:5])) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _layer_hint(header: dict, n_layer: int, field: str) -> str:
+    held = {int(m.group(1)) for k in header if (m := re.search(r"(?:^|\.)(?:h|layers)\.(\d+)\.", k))}
+    return f" (the checkpoint holds {len(held)} layers, {field}={n_layer})" if len(held) != n_layer else ""
+
+
+def check_tensors(d: Path, arch: str, mc: GPT2Config | LlamaConfig) -> dict[str, tuple[Path, str]]:
+    """Compare the checkpoint's safetensors headers with what ``config.json`` implies, before anything is
+    allocated: every expected tensor present, none unexpected (beyond known buffers), shapes equal, float dtypes.
+    Returns HF name -> (file, name stored there)."""
+    header, cfg_path = read_headers(d), d / "config.json"
+    names = hf_names(arch, mc)
+    strip = arch == "gpt2" and "wte.weight" in header and "transformer.wte.weight" not in header  # GPT2Model's names
+    stored = {theirs: theirs.removeprefix("transformer.") if strip else theirs for theirs, _ in names.values()}
+    missing = sorted(n for n in stored.values() if n not in header)
+    extra = sorted(k for k in header.keys() - set(stored.values()) if not IGNORED[arch].search(k))
+    if missing or extra:
+        hint = _layer_hint(header, mc.n_layer, "n_layer" if arch == "gpt2" else "num_hidden_layers")
+        parts = ([f"missing tensors {_listed(missing)}"] if missing else []) + \
+                ([f"unexpected tensors {_listed(extra)}"] if extra else [])
+        raise PretrainedError(f"{d}: the weights do not match {cfg_path}{hint}: {'; '.join(parts)}")
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        own = (GPT2(mc) if arch == "gpt2" else Llama(mc)).state_dict()  # type: ignore[arg-type]
+    for ours, (theirs, conv) in names.items():
+        f, info = header[stored[theirs]]
+        want = tuple(own[ours].shape[::-1] if conv else own[ours].shape)
+        if info.shape != want:
+            raise PretrainedError(f"{f}: tensor {stored[theirs]!r} has shape {list(info.shape)}; {cfg_path} implies "
+                                  f"{list(want)}")
+        if info.dtype not in FLOAT_DTYPES:
+            raise PretrainedError(f"{f}: tensor {stored[theirs]!r} is {info.dtype}; weights must be F16, BF16, F32 "
+                                  "or F64")
+    return {theirs: (header[name][0], name) for theirs, name in stored.items()}
+
+
+def read_weights(where: dict[str, tuple[Path, str]]) -> dict[str, Tensor]:
+    """HF name -> tensor, read from the files :func:`check_tensors` accepted."""
+    by_file: dict[Path, dict[str, str]] = {}
+    for theirs, (f, name) in where.items():
+        by_file.setdefault(f, {})[name] = theirs
+    out: dict[str, Tensor] = {}
+    for f, names in by_file.items():
+        try:
+            got = load_checked(f, set(names))
+        except TensorFileError as e:
+            raise PretrainedError(str(e)) from None
+        out.update({names[k]: v for k, v in got.items()})
+    return out
 
 
 def load_hf_state(model: nn.Module, sd: dict[str, Tensor]) -> None:
-    """Copy HF-named tensors into a freshly built dense GPT-2 / LLaMA of the same config."""
-    own = model.state_dict()
+    """Copy HF-named tensors (shapes already checked) into a freshly built dense GPT-2 / LLaMA of the same config."""
     new: dict[str, Tensor] = {}
     if isinstance(model, GPT2):
         for ours, (theirs, conv) in _gpt2_names(model.config.n_layer).items():
-            t = _take(sd, theirs, own[ours].shape[::-1] if conv else own[ours].shape)
-            new[ours] = t.t().contiguous() if conv else t
+            new[ours] = sd[theirs].float().t().contiguous() if conv else sd[theirs].float()
         new["lm_head.weight"] = new["wte.weight"]
     else:
         c: LlamaConfig = model.config
         for ours, theirs in _llama_names(c.n_layer, c.tie_embeddings).items():
-            t = _take(sd, theirs, own[ours].shape)
+            t = sd[theirs].float()
             if ours.endswith(("q_proj.weight", "k_proj.weight")):
                 t = _halves_to_pairs(t, c.n_head if "q_proj" in ours else (c.n_kv_head or c.n_head))
             new[ours] = t
@@ -217,13 +205,13 @@ def load_hf_state(model: nn.Module, sd: dict[str, Tensor]) -> None:
 
 
 def load_pretrained(src: str, cache_dir: str | None = None, **overrides) -> tuple[nn.Module, Path]:
-    """(dense model with the checkpoint's weights, checkpoint directory). Refuses before building anything big
-    when the config cannot be represented. ``overrides``: config fields that do not change the weights
-    (e.g. GPT-2's ``dropout``)."""
+    """(dense model with the checkpoint's weights, checkpoint directory). ``config.json`` is checked field by
+    field and against the safetensors headers before any tensor or module is allocated. ``overrides``: config
+    fields that do not change the weights (e.g. GPT-2's ``dropout``)."""
     d = resolve(src, cache_dir)
     arch, mc = model_config(d)
     mc = dataclasses.replace(mc, **overrides)
-    sd = read_weights(d)
+    sd = read_weights(check_tensors(d, arch, mc))
     model: nn.Module = GPT2(mc) if arch == "gpt2" else Llama(mc)  # type: ignore[arg-type]
     load_hf_state(model, sd)
     log.info("loaded %s (%s, %d layers, %d parameters) from %s", src, arch, mc.n_layer,
@@ -233,22 +221,9 @@ def load_pretrained(src: str, cache_dir: str | None = None, **overrides) -> tupl
 
 def hf_config(model: nn.Module) -> dict:
     """``config.json`` for ``transformers``' ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` of a dense model."""
-    c = model.config
-    if isinstance(model, GPT2):
-        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
-                "n_positions": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
-                "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": c.ln_eps,
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "tie_word_embeddings": True,
-                "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32"}
-    if isinstance(model, Llama):
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
-                "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layer,
-                "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head or c.n_head,
-                "head_dim": c.dim // c.n_head, "max_position_embeddings": c.block_size, "rms_norm_eps": c.norm_eps,
-                "rope_theta": c.rope_theta, "rope_scaling": None, "hidden_act": "silu", "attention_bias": False,
-                "mlp_bias": False, "tie_word_embeddings": c.tie_embeddings, "bos_token_id": None,
-                "eos_token_id": None, "torch_dtype": "float32"}
-    raise TypeError(f"cannot export a {type(model).__name__} (GPT2 or Llama only)")
+    if not isinstance(model, (GPT2, Llama)):
+        raise TypeError(f"cannot export a {type(model).__name__} (GPT2 or Llama only)")
+    return to_hf_config(model.config)
 
 
 def hf_state(model: nn.Module) -> dict[str, Tensor]:
@@ -276,5 +251,6 @@ def save_hf(model: nn.Module, out: Path) -> None:
     save_file(hf_state(model), str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
-__all__ = ["PretrainedError", "arch_of", "gpt2_config", "hf_config", "hf_state", "llama_config", "load_hf_state",
-           "load_pretrained", "model_config", "read_config", "read_weights", "resolve", "save_hf", "weight_files"]
+__all__ = ["IGNORED", "PretrainedError", "arch_of", "check_tensors", "gpt2_config", "hf_config", "hf_names", "hf_state",
+           "llama_config", "load_hf_state", "load_pretrained", "model_config", "read_config", "read_headers",
+           "read_weights", "resolve", "save_hf", "weight_files"]

@@ -17,6 +17,8 @@ from fedlowrank.data.text import get_batch, pydoc_text
 
 from helpers import central_run
 
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
@@ -98,3 +100,51 @@ def test_damaged_shard_directories_are_named(tmp_path, corpus):
     with pytest.raises(ConfigError, match="data.dir"):
         central_run(tmp_path / "r", "experiment=llama_full", "data=tokens")
     assert prepare_main(["--out", str(tmp_path / "x"), str(tmp_path / "missing.txt")]) == 2
+
+
+def _bpe(text: str, llama: bool):
+    """A small BPE trained here: GPT-2 style (byte-level, ``<|endoftext|>``) or LLaMA style (Metaspace pieces,
+    ``<s>`` prepended to every encode by the post-processor, ``</s>`` as end of text)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>" if llama else None))
+    if llama:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(prepend_scheme="first")
+        specials = ["<unk>", "<s>", "</s>"]
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        specials = ["<|endoftext|>"]
+    extra = {} if llama else {"initial_alphabet": pre_tokenizers.ByteLevel.alphabet()}
+    tok.train_from_iterator([text[:300_000]], trainers.BpeTrainer(vocab_size=500, special_tokens=specials,
+                                                                  show_progress=False, **extra))
+    if llama:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok
+
+
+@pytest.mark.parametrize("style", ["gpt2", "llama"])
+def test_prepare_equals_the_tokenizers_own_encode_of_each_whole_document(tmp_path, style):
+    """A file longer than two of the old 1 MiB chunks: the shards hold exactly encode(train part) + [eos] and
+    encode(held-out part) + [eos], with 1 and 2 workers (no BOS mid-document, no token split at a chunk cut)."""
+    src = SHAKESPEARE.read_text() if SHAKESPEARE.is_file() else pydoc_text()
+    src = "".join("  " + line for line in src.splitlines(True))  # every line end inside a learned '\n  ' token
+    text = (src * (2_500_000 // len(src) + 1))[:2_500_000]
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(text)
+    tok = _bpe(text, style == "llama")
+    tok.save(str(tmp_path / "tok.json"))
+    eos = tok.token_to_id("</s>" if style == "llama" else "<|endoftext|>")
+    raw = corpus.read_bytes()
+    cut = raw.index(b"\n", int(len(raw) * 0.99) - 1) + 1  # the first line end at or past 99 % of the bytes
+    want = {split: np.asarray(tok.encode(part.decode()).ids + [eos])
+            for split, part in (("train", raw[:cut]), ("val", raw[cut:]))}
+    if style == "llama":
+        assert want["train"][0] == 1 and (want["train"] == 1).sum() == 1  # one <s>, at the start
+    for workers in ("1", "2"):
+        out = tmp_path / f"s{workers}"
+        assert prepare_main(["--out", str(out), "--tokenizer", str(tmp_path / "tok.json"), "--workers", workers,
+                             "--val-fraction", "0.01", str(corpus)]) == 0
+        for split in ("train", "val"):
+            assert np.array_equal(_all(out, split), want[split]), (workers, split)

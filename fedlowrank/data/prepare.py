@@ -3,17 +3,22 @@
     python -m fedlowrank.data.prepare --out <dir> --tokenizer <byte | gpt2 | tokenizer.json | dir> FILE [FILE ...]
     python -m fedlowrank.data.prepare --out <dir> --tokenizer gpt2 --dataset allenai/c4 --config en --streaming
 
-Text files are cut into ~1 MB chunks at line ends, and the last ``--val-fraction`` of each file's bytes is the
-held-out split. A Hugging Face dataset is read row by row (``--streaming`` for a large one); its validation split
-is ``--val-split`` when given, else every document whose index hashes below ``--val-fraction``. Chunks are
-tokenized on ``--workers`` processes (in order, so the shards do not depend on the worker count), each document
-ends with the tokenizer's end-of-text token when it has one, and tokens are appended to ``uint16`` (vocabulary
-< 65 536) or ``uint32`` shards of at most ``--shard-tokens``. ``meta.json`` records the tokenizer, the
-vocabulary size, the dtype and the token count of every shard; a BPE tokenizer is saved beside the shards."""
+Every document is encoded whole by the tokenizer's own ``encode`` (its special tokens included, e.g. a LLaMA-style
+``<s>`` once at the start) and followed by one end-of-text token when the tokenizer has one, so the shards hold
+exactly ``encode(document) + [eos]`` per document, never a token split or a special token at an arbitrary cut.
+A text file is cut once, at the first line end past ``1 - --val-fraction`` of its bytes: the part before is one
+training document, the part after one held-out document (each file is read whole: give a large corpus as many
+files or as a dataset). A Hugging Face dataset is read row by row, a row a document (``--streaming`` for a large
+one); its validation split is ``--val-split`` when given, else every document whose index hashes below
+``--val-fraction``. Documents are tokenized on ``--workers`` processes, in order (the shards do not depend on the
+worker count), and appended to ``uint16`` (vocabulary < 65 536) or ``uint32`` shards of at most
+``--shard-tokens``. ``meta.json`` records the tokenizer, the vocabulary size, the dtype and the token count of
+every shard; a BPE tokenizer is saved beside the shards."""
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -23,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fedlowrank.schema import ConfigError
+
 from .shards import META
 
 log = logging.getLogger("fedlowrank.data.prepare")
-CHUNK_CHARS = 1 << 20
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 
@@ -44,37 +50,34 @@ def eos_id(spec: str) -> int | None:
     return next((i for n in EOS_NAMES if (i := tok.tok.token_to_id(n)) is not None), None)
 
 
-def _encode(task: tuple[str, str, str, bool]) -> tuple[str, np.ndarray]:
-    """(split, token ids as uint32) of one chunk; ``end``: the chunk ends a document (append end-of-text)."""
-    spec, split, text, end = task
-    ids = _tokenizer(spec).encode(text)
-    eos = eos_id(spec) if end else None
-    return split, np.asarray(ids + ([eos] if eos is not None else []), dtype=np.uint32)
+def _encode(task: tuple[str, str, str]) -> tuple[str, np.ndarray]:
+    """(split, token ids as uint32) of one whole document: the tokenizer's own encode, then end-of-text."""
+    spec, split, text = task
+    eos = eos_id(spec)
+    return split, np.asarray(_tokenizer(spec).encode(text) + ([eos] if eos is not None else []), dtype=np.uint32)
 
 
-def file_chunks(paths: list[Path], val_fraction: float) -> Iterator[tuple[str, str, bool]]:
-    """(split, text, ends a document) chunks of each file: train up to (1 - val_fraction) of its bytes, then val."""
+def file_documents(paths: list[Path], val_fraction: float) -> Iterator[tuple[str, str]]:
+    """(split, document) of each file: its text up to the first line end at or past (1 - val_fraction) of its
+    bytes (train), then the rest (val), each read whole."""
     for p in paths:
-        size = p.stat().st_size
-        cut = int(size * (1 - val_fraction))
+        cut = int(p.stat().st_size * (1 - val_fraction))
         with p.open("r", encoding="utf-8", newline="") as f:
-            buf, chars, done, split = [], 0, 0, "train"
+            train, done = [], 0
             for line in f:
-                buf.append(line)
-                chars += len(line)
+                train.append(line)
                 done += len(line.encode("utf-8"))
-                switch = split == "train" and done >= cut
-                if switch or chars >= CHUNK_CHARS:
-                    yield split, "".join(buf), switch
-                    buf, chars = [], 0
-                    split = "val" if done >= cut else split
-            if buf:
-                yield split, "".join(buf), True
+                if done >= cut:
+                    break
+            yield "train", "".join(train)
+            rest = f.read()
+        if rest:
+            yield "val", rest
 
 
-def dataset_chunks(name: str, config: str | None, split: str, field: str, streaming: bool, val_split: str | None,
-                   val_fraction: float, max_docs: int | None) -> Iterator[tuple[str, str, bool]]:
-    """(split, document, True) rows of a Hugging Face dataset (needs the internet once)."""
+def dataset_documents(name: str, config: str | None, split: str, field: str, streaming: bool, val_split: str | None,
+                   val_fraction: float, max_docs: int | None) -> Iterator[tuple[str, str]]:
+    """(split, document) rows of a Hugging Face dataset (needs the internet once)."""
     try:
         from datasets import load_dataset
 
@@ -89,7 +92,7 @@ def dataset_chunks(name: str, config: str | None, split: str, field: str, stream
             if max_docs is not None and i >= max_docs:
                 break
             held = which == "val" or (not val_split and ((i * 2654435761) % 2**32) / 2**32 < val_fraction)
-            yield ("val" if held else "train"), row[field], True
+            yield ("val" if held else "train"), row[field]
 
 
 class ShardWriter:
@@ -113,18 +116,20 @@ class ShardWriter:
             ids = ids[len(take):]
 
 
-def prepare(chunks: Iterator[tuple[str, str, bool]], out: Path, spec: str, workers: int, shard_tokens: int,
+def prepare(docs: Iterator[tuple[str, str]], out: Path, spec: str, workers: int, shard_tokens: int,
             sources: list[str]) -> dict:
-    """Tokenize ``chunks`` on ``workers`` processes into shards under ``out``; returns (and writes) meta.json."""
+    """Tokenize ``docs`` on ``workers`` processes into shards under ``out``; returns (and writes) meta.json."""
     out.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer(spec)
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     writers = {s: ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
-    tasks = ((spec, split, text, end) for split, text, end in chunks)
+    tasks = ((spec, split, text) for split, text in docs)
     ctx = mp.get_context("spawn")
     with ctx.Pool(workers) if workers > 1 else _Serial() as pool:
-        for split, ids in pool.imap(_encode, tasks, chunksize=1):
-            writers[split].write(ids)
+        # a window of 2 documents per worker: Pool.imap would read the whole corpus ahead into its queue
+        while window := list(itertools.islice(tasks, 2 * workers)):
+            for split, ids in pool.imap(_encode, window, chunksize=1):
+                writers[split].write(ids)
     if spec != "byte":
         tok.tok.save(str(out / "tokenizer.json"))
     meta = {"format": 1, "tokenizer": "byte" if spec == "byte" else "tokenizer.json", "tokenizer_source": spec,
@@ -174,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         _tokenizer(a.tokenizer)
-        chunks = file_chunks(a.files, a.val_fraction) if a.files else dataset_chunks(
+        docs = file_documents(a.files, a.val_fraction) if a.files else dataset_documents(
             a.dataset, a.config, a.split, a.text_field, a.streaming, a.val_split, a.val_fraction, a.max_docs)
-        meta = prepare(chunks, a.out, a.tokenizer, a.workers, a.shard_tokens,
+        meta = prepare(docs, a.out, a.tokenizer, a.workers, a.shard_tokens,
                        [str(f) for f in a.files] or [f"{a.dataset}:{a.config}:{a.split}"])
-    except (RuntimeError, OSError, UnicodeDecodeError) as e:
+    except (ConfigError, RuntimeError, OSError, UnicodeDecodeError) as e:
         log.error("prepare failed: %s", e)
         return 2
     log.info("wrote %s: %d train / %d val tokens (%s, vocabulary %d)", a.out, meta["splits"]["train"]["tokens"],

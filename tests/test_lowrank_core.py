@@ -198,3 +198,36 @@ def test_explained_variance_rule_matches_the_reference_formula():
     # not the energy rule: a slowly decaying spectrum needs different k under the two rules
     S = torch.linspace(1.0, 0.1, 20)
     assert explained_variance_rank(S, 0.9, 20) != explained_rank(S, 0.9)
+
+
+@pytest.mark.parametrize("method", ["dense", "fixed", "inrank", "relora", "relora_scaled", "welore"])
+def test_accounting_dense_is_the_plain_models_count_and_params_what_the_run_keeps(method):
+    """``params_if_dense`` equals the untouched dense model's parameter count whatever each method did to the layers
+    (a LoRA adapter is extra, never a dense layer of its own: the old count called a ReLoRA model's dense size
+    base + out x in per adapter); ``params`` is every parameter the model now holds."""
+    import copy
+
+    from fedlowrank.lowrank import add_lora, compression_summary, count_params, factorize
+    from fedlowrank.methods.welore import WeLoreConfig, welore_compress
+    from fedlowrank.models.llama import Llama, LlamaConfig
+
+    torch.manual_seed(0)
+    plain = Llama(LlamaConfig(vocab_size=64, block_size=16, n_layer=2, n_head=4, dim=32, hidden_dim=64))
+    dense = sum(p.numel() for p in plain.parameters())
+    model = copy.deepcopy(plain)
+    if method == "fixed":
+        factorize(model, ratio=0.25, targets=[r"attn\.", r"mlp\."])
+    elif method == "inrank":
+        factorize(model, rank=3, targets=[r"attn\.", r"mlp\."])
+    elif method.startswith("relora"):
+        add_lora(model, r=4, targets=[r"attn\.", r"mlp\."], trainable_scaling=method == "relora_scaled")
+    elif method == "welore":
+        welore_compress(model, WeLoreConfig(target_reduction=0.5, tolerance=0.5))
+    comp = compression_summary(model)
+    held = sum(p.numel() for p in model.parameters())
+    assert comp["params_if_dense"] == dense and comp["params"] == held == count_params(model)
+    if method.startswith("relora"):
+        adapters = sum(p.numel() for n, p in model.named_parameters() if ".adapter." in n or "scale_param" in n)
+        assert held == dense + adapters and comp["adapter_params"] == adapters > 0
+    elif method != "dense":
+        assert held < dense

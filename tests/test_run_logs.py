@@ -74,7 +74,7 @@ def test_central_summary_lines_report_ppl_params_ranks_time_and_paths(tmp_path):
                "ranks": {f"h.{i}.mlp.c_fc": 32 for i in range(8)}, "tokens_per_s": 13180.4, "tokens_seen": 30720}
     text = "\n".join(summary_lines(summary, str(tmp_path), 4.5))
     assert "held-out loss 3.2875, ppl 26.78" in text and "4.5 s wall" in text
-    assert "parameters 91,072 (0.730x the dense model's 124,672)" in text
+    assert "parameters 91,072 stored (0.730x the dense model's 124,672)" in text
     assert "final ranks (8 layers)" in text and text.count(" 32") == 6 and ", ..." in text
     assert "13,180 tokens/s" in text
     assert f"summary: {tmp_path / 'summary.json'}" in text and f"tensorboard --logdir {tmp_path}" in text

@@ -120,7 +120,8 @@ def summary_lines(summary: dict, out_dir: str, wall_s: float) -> list[str]:
         extra = "".join(f", {k} {ev[k]:.4f}" for k in ("ppl", "accuracy") if k in ev)
         lines.append(f"  held-out loss {ev['loss']:.4f}{extra} (step {ev['step']})")
     params, dense = summary.get("params", 0), comp.get("params_if_dense") or summary.get("params", 0)
-    lines.append(f"  parameters {params:,} ({params / max(1, dense):.3f}x the dense model's {dense:,}); "
+    adapters = f", LoRA adapters {comp['adapter_params']:,} of them" if comp.get("adapter_params") else ""
+    lines.append(f"  parameters {params:,} stored ({params / max(1, dense):.3f}x the dense model's {dense:,}{adapters}); "
                  f"trainable {summary.get('trainable_params', 0):,}")
     ranks = summary.get("ranks") or {}
     if ranks:

@@ -33,12 +33,20 @@ def size_mb(model: nn.Module) -> float:
 
 
 def compression_summary(model: nn.Module) -> dict[str, float]:
-    """Dense-equivalent vs actual parameter counts of the factorized layers."""
+    """Parameters the model stores (``params``) against the plain dense model it stands for (``params_if_dense``):
+    there a factorized layer counts as its dense out x in weight, and a LoRA adapter (with its learned scale) is
+    extra, its frozen base being the dense layer itself."""
+    from .lora import LoRALinear
+
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    inside = {id(a.adapter) for a in adapters}
+    extra = sum(p.numel() for a in adapters for p in a.adapter_parameters())
     dense = fact = 0
     for m in model.modules():
-        if isinstance(m, LowRankMixin):
+        if isinstance(m, LowRankMixin) and id(m) not in inside:
             dense += m.dense_params()
             fact += m.factor_params()
     total = count_params(model)
-    return {"params": total, "factorized_params": fact, "dense_equiv_params": dense,
-            "params_if_dense": total - fact + dense, "ratio": total / max(1, total - fact + dense)}
+    plain = total - fact + dense - extra
+    return {"params": total, "factorized_params": fact, "dense_equiv_params": dense, "adapter_params": extra,
+            "params_if_dense": plain, "ratio": total / max(1, plain)}

@@ -97,10 +97,17 @@ def test_a_damaged_rounds_log_tail_is_dropped_but_a_damaged_middle_is_named(tmp_
     import json
 
     from fedlowrank.checkpoint import CheckpointError
-    from fedlowrank.federated.server import _read_rounds
+    from fedlowrank.federated.resume import read_rounds
+
+    from fedlowrank.config import federated_run_from_cfg
+
+    run = federated_run_from_cfg(compose_cfg(f"out_dir={tmp_path}"))
+
+    def _read_rounds(path, rnd):
+        return read_rounds(path, rnd, run)
 
     log = tmp_path / "rounds.jsonl"
-    good = [json.dumps({"round": r, "train": {"loss": 1.0 / r}}) for r in (1, 2, 3)]
+    good = [json.dumps({"round": r, "train": {"round": r, "train_loss": 1.0 / r}}) for r in (1, 2, 3)]
     log.write_text("\n".join(good + ['{"round": 4, "tra', "garbage"]) + "\n")
     assert [r["round"] for r in _read_rounds(log, 3)] == [1, 2, 3]
     assert "line 4 is damaged" in caplog.text

@@ -60,12 +60,14 @@ def test_product_steps_in_the_space_of_products_and_resumes_its_moments(tmp_path
 
 
 def test_round_checkpoint_carries_the_moments(tmp_path):
-    from fedlowrank.federated.server import _resume_point, _save_round
+    from fedlowrank.federated.resume import resume_point
+    from fedlowrank.federated.server import _save_round
 
     run = _run(tmp_path, "strategy=fedavg", "fed.server_opt=adam", "fed.resume=auto")
     st = make_strategy(run)
-    moments = {"m/w": torch.randn(3, 2, dtype=torch.float64), "v/w": torch.rand(3, 2, dtype=torch.float64)}
+    w, t = next(iter(st.global_state.items()))
+    moments = {f"m/{w}": torch.randn(t.shape, dtype=torch.float64), f"v/{w}": torch.rand(t.shape, dtype=torch.float64)}
     _save_round(tmp_path, run, 1, st.global_state, st.state(), moments)
-    rnd, _, saved, _, _ = _resume_point(tmp_path, run)
+    rnd, _, saved, _, _ = resume_point(tmp_path, run, st.global_state)
     st.restore(saved, [])
-    assert rnd == 1 and st.server_opt.m["w"].equal(moments["m/w"]) and st.server_opt.v["w"].equal(moments["v/w"])
+    assert rnd == 1 and st.server_opt.m[w].equal(moments[f"m/{w}"]) and st.server_opt.v[w].equal(moments[f"v/{w}"])

@@ -7,7 +7,9 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedlowrank.checkpoint import atomic_write_bytes
+from torch import nn
+
+from fedlowrank.checkpoint import CheckpointError, atomic_write_bytes
 from fedlowrank.config import to_dataclass
 from fedlowrank.lowrank import count_params, lowrank_modules, set_ranks
 from fedlowrank.methods.inrank import InRank, InRankConfig
@@ -16,7 +18,8 @@ from fedlowrank.methods.welore import WeLoreConfig, WeLorePlan, apply_welore, fr
 from fedlowrank.training.optim import param_groups
 from fedlowrank.training.schedulers import cosine_lr
 
-from .dist import load_checkpoint_meta, load_weights, save_checkpoint
+from .dist import load_checkpoint_meta, load_weights, resolve_checkpoint, save_checkpoint
+from .resume import check_meta, check_ranks, check_weights
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -69,13 +72,20 @@ class InRankHook(Hook):
             self.ir.prepare(tr.model)
             return
         path = Path(self.ir.cfg.stage1_ckpt)  # type: ignore[arg-type]
-        meta = load_checkpoint_meta(path)
+        meta = check_meta(load_checkpoint_meta(path), path / "meta.json", tr.t.max_steps, tr.unit)
+        check_ranks(tr.model, meta["ranks"], f"{path / 'meta.json'}: ranks")
         set_ranks(tr.model, meta["ranks"])
+        check_weights(tr.model, resolve_checkpoint(path) / "model.safetensors")
         load_weights(tr.model, path)
         tr.step = int(meta["step"])
         log.info("InRank stage 2 from %s at step %d", path, tr.step)
 
     def restore(self, tr: "Trainer", state: dict) -> None:
+        if state.get("stage", self.stage) not in (1, 2) or not isinstance(state.get("history", []), list) or \
+                not all(isinstance(h, dict) and isinstance(h.get("changes", {}), dict) for h in state.get("history", [])):
+            raise CheckpointError("method_state: stage must be 1 or 2 and history a list of growth records")
+        if state.get("kept") is not None:
+            check_ranks(tr.model, state["kept"], "method_state.kept")
         self.stage = int(state.get("stage", self.stage))
         self.ir.history = list(state.get("history", []))
         kept = state.get("kept")
@@ -127,8 +137,12 @@ class ReLoRAHook(Hook):
             self.wrapped = True
 
     def restore(self, tr: "Trainer", state: dict) -> None:
-        self.restarts = int(state.get("restarts", 0))
-        if state.get("wrapped"):
+        restarts, wrapped = state.get("restarts", 0), state.get("wrapped", False)
+        if type(restarts) is not int or not 0 <= restarts <= tr.t.max_steps or not isinstance(wrapped, bool):
+            raise CheckpointError(f"method_state: restarts={restarts!r} must be an integer in [0, trainer.max_steps] "
+                                  f"and wrapped={wrapped!r} true or false")
+        self.restarts = restarts
+        if wrapped:
             self.rl.wrap(tr.model)
             self.wrapped = True
 
@@ -179,7 +193,7 @@ class WeLoreHook(Hook):
     def restore(self, tr: "Trainer", state: dict) -> None:
         self.report = state.get("report", {})
         if state.get("plan"):
-            self.plan = WeLorePlan(**state["plan"])
+            self.plan = _checked_plan(tr.model, state["plan"])
             apply_welore(tr.model, self.plan, from_weights=False)
             freeze_non_lrc(tr.model, self.plan, self.cfg.train_extra, self.cfg.train_norms)
 
@@ -224,3 +238,20 @@ def make_hook(method: dict, seed: int, max_steps: int) -> Hook:
     if name == "welore":
         return WeLoreHook(to_dataclass(WeLoreConfig, method, "method"))
     return Hook()
+
+
+def _checked_plan(model: nn.Module, plan: object) -> WeLorePlan:
+    """A checkpoint's WeLore plan: known fields; every LRC a linear of the model at a rank in [1, min(in, out)]."""
+    fields = set(WeLorePlan.__dataclass_fields__)
+    if not isinstance(plan, dict) or set(plan) - fields or not isinstance(plan.get("ranks"), dict) or \
+            not isinstance(plan.get("dense", []), list):
+        raise CheckpointError(f"method_state.plan must be an object with fields of {sorted(fields)}")
+    for name, k in plan["ranks"].items():
+        lin = model.get_submodule(name) if isinstance(name, str) and name in dict(model.named_modules()) else None
+        if not isinstance(lin, nn.Linear) or type(k) is not int or not 1 <= k <= min(lin.in_features, lin.out_features):
+            raise CheckpointError(f"method_state.plan.ranks[{str(name)[:60]!r}]={k!r} is no rank of a linear layer "
+                                  "of this run's model")
+    try:
+        return WeLorePlan(**plan)
+    except TypeError as e:
+        raise CheckpointError(f"method_state.plan: {e}") from None

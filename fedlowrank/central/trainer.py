@@ -17,21 +17,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fedlowrank.checkpoint import CheckpointError, is_complete, load_torch_state
+from fedlowrank.checkpoint import CheckpointError
 from fedlowrank.config.central import CentralRun, LMConfig
 from fedlowrank.data.text import TextData
 from fedlowrank.data.vision import ImageData
-from fedlowrank.lowrank import compression_summary, count_params, frobenius_decay, model_ranks, set_ranks, size_mb
+from fedlowrank.lowrank import compression_summary, count_params, frobenius_decay, model_ranks, size_mb
 from fedlowrank.training.optim import remap_optimizer_state
 
 from .guard import NonFiniteGuard
 from .hooks import make_hook
 from .sample import tb_sample
 from .model import build_model
+from .resume import check_optimizer_loaded, restore
 from .task import forward_flops, make_task
 from .throughput import device_peak_flops, mfu
-from .dist import (DistEnv, broadcast_object, full_state, load_checkpoint_meta, load_optimizer_state, load_weights,
-                   mean_across, resolve_checkpoint, resume_path, save_checkpoint, tied_duplicates, wrap_model)
+from .dist import (DistEnv, broadcast_object, full_state, load_optimizer_state, mean_across, resume_path,
+                   save_checkpoint, tied_duplicates, wrap_model)
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +68,44 @@ class Trainer:
         torch.manual_seed(run.seed)  # identical init on every process
         self.model = build_model(run, self.task.vocab_size)
         self.hook = make_hook(run.method, run.seed, run.trainer.max_steps)
-        trainer_state = self._resume()
+        path = resume_path(self.t.resume, self.out / "checkpoints")
+        try:
+            self._start(restore(self, Path(path)) if path else None, path)
+        except CheckpointError as e:  # planted or damaged state, named; nothing trained from it
+            if self.t.resume != "auto_or_fresh":
+                raise
+            self._fresh_after(e, Path(path))  # type: ignore[arg-type]
+
+    def _start(self, trainer_state: dict | None, path: str | None) -> None:
+        """Method setup (fresh) or the checked optimizer and RNG state (resumed), then wrap and place."""
         if trainer_state is None:
             self.hook.setup(self)
-        self.model.to(env.device)
+        self.model.to(self.env.device)
         self._wrap()
         if trainer_state is not None:
-            load_optimizer_state(self.wrapped, self.opt, trainer_state["optimizer"], self.t.dist, env)
-            self._set_rng(trainer_state["rng"][env.rank])
+            try:
+                load_optimizer_state(self.wrapped, self.opt, trainer_state["optimizer"], self.t.dist, self.env)
+            except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
+                raise CheckpointError(f"{Path(path) / 'trainer.pt'}: optimizer state does not fit this run's "  # type: ignore
+                                      f"optimizer ({type(e).__name__}: {str(e)[:120]})") from None
+            check_optimizer_loaded(self.opt, Path(path) / "trainer.pt")  # type: ignore[arg-type]
+            self._set_rng(trainer_state["rng"][self.env.rank])
         else:
-            torch.manual_seed(run.seed * 1000 + env.rank)  # dropout stream per process
+            torch.manual_seed(self.run.seed * 1000 + self.env.rank)  # dropout stream per process
+
+    def _fresh_after(self, err: CheckpointError, path: Path) -> None:
+        """``trainer.resume=auto_or_fresh`` over a refused checkpoint: set it aside, rebuild, start afresh."""
+        log.warning("trainer.resume=auto_or_fresh: %s; starting afresh (the checkpoint is set aside as "
+                    "rejected-%s)", err, path.name)
+        self.barrier()  # every process has read the checkpoint before it moves
+        if self.env.is_main:
+            path.rename(path.with_name(f"rejected-{path.name}"))
+        self.barrier()
+        self.step, self.losses, self.evals, self.units_seen, self.train_time, self.model_flops = 0, [], [], 0, 0.0, 0.0
+        torch.manual_seed(self.run.seed)
+        self.model = build_model(self.run, self.task.vocab_size)
+        self.hook = make_hook(self.run.method, self.run.seed, self.t.max_steps)
+        self._start(None, None)
 
     # ------------------------------------------------------------------ setup helpers
     def _wrap(self) -> None:
@@ -99,29 +128,6 @@ class Trainer:
         move new modules to the device, re-wrap and start a fresh optimizer over trainable params."""
         self.model.to(self.env.device)
         self._wrap()
-
-    def _resume(self) -> dict | None:
-        """Restore structure (method state, ranks) and weights from a checkpoint; trainer state or None."""
-        path = resume_path(self.t.resume, self.out / "checkpoints")
-        if not path:
-            return None
-        path = str(resolve_checkpoint(path))
-        if not is_complete(Path(path)):
-            log.warning("resuming from %s, which has no manifest matching its files (incomplete or altered)", path)
-        meta = load_checkpoint_meta(Path(path))
-        if not isinstance(meta, dict) or {"step", "ranks"} - set(meta):
-            raise CheckpointError(f"{Path(path) / 'meta.json'}: not a checkpoint's meta (needs step and ranks)")
-        self.hook.restore(self, meta.get("method_state", {}))
-        set_ranks(self.model, meta["ranks"])
-        load_weights(self.model, Path(path))
-        self.step = int(meta["step"])
-        self.losses = [tuple(x) for x in meta.get("losses", [])]  # type: ignore[misc]
-        self.evals = meta.get("evals", [])
-        self.units_seen = int(meta.get(f"{self.unit}_seen", 0))
-        self.model_flops = float(meta.get("model_flops", 0.0))
-        self.train_time = float(meta.get("train_time_s", 0.0))
-        log.info("resumed from %s at step %d", path, self.step)
-        return load_torch_state(Path(path) / "trainer.pt")  # weights_only: a planted pickle cannot run code
 
     def broadcast(self, obj):
         return broadcast_object(obj, self.env)

@@ -64,7 +64,9 @@ class FedConfig:
     eval_budgets: bool = True  # also evaluate the global model truncated to each client budget
     checkpoint_every: int = 1
     keep_checkpoints: int = 2  # complete per-round checkpoints kept under <out_dir>/checkpoints
-    resume: str | None = None  # "auto": continue from the newest complete round checkpoint in out_dir
+    # "auto": continue from the newest complete round checkpoint in out_dir (a bad one stops the run, exit 2);
+    # "auto_or_fresh": the same, but a refused checkpoint is moved aside and the run starts afresh
+    resume: str | None = None
     # Defences against hostile clients (see fedlowrank.federated.robust)
     robust: str = "none"  # none | median | trimmed_mean (coordinate-wise; fedlmt and slice)
     trim_ratio: float = 0.1  # fraction cut from each end for trimmed_mean
@@ -138,8 +140,8 @@ class FedConfig:
                               f"fed.num_clients={self.num_clients} (ids 0..{self.num_clients - 1})")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.max_failed_rounds < 1:
             raise ConfigError("fed.checkpoint_every, fed.keep_checkpoints and fed.max_failed_rounds must be >= 1")
-        if self.resume not in (None, "auto"):
-            raise ConfigError(f"fed.resume must be null or 'auto', got {self.resume!r}")
+        if self.resume not in (None, "auto", "auto_or_fresh"):
+            raise ConfigError(f"fed.resume must be null, 'auto' or 'auto_or_fresh', got {self.resume!r}")
         if self.robust not in ROBUST:
             raise ConfigError(f"fed.robust must be one of {ROBUST}, got {self.robust!r}")
         if not 0.0 <= self.trim_ratio < 0.5:

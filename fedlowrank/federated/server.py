@@ -12,8 +12,7 @@ from flwr.serverapp import Grid
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from fedlowrank.checkpoint import (CheckpointError, append_jsonl, atomic_write_bytes, latest_complete, load_tensors,
-                                   prune, read_json, write_checkpoint_dir)
+from fedlowrank.checkpoint import append_jsonl, atomic_write_bytes, prune, write_checkpoint_dir
 from fedlowrank.config import FederatedRun
 from fedlowrank.lowrank import count_params, state_bytes
 from fedlowrank.training.loop import evaluate_classifier
@@ -23,6 +22,7 @@ from .client import model_from_state
 from .grid import PollingGrid
 from .methods import fed_method
 from .report import budget_tag
+from .resume import resume_point
 from .task import build_model, fed_data
 from .tb import RunWriters
 
@@ -51,55 +51,6 @@ def _save_round(out: Path, run: FederatedRun, rnd: int, state: State, strategy_s
     write_checkpoint_dir(out / "checkpoints" / f"round-{rnd:06d}", write)
     prune(out / "checkpoints", run.fed.keep_checkpoints, prefix="round-")
     atomic_write_bytes(out / "checkpoints" / "last.safetensors", save(tensors, metadata=meta))
-
-
-def _resume_point(out: Path, run: FederatedRun) -> tuple[int, State, dict, list[dict], dict] | None:
-    """(round, global state, strategy state, round history, evals) of the newest complete round
-    checkpoint, or None. The JSONL log is cut back to that round (later lines were never checkpointed)."""
-    if run.fed.resume != "auto":
-        return None
-    ckpt = latest_complete(out / "checkpoints", prefix="round-")
-    if ckpt is None:
-        log.info("fed.resume=auto: no complete round checkpoint in %s; starting at round 1", out)
-        return None
-    st = read_json(ckpt / "strategy.json")
-    try:
-        rnd = int(st.pop("round"))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{ckpt / 'strategy.json'}: no valid round number ({type(e).__name__}: {e})") from e
-    records = _read_rounds(out / "rounds.jsonl", rnd)
-    evals = {int(r["round"]): r["eval"] for r in records if "eval" in r}
-    history = [r["train"] for r in records if "train" in r]
-    _rewrite_jsonl(out / "rounds.jsonl", records)
-    log.info("fed.resume=auto: continuing after round %d from %s", rnd, ckpt)
-    if (ckpt / "server_opt.safetensors").is_file():
-        st["server_opt"] = load_tensors(ckpt / "server_opt.safetensors")
-    return rnd, load_tensors(ckpt / "global.safetensors"), st, history, evals
-
-
-def _read_rounds(path: Path, rnd: int) -> list[dict]:
-    """``rounds.jsonl``'s records of rounds 1..``rnd``. A damaged line after all of them (a write cut by a crash,
-    or garbage) is dropped with what follows, with a warning: the intact round checkpoint is what resumes. A
-    damaged line before them is an error naming the file and the line."""
-    out: list[dict] = []
-    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
-    for i, line in enumerate(lines, 1):
-        try:
-            rec = json.loads(line)
-            rec["round"] = int(rec["round"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            if {r["round"] for r in out} >= set(range(1, rnd + 1)):
-                log.warning("%s: line %d is damaged (%s); dropping it and the %d line(s) after it (round %d's "
-                            "checkpoint is intact)", path, i, type(e).__name__, len(lines) - i, rnd)
-                break
-            raise CheckpointError(f"{path}: line {i} is damaged ({type(e).__name__}: {e}) before the records of "
-                                  f"the checkpointed round {rnd}") from e
-        out.append(rec)
-    return [r for r in out if r["round"] <= rnd]
-
-
-def _rewrite_jsonl(path: Path, records: list[dict]) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(r, default=float) + "\n" for r in records).encode())
 
 
 def partition_sizes(run: FederatedRun) -> list[int]:
@@ -151,12 +102,13 @@ class _ServerRun:
         self.test_loader = DataLoader(fed_data(run).test, batch_size=256)
         self.budgets = sorted({tuple(run.fed.budget(i).items()) for i in range(run.fed.num_clients)})
         self.method = fed_method(run)
-        resumed = _resume_point(self.out, run)
+        initial = self.method.initial_state()
+        resumed = resume_point(self.out, run, initial)
         self.client_rows: dict[int, list[dict]] = {}  # round -> sampled clients' held-out accuracies
         self.done, self.evals = (resumed[0], resumed[4]) if resumed else (0, {})
         if not resumed and (self.out / "rounds.jsonl").exists():
             (self.out / "rounds.jsonl").unlink()  # a fresh run does not append to an old run's log
-        init = resumed[1] if resumed else self.method.initial_state()
+        init = resumed[1] if resumed else initial
         self.strategy = HeteroRankStrategy(run, self.method, init, writer=self.writers, on_round_end=self.on_round_end,
                                            sizes=partition_sizes(run), round_offset=self.done)
         if resumed:

@@ -36,6 +36,7 @@ def run(cfg: DictConfig) -> dict:
         check_superlink_runtime()
     isolate = use_private_network(fr)
     check_partitions(fr)  # loads (downloads) the data here: the private network has no other network
+    check_resume_state(fr)
     os.makedirs(fr.out_dir, exist_ok=True)
     log.info("federated run: strategy=%s clients=%d rounds=%d budgets=%s runtime=%s%s; output in %s", fr.strategy,
              fr.fed.num_clients, fr.fed.rounds, fr.fed.ranks or fr.fed.rank_ratios, fr.fed.runtime,
@@ -45,6 +46,16 @@ def run(cfg: DictConfig) -> dict:
     log.info("%.1f s wall in all (start-up included); summary: %s", time.time() - t0,
              os.path.join(os.path.abspath(fr.out_dir), "metrics.json"))
     return results
+
+
+def check_resume_state(fr: FederatedRun) -> None:
+    """With ``fed.resume``, the checkpoint the server will continue from passes every check before any runtime
+    starts (a planted or damaged one: CheckpointError, exit 2; ``auto_or_fresh``: set aside here, with a warning)."""
+    if fr.fed.resume:
+        from fedlowrank.federated.methods import fed_method
+        from fedlowrank.federated.resume import resume_point
+
+        resume_point(Path(fr.out_dir), fr, fed_method(fr).initial_state(), check_only=True)
 
 
 def run_runtime(fr: FederatedRun, cfg: DictConfig) -> dict:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedlowrank.checkpoint import CheckpointError
 from fedlowrank.config import ConfigError, FederatedRun
 from fedlowrank.federated.run_config import PATH_KEYS, TRUST_ENV
 
@@ -166,6 +167,9 @@ def _raise_on_failure(out: Path, work: Path, returncode: int | None, lost: bool,
     error = out / "error.json"
     if error.exists():
         cause = json.loads(error.read_text())["error"]
+        kind = cause.split(":", 1)[0]
+        if kind in ("ConfigError", "CheckpointError"):  # the user's config or files: exit 2, no traceback
+            raise (ConfigError if kind == "ConfigError" else CheckpointError)(cause.split(": ", 1)[-1])
         raise RuntimeError(f"federated run failed: {cause} (logs in {out})")
     if lost and not fresh:
         raise RuntimeError(f"the SuperLink's simulation process ended before the run finished (killed or crashed; "

@@ -1,0 +1,187 @@
+"""Continuing a federated run from its newest complete round checkpoint, with every field of the planted or
+damaged state checked against the run's config before use: the round within [0, ``fed.rounds``], the sampling
+RNG a valid Mersenne-Twister state, counters finite and in range, budgets keyed by existing partitions, every
+``rounds.jsonl`` record typed, the global model's and the server optimizer's tensors of exactly the model's
+names, shapes and dtypes (read from the safetensors headers before any tensor is loaded). A bad field stops the
+run with a :class:`CheckpointError` naming the file and the field; with ``fed.resume=auto_or_fresh`` the run
+starts afresh instead, says so, and moves the refused checkpoint aside (``<name>.rejected``)."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from pathlib import Path
+
+import torch
+
+from fedlowrank.checkpoint import CheckpointError, atomic_write_bytes, latest_complete, load_tensors, read_json
+from fedlowrank.config import FederatedRun
+from fedlowrank.tensorfile import TensorFileError, read_header
+
+from .aggregation import State, factor_prefixes
+
+log = logging.getLogger(__name__)
+DTYPES = {"torch.float32": "F32", "torch.float64": "F64", "torch.float16": "F16", "torch.bfloat16": "BF16",
+          "torch.int64": "I64", "torch.int32": "I32"}  # torch dtype -> safetensors header name
+
+
+def _int(v: object, lo: int, hi: int, where: str) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise CheckpointError(f"{where}={repr(v)[:40]} must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def _number(v: object, where: str, nan_ok: bool = False) -> float:
+    if type(v) not in (int, float) or math.isinf(v) or (math.isnan(v) and not nan_ok):  # type: ignore[arg-type]
+        raise CheckpointError(f"{where}={repr(v)[:40]} must be a finite number")
+    return float(v)  # type: ignore[arg-type]
+
+
+def check_strategy_state(st: object, run: FederatedRun, path: Path) -> tuple[int, dict]:
+    """(round, strategy state) of ``strategy.json``, each field checked against the run's config."""
+    if not isinstance(st, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    st = dict(st)
+    rnd = _int(st.pop("round", None), 0, run.fed.rounds, f"{path}: round")
+    rng = st.get("rng")
+    try:
+        v, internal, gauss = rng  # type: ignore[misc]
+        if type(v) is not int or not isinstance(internal, list) or not all(type(x) is int for x in internal):
+            raise TypeError("version and state must be integers")
+        if not all(0 <= x < 1 << 32 for x in internal) or not (gauss is None or type(gauss) is float):
+            raise ValueError("state words must be in [0, 2**32), gauss a float or null")
+        random.Random().setstate((v, tuple(internal), gauss))  # CPython checks the length and the ranges
+    except (TypeError, ValueError, OverflowError) as e:
+        raise CheckpointError(f"{path}: rng is not a Mersenne-Twister state ({str(e)[:80]})") from None
+    _int(st.get("failed_rounds", 0), 0, rnd, f"{path}: failed_rounds")
+    if _number(st.get("sim_time_s", 0.0), f"{path}: sim_time_s") < 0:
+        raise CheckpointError(f"{path}: sim_time_s must be >= 0")
+    budgets = st.get("budgets", {})
+    if not isinstance(budgets, dict):
+        raise CheckpointError(f"{path}: budgets must map partition ids to budgets")
+    for pid, b in budgets.items():
+        ok = pid.isdigit() and int(pid) < run.fed.num_clients and isinstance(b, dict) and \
+            all(k in ("ratio", "rank") and type(x) in (int, float) and 0 < x < math.inf for k, x in b.items())
+        if not ok:
+            raise CheckpointError(f"{path}: budgets[{pid[:20]!r}]={str(b)[:60]} is no budget of a partition in "
+                                  f"[0, {run.fed.num_clients})")
+    return rnd, st
+
+
+def _check_record(rec: dict, rnd: int, run: FederatedRun, where: str) -> None:
+    """One ``rounds.jsonl`` record: its round, its train summary (client rows with partition ids), its eval."""
+    r = rec["round"]
+    train, ev = rec.get("train"), rec.get("eval")
+    if train is not None:
+        if not isinstance(train, dict) or train.get("round") != r or not isinstance(train.get("clients", []), list):
+            raise CheckpointError(f"{where}: train must be round {r}'s summary with a list of clients")
+        for c in train.get("clients", []):
+            if not isinstance(c, dict):
+                raise CheckpointError(f"{where}: train.clients holds a {type(c).__name__}, not a client's row")
+            _int(c.get("pid"), 0, run.fed.num_clients - 1, f"{where}: train.clients[].pid")
+        for k, v in train.items():
+            if k != "clients":
+                _number(v, f"{where}: train.{k}", nan_ok=True)
+    if ev is not None:
+        if not isinstance(ev, dict):
+            raise CheckpointError(f"{where}: eval must be an object of metrics")
+        for k, v in ev.items():
+            _number(v, f"{where}: eval.{k}", nan_ok=True)
+
+
+def read_rounds(path: Path, rnd: int, run: FederatedRun) -> list[dict]:
+    """``rounds.jsonl``'s records of rounds 0..``rnd``, each checked. A damaged line after all of rounds 1..rnd
+    (a write cut by a crash, or garbage) is dropped with what follows, with a warning: the intact round checkpoint
+    is what resumes. A damaged line before them is an error naming the file and the line."""
+    out: list[dict] = []
+    seen: set[int] = set()
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    for i, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or "round" not in rec:
+                raise ValueError("no round")
+            _int(rec["round"], 0, run.fed.rounds, "round")
+        except (ValueError, RecursionError, CheckpointError) as e:
+            if len(seen) == rnd:
+                log.warning("%s: line %d is damaged (%s); dropping it and the %d line(s) after it (round %d's "
+                            "checkpoint is intact)", path, i, type(e).__name__, len(lines) - i, rnd)
+                break
+            raise CheckpointError(f"{path}: line {i} is damaged ({type(e).__name__}: {str(e)[:80]}) before the "
+                                  f"records of the checkpointed round {rnd}") from None
+        if rec["round"] <= rnd:
+            _check_record(rec, rnd, run, f"{path}: line {i}")
+            out.append(rec)
+            if rec["round"] >= 1:
+                seen.add(rec["round"])
+    return out
+
+
+def check_tensors(path: Path, want: State, partial: bool = False) -> None:
+    """The file's tensor names, shapes and dtypes equal ``want``'s (``partial``: a subset of its names; dtypes
+    only where ``want`` has float32 tensors), from its header alone."""
+    try:
+        have, _ = read_header(path)
+    except TensorFileError as e:
+        raise CheckpointError(str(e)) from None
+    expect = {k: (DTYPES.get(str(t.dtype)), tuple(t.shape)) for k, t in want.items()}
+    extra = sorted(set(have) - set(expect))
+    missing = [] if partial else sorted(set(expect) - set(have))
+    if extra or missing:
+        raise CheckpointError(f"{path}: not this run's model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, info in have.items():
+        if info.shape != expect[k][1] or (expect[k][0] is not None and info.dtype != expect[k][0]):
+            raise CheckpointError(f"{path}: tensor {k!r} is {info.dtype} {list(info.shape)}; the run's model has "
+                                  f"{expect[k][0]} {list(expect[k][1])}")
+
+
+def _moments(initial: State) -> State:
+    """What a server optimizer may store (meta tensors): float64 first and second moments of every global tensor
+    and, under ``product``, of every factorized layer's dense product ``<layer>.W`` (out, in)."""
+    dense = {f"{p}.W": (initial[f"{p}.U"].shape[0], initial[f"{p}.V"].shape[1]) for p in factor_prefixes(initial)}
+    shapes = {k: tuple(t.shape) for k, t in initial.items()} | dense
+    return {f"{mv}/{k}": torch.empty(shape, dtype=torch.float64, device="meta") for mv in "mv"
+            for k, shape in shapes.items()}
+
+
+def _load(ckpt: Path, out: Path, run: FederatedRun, initial: State) -> tuple[int, State, dict, list[dict]]:
+    rnd, st = check_strategy_state(read_json(ckpt / "strategy.json"), run, ckpt / "strategy.json")
+    records = read_rounds(out / "rounds.jsonl", rnd, run)
+    check_tensors(ckpt / "global.safetensors", initial)
+    opt = ckpt / "server_opt.safetensors"
+    if opt.is_file():
+        check_tensors(opt, _moments(initial), partial=True)
+        st["server_opt"] = load_tensors(opt)
+    return rnd, load_tensors(ckpt / "global.safetensors"), st, records
+
+
+def resume_point(out: Path, run: FederatedRun, initial: State,
+                 check_only: bool = False) -> tuple[int, State, dict, list[dict], dict] | None:
+    """(round, global state, strategy state, round history, evals) of the newest complete round checkpoint that
+    passes every check, or None (start at round 1). A refused one stops the run (``fed.resume=auto``) or, with
+    ``auto_or_fresh``, is renamed ``rejected-<name>`` (kept, never picked again) with a warning, and the next
+    newest is tried. The JSONL log is cut back to the resumed round (later lines were never checkpointed);
+    ``check_only``: no log rewrite and no info line (the runner's check before the runtime starts)."""
+    if run.fed.resume not in ("auto", "auto_or_fresh"):
+        return None
+    while (ckpt := latest_complete(out / "checkpoints", prefix="round-")) is not None:
+        try:
+            rnd, global_state, st, records = _load(ckpt, out, run, initial)
+            break
+        except CheckpointError as e:
+            if run.fed.resume != "auto_or_fresh":
+                raise
+            aside = ckpt.with_name(f"rejected-{ckpt.name}")
+            ckpt.rename(aside)
+            log.warning("fed.resume=auto_or_fresh: %s; that checkpoint is set aside as %s", e, aside.name)
+    else:
+        if not check_only:
+            log.info("fed.resume=%s: no usable round checkpoint in %s; starting at round 1", run.fed.resume, out)
+        return None
+    if not check_only:
+        body = "".join(json.dumps(r, default=float) + "\n" for r in records)
+        atomic_write_bytes(out / "rounds.jsonl", body.encode())
+        log.info("fed.resume=%s: continuing after round %d from %s", run.fed.resume, rnd, ckpt)
+    evals = {int(r["round"]): r["eval"] for r in records if "eval" in r}
+    return rnd, global_state, st, [r["train"] for r in records if "train" in r], evals

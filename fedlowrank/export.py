@@ -58,6 +58,8 @@ def dense_shapes(sd: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
             scale = sd.get(f"{x}.scale_param", sd.get(f"{x}.scaling"))
             if base not in sd or tuple(sd[base].shape) != shape or scale is None or scale.numel() != 1:
                 shape = ()
+            if f"{x}.base.bias" in sd:
+                out[f"{x}.bias"] = tuple(sd[f"{x}.base.bias"].shape)
         out[w] = shape
         done |= _consumed(w[: -len(".weight")])
     out.update({k: tuple(t.shape) for k, t in sd.items() if k not in done and k not in out})

@@ -26,8 +26,9 @@ def test_cifar_missing_offline_gives_clear_error(tmp_path):
 def test_hub_data_and_bpe_fail_clearly_offline():
     code = (
         "from fedlowrank.data.text import load_text_data\n"
+        "from fedlowrank.schema import ConfigError\n"
         "for kw in (dict(name='wikitext103', tokenizer='byte', cache_dir=None), dict(name='pydoc', tokenizer='gpt2')):\n"
-        "    try:\n        load_text_data(**kw)\n    except RuntimeError as e:\n        print('ERR', e)\n"
+        "    try:\n        load_text_data(**kw)\n    except (RuntimeError, ConfigError) as e:\n        print('ERR', e)\n"
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -287,3 +287,57 @@ def test_planted_method_state_is_refused_before_the_model_changes(hook, state, f
         h.restore(SimpleNamespace(model=model, t=SimpleNamespace(max_steps=10)), state)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("plant, named", [
+    ("vocab", "vocab_size"), ("unknown field", "model_config"), ("factors", "merges to [100000, 100000]"),
+])
+def test_export_and_sampling_check_a_runs_model_config_and_factor_shapes_first(central_ckpt, tmp_path, plant, named):
+    """Export and mode=sample build the run's dense model from meta.json's model_config and multiply U·V: a
+    planted config or a factor pair whose product would be 10^5 x 10^5 (40 GB, from a file under 1 MB) is named
+    with exit 2 before anything is built or multiplied."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from fedlowrank.central.sample import load_for_sampling
+    from fedlowrank.config import ConfigError
+    from fedlowrank.export import main as export_main
+
+    out = tmp_path / "run"
+    shutil.copytree(central_ckpt, out, symlinks=True)
+    ckpt = next((out / "checkpoints").glob("step-*"))
+    if plant == "factors":
+        sd = load_file(str(ckpt / "model.safetensors"))
+        k = next(k for k in sd if k.endswith(".U"))
+        sd[k], sd[k[:-1] + "V"] = torch.zeros(100_000, 1), torch.zeros(1, 100_000)
+        save_file(sd, str(ckpt / "model.safetensors"))
+    else:
+        meta = json.loads((ckpt / "meta.json").read_text())
+        meta["model_config"] |= {"vocab_size": 10**9} if plant == "vocab" else {"evil": 1}
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+    _reseal(ckpt)
+    assert export_main([str(ckpt), str(tmp_path / "hf")]) == 2 and not (tmp_path / "hf").exists()
+    with pytest.raises(ConfigError, match=named.replace("[", r"\[")):
+        load_for_sampling(ckpt)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_dense_shapes_are_the_shapes_dense_state_builds(arch):
+    """The shape check before export merges factors must predict exactly what merging gives, for factorized layers
+    and for LoRA adapters on biased (GPT-2) and bias-free (LLaMA) linears."""
+    from fedlowrank.export import dense_shapes, dense_state
+    from fedlowrank.lowrank import add_lora, factorize
+    from fedlowrank.models.gpt2 import GPT2, GPT2Config
+    from fedlowrank.models.llama import Llama, LlamaConfig
+
+    for change in ("lora", "factorize"):
+        torch.manual_seed(0)
+        model = GPT2(GPT2Config(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)) if arch == "gpt2" \
+            else Llama(LlamaConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, dim=16, hidden_dim=32))
+        if change == "lora":
+            add_lora(model, r=2, targets=[r"attn\.", r"mlp\."], trainable_scaling=True)
+        else:
+            factorize(model, rank=2, targets=[r"attn\.", r"mlp\."])
+        sd = model.state_dict()
+        assert dense_shapes(sd) == {k: tuple(v.shape) for k, v in dense_state(sd).items()}

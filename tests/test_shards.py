@@ -148,3 +148,22 @@ def test_prepare_equals_the_tokenizers_own_encode_of_each_whole_document(tmp_pat
                              "--val-fraction", "0.01", str(corpus)]) == 0
         for split in ("train", "val"):
             assert np.array_equal(_all(out, split), want[split]), (workers, split)
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("vocab_size", 10**9, "vocab_size"), ("vocab_size", 70_000, "vocab_size"), ("vocab_size", "256", "vocab_size"),
+    ("dtype", ["uint16"], "dtype"), ("tokenizer", "../../elsewhere.json", "tokenizer"),
+    ("splits", {"train": {"shards": [{"file": "train_000000.bin", "tokens": -5}]}, "val": {"shards": []}}, "tokens"),
+])
+def test_a_planted_shard_meta_is_named_before_the_model_is_built(tmp_path, corpus, field, value, named):
+    """meta.json sizes the model (vocab_size) and names the tokenizer: a planted one is a ConfigError naming the
+    file and field (uint16 shards cannot hold a vocabulary above 65,536)."""
+    import json
+
+    d = tmp_path / "s"
+    assert prepare_main(["--out", str(d), "--workers", "1", str(corpus)]) == 0
+    meta = json.loads((d / "meta.json").read_text())
+    meta[field] = value
+    (d / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=rf"meta.json: .*{named}"):
+        central_run(tmp_path / "r", "experiment=llama_full", "data=tokens", f"data.dir={d}")

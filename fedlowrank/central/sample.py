@@ -105,6 +105,7 @@ class SampleConfig:
 def load_for_sampling(src: Path):
     """(model, tokenizer) from a central run directory, a checkpoint directory or a Hugging Face directory: the
     dense equivalent of the stored model, and the run's tokenizer (bytes when the model's vocabulary is 256)."""
+    from fedlowrank.checkpoint import CheckpointError
     from fedlowrank.data.text import BPETokenizer, ByteTokenizer
     from fedlowrank.export import load_any
     from fedlowrank.models.hf import PretrainedError
@@ -113,8 +114,8 @@ def load_for_sampling(src: Path):
         raise ConfigError(f"ckpt={str(src)!r} is not a directory (a run, a checkpoint or a Hugging Face directory)")
     try:
         model, _, tok_dir = load_any(src)
-    except PretrainedError as e:
-        raise ConfigError(str(e)) from e
+    except (PretrainedError, CheckpointError) as e:  # the user's files, named: exit 2, nothing sampled
+        raise ConfigError(str(e)) from None
     if tok_dir is None and (src / "tokenizer.json").is_file():
         tok_dir = src
     if tok_dir is not None:

@@ -43,15 +43,30 @@ class ShardedTokens:
 
 
 def read_meta(d: Path) -> dict:
+    """``meta.json`` of a shard directory, every field checked: the vocabulary an integer within the dtype's range
+    (it sizes the model's embedding), the dtype one of :data:`DTYPES`, each split a list of ``{file, tokens}``."""
     path = d / META
     try:
         meta = json.loads(path.read_text())
-        _ = meta["vocab_size"], meta["dtype"], meta["splits"]["train"]["shards"], meta["splits"]["val"]["shards"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        splits = [meta["splits"][s]["shards"] for s in ("train", "val")]
+        vocab, dtype = meta["vocab_size"], meta["dtype"]
+    except RecursionError:
+        raise ConfigError(f"{path}: JSON nested too deeply") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{path}: not a token-shard directory written by python -m fedlowrank.data.prepare "
-                          f"({type(e).__name__}: {e})") from e
-    if meta["dtype"] not in DTYPES:
-        raise ConfigError(f"{path}: dtype {meta['dtype']!r} is not one of {sorted(DTYPES)}")
+                          f"({type(e).__name__}: {e})") from None
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ConfigError(f"{path}: dtype {str(dtype)[:40]!r} is not one of {sorted(DTYPES)}")
+    top = min(1 << 24, np.iinfo(DTYPES[dtype]).max + 1)
+    if type(vocab) is not int or not 1 <= vocab <= top:
+        raise ConfigError(f"{path}: vocab_size={str(vocab)[:40]!r} must be an integer in [1, {top:,}] for {dtype}")
+    if meta.get("tokenizer", "byte") not in ("byte", "tokenizer.json"):
+        raise ConfigError(f"{path}: tokenizer={str(meta.get('tokenizer'))[:40]!r} must be 'byte' or 'tokenizer.json' "
+                          "(the file beside the shards)")
+    for shards in splits:
+        if not isinstance(shards, list) or not all(isinstance(sh, dict) and isinstance(sh.get("file"), str) and
+                                                   type(sh.get("tokens")) is int and sh["tokens"] >= 0 for sh in shards):
+            raise ConfigError(f"{path}: splits.*.shards must be lists of {{file, tokens}} (tokens an integer >= 0)")
     return meta
 
 

@@ -54,7 +54,8 @@ class BPETokenizer:
                 self.tok = Tokenizer.from_pretrained(name)
             except Exception as e:
                 raise ConfigError(f"could not load the tokenizer {name!r} from the Hugging Face hub ({str(e)[:200]}); "
-                                  "it is downloaded on first use: connect once, or give a tokenizer.json") from None
+                                  "it is downloaded on first use: connect once, give a tokenizer.json, or use "
+                                  "data.tokenizer=byte") from None
         self.vocab_size = self.tok.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:

@@ -238,3 +238,13 @@ def test_prepare_names_a_garbage_tokenizer(tmp_path, caplog):
                              str(tmp_path / "a.txt")]) == 2
     msg = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
     assert "tok.json" in msg and "hub" not in msg
+
+
+def test_prepare_names_a_file_that_is_not_utf8(tmp_path, caplog):
+    from fedlowrank.data.prepare import main as prepare_main
+
+    (tmp_path / "bad.txt").write_bytes(b"hello\n" * 10 + b"\xff\xfe\n")
+    with caplog.at_level(logging.ERROR):
+        assert prepare_main(["--out", str(tmp_path / "s"), str(tmp_path / "bad.txt")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "bad.txt" in errors[0] and "UTF-8" in errors[0]

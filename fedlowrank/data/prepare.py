@@ -62,15 +62,18 @@ def file_documents(paths: list[Path], val_fraction: float) -> Iterator[tuple[str
     bytes (train), then the rest (val), each read whole."""
     for p in paths:
         cut = int(p.stat().st_size * (1 - val_fraction))
-        with p.open("r", encoding="utf-8", newline="") as f:
-            train, done = [], 0
-            for line in f:
-                train.append(line)
-                done += len(line.encode("utf-8"))
-                if done >= cut:
-                    break
-            yield "train", "".join(train)
-            rest = f.read()
+        try:
+            with p.open("r", encoding="utf-8", newline="") as f:
+                train, done = [], 0
+                for line in f:
+                    train.append(line)
+                    done += len(line.encode("utf-8"))
+                    if done >= cut:
+                        break
+                rest = f.read()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text ({e.reason} near byte {e.start:,} of a chunk)") from None
+        yield "train", "".join(train)
         if rest:
             yield "val", rest
 

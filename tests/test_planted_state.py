@@ -284,7 +284,7 @@ def test_planted_method_state_is_refused_before_the_model_changes(hook, state, f
     before = {k: v.clone() for k, v in model.state_dict().items()}
     h = make_hook(method, 0, 10)
     with pytest.raises(CheckpointError, match=field.replace(".", r"\.")):
-        h.restore(SimpleNamespace(model=model, t=SimpleNamespace(max_steps=10)), state)
+        h.restore(SimpleNamespace(model=model), state)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 

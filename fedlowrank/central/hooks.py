@@ -128,6 +128,7 @@ class InRankHook(Hook):
 class ReLoRAHook(Hook):
     def __init__(self, cfg: ReLoRAConfig, seed: int, max_steps: int) -> None:
         self.rl = ReLoRA(cfg, seed, max_steps)
+        self.max_steps = max_steps
         self.wrapped = False
         self.restarts = 0
 
@@ -138,7 +139,7 @@ class ReLoRAHook(Hook):
 
     def restore(self, tr: "Trainer", state: dict) -> None:
         restarts, wrapped = state.get("restarts", 0), state.get("wrapped", False)
-        if type(restarts) is not int or not 0 <= restarts <= tr.t.max_steps or not isinstance(wrapped, bool):
+        if type(restarts) is not int or not 0 <= restarts <= self.max_steps or not isinstance(wrapped, bool):
             raise CheckpointError(f"method_state: restarts={restarts!r} must be an integer in [0, trainer.max_steps] "
                                   f"and wrapped={wrapped!r} true or false")
         self.restarts = restarts

@@ -71,7 +71,7 @@ def _cached(*args) -> FedData:
     cache (:mod:`fedlowrank.deploy.cache`) when an earlier process computed it already. A simulation sets no
     cache directory and writes nothing outside its output directory."""
     if node_cache_dir() is None:
-        return _load(*args)
+        return _load_single_blas(*args)
     from fedlowrank.deploy import cache
 
     path = args[4] if args[0] in TEXT_TASKS and args[-1] == "local" else None
@@ -79,9 +79,20 @@ def _cached(*args) -> FedData:
     hit = cache.load(key, FedData)
     if hit is not None:
         return hit
-    fd = _load(*args)
+    fd = _load_single_blas(*args)
     cache.save(key, fd)
     return fd
+
+
+def _load_single_blas(*args) -> FedData:
+    """``_load(*args)`` with numpy's OpenBLAS on one thread: its products here are small (Synthetic's labels are
+    (n, 60) x (60, 10) per client), and inside a simulation whose clients hold the cores its thread pool stalled
+    each call for seconds (1000 Synthetic clients had not reached round 1 after 400 s; 24 s with one thread).
+    Torch's own thread pools are left alone."""
+    from threadpoolctl import ThreadpoolController
+
+    with ThreadpoolController().select(prefix=["libscipy_openblas", "libopenblas"]).limit(limits=1):
+        return _load(*args)
 
 
 def _synthetic(n: int, alpha: float, beta: float, iid: bool, seed: int, test_fraction: float) -> FedData:

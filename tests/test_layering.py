@@ -64,7 +64,11 @@ def import_graph(root: Path) -> tuple[dict[str, set[str]], list[tuple[str, str]]
                     out.add(target)
                     if name and name.startswith("_") and not name.startswith("__"):
                         private.append((mod, f"{target}.{name}"))
-        edges[mod] = out - {mod}
+        own = {".".join(mod.split(".")[:i]) for i in range(1, len(mod.split(".")) + 1)}
+        # importing a.b.c first runs the packages a.b and a: an edge to each (but the importer's own ancestors,
+        # already being imported); this is how config.store -> central.sample -> central/__init__ -> config closes
+        out |= {anc for t in out for i in range(2, len(t.split("."))) if (anc := ".".join(t.split(".")[:i])) in mods}
+        edges[mod] = out - own
     return edges, apps, private
 
 
@@ -122,6 +126,19 @@ def test_the_checks_fail_on_a_planted_cycle_app_import_and_private_name(tmp_path
     assert cycles(edges) == [["fedlowrank.a", "fedlowrank.b"]]  # c -> b is type-only
     assert apps == [("fedlowrank.b", "server.server_app")]
     assert private == [("fedlowrank.b", "fedlowrank.c._hidden")]
+
+
+def test_a_cycle_through_a_packages_init_is_caught(tmp_path):
+    """Importing ``fedlowrank.p.m`` runs ``fedlowrank/p/__init__.py`` first: a module that imports ``p.m`` while
+    ``p/__init__`` imports that module back is a cycle, though no two plain modules import each other."""
+    pkg = tmp_path / "fedlowrank"
+    (pkg / "p").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "p" / "__init__.py").write_text("from fedlowrank import q\n")
+    (pkg / "p" / "m.py").write_text("X = 1\n")
+    (pkg / "q.py").write_text("def f():\n    from fedlowrank.p.m import X\n")
+    edges, _, _ = import_graph(tmp_path)
+    assert cycles(edges) == [["fedlowrank.p", "fedlowrank.q"]]
 
 
 def test_library_functions_and_files_stay_short():

@@ -6,7 +6,6 @@ model) the context is recomputed at every step, cropped to the last ``block_size
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 
 from fedlowrank.models.gpt2 import GPT2
 from fedlowrank.models.llama import Llama
+from fedlowrank.config.sample import SampleConfig
 from fedlowrank.schema import ConfigError, check_top_level, to_dataclass
 
 if TYPE_CHECKING:
@@ -78,28 +78,6 @@ def tb_sample(tr: "Trainer") -> str:
     if tr.writer:
         tr.writer.add_text("samples/text", text, tr.step)
     return text
-
-
-@dataclass
-class SampleConfig:
-    """``sample.*`` of ``mode=sample``."""
-
-    prompt: str = "\n"
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = 50
-    num_samples: int = 1
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.max_new_tokens < 1 or self.num_samples < 1:
-            raise ConfigError("sample.max_new_tokens and sample.num_samples must be >= 1")
-        if self.temperature < 0:
-            raise ConfigError(f"sample.temperature must be >= 0 (0: greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"sample.top_k must be >= 1 (or null), got {self.top_k}")
-        if not self.prompt:
-            raise ConfigError("sample.prompt must not be empty")
 
 
 def load_for_sampling(src: Path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from hydra.core.config_store import ConfigStore
 
-from fedlowrank.central.sample import SampleConfig
 from fedlowrank.methods.inrank import InRankConfig
 from fedlowrank.methods.relora import ReLoRAConfig
 from fedlowrank.methods.welore import WeLoreConfig
@@ -16,6 +15,7 @@ from fedlowrank.schema import defaults
 
 from .central import TrainerConfig
 from .federated import FedConfig
+from .sample import SampleConfig
 from .zoo import LowRankSwitches
 
 SECTIONS = {"fed": FedConfig, "trainer": TrainerConfig, "sample": SampleConfig, "lowrank": LowRankSwitches}

@@ -120,3 +120,26 @@ def test_reply_size_and_declared_shapes_are_checked_before_deserialization(monke
     big.shape = (64, 8)
     with pytest.raises(RejectedReply, match="carries 4000... bytes"):
         check_record(ArrayRecord({"l.U": big, "l.V": good["l.V"]}), expected, {}, 2**30)
+
+
+def test_a_second_reply_from_the_same_sender_is_rejected_and_logged(tmp_path, caplog):
+    """The same reply delivered twice counted as 5 valid updates from 4 clients: the strategy keeps one reply per
+    sender per round, and the round aggregates exactly as it does without the copy."""
+    import logging
+
+    import torch
+
+    from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy
+
+    from test_robust import _run
+
+    run = _run(tmp_path, "fed.num_clients=4", "fed.local_steps=2")
+    a, b, grid = make_strategy(run), make_strategy(run), InProcessGrid(run)
+    replies = grid.send_and_receive(list(a.configure_train(1, None, None, grid)))
+    b.configure_train(1, None, None, grid)
+    with caplog.at_level(logging.WARNING):
+        a.aggregate_train(1, replies + [replies[-1]])  # the last client's reply, delivered twice
+    b.aggregate_train(1, replies)
+    assert a.history[-1]["clients_ok"] == 4 and a.history[-1]["rejected"] == 1
+    assert "second reply from client" in caplog.text
+    assert all(torch.equal(a.global_state[k], b.global_state[k]) for k in a.global_state)

@@ -220,8 +220,17 @@ class HeteroRankStrategy(Strategy):
         """(valid, failures, rejected, uploaded bytes): valid holds (pid, update, weight, metrics, view)
         sorted by partition id, so sums are bit-reproducible whatever the arrival order."""
         valid, failures, rejected, up = [], 0, 0, 0
+        answered: set[int] = set()
         for reply in replies:
-            pid = self.partition.get(reply.metadata.src_node_id, -1)
+            node = reply.metadata.src_node_id
+            pid = self.partition.get(node, -1)
+            if node in answered:  # one reply per sender per round: a replayed or second reply is never counted
+                rejected += 1
+                up += self._sent_bytes(reply)
+                log.warning("round %d: rejected a second reply from client %d (node %d) in the same round", rnd, pid,
+                            node)
+                continue
+            answered.add(node)
             if reply.has_error():
                 failures += 1
                 self._log_failure(rnd, pid, reply.error.reason)

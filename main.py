@@ -43,4 +43,13 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from pathlib import Path
+
+    from fedlowrank.config.cli import unknown_override
+
+    mistake = unknown_override(sys.argv[1:], str(Path(__file__).resolve().parent / "conf"))
+    if mistake:  # before Hydra, which would say "not in struct" and suggest a '+' that only moves the error
+        logging.basicConfig(format="%(message)s")
+        log.error("invalid configuration: %s", mistake)
+        sys.exit(2)
     main()

@@ -4,6 +4,7 @@ from fedlowrank, so models, methods and data may use it too."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from typing import Any
 
@@ -23,12 +24,18 @@ def to_dataclass(cls: type, node: Any, where: str, fixed: dict[str, Any] | None 
     names = {f.name for f in dataclasses.fields(cls)} - set(fixed or {})
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
+        hints = {k: difflib.get_close_matches(k, sorted(names), n=1, cutoff=0.6) for k in unknown}
+        said = "; ".join(f"{where}.{k}: did you mean {where}.{h[0]}?" for k, h in hints.items() if h)
+        raise ConfigError(f"{where}: unknown key(s) {unknown}{'; ' + said if said else ''}; valid keys: {sorted(names)}")
     missing = sorted(k for k, v in data.items() if v == "???")  # OmegaConf's mandatory marker
     if missing:
         raise ConfigError(f"{where}: {', '.join(f'{where}.{k}' for k in missing)} must be set (this config "
                           "has no default for it), e.g. on the command line")
     hints = typing.get_type_hints(cls)
+    for k, v in data.items():  # a scalar where a list is expected: OmegaConf would say "AnyNode is not a ListConfig"
+        if list in (typing.get_origin(hints[k]), *map(typing.get_origin, typing.get_args(hints[k]))) and \
+                v is not None and not isinstance(v, (list, tuple)):
+            raise ConfigError(f"{where}.{k} takes a list, e.g. {where}.{k}=[{v}], got {v!r}")
     for k, v in data.items():  # OmegaConf turns any int (3) or "yes" into a bool: a switch takes true/false only
         if hints[k] in (bool, bool | None) and not (isinstance(v, bool) or (v is None and hints[k] != bool)):
             raise ConfigError(f"{where}.{k}: expected true/false, got {v!r}")

@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from fedlowrank.config import ConfigError, federated_run_from_cfg
+from helpers import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -147,3 +148,46 @@ def test_section_defaults_are_written_once_in_the_dataclasses():
     # a command-line override still reaches the typed run, and a nested default can be overridden
     run = federated_run_from_cfg(_compose(["mode=federated", "fed.rounds=3", "fed.devices.spread=2"]))
     assert run.fed.rounds == 3 and run.fed.devices.spread == 2.0 and run.fed.lr == FedConfig().lr
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["fed.round=5"], "did you mean 'fed.rounds'"),
+    (["mode=central", "trainer.max_step=3"], "did you mean 'trainer.max_steps'"),
+    (["mode=central", "model.rnak=3"], "did you mean 'model.rank'"),
+    (["fed.zzzz=1"], "keys of fed: "),
+])
+def test_an_unknown_override_names_the_closest_valid_key(argv, hint):
+    from fedlowrank.config.cli import unknown_override
+
+    msg = unknown_override(argv, str(CONF))
+    assert msg is not None and hint in msg, msg
+
+
+def test_valid_command_lines_pass_the_override_check():
+    from fedlowrank.config.cli import unknown_override
+
+    for argv in (["fed.rounds=5", "strategy=product"], ["mode=central", "experiment=llama_relora", "trainer.max_steps=9"],
+                 ["+fed.round=5"], ["hydra.run.dir=x", "--cfg", "job"], ["--config-name", "other", "fed.round=1"]):
+        assert unknown_override(argv, str(CONF)) is None, argv  # '+' keys are the schema's to refuse (below)
+
+
+def test_added_unknown_keys_and_scalars_for_lists_are_named_with_the_fix(tmp_path):
+    from fedlowrank.config import federated_run_from_cfg
+
+    with pytest.raises(ConfigError, match=r"fed\.round: did you mean fed\.rounds\?"):
+        federated_run_from_cfg(compose_cfg("+fed.round=5", f"out_dir={tmp_path}"))
+    with pytest.raises(ConfigError, match=r"fed\.rank_ratios takes a list, e\.g\. fed\.rank_ratios=\[0\.5\]"):
+        federated_run_from_cfg(compose_cfg("fed.rank_ratios=0.5", f"out_dir={tmp_path}"))
+
+
+@pytest.mark.timeout(120)
+def test_main_answers_a_typo_with_exit_2_and_the_key_it_meant(tmp_path):
+    import subprocess
+    import sys
+
+    root = CONF.parent
+    p = subprocess.run([sys.executable, str(root / "main.py"), "fed.round=5", f"out_dir={tmp_path}"],
+                       capture_output=True, text=True, timeout=100, cwd=tmp_path)
+    out = p.stdout + p.stderr
+    assert p.returncode == 2 and "did you mean 'fed.rounds'" in out and "not in struct" not in out, out
+    assert "Traceback" not in out and not any(tmp_path.iterdir())  # refused before anything was written

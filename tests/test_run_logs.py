@@ -17,6 +17,7 @@ INFO fedlowrank.federated.strategy: round 1: 4 ok, 0 failed, 0 rejected; up 10 B
 \x1b[92mINFO \x1b[0m:      \t└──> Aggregated MetricRecord: {'clients_ok': 4.0}
 WARNING fedlowrank.federated.strategy: round 1: rejected update of client 2: shape mismatch
 \x1b[93mWARNING \x1b[0m:   a warning of Flower's own
+\x1b[93mWARNING \x1b[0m:   Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.
 \x1b[92mINFO \x1b[0m:      [ROUND 2/2]
 \x1b[92mINFO \x1b[0m:      Final results:
 \x1b[92mINFO \x1b[0m:      \t{ 1: { 'clients_ok': '4.0000e+00',
@@ -36,8 +37,7 @@ def test_stream_relay_keeps_our_records_and_drops_flowers_noise(caplog):
         ("fedlowrank.federated.strategy", "INFO",
          "round 1: 4 ok, 0 failed, 0 rejected; up 10 B, down 10 B; train loss 1.7202"),
         ("fedlowrank.federated.strategy", "WARNING", "round 1: rejected update of client 2: shape mismatch"),
-        ("fedlowrank.flwr", "WARNING", "a warning of Flower's own"),
-        ("fedlowrank.flwr", "INFO", "[ROUND 2/2]"),
+        ("fedlowrank.flwr", "WARNING", "a warning of Flower's own"),  # not the one that never applies, nor a banner
         ("fedlowrank.federated.server", "INFO",
          "federated run finished: slice · 4 clients · 2 rounds · 3.0 s wall (server)"),
     ]
@@ -49,11 +49,13 @@ def test_flower_noise_filter_on_the_in_process_runtime():
     def rec(msg: str, level: int = logging.INFO) -> logging.LogRecord:
         return logging.LogRecord("flwr", level, __file__, 1, msg, None, None)
 
-    assert f.filter(rec("[ROUND 1/2]"))
+    assert not f.filter(rec("[ROUND 1/2]"))  # the project's round line marks the round
+    assert f.filter(rec("Starting Flower Simulation"))
     assert not f.filter(rec("\t└──> MetricRecord: {'global_loss': 0.4}"))
     assert not f.filter(rec(""))
     assert not f.filter(rec("Final results:")) and not f.filter(rec("\t  2: { 'global_accuracy': '9.4986e-01',"))
-    assert f.filter(rec("something went wrong", logging.WARNING))  # warnings always pass
+    assert f.filter(rec("something went wrong", logging.WARNING))  # warnings pass, but for one that never applies
+    assert not f.filter(rec("Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.", logging.WARNING))
 
 
 def test_growth_log_names_every_layer_it_counts_or_says_how_many_more():
@@ -111,3 +113,38 @@ def test_central_run_logs_its_output_dir_first_and_summary_last(tmp_path, caplog
     assert msgs[0].endswith(f"output in {tmp_path}")
     assert msgs[1].startswith("central run finished at step 4") and "held-out loss" in msgs[2]
     assert msgs[-1] == f"  tensorboard --logdir {tmp_path}"
+
+
+def test_one_readable_line_per_round():
+    from fedlowrank.federated.report import round_line
+
+    res = {"global_loss": 0.1508, "global_accuracy": 0.9721, "ratio0.1_accuracy": 0.9081, "ratio1.0_accuracy": 0.9721,
+           "clients_mean_accuracy": 0.9514, "clients_p10_accuracy": 0.9139, "clients_p90_accuracy": 0.97,
+           "ratio0.1_clients_mean_accuracy": 0.5}
+    train = {"round": 15, "clients_ok": 3, "failures": 1, "rejected": 0, "train_loss": 0.0288,
+             "upload_bytes": 358816, "download_bytes": 2 * 358816}
+    line = round_line(15, 15, res, train)
+    assert line == ("round 15/15: accuracy 0.9721 (loss 0.1508) | budgets 0.1 0.908, 1.0 0.972 | clients mean 0.951, "
+                    "p10 0.914 | 3 trained, 1 failed, train loss 0.0288, 0.34 MB up, 0.68 MB down")
+    assert round_line(0, 15, res, train).endswith("p10 0.914")  # the initial evaluation has no training part
+
+
+def test_clipping_is_one_info_line_per_round_never_a_warning_per_client(tmp_path, caplog):
+    """The default run's clipping scaled honest clients and printed a WARNING for each, every round; it is one INFO
+    line with the counts (the record keeps each client's excess)."""
+    import logging
+
+    from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy
+
+    from test_robust import _run
+
+    run = _run(tmp_path, "fed.num_clients=4")
+    st, grid = make_strategy(run), InProcessGrid(run)
+    with caplog.at_level(logging.INFO, logger="fedlowrank.federated.strategy"):
+        for rnd in range(1, 7):
+            st.aggregate_train(rnd, grid.send_and_receive(list(st.configure_train(rnd, None, None, grid))))
+    clip = [r for r in caplog.records if "clipping" in r.getMessage()]
+    excess = [c for h in st.history for c in h["clients"] if c.get("clipped_excess")]
+    assert excess, "the setting must make clipping act, or the test shows nothing"
+    assert len(clip) <= 6 and all(r.levelno == logging.INFO for r in clip)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

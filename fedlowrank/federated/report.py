@@ -37,6 +37,30 @@ def budget_tag(budget: dict) -> str:
     return "_".join(f"{k}{v}" for k, v in budget.items())
 
 
+def _budget_accuracies(res: dict) -> dict[str, float]:
+    """``ratio0.5_accuracy``-style entries of an evaluation, keyed by budget tag."""
+    return {k[: -len("_accuracy")]: v for k, v in res.items()
+            if k.endswith("_accuracy") and not k.startswith("global") and "clients_" not in k}
+
+
+def round_line(rnd: int, rounds: int, res: dict, train: dict | None) -> str:
+    """One readable console line for a round: global accuracy, each budget's, the clients' held-out mean and p10,
+    and the round's training (clients, loss, bytes). The whole record stays in ``rounds.jsonl``."""
+    parts = [f"round {rnd}/{rounds}: accuracy {res.get('global_accuracy', float('nan')):.4f} "
+             f"(loss {res.get('global_loss', float('nan')):.4f})"]
+    budgets = _budget_accuracies(res)
+    if budgets:
+        parts.append("budgets " + ", ".join(f"{k.removeprefix('ratio')} {v:.3f}" for k, v in sorted(budgets.items())))
+    if "clients_mean_accuracy" in res:
+        parts.append(f"clients mean {res['clients_mean_accuracy']:.3f}, p10 {res['clients_p10_accuracy']:.3f}")
+    if train is not None and train.get("round") == rnd:
+        bad = "".join(f", {train[k]} {word}" for k, word in (("failures", "failed"), ("rejected", "rejected"))
+                      if train.get(k))
+        parts.append(f"{train['clients_ok']} trained{bad}, train loss {train['train_loss']:.4f}, "
+                     f"{train['upload_bytes'] / 2**20:.2f} MB up, {train['download_bytes'] / 2**20:.2f} MB down")
+    return " | ".join(parts)
+
+
 def _heldout_rows(run: FederatedRun, method, state: State, fd: FedData, pids) -> list[dict]:
     """Per client of ``pids`` with held-out examples: the global model cut to its budget, on those examples."""
     from .client import model_from_state
@@ -151,8 +175,7 @@ def summary_lines(summary: dict, out_dir: str, wall_s: float) -> list[str]:
              f"{summary.get('rounds')} rounds · {wall_s:.1f} s wall (server)"]
     if "global_accuracy" in final:
         lines.append(f"  global accuracy {final['global_accuracy']:.4f} (loss {final.get('global_loss', float('nan')):.4f})")
-    budgets = {k[: -len('_accuracy')]: v for k, v in final.items()
-               if k.endswith("_accuracy") and not k.startswith("global") and "clients_" not in k}
+    budgets = _budget_accuracies(final)
     if budgets:
         lines.append("  at each budget: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(budgets.items())))
     if "clients_mean_accuracy" in final:  # each evaluated client on its own held-out split

@@ -21,7 +21,7 @@ from .aggregation import State
 from .client import model_from_state
 from .grid import PollingGrid
 from .methods import fed_method
-from .report import budget_tag
+from .report import budget_tag, round_line
 from .resume import resume_point
 from .task import build_model, fed_data
 from .tb import RunWriters
@@ -138,7 +138,8 @@ class _ServerRun:
         if rows:
             self.client_rows[rnd] = rows
         self.evals[rnd] = res
-        log.info("round %d global eval: %s", rnd, {k: round(v, 4) for k, v in res.items()})
+        h = self.strategy.history[-1] if self.strategy.history else None
+        log.info("%s", round_line(rnd, run.fed.rounds, res, h))
         return res
 
     def _client_eval(self, rnd: int, state: State) -> tuple[dict[str, float], list[dict]]:

@@ -149,7 +149,7 @@ class HeteroRankStrategy(Strategy):
             cfg = ConfigRecord({"server-round": rnd, "partition-id": pid})
             msgs.append(Message(RecordDict({"arrays": to_record(view), "config": cfg}), dst_node_id=node,
                                 message_type=MessageType.TRAIN))
-        log.info("round %d: sent models to %d/%d clients (%d bytes)", rnd, len(msgs), len(pids), self._round_down)
+        log.debug("round %d: sent models to %d/%d clients (%d bytes)", rnd, len(msgs), len(pids), self._round_down)
         return msgs
 
     def _check_reply(self, reply: Message) -> tuple[State, dict[str, float], float]:
@@ -264,12 +264,12 @@ class HeteroRankStrategy(Strategy):
             return valid
         updates, scaled, capped = clip_auto([(v[4], v[1]) for v in valid], factor)
         out = []
+        hit = [f"client {v[0]} ({x:.3g}x)" for v, x in zip(valid, scaled) if x is not None]
+        if hit or any(capped):  # one line a round, with counts: clipping is routine, not something to act on
+            log.info("round %d: clipping scaled %d of %d changes to %gx the median%s%s", rnd, len(hit), len(valid),
+                     factor, f": {', '.join(hit)}" if hit else "",
+                     f"; capped {sum(capped)} thinly trained slot group(s)" if any(capped) else "")
         for v, u, x, c in zip(valid, updates, scaled, capped):
-            if x is not None:
-                log.warning("round %d: client %d's change (%.3g x the median on some tensor or slot group) scaled "
-                            "to %gx", rnd, v[0], x, factor)
-            if c:
-                log.info("round %d: client %d: change on %d thinly trained slot group(s) capped", rnd, v[0], c)
             if x is not None or c:
                 v = (v[0], u, v[2], {**v[3], "clipped_excess": x or 0.0, "clipped_slots": c}, v[4])
             out.append(v)
@@ -318,7 +318,7 @@ class HeteroRankStrategy(Strategy):
             f.write(f"=== round {rnd}, client {pid} ===\n{reason}\n")
 
     def _log_round(self, rnd: int, summary: dict, per_client: list[dict]) -> None:
-        log.info("round %d: %d ok, %d failed, %d rejected; up %d B, down %d B; train loss %.4f", rnd,
+        log.debug("round %d: %d ok, %d failed, %d rejected; up %d B, down %d B; train loss %.4f", rnd,
                  summary["clients_ok"], summary["failures"], summary["rejected"], summary["upload_bytes"],
                  summary["download_bytes"], summary["train_loss"])
         if self.writer is None:

@@ -36,7 +36,11 @@ NOISE = (
     "FutureWarning", "warnings.warn(", "Starting HeteroRankStrategy strategy", "├──", "└──>", "Global evaluation",
     "Initial global evaluation results", "Loading project configuration",
     "Manually terminating ClientAppActor",
+    "[ROUND ",  # Flower's round banner: the project's own line ("round k/n: accuracy ...") marks each round
 )
+# Flower's warnings that never apply to a run of this project: flwr 1.41 says the default federation size changed
+# on every simulation start, though the runtime always sets num-supernodes itself. Other warnings always show.
+NOT_APPLICABLE = ("default simulated SuperNodes changed",)
 # Flower's closing dump of every round's metrics in scientific notation: dropped up to the next line of ours
 FINAL_BLOCK = "Final results:"
 
@@ -100,7 +104,10 @@ class FlowerNoiseFilter(logging.Filter):
         self.noise = FlowerNoise()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or self.noise.keep(record.getMessage().strip())
+        msg = record.getMessage().strip()
+        if record.levelno >= logging.WARNING:
+            return not any(n in msg for n in NOT_APPLICABLE)
+        return self.noise.keep(msg)
 
 
 def quiet_flower(logger: logging.Logger | None = None) -> None:
@@ -125,7 +132,7 @@ class StreamRelay:
             return
         m = _FLOWER.match(text)
         level, msg = (getattr(logging, m.group(1)), m.group(2).strip()) if m else (logging.INFO, text)
-        if self.noise.keep(msg) or (level >= logging.WARNING and msg):
+        if level >= logging.WARNING and msg and not any(n in msg for n in NOT_APPLICABLE) or self.noise.keep(msg):
             self.flower.log(level, "%s", msg)
 
 

@@ -53,7 +53,10 @@ class FedConfig:
     timeout: float = 600.0
     poll_s: float = 0.1  # seconds between the server's pulls for replies (Flower's deployed Grid: a fixed 3 s)
     client_cpus: float = 1.0
-    client_gpus: float = 0.0
+    client_gpus: float = 0.0  # a fraction (e.g. 0.25) puts several clients on one GPU
+    # where clients train and the server evaluates: auto (cuda when fed.client_gpus > 0 and CUDA is present) | cpu | cuda
+    device: str = "auto"
+    bf16: bool = False  # bf16 autocast for local training and evaluation
     # superlink: Flower's simulation runtime (a private `flower-superlink --simulation` + `flwr run`)
     # simulation: flwr.simulation.run_simulation (in this process; deprecated in flwr 1.41, ~12 s less start-up)
     runtime: str = "superlink"
@@ -172,6 +175,8 @@ class FedConfig:
         if self.client_cpus <= 0 or self.client_gpus < 0:
             raise ConfigError(f"fed.client_cpus must be > 0 (0 makes Ray wait forever), got {self.client_cpus}; "
                               f"fed.client_gpus >= 0, got {self.client_gpus}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"fed.device must be auto|cpu|cuda, got {self.device!r}")
     def _check_devices(self) -> None:
         try:
             self.devices.validate()

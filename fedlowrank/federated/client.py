@@ -1,6 +1,7 @@
 """Client-side logic: rebuild the model at the received ranks, train locally, report."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedlowrank.config import FederatedRun
+from fedlowrank.config import ConfigError, FederatedRun
 from fedlowrank.lowrank import conform_to_state, count_params, lowrank_modules
 from fedlowrank.lowrank.layers import rank_from_budget
 from fedlowrank.training.loop import train_classifier
@@ -49,6 +50,22 @@ def model_from_state(run: FederatedRun, state: State) -> nn.Module:
     return model
 
 
+def compute_device(run: FederatedRun) -> torch.device:
+    """Where clients train and the server evaluates: ``fed.device``; ``auto`` is CUDA when the run reserves GPUs
+    for its clients (``fed.client_gpus > 0``) and this process sees one (Ray gives each client actor its share)."""
+    d = run.fed.device
+    if d == "auto":
+        d = "cuda" if run.fed.client_gpus > 0 and torch.cuda.is_available() else "cpu"
+    if d == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("fed.device=cuda, but this process sees no CUDA device (fed.device=auto falls back to cpu)")
+    return torch.device(d)
+
+
+def autocast(run: FederatedRun, device: torch.device):
+    """bf16 autocast on ``device`` with ``fed.bf16``, else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if run.fed.bf16 else contextlib.nullcontext()
+
+
 def check_budget(model: nn.Module, budget: dict[str, float | int]) -> None:
     """A device refuses a model larger than its rank budget."""
     for name, layer in lowrank_modules(model).items():
@@ -72,14 +89,17 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
     model = model_from_state(run, state)
     method.prepare_client(model, budget)
     check_budget(model, budget)
+    device = compute_device(run)
+    model.to(device)
     ds = client_data(run, partition_id, num_partitions)
     loader = DataLoader(ds, batch_size=f.batch_size, shuffle=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
     sampler = nested_sampler(model, run, budget, random.Random(f"nested-{run.seed}-{server_round}-{partition_id}")) \
         if f.nested else None
-    stats = train_classifier(model, loader, opt, epochs=f.local_epochs, max_steps=f.local_steps,
-                             frob_decay=f.frob_decay, before_step=sampler, prox_mu=f.prox_mu)
+    with autocast(run, device):
+        stats = train_classifier(model, loader, opt, epochs=f.local_epochs, max_steps=f.local_steps,
+                                 frob_decay=f.frob_decay, device=device, before_step=sampler, prox_mu=f.prox_mu)
     layers = lowrank_modules(model)
     for m in layers.values():
         m.set_active_rank(None)
@@ -90,7 +110,8 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
         "rank_ratio": float(np.mean([m.rank / m.full_rank for m in layers.values()])) if layers else 1.0,
         "params": float(count_params(model)), "trainable_params": float(count_params(model, trainable_only=True)),
     }
-    return inject_fault(f.fault_map().get(partition_id), method.payload(model), metrics, state, partition_id)
+    payload = {k: v.cpu() for k, v in method.payload(model).items()}  # the wire carries CPU tensors
+    return inject_fault(f.fault_map().get(partition_id), payload, metrics, state, partition_id)
 
 
 def nested_sampler(model: nn.Module, run: FederatedRun, budget: dict[str, float | int], rng: random.Random):

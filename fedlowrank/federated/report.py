@@ -63,16 +63,17 @@ def round_line(rnd: int, rounds: int, res: dict, train: dict | None) -> str:
 
 def _heldout_rows(run: FederatedRun, method, state: State, fd: FedData, pids) -> list[dict]:
     """Per client of ``pids`` with held-out examples: the global model cut to its budget, on those examples."""
-    from .client import model_from_state
+    from .client import autocast, compute_device, model_from_state
 
-    rows = []
+    rows, device = [], compute_device(run)
     for pid in pids:
         ds = fd.client_heldout(pid)
         if ds is None or len(ds) == 0:
             continue
         budget = run.fed.budget(pid)
-        model = model_from_state(run, method.view(state, budget) if method.budget_views() else state)
-        res = evaluate_classifier(model, DataLoader(ds, batch_size=256))
+        model = model_from_state(run, method.view(state, budget) if method.budget_views() else state).to(device)
+        with autocast(run, device):
+            res = evaluate_classifier(model, DataLoader(ds, batch_size=256), device)
         rows.append({"pid": pid, **budget, "examples": len(ds), "accuracy": res["accuracy"], "loss": res["loss"]})
     return rows
 

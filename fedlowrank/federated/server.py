@@ -18,7 +18,7 @@ from fedlowrank.lowrank import count_params, state_bytes
 from fedlowrank.training.loop import evaluate_classifier
 
 from .aggregation import State
-from .client import model_from_state
+from .client import autocast, compute_device, model_from_state
 from .grid import PollingGrid
 from .methods import fed_method
 from .report import budget_tag, round_line
@@ -118,12 +118,11 @@ class _ServerRun:
         """Global model on the test set (and cut to each client budget), logged to TensorBoard and
         ``rounds.jsonl`` once per round."""
         run, method, clock, w = self.run, self.method, self.strategy.clock, self.writers.server
-        res = {f"global_{k}": v for k, v in evaluate_classifier(model_from_state(run, state), self.test_loader).items()}
+        res = {f"global_{k}": v for k, v in self._eval(state).items()}
         if run.fed.eval_budgets and method.budget_views():
             for b in self.budgets:
                 bd = dict(b)
-                view = model_from_state(run, method.view(state, bd))
-                res[f"{budget_tag(bd)}_accuracy"] = evaluate_classifier(view, self.test_loader)["accuracy"]
+                res[f"{budget_tag(bd)}_accuracy"] = self._eval(method.view(state, bd))["accuracy"]
         stats, rows = self._client_eval(rnd, state)
         res.update(stats)
         for k, v in res.items():
@@ -141,6 +140,12 @@ class _ServerRun:
         h = self.strategy.history[-1] if self.strategy.history else None
         log.info("%s", round_line(rnd, run.fed.rounds, res, h))
         return res
+
+    def _eval(self, state: State) -> dict[str, float]:
+        """A global model (or a budget's view of it) on the test set, on the run's device."""
+        device = compute_device(self.run)
+        with autocast(self.run, device):
+            return evaluate_classifier(model_from_state(self.run, state).to(device), self.test_loader, device)
 
     def _client_eval(self, rnd: int, state: State) -> tuple[dict[str, float], list[dict]]:
         """This round's sampled clients, each on its own held-out split (tasks that have one): their accuracies

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from fedlowrank.checkpoint import CheckpointError
 from fedlowrank.config import ConfigError
+from fedlowrank import stopping as stop
 
 log = logging.getLogger("fedlowrank")
 # conf/config.yaml: hydra.run.dir = out_dir when it is set (nothing written outside it), else outputs/<date>/<time>
@@ -24,6 +25,7 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("flwr").propagate = False  # Flower has its own console handler
     logging.getLogger("alembic").setLevel(logging.WARNING)
     mode = cfg.get("run_mode")
+    stop.install()  # Ctrl-C / SIGTERM: no traceback, the resume command, exit 130 / 143
     try:
         if mode == "federated":
             from fedlowrank.runtime.runner import run
@@ -40,6 +42,11 @@ def main(cfg: DictConfig) -> None:
     except CheckpointError as e:  # a damaged checkpoint or log, named; nothing was trained from it
         log.error("cannot resume: %s", e)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (stop.Stopped): what started has been stopped on the way out
+        again = stop.resume_command(sys.argv, str(cfg.out_dir), str(mode))
+        log.warning("stopped (%s); the checkpoints in %s are kept%s", e or "SIGINT", cfg.out_dir,
+                    f"; resume with:\n  {again}" if again else "")
+        sys.exit(stop.exit_code(e))
 
 
 if __name__ == "__main__":

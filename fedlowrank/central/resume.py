@@ -144,3 +144,16 @@ def restore(tr: "Trainer", path: Path) -> dict:
     tr.train_time = float(meta.get("train_time_s", 0.0))
     log.info("resumed from %s at step %d", path, tr.step)
     return ts
+
+
+
+def set_aside(tr: "Trainer", err: CheckpointError, path: Path) -> None:
+    """``trainer.resume=auto_or_fresh`` over a refused checkpoint: say so, rename it ``rejected-<name>`` (kept,
+    never picked again) and zero the counters a restore may have set; the caller rebuilds the model."""
+    log.warning("trainer.resume=auto_or_fresh: %s; starting afresh (the checkpoint is set aside as "
+                "rejected-%s)", err, path.name)
+    tr.barrier()  # every process has read the checkpoint before it moves
+    if tr.env.is_main:
+        path.rename(path.with_name(f"rejected-{path.name}"))
+    tr.barrier()
+    tr.step, tr.losses, tr.evals, tr.units_seen, tr.train_time, tr.model_flops = 0, [], [], 0, 0.0, 0.0

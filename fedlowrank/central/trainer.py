@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fedlowrank import stopping as stop
 from fedlowrank.checkpoint import CheckpointError
 from fedlowrank.config.central import CentralRun, LMConfig
 from fedlowrank.data.text import TextData
@@ -28,7 +29,7 @@ from .guard import NonFiniteGuard
 from .hooks import make_hook
 from .sample import tb_sample
 from .model import build_model
-from .resume import check_optimizer_loaded, restore
+from .resume import check_optimizer_loaded, restore, set_aside
 from .task import forward_flops, make_task
 from .throughput import device_peak_flops, mfu
 from .dist import (DistEnv, broadcast_object, full_state, load_optimizer_state, mean_across, resume_path,
@@ -65,16 +66,22 @@ class Trainer:
         self.writer = None
         self.compiles = 0  # torch.compile wrappers built (one per structural change)
         self.graph_compile_steps: list[int] = []  # step at each graph the backend really compiled
-        torch.manual_seed(run.seed)  # identical init on every process
-        self.model = build_model(run, self.task.vocab_size)
-        self.hook = make_hook(run.method, run.seed, run.trainer.max_steps)
+        self._build()
         path = resume_path(self.t.resume, self.out / "checkpoints")
         try:
             self._start(restore(self, Path(path)) if path else None, path)
         except CheckpointError as e:  # planted or damaged state, named; nothing trained from it
             if self.t.resume != "auto_or_fresh":
                 raise
-            self._fresh_after(e, Path(path))  # type: ignore[arg-type]
+            set_aside(self, e, Path(path))  # type: ignore[arg-type]
+            self._build()
+            self._start(None, None)
+
+    def _build(self) -> None:
+        """The run's model (identical init on every process) and its method hook."""
+        torch.manual_seed(self.run.seed)
+        self.model = build_model(self.run, self.task.vocab_size)
+        self.hook = make_hook(self.run.method, self.run.seed, self.run.trainer.max_steps)
 
     def _start(self, trainer_state: dict | None, path: str | None) -> None:
         """Method setup (fresh) or the checked optimizer and RNG state (resumed), then wrap and place."""
@@ -92,20 +99,6 @@ class Trainer:
             self._set_rng(trainer_state["rng"][self.env.rank])
         else:
             torch.manual_seed(self.run.seed * 1000 + self.env.rank)  # dropout stream per process
-
-    def _fresh_after(self, err: CheckpointError, path: Path) -> None:
-        """``trainer.resume=auto_or_fresh`` over a refused checkpoint: set it aside, rebuild, start afresh."""
-        log.warning("trainer.resume=auto_or_fresh: %s; starting afresh (the checkpoint is set aside as "
-                    "rejected-%s)", err, path.name)
-        self.barrier()  # every process has read the checkpoint before it moves
-        if self.env.is_main:
-            path.rename(path.with_name(f"rejected-{path.name}"))
-        self.barrier()
-        self.step, self.losses, self.evals, self.units_seen, self.train_time, self.model_flops = 0, [], [], 0, 0.0, 0.0
-        torch.manual_seed(self.run.seed)
-        self.model = build_model(self.run, self.task.vocab_size)
-        self.hook = make_hook(self.run.method, self.run.seed, self.t.max_steps)
-        self._start(None, None)
 
     # ------------------------------------------------------------------ setup helpers
     def _wrap(self) -> None:
@@ -216,10 +209,13 @@ class Trainer:
         if self.step == 0:
             self.hook.start(self)
         lazy = self._lazy_checks()
-        while self.step < end:
-            loss_t = self._train_one(units_per_step, lazy, end)
-            self._after_step(loss_t, pace, units_per_step, end, bar)
-            bar.update(1)
+        with stop.deferred(enabled=not self.env.distributed) as asked:  # Ctrl-C: stop after a whole step
+            while self.step < end:
+                loss_t = self._train_one(units_per_step, lazy, end)
+                self._after_step(loss_t, pace, units_per_step, end, bar)
+                bar.update(1)
+                if asked:
+                    self._stop_here(asked[0], bar)
         bar.close()
         self._sync()
         self.train_time += time.perf_counter() - pace.loop_start - pace.side
@@ -229,6 +225,14 @@ class Trainer:
             if self.writer:
                 self.writer.close()
         return summary
+
+    def _stop_here(self, signum: int, bar) -> None:
+        """A stop request between steps: checkpoint this step (unless it just was), then raise :class:`Stopped`."""
+        bar.close()
+        if not (self.out / "checkpoints" / f"step-{self.step:09d}").is_dir():
+            self.save()
+        log.info("stopping at step %d (checkpoint saved)", self.step)
+        raise stop.Stopped(signum)
 
     def _open_outputs(self):
         """TensorBoard writer (main process) and the progress bar."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fedlowrank import stopping as stop
 from fedlowrank.checkpoint import CheckpointError
 from fedlowrank.config import ConfigError, FederatedRun, federated_run_from_cfg
 from fedlowrank.federated.report import keep_matplotlib_in
@@ -106,6 +107,8 @@ def run_isolated(fr: FederatedRun, cfg: DictConfig) -> dict:
         if relay is not None:
             relay.join(timeout=5)
     out = json.loads(result.read_text()) if result.exists() else {}
+    if out.get("kind") == "Stopped":
+        raise stop.Stopped(int(out.get("signum", 2)))
     if "error" in out:
         raise _ERRORS.get(out.get("kind"), RuntimeError)(out["error"])
     if proc.returncode != 0 or "results" not in out:
@@ -166,9 +169,12 @@ def _isolated_main(conf: str, result: str) -> None:
 
     log_to_stderr("fedlowrank")
     logging.getLogger("flwr").propagate = False
+    stop.install()
     cfg = OmegaConf.load(conf)
     try:
         out = {"results": run_runtime(federated_run_from_cfg(cfg), cfg)}
+    except KeyboardInterrupt as e:  # Ctrl-C or main.py's SIGTERM: stopped quietly, main.py says how to resume
+        out = {"error": "stopped", "kind": "Stopped", "signum": stop.exit_code(e) - 128}
     except Exception as e:  # noqa: BLE001 - handed to main.py, which raises it again
         log.exception("federated run failed")
         out = {"error": str(e), "kind": type(e).__name__}

@@ -148,3 +148,34 @@ def test_clipping_is_one_info_line_per_round_never_a_warning_per_client(tmp_path
     assert excess, "the setting must make clipping act, or the test shows nothing"
     assert len(clip) <= 6 and all(r.levelno == logging.INFO for r in clip)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_each_budgets_model_size_against_an_independent_count_and_the_why(tmp_path):
+    """A budget's model holds (m + n)·r (+ bias) per factorized m x n layer and the dense layers as they are: the
+    summary's numbers equal that count from the dense model's shapes, and the line says why full rank is larger."""
+    import math
+
+    from torch import nn
+
+    from fedlowrank.federated.report import summary_lines
+    from fedlowrank.federated.server import _ServerRun
+    from fedlowrank.federated.task import build_model
+
+    from test_robust import _run
+
+    run = _run(tmp_path, "fed.num_clients=4", "fed.eval_budgets=true")
+    sizes = _ServerRun(run)._budget_params()
+    dense = build_model(run)
+    import re
+
+    skip = run.model.get("skip") or []  # layers the config keeps dense (the MLP's head)
+    linears = [m for n, m in dense.named_modules() if isinstance(m, nn.Linear) and not any(re.search(r, n) for r in skip)]
+    assert linears and len(linears) < sum(isinstance(m, nn.Linear) for m in dense.modules())
+    others = sum(p.numel() for p in dense.parameters()) - sum(m.weight.numel() for m in linears)
+    for ratio in run.fed.rank_ratios:
+        want = others + sum((m.in_features + m.out_features) * max(1, math.ceil(ratio * min(m.weight.shape) - 1e-9))
+                            for m in linears)
+        assert sizes[f"ratio{ratio}"] == want, (ratio, sizes)
+    total = sum(p.numel() for p in dense.parameters())
+    text = "\n".join(summary_lines({"budget_params": sizes, "dense_params": total}, str(tmp_path), 1.0))
+    assert f"ratio1.0 {sizes['ratio1.0']:,} ({sizes['ratio1.0'] / total:.2f}x)" in text and "(m+n)·r" in text

@@ -165,6 +165,20 @@ def plot_report(path: Path, evals: dict[int, dict], history: list[dict], title: 
     return path
 
 
+def _size_lines(summary: dict) -> list[str]:
+    """Each budget's model against the dense one, and why a budget near full rank is larger: a rank-r
+    factorization of an m x n layer holds (m + n)·r numbers, more than m·n once r > mn / (m + n)."""
+    sizes, dense = summary.get("budget_params") or {}, summary.get("dense_params")
+    if not sizes or not dense:
+        return []
+    line = "  model size per budget (parameters, x the dense model's {:,}): ".format(dense) + ", ".join(
+        f"{k} {v:,} ({v / dense:.2f}x)" for k, v in sorted(sizes.items()))
+    if max(sizes.values()) > dense:
+        line += ("; a rank-r factorization of an m x n layer stores (m+n)·r numbers, more than the dense m·n "
+                 "above r = mn/(m+n) (budgets are FedLMT rank ratios; see docs/federated.md)")
+    return [line]
+
+
 def summary_lines(summary: dict, out_dir: str, wall_s: float) -> list[str]:
     """The closing lines of a run from its ``metrics.json`` summary: global and per-budget accuracy, bytes,
     wall (server) and simulated time, where the files are and the TensorBoard command."""
@@ -184,6 +198,7 @@ def summary_lines(summary: dict, out_dir: str, wall_s: float) -> list[str]:
             f"{q} {final[f'clients_{q}_accuracy']:.4f}" for q in ("mean", "p10", "p90", "worst")))
     lines.append(f"  bytes: {up / 1e6:.2f} MB up, {down / 1e6:.2f} MB down; global model "
                  f"{summary.get('global_model_bytes', 0) / 1e6:.3f} MB (dense {summary.get('dense_model_bytes', 0) / 1e6:.3f} MB)")
+    lines += _size_lines(summary)
     if "sim_time_s" in final:
         lines.append(f"  simulated device time {final['sim_time_s']:.2f} s")
     out = os.path.abspath(out_dir)

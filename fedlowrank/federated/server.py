@@ -141,6 +141,14 @@ class _ServerRun:
         log.info("%s", round_line(rnd, run.fed.rounds, res, h))
         return res
 
+    def _budget_params(self) -> dict[str, int]:
+        """Parameters of each budget's model (what a client of that budget holds), by budget tag."""
+        if not self.method.budget_views():
+            return {}
+        state = self.strategy.global_state
+        return {budget_tag(dict(b)): count_params(model_from_state(self.run, self.method.view(state, dict(b))))
+                for b in self.budgets}
+
     def _eval(self, state: State) -> dict[str, float]:
         """A global model (or a budget's view of it) on the test set, on the run's device."""
         device = compute_device(self.run)
@@ -178,6 +186,7 @@ class _ServerRun:
             "rounds_detail": st.history, "resumed_after": self.done,
             "global_params": count_params(model_from_state(run, st.global_state)),
             "global_model_bytes": state_bytes(st.global_state), "dense_model_bytes": dense_model_bytes(run),
+            "dense_params": count_params(build_model(run)), "budget_params": self._budget_params(),
             "personalized": personalized_eval(run, self.method, st.global_state, fed_data(run)),
             "final_clients": self.client_rows.get(run.fed.rounds, []),  # the last round's sampled clients
             "label_skew": label_skew(fed_data(run)), "report_png": str(png) if png else None,

@@ -4,6 +4,7 @@ than it lists."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -179,3 +180,44 @@ def test_each_budgets_model_size_against_an_independent_count_and_the_why(tmp_pa
     total = sum(p.numel() for p in dense.parameters())
     text = "\n".join(summary_lines({"budget_params": sizes, "dense_params": total}, str(tmp_path), 1.0))
     assert f"ratio1.0 {sizes['ratio1.0']:,} ({sizes['ratio1.0'] / total:.2f}x)" in text and "(m+n)·r" in text
+
+
+def test_tensorboard_overlays_every_budgets_accuracy_and_the_report_has_its_panels(tmp_path):
+    """The event files carry a custom-scalars layout whose budget chart matches exactly the global model's and
+    every budget's accuracy tags the run wrote (not the per-budget client statistics), and report.png is drawn."""
+    import re
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    from fedlowrank.federated.server import _ServerRun
+    from fedlowrank.runtime.inprocess import InProcessGrid
+
+    from test_robust import _run
+
+    run = _run(tmp_path, "fed.num_clients=4", "fed.eval_budgets=true", "fed.rounds=1", "fed.local_steps=2")
+    sr, grid = _ServerRun(run), InProcessGrid(run)
+    sr.evaluate(0, sr.strategy.global_state)
+    st = sr.strategy
+    st.aggregate_train(1, grid.send_and_receive(list(st.configure_train(1, None, None, grid))))
+    sr.evaluate(1, st.global_state)
+    sr.writers.close()
+    summary = sr.finish(0.0)
+    event_files = sorted((tmp_path / "tb").glob("events.out.tfevents.*"))
+    layout = None
+    for f in event_files:
+        for ev in EventFileLoader(str(f)).Load():
+            for v in ev.summary.value:
+                if v.tag == "custom_scalars__config__":
+                    layout = layout_pb2.Layout.FromString(v.tensor.string_val[0])
+    assert layout is not None
+    charts = {c.title: c for cat in layout.category for c in cat.chart}
+    regex = charts["accuracy per budget (test set)"].multiline.tag[0]
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    want = {"global/global_accuracy"} | {f"global/ratio{r}_accuracy" for r in run.fed.rank_ratios}
+    assert {t for t in tags if re.search(regex, t)} == want
+    assert any("clients_mean_accuracy" in t for t in tags)  # present, and left out of the budget chart
+    assert summary["report_png"] and Path(summary["report_png"]).stat().st_size > 10_000

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -120,9 +121,30 @@ def keep_matplotlib_in(out_dir: str) -> None:
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
+def _lines(ax, rounds: list[int], evals: dict[int, dict], keys: list[str], xlabel: str, title: str,
+           x: list[float] | None = None) -> None:
+    """The global model's and each budget's test accuracy, one colour each, the legend beside the plot."""
+    colours = plt_colours(len(keys))
+    for key, colour in zip(keys, colours):
+        label = "global model" if key == "global_accuracy" else key.removesuffix("_accuracy")
+        ax.plot(x or rounds, [evals[r].get(key, np.nan) for r in rounds], marker=".", color=colour, label=label,
+                lw=2 if key == "global_accuracy" else 1)
+    ax.set(xlabel=xlabel, ylabel="test accuracy", title=title, ylim=(0, 1))
+    ax.legend(fontsize=8, loc="lower right", title="budget", title_fontsize=8)
+
+
+def plt_colours(n: int) -> list:
+    """``n`` distinct colours (tab10, then tab20)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
 def plot_report(path: Path, evals: dict[int, dict], history: list[dict], title: str) -> Path | None:
-    """PNG: global and per-budget accuracy over rounds; each client's (reported) rank ratio over rounds; and,
-    with a device population, accuracy against simulated time. Matplotlib's config and font cache go beside
+    """PNG: the global model's and each budget's test accuracy over rounds; the clients' held-out accuracy (p10-p90
+    band and mean) where clients hold out data; each client's (reported) rank ratio over rounds; and, with a
+    device population, accuracy against simulated time. Matplotlib's config and font cache go beside
     the PNG (``.matplotlib/``) unless ``MPLCONFIGDIR`` names a place: a run writes nothing under HOME."""
     keep_matplotlib_in(str(Path(path).parent))
     try:
@@ -135,13 +157,21 @@ def plot_report(path: Path, evals: dict[int, dict], history: list[dict], title: 
         return None
     rounds = sorted(evals)
     timed = all("sim_time_s" in evals[r] for r in rounds) and bool(rounds)
-    fig, axes = plt.subplots(1, 3 if timed else 2, figsize=(16 if timed else 11, 4))
-    a, b = axes[0], axes[1]
-    keys = sorted({k for r in rounds for k in evals[r] if k.endswith("accuracy")})
-    for key in keys:
-        a.plot(rounds, [evals[r].get(key, np.nan) for r in rounds], marker=".", label=key.replace("_accuracy", ""))
-    a.set(xlabel="round", ylabel="test accuracy", title="accuracy per budget")
-    a.legend(fontsize=7)
+    spread = any("clients_mean_accuracy" in evals[r] for r in rounds)
+    fig, axes = plt.subplots(1, 2 + spread + timed, figsize=(5.2 * (2 + spread + timed), 4.4), squeeze=False)
+    axes = list(axes[0])
+    keys = ["global_accuracy"] + sorted({f"{k}_accuracy" for r in rounds for k in _budget_accuracies(evals[r])},
+                                        key=lambda k: float(re.sub(r"[^0-9.]", "", k) or 0))
+    _lines(axes.pop(0), rounds, evals, keys, "round", "accuracy per budget (test set)")
+    if spread:  # each evaluated client on its own held-out split: the p10-p90 band around the mean
+        ax = axes.pop(0)
+        got = [r for r in rounds if "clients_mean_accuracy" in evals[r]]
+        ax.fill_between(got, [evals[r]["clients_p10_accuracy"] for r in got],
+                        [evals[r]["clients_p90_accuracy"] for r in got], alpha=0.3, label="p10-p90")
+        ax.plot(got, [evals[r]["clients_mean_accuracy"] for r in got], marker=".", label="mean")
+        ax.set(xlabel="round", ylabel="held-out accuracy", title="clients on their own held-out data", ylim=(0, 1))
+        ax.legend(fontsize=8, loc="lower right")
+    b = axes.pop(0)
     per: dict[int, list[tuple[int, float]]] = {}
     for h in history:
         for c in h.get("clients", []):
@@ -151,13 +181,10 @@ def plot_report(path: Path, evals: dict[int, dict], history: list[dict], title: 
         b.plot(xs, ys, marker=".", lw=0.8, label=f"client {pid}" if len(per) <= 10 else None)
     b.set(xlabel="round", ylabel="mean rank / full rank", title="rank per client")
     if len(per) <= 10:
-        b.legend(fontsize=7)
+        b.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     if timed:  # accuracy against simulated device time (fed.devices)
-        c = axes[2]
-        ts = [evals[r]["sim_time_s"] for r in rounds]
-        for key in keys:
-            c.plot(ts, [evals[r].get(key, np.nan) for r in rounds], marker=".", label=key.replace("_accuracy", ""))
-        c.set(xlabel="simulated time (s)", ylabel="test accuracy", title="accuracy vs simulated time")
+        _lines(axes.pop(0), rounds, evals, keys, "simulated time (s)", "accuracy vs simulated time",
+               x=[evals[r]["sim_time_s"] for r in rounds])
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

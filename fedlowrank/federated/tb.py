@@ -1,5 +1,6 @@
 """TensorBoard writers of a federated run: the server's run (``tb/``: round, global and per-layer rank
-scalars) and one run per client (``tb/clients/<id>``) whose tags are shared (``client/train_loss``,
+scalars, and a custom-scalars layout overlaying every budget's accuracy on one chart) and one run per client
+(``tb/clients/<id>``) whose tags are shared (``client/train_loss``,
 ``client/rank_sum``, ``client/rank_ratio``), so every client overlays on one chart. At most ``max_open``
 client writers stay open (least recently used closed first); a reopened client appends a new event file to
 its own run directory, which TensorBoard reads as the same run."""
@@ -9,6 +10,15 @@ from collections import OrderedDict
 from pathlib import Path
 
 CLIENT_TAGS = ("train_loss", "rank_sum", "rank_ratio")
+# TensorBoard's CUSTOM SCALARS tab (tags are regular expressions): the global model's and every budget's test
+# accuracy overlaid on one chart, and the clients' held-out accuracy as a mean with its p10-p90 margin
+BUDGET_ACCURACY = r"^global/(global|ratio[0-9.]+|rank[0-9]+)_accuracy$"
+LAYOUT = {"federated": {
+    "accuracy per budget (test set)": ["Multiline", [BUDGET_ACCURACY]],
+    "clients on their own held-out data": ["Margin", ["global/clients_mean_accuracy", "global/clients_p10_accuracy",
+                                                      "global/clients_p90_accuracy"]],
+    "train loss and bytes per round": ["Multiline", [r"^round/(train_loss|upload_bytes|download_bytes)$"]],
+}}
 
 
 class RunWriters:
@@ -19,6 +29,7 @@ class RunWriters:
 
         self.dir, self.max_open = Path(tb_dir), max_open
         self.server = SummaryWriter(str(self.dir))
+        self.server.add_custom_scalars(LAYOUT)  # the CUSTOM SCALARS tab: every budget's accuracy on one chart
         self._clients: OrderedDict[int, object] = OrderedDict()
 
     def client(self, pid: int):

@@ -130,7 +130,7 @@ def _lines(ax, rounds: list[int], evals: dict[int, dict], keys: list[str], xlabe
         ax.plot(x or rounds, [evals[r].get(key, np.nan) for r in rounds], marker=".", color=colour, label=label,
                 lw=2 if key == "global_accuracy" else 1)
     ax.set(xlabel=xlabel, ylabel="test accuracy", title=title, ylim=(0, 1))
-    ax.legend(fontsize=8, loc="lower right", title="budget", title_fontsize=8)
+    ax.legend(fontsize=8, loc="best", title="budget", title_fontsize=8)
 
 
 def plt_colours(n: int) -> list:
@@ -170,7 +170,7 @@ def plot_report(path: Path, evals: dict[int, dict], history: list[dict], title: 
                         [evals[r]["clients_p90_accuracy"] for r in got], alpha=0.3, label="p10-p90")
         ax.plot(got, [evals[r]["clients_mean_accuracy"] for r in got], marker=".", label="mean")
         ax.set(xlabel="round", ylabel="held-out accuracy", title="clients on their own held-out data", ylim=(0, 1))
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="best")
     b = axes.pop(0)
     per: dict[int, list[tuple[int, float]]] = {}
     for h in history:

@@ -77,6 +77,10 @@ class TextDataConfig:
             if not self.dir or not os.path.isdir(self.dir):
                 raise ConfigError(f"data=tokens needs data.dir=<directory of token shards>, got {self.dir!r}")
             read_meta(Path(self.dir))
+        if self.name == "shakespeare":  # the default corpus is fetched (and verified) once where it is missing
+            from fedlowrank.data.fetch import shakespeare_path
+
+            self.path = shakespeare_path(self.path)
         for key in ("path", "train_path", "eval_path"):
             path = getattr(self, key)
             if path and not os.path.isfile(path):

@@ -253,9 +253,9 @@ class DataConfig:
         if self.name == "femnist":
             raise ConfigError("femnist comes from the Hugging Face Hub: set data.source=hub (needs the internet once)")
         if self.name in TEXT_SPECS:
-            if not self.path or not os.path.isfile(self.path):
-                raise ConfigError(f"data.path={self.path!r} is not a file; {self.name} needs a text file such as "
-                                  "tinyshakespeare.txt (speaker lines 'NAME:' followed by their speech)")
+            from fedlowrank.data.fetch import shakespeare_path
+
+            self.path = shakespeare_path(self.path)  # the default corpus is fetched (and verified) where missing
             if self.eval_target not in ("last", "all"):
                 raise ConfigError(f"data.eval_target must be last (LEAF) or all, got {self.eval_target!r}")
             if self.seq_len < 2 or not 0.0 < self.test_fraction < 1.0:

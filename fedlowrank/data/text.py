@@ -161,7 +161,9 @@ def load_text_data(name: str, tokenizer: str = "byte", path: str | None = None, 
         if name == "pydoc":
             text = pydoc_text()
         else:
-            text = _read(path or "../shared/data/tinyshakespeare.txt", "data.path")
+            from .fetch import shakespeare_path
+
+            text = _read(shakespeare_path(path), "data.path")  # unset: the Shakespeare corpus, as before
         if max_chars:
             text = text[:max_chars]
         ids = np.asarray(tok.encode(text), dtype=np.int64)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -189,6 +190,23 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: JSON nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupted or truncated JSON ({e})") from e
+
+
+def checked_int(v: object, lo: float, hi: float, where: str) -> int:
+    """A resume-state field that must be an integer in [lo, hi] (not a bool, float or string)."""
+    if type(v) is not int or not lo <= v <= hi:
+        raise CheckpointError(f"{where}={repr(v)[:40]} must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def checked_number(v: object, where: str, nan_ok: bool = False, minimum: float = -math.inf) -> float:
+    """A resume-state field that must be a finite number >= ``minimum`` (NaN allowed with ``nan_ok``)."""
+    ok = type(v) in (int, float) and not math.isinf(v) and (  # type: ignore[arg-type]
+        (nan_ok and math.isnan(v)) or (not math.isnan(v) and v >= minimum))  # type: ignore[arg-type]
+    if not ok:
+        bound = f" >= {minimum:g}" if minimum > -math.inf else ""
+        raise CheckpointError(f"{where}={repr(v)[:40]} must be a finite number{bound}")
+    return float(v)  # type: ignore[arg-type]
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

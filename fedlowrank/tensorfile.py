@@ -18,6 +18,9 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+TORCH_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL"}  # torch dtype -> header name
 
 
 class TensorFileError(ValueError):
@@ -97,6 +100,21 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return tensors, meta
 
 
+def check_against(path: Path, want: dict[str, torch.Tensor], require_all: bool = True) -> None:
+    """The file holds ``want``'s names (all of them, or with ``require_all=False`` a subset), each with its shape
+    and dtype, read from the header alone (``want`` may hold meta tensors); :class:`TensorFileError` otherwise."""
+    have, _ = read_header(path)
+    extra = sorted(set(have) - set(want))
+    missing = sorted(set(want) - set(have)) if require_all else []
+    if extra or missing:
+        raise TensorFileError(f"{path}: not this run's model (missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, info in have.items():
+        dtype = TORCH_DTYPES.get(want[k].dtype)
+        if info.shape != tuple(want[k].shape) or (dtype is not None and info.dtype != dtype):
+            raise TensorFileError(f"{path}: tensor {k!r} is {info.dtype} {list(info.shape)}; the run's model has "
+                                  f"{dtype or want[k].dtype} {list(want[k].shape)}")
+
+
 def load_checked(path: Path, names: set[str] | None = None) -> dict[str, torch.Tensor]:
     """The file's tensors (or only ``names``), after :func:`read_header` accepted it."""
     from safetensors import safe_open
@@ -109,5 +127,5 @@ def load_checked(path: Path, names: set[str] | None = None) -> dict[str, torch.T
         raise TensorFileError(f"{path}: unreadable tensor data ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-__all__ = ["DTYPE_BYTES", "FLOAT_DTYPES", "MAX_HEADER_BYTES", "TensorFileError", "TensorInfo", "load_checked",
-           "read_header"]
+__all__ = ["DTYPE_BYTES", "FLOAT_DTYPES", "MAX_HEADER_BYTES", "TORCH_DTYPES", "TensorFileError", "TensorInfo",
+           "check_against", "load_checked", "read_header"]

@@ -13,38 +13,24 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fedlowrank.checkpoint import CheckpointError
+from fedlowrank.checkpoint import CheckpointError, checked_int, checked_number
 from fedlowrank.lowrank.factorize import lowrank_modules
-from fedlowrank.tensorfile import TensorFileError, read_header
+from fedlowrank.tensorfile import TensorFileError, check_against
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
 log = logging.getLogger(__name__)
-_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-
-
-def _int(v: object, lo: int, hi: float, where: str) -> int:
-    if type(v) is not int or not lo <= v <= hi:
-        raise CheckpointError(f"{where}={repr(v)[:40]} must be an integer in [{lo}, {hi}]")
-    return v
-
-
-def _finite(v: object, where: str, nan_ok: bool = False) -> float:
-    if type(v) not in (int, float) or math.isinf(v) or (math.isnan(v) and not nan_ok) or v < 0:  # type: ignore
-        raise CheckpointError(f"{where}={repr(v)[:40]} must be a finite number >= 0")
-    return float(v)  # type: ignore[arg-type]
 
 
 def check_meta(meta: object, path: Path, max_steps: int, unit: str) -> dict:
     """``meta.json``'s step, counters, loss and eval history, ranks and method state, typed and in range."""
     if not isinstance(meta, dict) or {"step", "ranks"} - set(meta):
         raise CheckpointError(f"{path}: not a checkpoint's meta (needs step and ranks)")
-    _int(meta["step"], 0, max_steps, f"{path}: step")
-    for key in (f"{unit}_seen",):
-        _int(meta.get(key, 0), 0, math.inf, f"{path}: {key}")
+    checked_int(meta["step"], 0, max_steps, f"{path}: step")
+    checked_int(meta.get(f"{unit}_seen", 0), 0, math.inf, f"{path}: {unit}_seen")
     for key in ("model_flops", "train_time_s"):
-        _finite(meta.get(key, 0.0), f"{path}: {key}")
+        checked_number(meta.get(key, 0.0), f"{path}: {key}", minimum=0)
     losses = meta.get("losses", [])
     if not isinstance(losses, list) or not all(isinstance(x, list) and len(x) == 2 and type(x[0]) is int and
                                                type(x[1]) in (int, float) for x in losses):
@@ -64,25 +50,16 @@ def check_ranks(model: nn.Module, ranks: dict, where: str) -> None:
     for name, r in ranks.items():
         if name not in mods:
             raise CheckpointError(f"{where}: {str(name)[:60]!r} is not a factorized layer of this run's model")
-        _int(r, 1, mods[name].full_rank, f"{where}[{name!r}]")
+        checked_int(r, 1, mods[name].full_rank, f"{where}[{name!r}]")
 
 
 def check_weights(model: nn.Module, path: Path) -> None:
     """The safetensors file holds the model's own names, shapes and dtypes (tied aliases may be stored once),
     from its header, before anything is loaded."""
     try:
-        have, _ = read_header(path)
+        check_against(path, model.state_dict(keep_vars=True), require_all=False)
     except TensorFileError as e:
         raise CheckpointError(str(e)) from None
-    own = model.state_dict(keep_vars=True)
-    extra = sorted(set(have) - set(own))
-    if extra:
-        raise CheckpointError(f"{path}: tensors the run's model does not have: {extra[:5]}")
-    for k, info in have.items():
-        want = own[k]
-        if info.shape != tuple(want.shape) or _DTYPE.get(want.dtype, info.dtype) != info.dtype:
-            raise CheckpointError(f"{path}: tensor {k!r} is {info.dtype} {list(info.shape)}; the run's model has "
-                                  f"{_DTYPE.get(want.dtype, str(want.dtype))} {list(want.shape)}")
 
 
 def check_trainer_state(ts: object, path: Path, world: int) -> dict:
@@ -144,7 +121,6 @@ def restore(tr: "Trainer", path: Path) -> dict:
     tr.train_time = float(meta.get("train_time_s", 0.0))
     log.info("resumed from %s at step %d", path, tr.step)
     return ts
-
 
 
 def set_aside(tr: "Trainer", err: CheckpointError, path: Path) -> None:

@@ -4,7 +4,8 @@ RNG a valid Mersenne-Twister state, counters finite and in range, budgets keyed 
 ``rounds.jsonl`` record typed, the global model's and the server optimizer's tensors of exactly the model's
 names, shapes and dtypes (read from the safetensors headers before any tensor is loaded). A bad field stops the
 run with a :class:`CheckpointError` naming the file and the field; with ``fed.resume=auto_or_fresh`` the run
-starts afresh instead, says so, and moves the refused checkpoint aside (``<name>.rejected``)."""
+continues from the newest checkpoint that passes, or afresh, says so, and renames the refused one
+``rejected-<name>``."""
 from __future__ import annotations
 
 import json
@@ -15,27 +16,14 @@ from pathlib import Path
 
 import torch
 
-from fedlowrank.checkpoint import CheckpointError, atomic_write_bytes, latest_complete, load_tensors, read_json
+from fedlowrank.checkpoint import (CheckpointError, atomic_write_bytes, checked_int, checked_number, latest_complete,
+                                   load_tensors, read_json)
 from fedlowrank.config import FederatedRun
-from fedlowrank.tensorfile import TensorFileError, read_header
+from fedlowrank.tensorfile import TensorFileError, check_against
 
 from .aggregation import State, factor_prefixes
 
 log = logging.getLogger(__name__)
-DTYPES = {"torch.float32": "F32", "torch.float64": "F64", "torch.float16": "F16", "torch.bfloat16": "BF16",
-          "torch.int64": "I64", "torch.int32": "I32"}  # torch dtype -> safetensors header name
-
-
-def _int(v: object, lo: int, hi: int, where: str) -> int:
-    if type(v) is not int or not lo <= v <= hi:
-        raise CheckpointError(f"{where}={repr(v)[:40]} must be an integer in [{lo}, {hi}]")
-    return v
-
-
-def _number(v: object, where: str, nan_ok: bool = False) -> float:
-    if type(v) not in (int, float) or math.isinf(v) or (math.isnan(v) and not nan_ok):  # type: ignore[arg-type]
-        raise CheckpointError(f"{where}={repr(v)[:40]} must be a finite number")
-    return float(v)  # type: ignore[arg-type]
 
 
 def check_strategy_state(st: object, run: FederatedRun, path: Path) -> tuple[int, dict]:
@@ -43,7 +31,7 @@ def check_strategy_state(st: object, run: FederatedRun, path: Path) -> tuple[int
     if not isinstance(st, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     st = dict(st)
-    rnd = _int(st.pop("round", None), 0, run.fed.rounds, f"{path}: round")
+    rnd = checked_int(st.pop("round", None), 0, run.fed.rounds, f"{path}: round")
     rng = st.get("rng")
     try:
         v, internal, gauss = rng  # type: ignore[misc]
@@ -54,9 +42,8 @@ def check_strategy_state(st: object, run: FederatedRun, path: Path) -> tuple[int
         random.Random().setstate((v, tuple(internal), gauss))  # CPython checks the length and the ranges
     except (TypeError, ValueError, OverflowError) as e:
         raise CheckpointError(f"{path}: rng is not a Mersenne-Twister state ({str(e)[:80]})") from None
-    _int(st.get("failed_rounds", 0), 0, rnd, f"{path}: failed_rounds")
-    if _number(st.get("sim_time_s", 0.0), f"{path}: sim_time_s") < 0:
-        raise CheckpointError(f"{path}: sim_time_s must be >= 0")
+    checked_int(st.get("failed_rounds", 0), 0, rnd, f"{path}: failed_rounds")
+    checked_number(st.get("sim_time_s", 0.0), f"{path}: sim_time_s", minimum=0)
     budgets = st.get("budgets", {})
     if not isinstance(budgets, dict):
         raise CheckpointError(f"{path}: budgets must map partition ids to budgets")
@@ -79,15 +66,15 @@ def _check_record(rec: dict, rnd: int, run: FederatedRun, where: str) -> None:
         for c in train.get("clients", []):
             if not isinstance(c, dict):
                 raise CheckpointError(f"{where}: train.clients holds a {type(c).__name__}, not a client's row")
-            _int(c.get("pid"), 0, run.fed.num_clients - 1, f"{where}: train.clients[].pid")
+            checked_int(c.get("pid"), 0, run.fed.num_clients - 1, f"{where}: train.clients[].pid")
         for k, v in train.items():
             if k != "clients":
-                _number(v, f"{where}: train.{k}", nan_ok=True)
+                checked_number(v, f"{where}: train.{k}", nan_ok=True)
     if ev is not None:
         if not isinstance(ev, dict):
             raise CheckpointError(f"{where}: eval must be an object of metrics")
         for k, v in ev.items():
-            _number(v, f"{where}: eval.{k}", nan_ok=True)
+            checked_number(v, f"{where}: eval.{k}", nan_ok=True)
 
 
 def read_rounds(path: Path, rnd: int, run: FederatedRun) -> list[dict]:
@@ -102,7 +89,7 @@ def read_rounds(path: Path, rnd: int, run: FederatedRun) -> list[dict]:
             rec = json.loads(line)
             if not isinstance(rec, dict) or "round" not in rec:
                 raise ValueError("no round")
-            _int(rec["round"], 0, run.fed.rounds, "round")
+            checked_int(rec["round"], 0, run.fed.rounds, "round")
         except (ValueError, RecursionError, CheckpointError) as e:
             if len(seen) == rnd:
                 log.warning("%s: line %d is damaged (%s); dropping it and the %d line(s) after it (round %d's "
@@ -119,21 +106,12 @@ def read_rounds(path: Path, rnd: int, run: FederatedRun) -> list[dict]:
 
 
 def check_tensors(path: Path, want: State, partial: bool = False) -> None:
-    """The file's tensor names, shapes and dtypes equal ``want``'s (``partial``: a subset of its names; dtypes
-    only where ``want`` has float32 tensors), from its header alone."""
+    """The file's tensor names, shapes and dtypes equal ``want``'s (``partial``: a subset of its names), from its
+    header alone."""
     try:
-        have, _ = read_header(path)
+        check_against(path, want, require_all=not partial)
     except TensorFileError as e:
         raise CheckpointError(str(e)) from None
-    expect = {k: (DTYPES.get(str(t.dtype)), tuple(t.shape)) for k, t in want.items()}
-    extra = sorted(set(have) - set(expect))
-    missing = [] if partial else sorted(set(expect) - set(have))
-    if extra or missing:
-        raise CheckpointError(f"{path}: not this run's model (missing {missing[:3]}, unexpected {extra[:3]})")
-    for k, info in have.items():
-        if info.shape != expect[k][1] or (expect[k][0] is not None and info.dtype != expect[k][0]):
-            raise CheckpointError(f"{path}: tensor {k!r} is {info.dtype} {list(info.shape)}; the run's model has "
-                                  f"{expect[k][0]} {list(expect[k][1])}")
 
 
 def _moments(initial: State) -> State:

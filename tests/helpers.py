@@ -27,3 +27,9 @@ def text_run(play, *overrides):
     return federated_run_from_cfg(compose_cfg("experiment=fed_shakespeare", f"data.path={play}", "out_dir=/tmp/x",
                                               "data.seq_len=16", "fed.min_partition_size=2", "fed.fraction_train=1.0",
                                               *overrides))
+
+
+def fed_run(tmp_path, *overrides):
+    """Validated FederatedRun of the default task with 5 clients, writing to ``tmp_path``."""
+    return federated_run_from_cfg(compose_cfg("mode=federated", f"out_dir={tmp_path}", "fed.num_clients=5",
+                                              "fed.eval_budgets=false", *overrides))

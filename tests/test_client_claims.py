@@ -131,7 +131,7 @@ def test_a_second_reply_from_the_same_sender_is_rejected_and_logged(tmp_path, ca
 
     from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy
 
-    from test_robust import _run
+    from helpers import fed_run as _run
 
     run = _run(tmp_path, "fed.num_clients=4", "fed.local_steps=2")
     a, b, grid = make_strategy(run), make_strategy(run), InProcessGrid(run)

@@ -11,7 +11,7 @@ import fedlowrank.training.loop as loop
 from fedlowrank.config import ConfigError
 from fedlowrank.federated import client as client_mod
 
-from test_robust import _run
+from helpers import fed_run as _run
 
 
 class Stop(Exception):
@@ -88,6 +88,28 @@ def test_the_device_rule(tmp_path, monkeypatch):
 def test_a_client_trains_on_the_gpu_and_replies_on_the_cpu(tmp_path):
     from fedlowrank.federated.methods import fed_method
 
-    run = _run(tmp_path, "fed.num_clients=4", "fed.client_gpus=0.5", "fed.bf16=true")
-    state, metrics = client_mod.local_train(run, 3, 4, fed_method(run).initial_state(), 1)
-    assert all(t.device.type == "cpu" for t in state.values()) and metrics["steps"] > 0
+    losses = []
+    for extra in (["fed.client_gpus=0.5", "fed.bf16=true"], ["fed.device=cpu"]):
+        run = _run(tmp_path, "fed.num_clients=4", *extra)
+        method = fed_method(run)
+        state, metrics = client_mod.local_train(run, 3, 4, method.view(method.initial_state(), run.fed.budget(3)), 1)
+        assert all(t.device.type == "cpu" for t in state.values()) and metrics["steps"] > 0
+        losses.append(metrics["train_loss"])
+    assert abs(losses[0] - losses[1]) < 0.05 * losses[1]  # bf16 on the GPU learns as fp32 on the CPU does
+
+
+def test_bf16_local_training_follows_fp32(tmp_path):
+    """bf16 autocast changes rounding, not the trajectory: one context held over many steps would keep using
+    its cached bf16 copies of the first weights (the client then does not learn: replies 20-170 % away)."""
+    from fedlowrank.federated.methods import fed_method
+
+    replies = {}
+    for name, extra in {"fp32": [], "bf16": ["fed.bf16=true"]}.items():
+        run = _run(tmp_path / name, "fed.num_clients=4", "fed.device=cpu", *extra)
+        method = fed_method(run)
+        view = method.view(method.initial_state(), run.fed.budget(3))
+        replies[name] = client_mod.local_train(run, 3, 4, view, 1)
+    (a, ma), (b, mb) = replies["fp32"], replies["bf16"]
+    assert ma["train_loss"] < 2.0 and abs(ma["train_loss"] - mb["train_loss"]) < 0.02 * ma["train_loss"]
+    for k, t in a.items():
+        assert float((t - b[k]).norm() / t.norm()) < 0.05, k

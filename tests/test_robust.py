@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import CONF
+from helpers import fed_run as _run
 from hydra import compose, initialize_config_dir
 
 from fedlowrank.config import ConfigError, federated_run_from_cfg
@@ -17,13 +18,6 @@ from fedlowrank.federated.robust import RejectedReply, bounded_weight, check_met
 from fedlowrank.federated.strategy import NoValidUpdates
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _run(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["mode=federated", f"out_dir={tmp_path}", "fed.num_clients=5",
-                                           "fed.eval_budgets=false", *overrides])
-    return federated_run_from_cfg(cfg)
 
 
 def _np_trimmed(x: np.ndarray, trim: float) -> np.ndarray:

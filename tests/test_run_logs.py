@@ -137,7 +137,7 @@ def test_clipping_is_one_info_line_per_round_never_a_warning_per_client(tmp_path
 
     from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy
 
-    from test_robust import _run
+    from helpers import fed_run as _run
 
     run = _run(tmp_path, "fed.num_clients=4")
     st, grid = make_strategy(run), InProcessGrid(run)
@@ -162,7 +162,7 @@ def test_each_budgets_model_size_against_an_independent_count_and_the_why(tmp_pa
     from fedlowrank.federated.server import _ServerRun
     from fedlowrank.federated.task import build_model
 
-    from test_robust import _run
+    from helpers import fed_run as _run
 
     run = _run(tmp_path, "fed.num_clients=4", "fed.eval_budgets=true")
     sizes = _ServerRun(run)._budget_params()
@@ -194,7 +194,7 @@ def test_tensorboard_overlays_every_budgets_accuracy_and_the_report_has_its_pane
     from fedlowrank.federated.server import _ServerRun
     from fedlowrank.runtime.inprocess import InProcessGrid
 
-    from test_robust import _run
+    from helpers import fed_run as _run
 
     run = _run(tmp_path, "fed.num_clients=4", "fed.eval_budgets=true", "fed.rounds=1", "fed.local_steps=2")
     sr, grid = _ServerRun(run), InProcessGrid(run)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp import strategy as fl
-from test_robust import _run
+from helpers import fed_run as _run
 
 from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from helpers import central_run
-from test_robust import _run
+from helpers import fed_run as _run
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedlowrank.central import launch

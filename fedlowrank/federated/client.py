@@ -97,9 +97,9 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
     opt = torch.optim.SGD(params, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
     sampler = nested_sampler(model, run, budget, random.Random(f"nested-{run.seed}-{server_round}-{partition_id}")) \
         if f.nested else None
-    with autocast(run, device):
-        stats = train_classifier(model, loader, opt, epochs=f.local_epochs, max_steps=f.local_steps,
-                                 frob_decay=f.frob_decay, device=device, before_step=sampler, prox_mu=f.prox_mu)
+    stats = train_classifier(model, loader, opt, epochs=f.local_epochs, max_steps=f.local_steps,
+                             frob_decay=f.frob_decay, device=device, before_step=sampler, prox_mu=f.prox_mu,
+                             autocast=lambda: autocast(run, device))  # per step: weights change between steps
     layers = lowrank_modules(model)
     for m in layers.values():
         m.set_active_rank(None)

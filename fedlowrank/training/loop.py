@@ -2,6 +2,7 @@
 next-token prediction where the model returns (B, T, vocab) and targets are (B, T)."""
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -30,11 +31,14 @@ def train_classifier(
     device: str | torch.device = "cpu",
     before_step: Callable[[int], None] | None = None,
     prox_mu: float = 0.0,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, float]:
     """Cross-entropy training with optional Frobenius decay on factorized layers and FedProx's proximal term
     ``prox_mu / 2 · ||w − w₀||²`` over the trainable parameters (w₀: their values when training starts, i.e.
     what the client downloaded; on a factorized model the factors U, V, not their product).
 
+    ``autocast``: a fresh context per step around the forward pass and the loss only (e.g. bf16 autocast); one
+    context around many steps would reuse its cached low-precision copies of the weights after they change.
     Raises FloatingPointError on a non-finite loss (the caller decides what a failure means).
     Returns mean loss, accuracy and optimizer steps taken.
     """
@@ -46,9 +50,10 @@ def train_classifier(
             x, y = x.to(device), y.to(device)
             if before_step is not None:
                 before_step(steps)  # e.g. sample a nested sub-model's ranks (ordered dropout)
-            logits = _flat(model(x))  # (N, classes); sequences: every position is a prediction
-            y = y.reshape(-1)
-            loss = cross_entropy(logits, y)  # IGNORE targets left out
+            with autocast():
+                logits = _flat(model(x))  # (N, classes); sequences: every position is a prediction
+                y = y.reshape(-1)
+                loss = cross_entropy(logits, y)  # IGNORE targets left out
             obj = loss + frob_decay * frobenius_decay(model) if frob_decay > 0 else loss
             if anchor:
                 obj = obj + 0.5 * prox_mu * sum((p - p0).square().sum() for p, p0 in anchor)

@@ -140,7 +140,7 @@ def test_federated_relora_heterogeneous_adapters_merge_each_round(tmp_path):
 
 
 def test_federated_from_welore_compressed_model(tmp_path):
-    res = run(_cfg(tmp_path, "experiment=fed_welore", FAST, "fed.rounds=3", "fed.num_clients=3",
+    res = run(_cfg(tmp_path, "experiment=fed_welore", FAST, "fed.rounds=3", "fed.num_clients=3", "fed.rank_ratios=[0.25,0.5,1.0]",
                    "method.pretrain_steps=60"))
     state = load_file(str(tmp_path / "checkpoints" / "last.safetensors"))
     ranks = {k[:-2]: v.shape[1] for k, v in state.items() if k.endswith(".U")}

@@ -59,7 +59,7 @@ def test_a_poisoned_node_cache_entry_is_refused(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides", ["strategy=product fed.rounds=2", "experiment=fed_digits_dirichlet",
-                                       "method=none fed.num_clients=3", "data=digits fed.partition=iid"])
+                                       "method=none fed.num_clients=3 fed.rank_ratios=[0.5,1.0]", "data=digits fed.partition=iid"])
 def test_ordinary_overrides_still_compose(overrides):
     run = run_from_run_config({"overrides": overrides, "out-dir": "outputs/x"})
     assert run.out_dir == "outputs/x"

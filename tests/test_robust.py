@@ -140,6 +140,7 @@ def test_server_assigns_partitions_and_a_larger_budget_is_rejected(tmp_path):
 
 def test_rounds_without_valid_update_stop_the_run(tmp_path):
     run = _run(tmp_path, "fed.rounds=5", "fed.local_steps=2", "fed.max_failed_rounds=2", "fed.num_clients=2",
+               "fed.rank_ratios=[0.5,1.0]",
                'fed.faults=["0:crash","1:nan"]')
     st = _strategy(run)
     with pytest.raises(NoValidUpdates, match="2 rounds in a row"):

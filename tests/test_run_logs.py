@@ -179,7 +179,11 @@ def test_each_budgets_model_size_against_an_independent_count_and_the_why(tmp_pa
         assert sizes[f"ratio{ratio}"] == want, (ratio, sizes)
     total = sum(p.numel() for p in dense.parameters())
     text = "\n".join(summary_lines({"budget_params": sizes, "dense_params": total}, str(tmp_path), 1.0))
-    assert f"ratio1.0 {sizes['ratio1.0']:,} ({sizes['ratio1.0'] / total:.2f}x)" in text and "(m+n)·r" in text
+    assert f"ratio1.0 {sizes['ratio1.0']:,} ({sizes['ratio1.0'] / total:.2f}x, " in text and "(m+n)·r" in text
+    params = _ServerRun(_run(tmp_path / "p", "fed.num_clients=4", "fed.budget_unit=params"))._budget_params()
+    assert sorted(params) == [f"params{r}" for r in sorted(run.fed.rank_ratios)] and max(params.values()) <= total
+    text = "\n".join(summary_lines({"budget_params": params, "dense_params": total}, str(tmp_path), 1.0))
+    assert "(m+n)·r" not in text and f"params1.0 {params['params1.0']:,}" in text
 
 
 def test_tensorboard_overlays_every_budgets_accuracy_and_the_report_has_its_panels(tmp_path):

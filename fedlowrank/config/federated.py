@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from fedlowrank.data.vision import IMAGE_SPECS, VECTOR_SPECS
 from fedlowrank.schema import ConfigError, check_top_level, to_dataclass
 
-from .devices import DevicesConfig, budget_ratio, population
+from .budgets import check_budget_count, check_budgets, client_budget
+from .devices import DevicesConfig, population
 
 STRATEGIES = ("fedlmt", "slice", "product", "fedavg")  # fedavg: dense baseline, budgets ignored
 PARTITIONS = ("iid", "dirichlet", "natural")  # natural: one client per speaking role (text tasks)
@@ -29,6 +30,9 @@ class FedConfig:
     rounds: int = 15
     rank_ratios: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
     ranks: list[int] | None = None  # absolute ranks instead of ratios
+    # rank: a ratio p gives rank ceil(p·min(m, n)) (FedLMT; at 1.0 the factors hold more than the dense layer);
+    # params: rank floor(p·m·n/(m+n)), at most p times the dense layer's parameters (fedlowrank.config.budgets)
+    budget_unit: str = "rank"
     local_epochs: int = 3
     local_steps: int | None = None
     batch_size: int = 32
@@ -106,15 +110,7 @@ class FedConfig:
             raise ConfigError(f"fed.num_clients must be >= 1, got {self.num_clients}")
         if self.rounds < 1:
             raise ConfigError(f"fed.rounds must be >= 1, got {self.rounds}")
-        if self.ranks is not None:
-            if not self.ranks or any(int(r) != r or r <= 0 for r in self.ranks):
-                raise ConfigError(f"fed.ranks must be positive integers, got {self.ranks}")
-        else:
-            if not self.rank_ratios:
-                raise ConfigError("fed.rank_ratios must not be empty")
-            bad = [r for r in self.rank_ratios if not 0.0 < float(r) <= 1.0]
-            if bad:
-                raise ConfigError(f"fed.rank_ratios must lie in (0, 1], got {bad}")
+        check_budgets(self)
         if self.local_epochs < 1 or (self.local_steps is not None and self.local_steps < 1):
             raise ConfigError("fed.local_epochs and fed.local_steps must be >= 1")
         if self.batch_size < 1 or self.lr <= 0:
@@ -206,15 +202,8 @@ class FedConfig:
         return out
 
     def budget(self, partition_id: int) -> dict[str, float | int]:
-        """Rank budget of a client: {'ratio': r} or {'rank': k}, cycling through the list, or derived from the
-        client's device (``fed.devices.budget_from``) as the largest listed ratio that fits it."""
-        if self.devices.budget_from != "none":
-            pop = self.device_population()
-            if pop is not None:
-                return {"ratio": budget_ratio(pop[partition_id], self.devices, list(self.rank_ratios))}
-        if self.ranks is not None:
-            return {"rank": int(self.ranks[partition_id % len(self.ranks)])}
-        return {"ratio": float(self.rank_ratios[partition_id % len(self.rank_ratios)])}
+        """Rank budget of a client (:func:`fedlowrank.config.budgets.client_budget`)."""
+        return client_budget(self, partition_id)
 
 
 @dataclass
@@ -290,9 +279,14 @@ class FederatedRun:
             raise ConfigError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
         if self.strategy == "fedavg" and method != "none":
             raise ConfigError("strategy=fedavg is the dense FedAvg baseline; it takes no method")
+        if self.strategy != "fedavg":  # the dense baseline ignores budgets
+            check_budget_count(self.fed)
         if self.fed.nested and (self.strategy in ("fedlmt", "fedavg") or method != "none"):
             raise ConfigError("fed.nested (ordered dropout over budgets) needs strategy slice or product and "
                               "no method (fedlmt trains one common rank)")
+        if self.fed.budget_unit == "params" and method in ("relora", "welore"):
+            raise ConfigError(f"fed.budget_unit=params sizes factorized layers; method={method} sizes its own "
+                              "(adapters, WeLore's ranks): use fed.budget_unit=rank")
         if self.fed.robust != "none" and (self.strategy == "product" or method == "relora"):
             raise ConfigError(f"fed.robust={self.fed.robust} needs strategy fedlmt or slice without ReLoRA (product "
                               "and adapter merges combine products, not coordinates); use fed.clip_norm there")

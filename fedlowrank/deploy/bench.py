@@ -46,6 +46,8 @@ def main() -> None:
     args = ap.parse_args()
     ov = (f"{args.extra} fed.num_clients={args.nodes} fed.rounds={args.rounds} fed.local_epochs={args.local_epochs} "
           "fed.timeout=300").strip()
+    if "fed.rank" not in args.extra:  # the default budgets, at most one per node (full rank kept)
+        ov += " fed.rank_ratios=[" + ",".join(map(str, [0.1, 0.25, 0.5, 1.0][-min(args.nodes, 4):])) + "]"
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.time()

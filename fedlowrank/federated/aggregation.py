@@ -38,13 +38,14 @@ def layer_ranks(state: State) -> dict[str, int]:
     return {p: state[f"{p}.U"].shape[1] for p in factor_prefixes(state)}
 
 
-def budget_ranks(global_state: State, ratio: float | None = None, rank: int | None = None) -> dict[str, int]:
+def budget_ranks(global_state: State, ratio: float | None = None, rank: int | None = None,
+                 params: float | None = None) -> dict[str, int]:
     """Per-layer rank of a client budget, capped by the global model's rank."""
     out = {}
     for p in factor_prefixes(global_state):
         m, R = global_state[f"{p}.U"].shape
         n = global_state[f"{p}.V"].shape[1]
-        out[p] = min(R, rank_from_budget(min(m, n), rank=rank, ratio=ratio))
+        out[p] = min(R, rank_from_budget(min(m, n), rank=rank, ratio=ratio, params=params, dims=(m, n)))
     return out
 
 

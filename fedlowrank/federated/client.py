@@ -66,10 +66,15 @@ def autocast(run: FederatedRun, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if run.fed.bf16 else contextlib.nullcontext()
 
 
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """(m, n) of a factorized layer's U (m×r) · V (r×n)."""
+    return layer.U.shape[0], layer.V.shape[1]
+
+
 def check_budget(model: nn.Module, budget: dict[str, float | int]) -> None:
     """A device refuses a model larger than its rank budget."""
     for name, layer in lowrank_modules(model).items():
-        allowed = rank_from_budget(layer.full_rank, rank=budget.get("rank"), ratio=budget.get("ratio"))  # type: ignore[arg-type]
+        allowed = rank_from_budget(layer.full_rank, **budget, dims=layer_dims(layer))  # type: ignore[arg-type]
         if layer.rank > allowed:
             raise ValueError(f"layer {name} has rank {layer.rank} > budget {allowed} ({budget})")
 
@@ -119,16 +124,14 @@ def nested_sampler(model: nn.Module, run: FederatedRun, budget: dict[str, float 
     this client's own and train only the first slots that budget allows in every factorized layer,
     so every smaller budget's nested sub-model gets trained too."""
     f = run.fed
-    key = "rank" if f.ranks is not None else "ratio"
-    mine = float(budget[key])
+    (key, mine), = budget.items()  # rank | ratio | params
     levels = sorted({float(b) for b in (f.ranks if f.ranks is not None else f.rank_ratios) if float(b) <= mine})
     layers = list(lowrank_modules(model).values())
 
     def before_step(step: int) -> None:
         p = rng.choice(levels)
         for m in layers:
-            k = rank_from_budget(m.full_rank, rank=int(p) if key == "rank" else None,
-                                 ratio=p if key == "ratio" else None)
+            k = rank_from_budget(m.full_rank, **{key: int(p) if key == "rank" else p}, dims=layer_dims(m))
             m.set_active_rank(min(k, m.rank))
 
     return before_step

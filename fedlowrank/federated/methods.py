@@ -42,7 +42,7 @@ class FedMethod:
         f = self.run.fed
         pick = min if self.run.strategy == "fedlmt" else max
         budgets = [f.budget(i) for i in range(f.num_clients)]  # listed, or derived from the devices
-        key = "rank" if "rank" in budgets[0] else "ratio"
+        (key, _), = budgets[0].items()  # rank | ratio | params
         return {key: pick(b[key] for b in budgets)}
 
     def initial_state(self) -> State:
@@ -50,7 +50,12 @@ class FedMethod:
         if self.run.strategy == "fedavg":  # dense baseline: no factorized layer, plain FedAvg
             return _float_state(build_model(self.run))
         model = build_model(self.run)
-        factorize(model, **self.global_budget(), targets=self.run.model.get("targets"), skip=self.run.model.get("skip"))
+        budget = self.global_budget()
+        if "params" in budget:  # full rank, then each layer's first r slots of its SVD: the best rank-r start
+            factorize(model, ratio=1.0, targets=self.run.model.get("targets"), skip=self.run.model.get("skip"))
+            state = _float_state(model)
+            return client_view(state, budget_ranks(state, **budget), "slice")
+        factorize(model, **budget, targets=self.run.model.get("targets"), skip=self.run.model.get("skip"))
         return _float_state(model)
 
     def ranks(self, global_state: State, budget: Budget) -> dict[str, int]:

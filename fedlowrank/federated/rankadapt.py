@@ -38,8 +38,8 @@ def layer_caps(state: State, cfg: InRankConfig, top_budget: dict) -> dict[str, i
     """Per layer: the largest client budget's rank, times ``max_rank_ratio`` (at least 1)."""
     out = {}
     for p in factor_prefixes(state):
-        full = min(state[f"{p}.U"].shape[0], state[f"{p}.V"].shape[1])
-        out[p] = max(1, int(cfg.max_rank_ratio * rank_from_budget(full, **top_budget)))
+        m, n = state[f"{p}.U"].shape[0], state[f"{p}.V"].shape[1]
+        out[p] = max(1, int(cfg.max_rank_ratio * rank_from_budget(min(m, n), **top_budget, dims=(m, n))))
     return out
 
 

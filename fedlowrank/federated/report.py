@@ -198,11 +198,12 @@ def _size_lines(summary: dict) -> list[str]:
     sizes, dense = summary.get("budget_params") or {}, summary.get("dense_params")
     if not sizes or not dense:
         return []
-    line = "  model size per budget (parameters, x the dense model's {:,}): ".format(dense) + ", ".join(
-        f"{k} {v:,} ({v / dense:.2f}x)" for k, v in sorted(sizes.items()))
+    line = "  model size per budget (parameters, x the dense model's {:,}, fp32 MB): ".format(dense) + ", ".join(
+        f"{k} {v:,} ({v / dense:.2f}x, {v * 4 / 2**20:.2f} MB)" for k, v in sorted(sizes.items()))
     if max(sizes.values()) > dense:
         line += ("; a rank-r factorization of an m x n layer stores (m+n)·r numbers, more than the dense m·n "
-                 "above r = mn/(m+n) (budgets are FedLMT rank ratios; see docs/federated.md)")
+                 "above r = mn/(m+n) (budgets are FedLMT rank ratios; fed.budget_unit=params caps every layer at "
+                 "its dense size; see docs/federated.md)")
     return [line]
 
 

@@ -49,7 +49,7 @@ def check_strategy_state(st: object, run: FederatedRun, path: Path) -> tuple[int
         raise CheckpointError(f"{path}: budgets must map partition ids to budgets")
     for pid, b in budgets.items():
         ok = pid.isdigit() and int(pid) < run.fed.num_clients and isinstance(b, dict) and \
-            all(k in ("ratio", "rank") and type(x) in (int, float) and 0 < x < math.inf for k, x in b.items())
+            all(k in ("ratio", "rank", "params") and type(x) in (int, float) and 0 < x < math.inf for k, x in b.items())
         if not ok:
             raise CheckpointError(f"{path}: budgets[{pid[:20]!r}]={str(b)[:60]} is no budget of a partition in "
                                   f"[0, {run.fed.num_clients})")

@@ -22,17 +22,26 @@ from torch import Tensor, nn
 from .spectrum import balanced_factors, factored_svdvals, truncate_factors
 
 
-def rank_from_budget(full_rank: int, rank: int | None = None, ratio: float | None = None) -> int:
-    """Resolve a rank budget: an absolute ``rank`` or a ``ratio`` of ``full_rank``, in [1, full_rank]."""
-    if (rank is None) == (ratio is None):
-        raise ValueError("give exactly one of rank= or ratio=")
+def rank_from_budget(full_rank: int, rank: int | None = None, ratio: float | None = None,
+                     params: float | None = None, dims: tuple[int, int] | None = None) -> int:
+    """Resolve a rank budget, in [1, full_rank]: an absolute ``rank``; a ``ratio`` of ``full_rank`` (FedLMT's
+    rank ratio); or ``params``, a fraction of the dense m×n layer's parameters that the factors (m + n)·r may
+    hold (``dims`` = (m, n)): r = floor(params·m·n / (m + n))."""
+    if sum(x is not None for x in (rank, ratio, params)) != 1:
+        raise ValueError("give exactly one of rank=, ratio= or params=")
     if rank is not None:
         if int(rank) != rank or rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
         return min(int(rank), full_rank)
-    if not (0.0 < float(ratio) <= 1.0):  # type: ignore[arg-type]
-        raise ValueError(f"rank ratio must be in (0, 1], got {ratio!r}")
-    return max(1, min(full_rank, int(math.ceil(float(ratio) * full_rank - 1e-9))))  # type: ignore[arg-type]
+    share = float(ratio if ratio is not None else params)  # type: ignore[arg-type]
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"rank ratio must be in (0, 1], got {share!r}")
+    if params is not None:
+        if dims is None:
+            raise ValueError("params= needs the layer's dims=(m, n)")
+        m, n = dims
+        return max(1, min(full_rank, int(math.floor(share * m * n / (m + n) + 1e-9))))
+    return max(1, min(full_rank, int(math.ceil(share * full_rank - 1e-9))))
 
 
 def growth_generator(seed: int, step: int, index: int) -> torch.Generator:

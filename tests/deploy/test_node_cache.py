@@ -15,7 +15,7 @@ def test_node_disk_cache_round_trips_and_ignores_damage(play, tmp_path, monkeypa
 
     monkeypatch.setenv("FEDLOWRANK_CACHE_DIR", str(tmp_path / "c"))
     task._cached.cache_clear()
-    run = text_run(play, "fed.num_clients=3")
+    run = text_run(play, "fed.num_clients=3", "fed.rank_ratios=[0.25,0.5,1.0]")
     first = fed_data(run)
     entries = list((tmp_path / "c" / "fed-data").iterdir())
     assert len(entries) == 1
@@ -113,7 +113,7 @@ def test_node_cache_evicts_least_recently_used_entries_beyond_its_limit(tmp_path
     assert cache.evict(root, limit=1600) == [entries[3]]  # e0 was used since: e3 is now the least recent
     monkeypatch.setenv("FEDLOWRANK_CACHE_MAX_GB", "0")  # nothing fits: a new entry is not kept
     task._cached.cache_clear()
-    fed_data(text_run(play, "fed.num_clients=2"))
+    fed_data(text_run(play, "fed.num_clients=2", "fed.rank_ratios=[0.5,1.0]"))
     assert sorted(p.name for p in (root / "fed-data").iterdir()) == ["e0"]
     monkeypatch.setenv("FEDLOWRANK_CACHE_MAX_GB", "lots")
     assert cache.max_bytes() == int(cache.DEFAULT_MAX_GB * 2**30)

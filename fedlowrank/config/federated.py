@@ -19,7 +19,8 @@ from .devices import DevicesConfig, population
 STRATEGIES = ("fedlmt", "slice", "product", "fedavg")  # fedavg: dense baseline, budgets ignored
 PARTITIONS = ("iid", "dirichlet", "natural")  # natural: one client per speaking role (text tasks)
 TEXT_SPECS = ("shakespeare",)  # next-character prediction, LEAF style
-FAULTS = ("nan", "shape", "crash", "scale", "budget", "weight", "metrics")
+FAULTS = ("nan", "shape", "crash", "scale", "budget", "weight", "metrics", "flip", "flip1.4", "flip5", "constant",
+          "duplicate")
 ROBUST = ("none", "median", "trimmed_mean")
 HUB_DATASETS = ("shakespeare", "femnist", "cifar10")  # data.source=hub: flwr-datasets FederatedDataset
 
@@ -81,8 +82,16 @@ class FedConfig:
     # on by default: scale a client's change down until no tensor or rank-slot group exceeds this multiple of the
     # round's median change there, and cap slots fewer than 3 clients trained (fedlowrank.federated.clipping); null: off
     clip_auto: float | None = 1.5
+    # loo: reject a client whose inclusion raises the aggregate's loss on a small server sample (drawn from the
+    # clients' held-out splits) by more than screen_tolerance at some budget (fedlowrank.federated.screening)
+    screen: str = "none"
+    screen_examples: int = 200
+    screen_tolerance: float = 0.1
     max_weight: float = 1e6  # aggregation weight cap (weights are also capped at the known partition size)
-    max_abs_value: float = 1e4  # replies with a larger tensor entry are rejected
+    max_abs_value: float = 1e4  # replies with a larger tensor entry (or metric) are rejected
+    # ... or with an entry above this multiple of the largest value of the tensor the client downloaded (of the
+    # whole download where that tensor is all zeros); tensors it did not download (fresh adapters): max_abs_value
+    max_abs_ratio: float = 100.0
     max_reply_mb: float = 256.0  # replies larger than this (from their metadata, before deserializing) are rejected
     max_failed_rounds: int = 3  # this many rounds in a row without a valid update stop the run (error)
     # Fault injection for robustness studies: ["<client id>:<nan|shape|crash|scale|budget|weight|metrics>", ...].
@@ -143,6 +152,9 @@ class FedConfig:
             raise ConfigError(f"fed.resume must be null, 'auto' or 'auto_or_fresh', got {self.resume!r}")
         if self.robust not in ROBUST:
             raise ConfigError(f"fed.robust must be one of {ROBUST}, got {self.robust!r}")
+        if self.screen not in ("none", "loo") or self.screen_examples < 1 or not self.screen_tolerance > 0:
+            raise ConfigError(f"fed.screen must be none|loo (got {self.screen!r}), fed.screen_examples >= 1 and "
+                              f"fed.screen_tolerance > 0")
         if not 0.0 <= self.trim_ratio < 0.5:
             raise ConfigError(f"fed.trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
         if self.clip_norm is not None and not self.clip_norm > 0:
@@ -150,9 +162,10 @@ class FedConfig:
         if self.clip_auto is not None and not self.clip_auto >= 1:
             raise ConfigError(f"fed.clip_auto must be >= 1 (a multiple of the median change; or null), got "
                               f"{self.clip_auto}")
-        if not (self.max_weight > 0 and self.max_abs_value > 0 and self.timeout > 0 and self.poll_s > 0
+        if not (self.max_weight > 0 and self.max_abs_value > 0 and self.max_abs_ratio > 0 and self.timeout > 0 and self.poll_s > 0
                 and self.max_reply_mb > 0):
-            raise ConfigError("fed.max_weight, fed.max_abs_value, fed.max_reply_mb, fed.timeout and fed.poll_s must "
+            raise ConfigError("fed.max_weight, fed.max_abs_value, fed.max_abs_ratio, fed.max_reply_mb, fed.timeout and "
+                              "fed.poll_s must "
                               "be > 0")
         if self.runtime not in ("simulation", "superlink"):
             raise ConfigError(f"fed.runtime must be simulation|superlink, got {self.runtime!r}")

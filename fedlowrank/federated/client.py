@@ -17,6 +17,7 @@ from fedlowrank.lowrank.layers import rank_from_budget
 from fedlowrank.training.loop import train_classifier
 
 from .aggregation import State
+from .robust import value_bounds
 from .task import build_model, fed_data
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,8 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
         "params": float(count_params(model)), "trainable_params": float(count_params(model, trainable_only=True)),
     }
     payload = {k: v.cpu() for k, v in method.payload(model).items()}  # the wire carries CPU tensors
-    return inject_fault(f.fault_map().get(partition_id), payload, metrics, state, partition_id)
+    return inject_fault(f.fault_map().get(partition_id), payload, metrics, state, partition_id,
+                        bounds=value_bounds(state, f.max_abs_value, f.max_abs_ratio))
 
 
 def nested_sampler(model: nn.Module, run: FederatedRun, budget: dict[str, float | int], rng: random.Random):
@@ -138,25 +140,32 @@ def nested_sampler(model: nn.Module, run: FederatedRun, budget: dict[str, float 
 
 
 def inject_fault(kind: str | None, update: State, metrics: dict, received: State,
-                 partition_id: int) -> tuple[State, dict]:
+                 partition_id: int, bounds: dict[str, float] | None = None) -> tuple[State, dict]:
     """Corrupt a reply on purpose (config ``fed.faults``) to exercise the server's defences:
     ``nan``/``shape`` break a factor, ``crash`` fails the job, ``scale`` sends a finite but 100x
     blown-up change (a model-replacement attack), ``budget`` returns factors of twice the rank it was sent
     (a client claiming a larger budget), ``weight`` claims 1e9 examples, ``metrics``
-    drops ``train_loss`` and sends a non-number."""
-    if kind is None:
+    drops ``train_loss`` and sends a non-number; attacks that pass every per-reply check: ``flip``/``flip1.4``/
+    ``flip5`` send ``received - k·(trained - received)`` (the change reversed, k = 1, 1.4, 5), ``constant`` sets
+    every value just under the server's bound for it (``bounds``, per key), ``duplicate`` is an honest reply that
+    the transport delivers twice (the grid does that)."""
+    if kind is None or kind == "duplicate":
         return update, metrics
     if kind == "crash":
         raise SimulatedClientFailure(f"client {partition_id} crashed (injected fault)")
     bad, meta = dict(update), dict(metrics)
     key = next((k for k in update if k.endswith(".U")), next(iter(update)))
+    same = lambda k, v: k in received and v.is_floating_point() and received[k].shape == v.shape  # noqa: E731
     if kind == "nan":
         bad[key] = update[key].clone().fill_(float("nan"))
     elif kind == "shape":
         bad[key] = torch.cat([update[key], update[key][:, :1]], dim=1)
-    elif kind == "scale":
-        bad = {k: (received[k] + 100.0 * (v - received[k]) if k in received and v.is_floating_point()
-                   and received[k].shape == v.shape else v) for k, v in update.items()}
+    elif kind in ("scale", "flip", "flip1.4", "flip5"):
+        k = 100.0 if kind == "scale" else -float(kind[4:] or 1.0)
+        bad = {n: received[n] + k * (v - received[n]) if same(n, v) else v for n, v in update.items()}
+    elif kind == "constant":
+        bad = {n: torch.full_like(v, 0.99 * (bounds or {}).get(n, 1e4)) if v.is_floating_point() else v
+               for n, v in update.items()}
     elif kind == "budget":  # trains beyond its budget: sends every factor at twice the rank it was given
         bad = {k: (torch.cat([v, torch.randn_like(v)], dim=1) if k.endswith(".U") else
                    torch.cat([v, torch.randn_like(v)], dim=0) if k.endswith(".V") else v) for k, v in update.items()}

@@ -90,14 +90,28 @@ def check_metrics(metrics: dict, max_abs: float, partition_id: int | None = None
     return out
 
 
-def check_values(update: State, expected_dtypes: dict[str, torch.dtype], max_abs: float) -> None:
-    """Dtypes as sent and magnitudes below ``max_abs`` (finite, shape and key checks are in validate_update)."""
+def value_bounds(view: State, max_abs: float, max_ratio: float) -> dict[str, float]:
+    """Per downloaded tensor, the largest magnitude a reply may hold there: ``max_ratio`` x its largest downloaded
+    value (x the download's largest where the tensor is all zeros), never above ``max_abs``."""
+    floats = {k: float(v.abs().max()) for k, v in view.items() if v.is_floating_point() and v.numel()}
+    top = max(floats.values(), default=0.0)
+    return {k: min(max_abs, max_ratio * (m if m > 0 else top)) if (m > 0 or top > 0) else max_abs
+            for k, m in floats.items()}
+
+
+def check_values(update: State, expected_dtypes: dict[str, torch.dtype], max_abs: float,
+                 bounds: dict[str, float] | None = None) -> None:
+    """Dtypes as sent and magnitudes within ``bounds`` (per key, :func:`value_bounds`; ``max_abs`` for keys
+    without one). Finite, shape and key checks are in validate_update."""
+    bounds = bounds or {}
     for k, t in update.items():
         want = expected_dtypes.get(k)
         if want is not None and t.dtype != want:
             raise RejectedReply(f"{k} has dtype {t.dtype}, expected {want}")
-        if t.is_floating_point() and t.numel() and float(t.abs().max()) > max_abs:
-            raise RejectedReply(f"{k} has values of magnitude {float(t.abs().max()):.3g} > {max_abs:g}")
+        limit = bounds.get(k, max_abs)
+        if t.is_floating_point() and t.numel() and float(t.abs().max()) > limit:
+            what = "" if limit == max_abs else " (fed.max_abs_ratio x its largest downloaded value)"
+            raise RejectedReply(f"{k} has values of magnitude {float(t.abs().max()):.3g} > {limit:.3g}{what}")
 
 
 def bounded_weight(reported: float, known: int | None, cap: float) -> float:

@@ -27,7 +27,7 @@ from fedlowrank.federated.simclock import SimClock
 from fedlowrank.federated.tb import RunWriters
 from fedlowrank.federated.clipping import clip_auto, clip_update
 from fedlowrank.federated.robust import (RejectedReply, bounded_weight, check_metrics, check_record, check_values,
-                                         record_bytes, robust_aggregate)
+                                         record_bytes, robust_aggregate, value_bounds)
 from fedlowrank.lowrank import state_bytes
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class HeteroRankStrategy(Strategy):
         self.expected: dict[int, dict[str, tuple[int, ...]]] = {}  # node_id -> expected reply shapes
         self.rng = random.Random(run.seed)
         self.history: list[dict] = []
+        self.rejections: list[tuple[int, int]] = []  # (round, partition id) of each rejected reply, this process
         self.failed_rounds = 0  # consecutive rounds without a valid update
         self.resumed_budgets: dict[int, dict] = {}  # partition id -> budget saved in the round checkpoint
         self.clock = SimClock(run, sizes)  # simulated device time (inactive without fed.devices)
@@ -172,7 +173,8 @@ class HeteroRankStrategy(Strategy):
         reason = validate_update(state, self.expected.get(node, {}))
         if reason is not None:
             raise RejectedReply(reason)
-        check_values(state, {k: v.dtype for k, v in sent.items()}, f.max_abs_value)
+        check_values(state, {k: v.dtype for k, v in sent.items()}, f.max_abs_value,
+                     value_bounds(sent, f.max_abs_value, f.max_abs_ratio))
         metrics = check_metrics(metrics, f.max_abs_value, self.partition[node])
         known = self.sizes[self.partition[node]] if self.sizes is not None else None
         weight = bounded_weight(metrics["num-examples"], known, f.max_weight)
@@ -188,6 +190,8 @@ class HeteroRankStrategy(Strategy):
         rnd = server_round + self.round_offset
         valid, failures, rejected, up = self._collect(rnd, replies)
         valid = self._clip_auto(rnd, valid)
+        valid, screened = self._screen(rnd, valid)
+        rejected += screened
         valid, sim = self._drop_stragglers(rnd, valid)
         if valid and not self._aggregate(rnd, valid):
             rejected += len(valid)
@@ -226,6 +230,7 @@ class HeteroRankStrategy(Strategy):
             pid = self.partition.get(node, -1)
             if node in answered:  # one reply per sender per round: a replayed or second reply is never counted
                 rejected += 1
+                self.rejections.append((rnd, pid))
                 up += self._sent_bytes(reply)
                 log.warning("round %d: rejected a second reply from client %d (node %d) in the same round", rnd, pid,
                             node)
@@ -241,6 +246,7 @@ class HeteroRankStrategy(Strategy):
             except Exception as e:  # anything a client sends must not stop the server
                 up += self._sent_bytes(reply)
                 rejected += 1
+                self.rejections.append((rnd, pid))
                 log.warning("round %d: rejected update of client %d: %s", rnd, pid, e)
                 continue
             valid.append((pid, state, weight, {**metrics, "pid": pid, "weight": weight},
@@ -290,14 +296,33 @@ class HeteroRankStrategy(Strategy):
         kept = [v for v in valid if v[0] not in late]
         return kept, {"sim_round_s": secs, "sim_time_s": self.clock.elapsed, "stragglers": len(dropped)}
 
+    def _screen(self, rnd: int, valid: list[tuple]) -> tuple[list[tuple], int]:
+        """``fed.screen=loo``: drop the clients whose inclusion makes the aggregate worse on the server's sample
+        (:mod:`fedlowrank.federated.screening`). Returns (kept, number dropped)."""
+        if self.run.fed.screen == "none" or not valid:
+            return valid, 0
+        if getattr(self, "_screener", None) is None:
+            from .screening import LooScreen
+
+            self._screener = LooScreen(self.run, self.method)
+        bad = self._screener.flagged(valid, self._combine)
+        for i, (rise, at) in bad.items():
+            self.rejections.append((rnd, valid[i][0]))
+            log.warning("round %d: rejected update of client %d: including it raises the server sample's loss at "
+                        "%s by %.0f %% (fed.screen=loo)", rnd, valid[i][0], at, 100 * rise)
+        return [v for i, v in enumerate(valid) if i not in bad], len(bad)
+
+    def _combine(self, valid: list[tuple]) -> State:
+        """The aggregation rule (or ``fed.robust``) over ``valid``, before any server optimizer."""
+        updates, weights, views = [v[1] for v in valid], [v[2] for v in valid], [v[4] for v in valid]
+        if self.run.fed.robust != "none":
+            return robust_aggregate(self.global_state, updates, self.rule, self.run.fed.robust, self.run.fed.trim_ratio)
+        return self.method.aggregate(self.global_state, updates, weights, views)
+
     def _aggregate(self, rnd: int, valid: list[tuple]) -> bool:
         """Aggregate ``valid`` into the global model (then let the method adapt it); False, with the global
         model unchanged, when the result has non-finite values."""
-        updates, weights, views = [v[1] for v in valid], [v[2] for v in valid], [v[4] for v in valid]
-        if self.run.fed.robust != "none":
-            new = robust_aggregate(self.global_state, updates, self.rule, self.run.fed.robust, self.run.fed.trim_ratio)
-        else:
-            new = self.method.aggregate(self.global_state, updates, weights, views)
+        new = self._combine(valid)
         if self.server_opt is not None:  # FedAvgM / FedAdam / ... on the aggregated change
             new = self.server_opt.step(rnd, self.global_state, new)
         bad = [k for k, v in new.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]

@@ -42,7 +42,12 @@ class InProcessGrid:
             return Message(Error(code=1, reason=repr(e)), reply_to=msg)
 
     def send_and_receive(self, msgs, timeout: float | None = None) -> list[Message]:
-        return [self._answer(m) for m in msgs]
+        """Each message's reply; a client with the ``duplicate`` fault has its reply delivered twice."""
+        faults, out = self.run.fed.fault_map(), []
+        for m in msgs:
+            reply = self._answer(m)
+            out += [reply, reply] if faults.get(int(m.content["config"]["partition-id"])) == "duplicate" else [reply]
+        return out
 
 
 def run_rounds(strategy, grid: InProcessGrid, rounds: int) -> None:

@@ -1,10 +1,13 @@
 """One hostile client among 4, on the default federated config (``slice``, budgets 0.1/0.25/0.5/1.0, 15 rounds of
-3 local epochs on digits): client 3 is the only full-rank client, so the top rank slots are trained by the
-attacker alone. Attacks: ``scale`` (a finite change 100x its real one, every round) and ``budget`` (factors of
-twice the rank it was sent, i.e. a claimed larger budget). Each under the default settings (``fed.clip_auto`` on)
-and under ``fed.robust=median``, with the defences that matter switched off beside them;
-global test accuracy (359 held-out images), mean over seeds, and the difference to the clean run of the same
-settings and seed.
+3 local epochs on digits), through the real client path (``fed.faults``). The attacker is client 3 (``top``: the
+only full-rank client, so the top rank slots are trained by the attacker alone) or client 2 (``mid``: budget 0.5,
+whose slots above 0.25 only it and client 3 train). Attacks: ``scale`` (the change 100x), ``budget`` (factors at
+twice the rank it was sent), ``flip``/``flip1.4``/``flip5`` (the change reversed, k = 1, 1.4, 5), ``constant``
+(every value just under the server's bound) and ``duplicate`` (an honest reply delivered twice). Each under the
+default settings and under ``fed.robust=median`` (``--settings screen``: the opt-in ``fed.screen=loo`` without
+clipping); per run: global test accuracy and each budget's (the global model
+cut to that budget; 359 held-out images), replies rejected, and honest updates the defence altered (scaled, capped
+or rejected). Differences to the clean run of the same settings and seed, with paired 95 % intervals.
 
     python benchmarks/bench_attacks.py [--seeds 0 1 2 3 4] [--out benchmarks/results_cpu/attacks.json]
 """
@@ -20,70 +23,84 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import ci95, emit  # noqa: E402
+from _common import emit, paired  # noqa: E402
 
 from torch.utils.data import DataLoader  # noqa: E402
 
 from fedlowrank.config import federated_run_from_cfg  # noqa: E402
 from fedlowrank.federated.client import model_from_state  # noqa: E402
+from fedlowrank.federated.report import budget_tag  # noqa: E402
 from fedlowrank.federated.run_config import compose_cfg  # noqa: E402
 from fedlowrank.federated.strategy import NoValidUpdates  # noqa: E402
 from fedlowrank.federated.task import fed_data  # noqa: E402
 from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds  # noqa: E402
 from fedlowrank.training.loop import evaluate_classifier  # noqa: E402
 
-OFF = ["fed.clip_auto=null"]
-SETTINGS = {  # name -> (overrides, clean baseline name)
-    "defaults": ([], "defaults"),
-    "no defence": (OFF, "no defence"),
-    "median": (["fed.robust=median"], "median"),
-    "median without clipping": (["fed.robust=median", *OFF], "median"),
-}
-ATTACKS = {"clean": [], "scale": ['fed.faults=["3:scale"]'], "budget": ['fed.faults=["3:budget"]']}
-CELLS = [("defaults", "clean"), ("no defence", "clean"), ("median", "clean"),
-         ("defaults", "scale"), ("no defence", "scale"),
-         ("median", "scale"), ("median without clipping", "scale"),
-         ("defaults", "budget"), ("median", "budget")]
+SETTINGS = {"defaults": [], "median": ["fed.robust=median"],
+            "screen": ["fed.screen=loo", "fed.clip_auto=null"]}  # opt-in leave-one-out screening, no clipping
+ATTACKS = ("scale", "budget", "flip", "flip1.4", "flip5", "constant", "duplicate")
+ATTACKERS = {"top": 3, "mid": 2}
 
 
-def accuracy(overrides: list[str], seed: int, tmp: str) -> tuple[float, int]:
-    """(global test accuracy, replies rejected over the run); NaN when the run aborted."""
+def one_run(overrides: list[str], seed: int, tmp: str, attacker: int | None) -> dict:
+    """Accuracies (global and per budget; NaN when the run stopped), rejections and altered honest updates."""
     run = federated_run_from_cfg(compose_cfg(["mode=federated", f"seed={seed}", f"out_dir={tmp}/{seed}",
                                               "fed.eval_budgets=false", *overrides]))
     st = make_strategy(run)
+    stopped = None
     try:
         run_rounds(st, InProcessGrid(run), run.fed.rounds)
-    except NoValidUpdates:  # every honest client's loss went NaN: the run stops with an error
-        return float("nan"), sum(h["rejected"] for h in st.history)
+    except NoValidUpdates as e:
+        stopped = str(e)
     test = DataLoader(fed_data(run).test, batch_size=256)
-    acc = evaluate_classifier(model_from_state(run, st.global_state), test)["accuracy"]
-    return acc, sum(h["rejected"] for h in st.history)
+    accs = {"global": float("nan")} if stopped else {
+        "global": evaluate_classifier(model_from_state(run, st.global_state), test)["accuracy"],
+        **{budget_tag(b): evaluate_classifier(model_from_state(run, st.method.view(st.global_state, b)), test)["accuracy"]
+           for b in ({"ratio": r} for r in run.fed.rank_ratios)}}
+    altered = sum(1 for h in st.history for c in h["clients"]
+                  if c["pid"] != attacker and (c.get("clipped_excess") or c.get("clipped_slots")))
+    altered += sum(1 for _, pid in st.rejections if pid != attacker)
+    return {"acc": accs, "rejected_attacker": sum(1 for _, pid in st.rejections if pid == attacker),
+            "altered_honest": altered, "stopped": stopped}
+
+
+def cells(settings: list[str]) -> list[tuple[str, str, str]]:
+    """(setting, attack, attacker position), clean runs first."""
+    return [(s, "clean", "-") for s in settings] + [(s, a, p) for s in settings for a in ATTACKS for p in ATTACKERS]
+
+
+def row(setting: str, attack: str, pos: str, runs: list[dict], clean: list[dict]) -> dict:
+    keys = list(clean[0]["acc"])
+    out = {"settings": setting, "attack": attack, "attacker": pos if pos == "-" else f"{pos} (client {ATTACKERS[pos]})",
+           "stopped_runs": sum(r["stopped"] is not None for r in runs), "stop_message": next(
+               (r["stopped"] for r in runs if r["stopped"]), None),
+           "rejected_attacker_replies": [r["rejected_attacker"] for r in runs],
+           "altered_honest_updates": [r["altered_honest"] for r in runs],
+           "accuracy": {k: statistics.fmean(r["acc"].get(k, float("nan")) for r in runs) for k in keys}}
+    if attack != "clean":
+        out["minus_clean_pt"] = {k: paired([100 * (r["acc"].get(k, float("nan")) - c["acc"][k])
+                                            for r, c in zip(runs, clean)]) for k in keys}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--settings", nargs="+", default=["defaults", "median"], choices=list(SETTINGS))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     t0 = time.perf_counter()
-    res: dict[tuple[str, str], list[tuple[float, int]]] = {}
+    res: dict[tuple[str, str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for setting, attack in CELLS:
-            res[setting, attack] = [accuracy([*SETTINGS[setting][0], *ATTACKS[attack]], s, tmp) for s in args.seeds]
-            logging.getLogger("bench").error("%s / %s: %s", setting, attack, res[setting, attack])
-    rows = []
-    for (setting, attack), runs in res.items():
-        clean = [a for a, _ in res[SETTINGS[setting][1], "clean"]]
-        accs = [a for a, _ in runs]
-        rows.append({"settings": setting, "attack": attack, "accuracy": accs, "mean": statistics.fmean(accs),
-                     "aborted_runs": sum(a != a for a in accs),
-                     "minus_clean_pt": [100 * (a - c) for a, c in zip(accs, clean)],
-                     "mean_minus_clean_pt": statistics.fmean(100 * (a - c) for a, c in zip(accs, clean)),
-                     "ci95_minus_clean_pt": ci95([100 * (a - c) for a, c in zip(accs, clean)]),
-                     "worst_minus_clean_pt": min(100 * (a - c) for a, c in zip(accs, clean)),
-                     "rejected_replies": [r for _, r in runs]})
-    emit("attacks", {"seeds": args.seeds, "config": "mode=federated (defaults), attacker = client 3 (budget 1.0)",
+        for setting, attack, pos in cells(args.settings):
+            faults = [] if attack == "clean" else [f'fed.faults=["{ATTACKERS[pos]}:{attack}"]']
+            res[setting, attack, pos] = [one_run([*SETTINGS[setting], *faults], s, tmp, ATTACKERS.get(pos))
+                                         for s in args.seeds]
+            logging.getLogger("bench").error("%s / %s / %s: %s", setting, attack, pos,
+                                             [round(r["acc"]["global"], 4) for r in res[setting, attack, pos]])
+    rows = [row(s, a, p, runs, res[s, "clean", "-"]) for (s, a, p), runs in res.items()]
+    emit("attacks", {"seeds": args.seeds, "config": "mode=federated (defaults), one attacker of 4 clients",
                      "wall_s": time.perf_counter() - t0, "rows": rows}, args.out)
 
 

@@ -37,7 +37,9 @@ from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_round
 from fedlowrank.training.loop import evaluate_classifier  # noqa: E402
 
 SETTINGS = {"defaults": [], "median": ["fed.robust=median"],
-            "screen": ["fed.screen=loo", "fed.clip_auto=null"]}  # opt-in leave-one-out screening, no clipping
+            "screen": ["fed.screen=loo", "fed.clip_auto=null"],  # opt-in leave-one-out screening, no clipping
+            # a candidate honest-neutral combination: loose clipping and a loose screen
+            "loose": ["fed.clip_auto=30", "fed.screen=loo", "fed.screen_tolerance=5"]}
 ATTACKS = ("scale", "budget", "flip", "flip1.4", "flip5", "constant", "duplicate")
 ATTACKERS = {"top": 3, "mid": 2}
 

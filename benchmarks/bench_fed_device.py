@@ -4,7 +4,7 @@ device's replies are from the CPU replies (||a - b|| / ||a|| over a reply's floa
 to the same distance between two CPU runs that differ only in the number of threads: the noise floor of a model
 whose training amplifies rounding (BatchNorm ResNets do). Prints JSON.
 
-    python benchmarks/bench_fed_device.py                       # default task (digits MLP) and the digits CNN
+    python benchmarks/bench_fed_device.py                       # digits: the default MLP, the CNN and the ResNet
     python benchmarks/bench_fed_device.py --tasks "model=cnn"   # one task: space-separated overrides
 """
 from __future__ import annotations

@@ -162,11 +162,10 @@ class FedConfig:
         if self.clip_auto is not None and not self.clip_auto >= 1:
             raise ConfigError(f"fed.clip_auto must be >= 1 (a multiple of the median change; or null), got "
                               f"{self.clip_auto}")
-        if not (self.max_weight > 0 and self.max_abs_value > 0 and self.max_abs_ratio > 0 and self.timeout > 0 and self.poll_s > 0
-                and self.max_reply_mb > 0):
+        if not (self.max_weight > 0 and self.max_abs_value > 0 and self.max_abs_ratio > 0 and self.timeout > 0
+                and self.poll_s > 0 and self.max_reply_mb > 0):
             raise ConfigError("fed.max_weight, fed.max_abs_value, fed.max_abs_ratio, fed.max_reply_mb, fed.timeout and "
-                              "fed.poll_s must "
-                              "be > 0")
+                              "fed.poll_s must be > 0")
         if self.runtime not in ("simulation", "superlink"):
             raise ConfigError(f"fed.runtime must be simulation|superlink, got {self.runtime!r}")
         from fedlowrank.federated.server_opt import SERVER_OPTS

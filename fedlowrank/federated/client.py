@@ -117,8 +117,9 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
         "params": float(count_params(model)), "trainable_params": float(count_params(model, trainable_only=True)),
     }
     payload = {k: v.cpu() for k, v in method.payload(model).items()}  # the wire carries CPU tensors
-    return inject_fault(f.fault_map().get(partition_id), payload, metrics, state, partition_id,
-                        bounds=value_bounds(state, f.max_abs_value, f.max_abs_ratio))
+    fault = f.fault_map().get(partition_id)
+    bounds = value_bounds(state, f.max_abs_value, f.max_abs_ratio) if fault == "constant" else None
+    return inject_fault(fault, payload, metrics, state, partition_id, bounds=bounds)
 
 
 def nested_sampler(model: nn.Module, run: FederatedRun, budget: dict[str, float | int], rng: random.Random):

@@ -75,6 +75,7 @@ class HeteroRankStrategy(Strategy):
         self.rng = random.Random(run.seed)
         self.history: list[dict] = []
         self.rejections: list[tuple[int, int]] = []  # (round, partition id) of each rejected reply, this process
+        self._screener = None  # fed.screen=loo: built at the first round that screens (it loads the run's data)
         self.failed_rounds = 0  # consecutive rounds without a valid update
         self.resumed_budgets: dict[int, dict] = {}  # partition id -> budget saved in the round checkpoint
         self.clock = SimClock(run, sizes)  # simulated device time (inactive without fed.devices)
@@ -301,7 +302,7 @@ class HeteroRankStrategy(Strategy):
         (:mod:`fedlowrank.federated.screening`). Returns (kept, number dropped)."""
         if self.run.fed.screen == "none" or not valid:
             return valid, 0
-        if getattr(self, "_screener", None) is None:
+        if self._screener is None:
             from .screening import LooScreen
 
             self._screener = LooScreen(self.run, self.method)

@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
-# Method checks that do not depend on the runtime use the in-process one (FAST: ~13 s less start-up per run);
+# Method checks that do not depend on the runtime use the local one (FAST: the same apps and messages without
+# Ray, ~20 s less start-up per run; tests/test_local_runtime.py shows it trains what Flower's simulation trains);
 # the default runtime (a private simulation SuperLink) runs the crash/log test and the resume test.
-FAST = "fed.runtime=simulation"
+FAST = "fed.runtime=local"
 
 
 def _cfg(tmp_path, *overrides):
@@ -184,7 +185,7 @@ def test_federated_resume_after_kill_matches_uninterrupted_run(tmp_path):
     # 2 of 4 clients a round: a resume that re-seeded the sampling RNG instead of restoring it would pick others
     common = ["strategy=product", "fed.rounds=4", "fed.num_clients=4", "fed.local_steps=5",
               "fed.fraction_train=0.5", "fed.eval_budgets=false"]
-    full = run(_cfg(tmp_path / "full", *common, FAST))  # the other runtime: both must train the same model
+    full = run(_cfg(tmp_path / "full", *common, "fed.runtime=simulation"))  # another runtime: the same model
     before = _ray_pids()
     part = tmp_path / "part"
     cmd = [sys.executable, "main.py", "mode=federated", *common, f"out_dir={part}", f"hydra.run.dir={part}/hydra"]

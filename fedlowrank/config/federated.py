@@ -64,6 +64,8 @@ class FedConfig:
     bf16: bool = False  # bf16 autocast for local training and evaluation
     # superlink: Flower's simulation runtime (a private `flower-superlink --simulation` + `flwr run`)
     # simulation: flwr.simulation.run_simulation (in this process; deprecated in flwr 1.41, ~12 s less start-up)
+    # local: the same ServerApp and ClientApp with their messages carried in this process (no Ray, no SuperLink;
+    # clients one after another; fedlowrank.runtime.local)
     runtime: str = "superlink"
     # auto: run inside a private user+network namespace where the kernel allows it (no other local process can
     # reach the SuperLink's or Ray's ports; fedlowrank.runtime.private_net), else warn; netns: require it; none: off
@@ -166,8 +168,8 @@ class FedConfig:
                 and self.poll_s > 0 and self.max_reply_mb > 0):
             raise ConfigError("fed.max_weight, fed.max_abs_value, fed.max_abs_ratio, fed.max_reply_mb, fed.timeout and "
                               "fed.poll_s must be > 0")
-        if self.runtime not in ("simulation", "superlink"):
-            raise ConfigError(f"fed.runtime must be simulation|superlink, got {self.runtime!r}")
+        if self.runtime not in ("simulation", "superlink", "local"):
+            raise ConfigError(f"fed.runtime must be superlink|simulation|local, got {self.runtime!r}")
         from fedlowrank.federated.server_opt import SERVER_OPTS
 
         if self.server_opt not in SERVER_OPTS:

@@ -9,11 +9,11 @@ import random
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from fedlowrank.config import ConfigError, FederatedRun
 from fedlowrank.lowrank import conform_to_state, count_params, lowrank_modules
 from fedlowrank.lowrank.layers import rank_from_budget
+from fedlowrank.training.batches import batches
 from fedlowrank.training.loop import train_classifier
 
 from .aggregation import State
@@ -98,7 +98,7 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
     device = compute_device(run)
     model.to(device)
     ds = client_data(run, partition_id, num_partitions)
-    loader = DataLoader(ds, batch_size=f.batch_size, shuffle=True)
+    loader = batches(ds, f.batch_size, shuffle=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
     sampler = nested_sampler(model, run, budget, random.Random(f"nested-{run.seed}-{server_round}-{partition_id}")) \

@@ -9,9 +9,9 @@ import re
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader
 
 from fedlowrank.config import FederatedRun
+from fedlowrank.training.batches import batches
 from fedlowrank.training.loop import evaluate_classifier
 
 from .aggregation import State
@@ -74,7 +74,7 @@ def _heldout_rows(run: FederatedRun, method, state: State, fd: FedData, pids) ->
         budget = run.fed.budget(pid)
         model = model_from_state(run, method.view(state, budget) if method.budget_views() else state).to(device)
         with autocast(run, device):
-            res = evaluate_classifier(model, DataLoader(ds, batch_size=256), device)
+            res = evaluate_classifier(model, batches(ds, 256), device)
         rows.append({"pid": pid, **budget, "examples": len(ds), "accuracy": res["accuracy"], "loss": res["loss"]})
     return rows
 

@@ -15,9 +15,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from fedlowrank.config import ConfigError, FederatedRun
+from fedlowrank.training.batches import batches
 from fedlowrank.training.loop import evaluate_classifier
 
 from .aggregation import State
@@ -40,7 +41,7 @@ class LooScreen:
         idx = torch.as_tensor(np.sort(np.random.default_rng(run.seed + 11).choice(
             pool, min(run.fed.screen_examples, len(pool)), replace=False)), dtype=torch.long)
         y = fd.y_eval if fd.y_eval is not None else fd.y
-        self.loader = DataLoader(TensorDataset(fd.x[idx], y[idx]), batch_size=256)
+        self.loader = batches(TensorDataset(fd.x[idx], y[idx]), 256)
         self.run, self.method = run, method
         budgets = {tuple(sorted(run.fed.budget(i).items())) for i in range(run.fed.num_clients)}
         self.budgets = [dict(b) for b in sorted(budgets)] if method.budget_views() else [None]

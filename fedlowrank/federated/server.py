@@ -10,11 +10,11 @@ from pathlib import Path
 from flwr.app import MetricRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
 
 from fedlowrank.checkpoint import append_jsonl, atomic_write_bytes, prune, write_checkpoint_dir
 from fedlowrank.config import FederatedRun
 from fedlowrank.lowrank import count_params, state_bytes
+from fedlowrank.training.batches import batches
 from fedlowrank.training.loop import evaluate_classifier
 
 from .aggregation import State
@@ -99,7 +99,7 @@ class _ServerRun:
         self.run, self.out = run, Path(run.out_dir)
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.writers = RunWriters(self.out / "tb")
-        self.test_loader = DataLoader(fed_data(run).test, batch_size=256)
+        self.test_loader = batches(fed_data(run).test, 256)
         self.budgets = sorted({tuple(run.fed.budget(i).items()) for i in range(run.fed.num_clients)})
         self.method = fed_method(run)
         initial = self.method.initial_state()

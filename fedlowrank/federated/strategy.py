@@ -81,6 +81,7 @@ class HeteroRankStrategy(Strategy):
         self.clock = SimClock(run, sizes)  # simulated device time (inactive without fed.devices)
         self.server_opt = run.fed.server_optimizer(product_space=run.strategy == "product")
         self._round_start, self._round_down = time.perf_counter(), 0  # set again by every configure_train
+        self._round_started_at = time.time()  # wall clock (unix seconds) of the round's start, for rounds.jsonl
 
     # ----------------------------------------------------------------- resume
     def state(self) -> dict:
@@ -140,7 +141,7 @@ class HeteroRankStrategy(Strategy):
         k = max(1, math.ceil(self.run.fed.fraction_train * len(pids))) if pids else 0
         sampled = sorted(self.rng.sample(pids, k))
         self.sent, self.expected, self._round_down = {}, {}, 0
-        self._round_start = time.perf_counter()
+        self._round_start, self._round_started_at = time.perf_counter(), time.time()
         msgs = []
         for pid in sampled:
             node = by_pid[pid]
@@ -205,7 +206,7 @@ class HeteroRankStrategy(Strategy):
         tot = sum(weights) or 1.0
         summary = {
             "round": rnd, "clients_ok": len(valid), "failures": failures, "rejected": rejected,
-            "round_s": time.perf_counter() - self._round_start,
+            "round_s": time.perf_counter() - self._round_start, "started_at": self._round_started_at,
             "upload_bytes": up, "download_bytes": self._round_down, **sim,
             "global_rank_sum": sum(layer_ranks(self.global_state).values()),
             "train_loss": sum(w * c["train_loss"] for w, c in zip(weights, per_client)) / tot if valid else float("nan"),

@@ -1,7 +1,10 @@
 """Build (factorized) models from plain config dicts."""
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import fields
+from functools import lru_cache
 from typing import Any
 
 from torch import nn
@@ -30,8 +33,30 @@ def vision_config(model: dict[str, Any], data_name: str) -> VisionConfig:
 
 
 def _typed_config(cls, model: dict[str, Any], fixed: dict[str, Any], kind: str):
-    """``cls(**fixed, **model)`` from a config dict; unknown keys and wrong types are errors."""
-    kw = {k_: v for k_, v in model.items() if k_ not in _LOWRANK_KEYS}
+    """``cls(**fixed, **model)`` from a config dict; unknown keys and wrong types are errors. Validated once per
+    distinct config (a federated client builds its model every round); each call returns its own copy."""
+    kw = {k_: _plain(v) for k_, v in model.items() if k_ not in _LOWRANK_KEYS}
+    try:
+        key = json.dumps([kw, fixed], sort_keys=True)
+    except TypeError:  # not JSON-able: validate without the cache
+        return _validate(cls, kw, fixed, kind)
+    return copy.deepcopy(_validated(cls, key, kind))
+
+
+def _plain(v: Any) -> Any:
+    """OmegaConf lists/dicts as plain Python ones (for the cache key and the dataclass)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return OmegaConf.to_container(v) if isinstance(v, (DictConfig, ListConfig)) else v
+
+
+@lru_cache(maxsize=64)
+def _validated(cls, key: str, kind: str):
+    kw, fixed = json.loads(key)
+    return _validate(cls, kw, fixed, kind)
+
+
+def _validate(cls, kw: dict[str, Any], fixed: dict[str, Any], kind: str):
     valid = {f.name for f in fields(cls)} - set(fixed)
     unknown = sorted(set(kw) - valid)
     if unknown:

@@ -10,7 +10,7 @@ from fedlowrank.config import FederatedRun
 from fedlowrank.federated.client import local_train
 
 
-def _ensure_identity() -> None:
+def ensure_identity() -> None:
     """Flower Messages need a task identity, which a SuperNode/SuperExec sets; give one here."""
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -23,7 +23,7 @@ class InProcessGrid:
     """Nodes ``100 .. 100 + n - 1``; each trains the partition the server's message names, as the ClientApp does."""
 
     def __init__(self, run: FederatedRun) -> None:
-        _ensure_identity()
+        ensure_identity()
         self.run = run
         self.nodes = [100 + i for i in range(run.fed.num_clients)]
 

@@ -35,7 +35,7 @@ NOISE = (
     "To change federation size", "default simulated SuperNodes", "Starting logstream", "Successfully started run",
     "FutureWarning", "warnings.warn(", "Starting HeteroRankStrategy strategy", "├──", "└──>", "Global evaluation",
     "Initial global evaluation results", "Loading project configuration",
-    "Manually terminating ClientAppActor",
+    "Manually terminating ClientAppActor", "Strategy execution finished",
     "[ROUND ",  # Flower's round banner: the project's own line ("round k/n: accuracy ...") marks each round
 )
 # Flower's warnings that never apply to a run of this project: flwr 1.41 says the default federation size changed

@@ -65,13 +65,17 @@ def run_runtime(fr: FederatedRun, cfg: DictConfig) -> dict:
         from .superlink import run_on_superlink
 
         return run_on_superlink(fr, cfg)
+    if fr.fed.runtime == "local":
+        from .local import run_local
+
+        return run_local(fr)
     return run_in_process(fr)
 
 
 def use_private_network(fr: FederatedRun) -> bool:
     """Whether the run goes into a private network namespace (``fed.isolation``); ConfigError when ``netns``
     is required and the kernel refuses it."""
-    if fr.fed.isolation == "none":
+    if fr.fed.isolation == "none" or fr.fed.runtime == "local":  # local: no ports to protect
         return False
     why = private_net.unavailable()
     if why is None:

@@ -139,8 +139,11 @@ def measure(name: str, n: int, per_round: int, root: Path) -> dict:
     starts, acc = round_starts(name, root, out)
     gaps = [b - a for a, b in zip(starts[1:], starts[2:])]
     subprocess.run(["rm", "-rf", str(out)], check=False)
-    return {"wall_s": wall, "startup_s": starts[0] - t0, "steady_round_s": statistics.median(gaps),
-            "peak_pss_mb": peak[0], "accuracy": acc}
+    steady = statistics.median(gaps)
+    # start-up: launch to round 1's end, less one steady round (Ray's actors start at the first message)
+    return {"wall_s": wall, "startup_s": starts[1] - t0 - steady, "steady_round_s": steady,
+            "first_round_start_s": starts[0] - t0, "peak_pss_mb": peak[0], "accuracy": acc,
+            "round_starts_s": [s - t0 for s in starts]}
 
 
 def population(n: int, per_round: int, reps: int) -> dict:
@@ -153,7 +156,8 @@ def population(n: int, per_round: int, reps: int) -> dict:
             for c in CONTENDERS:
                 runs[c].append(measure(c, n, per_round, root))
                 print(f"[{n} clients, rep {rep}] {c}: {runs[c][-1]}", file=sys.stderr, flush=True)
-    med = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in runs.items()}
+    med = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "round_starts_s"}
+           for c, rs in runs.items()}
     accs = {c: round(med[c]["accuracy"], 6) for c in SAME_ACCURACY}  # fp32 vs fp64 of the same count
     ratios = {c: {"steady_round_x_loop": m["steady_round_s"] / med["loop"]["steady_round_s"],
                   "steady_round_x_flower": m["steady_round_s"] / med["flower"]["steady_round_s"],

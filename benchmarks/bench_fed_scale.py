@@ -13,6 +13,7 @@ evaluation, shutdown) show whether start-up grows with the number of clients.
 
     python benchmarks/bench_fed_scale.py [--clients 10 100 1000] [--rounds 5] [--out ...]
     python benchmarks/bench_fed_scale.py --runtime superlink --out benchmarks/results_cpu/fed_scale_superlink.json
+    python benchmarks/bench_fed_scale.py --runtime local --data synthetic --clients 10 1000 10000
 """
 from __future__ import annotations
 
@@ -71,6 +72,9 @@ def one(n: int, rounds: int, per_round: int, steps: int, tmp: str) -> dict:
             "global_accuracy": acc["accuracy"]}
 
 
+DATA = {"digits": [], "synthetic": ["data=synthetic", "fed.partition=natural"]}
+
+
 def overrides(n: int, rounds: int, per_round: int, steps: int) -> list[str]:
     return ["mode=federated", f"fed.num_clients={n}", f"fed.fraction_train={min(1.0, per_round / n)}",
             f"fed.local_steps={steps}", "fed.local_epochs=1000", "fed.min_partition_size=1", "fed.batch_size=8",
@@ -98,17 +102,18 @@ def tree_rss_mb(pid: int) -> float:
     return sum(rss.get(p, 0) for p in tree) / 2**20
 
 
-def one_superlink(n: int, rounds: int, per_round: int, steps: int, tmp: str) -> dict:
-    """``main.py ... fed.runtime=superlink`` in a child process: wall, server round times, tree peak RSS."""
+def one_main(n: int, rounds: int, per_round: int, steps: int, tmp: str, runtime: str = "superlink",
+             data: list[str] | None = None) -> dict:
+    """``main.py ... fed.runtime=<runtime>`` in a child process: wall, server round times, tree peak RSS."""
     import json
     import subprocess
     import threading
 
-    out = Path(tmp) / f"sl{n}"
-    cmd = [sys.executable, "main.py", *overrides(n, rounds, per_round, steps), "fed.runtime=superlink",
+    out = Path(tmp) / f"{runtime}{n}"
+    cmd = [sys.executable, "main.py", *overrides(n, rounds, per_round, steps), *(data or []), f"fed.runtime={runtime}",
            "fed.eval_budgets=false", f"out_dir={out}"]
     env = {k: v for k, v in os.environ.items() if k != "FEDLOWRANK_CACHE_DIR"}  # simulations use no node cache
-    t0 = time.perf_counter()
+    t0, t_launch = time.perf_counter(), time.time()
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     peak, done = [0.0], threading.Event()
@@ -127,10 +132,12 @@ def one_superlink(n: int, rounds: int, per_round: int, steps: int, tmp: str) -> 
         raise RuntimeError(f"{n} clients: exit {proc.returncode}\n{log_text[-3000:]}")
     m = json.loads((out / "metrics.json").read_text())
     times = [r["round_s"] for r in m["rounds_detail"]]
+    first_start = m["rounds_detail"][0].get("started_at")
     sent = [r["clients_ok"] for r in m["rounds_detail"]]
     return {"clients": n, "fraction_train": min(1.0, per_round / n), "clients_per_round": statistics.fmean(sent),
             "local_steps": steps, "wall_s": wall, "round_s_median": statistics.median(times),
-            "round_s_first": times[0], "outside_rounds_s": wall - sum(times),  # start-up, evaluation, shutdown "clients_per_s": sum(sent) / sum(times), "peak_tree_rss_mb": peak[0],
+            "round_s_first": times[0], "outside_rounds_s": wall - sum(times), "runtime": runtime,
+            "startup_s": first_start - t_launch if first_start else None,  # launch to round 1's start  # start-up, evaluation, shutdown "clients_per_s": sum(sent) / sum(times), "peak_tree_rss_mb": peak[0],
             "global_accuracy": m["final"]["global_accuracy"]}
 
 
@@ -140,24 +147,32 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--per-round", type=int, default=10, help="clients sampled per round")
     ap.add_argument("--steps", type=int, default=5, help="local steps per client per round")
-    ap.add_argument("--runtime", choices=["inprocess", "superlink"], default="inprocess")
+    ap.add_argument("--runtime", choices=["inprocess", "superlink", "simulation", "local"], default="inprocess")
+    ap.add_argument("--data", choices=["digits", "synthetic"], default="digits",
+                    help="synthetic: FedProx's Synthetic(1, 1), one client per user (main.py runtimes only)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.clients:
-            fn = one_superlink if args.runtime == "superlink" else one
-            rows.append(fn(n, args.rounds, args.per_round, args.steps, tmp))
+            if args.runtime == "inprocess":
+                rows.append(one(n, args.rounds, args.per_round, args.steps, tmp))
+            else:
+                rows.append(one_main(n, args.rounds, args.per_round, args.steps, tmp, args.runtime, DATA[args.data]))
             logging.getLogger("bench").error("%s", rows[-1])
     base = rows[0]
     for r in rows:
         r["round_time_ratio"] = r["round_s_median"] / base["round_s_median"]
     note = ("in-process loop; memory is the process's peak RSS so far (monotone across rows)"
             if args.runtime == "inprocess" else
-            "main.py fed.runtime=superlink (flower-superlink --simulation + flwr run, Ray); one process tree per "
-            "row; round_s from the server's metrics.json; memory is the peak summed RSS of the tree")
-    emit("fed_scale", {**environment("cpu"), "data": "digits (1,437 training images)", "rounds": args.rounds,
+            f"main.py fed.runtime={args.runtime}; one process tree per row; round_s from the server's metrics.json; "
+            "startup_s: launch to round 1's start; memory is the peak summed RSS of the tree")
+    for r in rows:
+        if r.get("startup_s") and base.get("startup_s"):
+            r["startup_ratio"] = r["startup_s"] / base["startup_s"]
+    data = "digits (1,437 training images)" if args.data == "digits" else "Synthetic(1, 1), one client per user"
+    emit("fed_scale", {**environment("cpu"), "data": data, "rounds": args.rounds,
                        "runtime": args.runtime, "note": note, "results": rows}, args.out)
 
 

@@ -112,6 +112,14 @@ def test_federated_run_rejects_bad_updates_survives_crash_and_logs(tmp_path):
     assert [s for s, _ in c0["client/train_loss"]] == [1, 2, 3]
     assert c0["client/rank_sum"][0][1] < c4["client/rank_sum"][0][1]
     assert not (tmp_path / "tb" / "clients" / "1").exists()  # rejected updates are not logged as training progress
+    # fed.runtime=local (the same apps, messages carried in one process): the same model bit for bit, the same
+    # failures and rejections every round
+    loc = run(_cfg(tmp_path.parent / "local", "strategy=slice", "fed.rounds=3", "fed.num_clients=5",
+                   "fed.rank_ratios=[0.25,0.5,1.0]", 'fed.faults=["1:nan","2:shape","3:crash"]', "fed.runtime=local"))
+    other = load_file(str(tmp_path.parent / "local" / "checkpoints" / "last.safetensors"))
+    assert other.keys() == state.keys() and all(torch.equal(other[k], state[k]) for k in state)
+    keys = ("clients_ok", "failures", "rejected")
+    assert [[r[k] for k in keys] for r in loc["rounds_detail"]] == [[r[k] for k in keys] for r in rounds]
 
 
 # product end to end is slow-marked (35 s): the fast suite keeps fedlmt here and product's maths in unit tests

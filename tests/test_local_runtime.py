@@ -21,6 +21,7 @@ def _cfg(out, *extra):
     return compose_cfg([*COMMON, f"out_dir={out}", *extra])
 
 
+@pytest.mark.slow  # the default runtime against local is in tests/test_federated_e2e.py's crash/log test
 @pytest.mark.timeout(240)
 def test_local_runtime_trains_the_same_model_as_flowers_simulation(tmp_path):
     """Same config on Flower's run_simulation (Ray) and on the local runtime, with a NaN and a crashing client:

@@ -1,12 +1,14 @@
 """TensorBoard writers of a federated run: the server's run (``tb/``: round, global and per-layer rank
 scalars, and a custom-scalars layout overlaying every budget's accuracy on one chart) and one run per client
 (``tb/clients/<id>``) whose tags are shared (``client/train_loss``,
-``client/rank_sum``, ``client/rank_ratio``), so every client overlays on one chart. At most ``max_open``
-client writers stay open (least recently used closed first); a reopened client appends a new event file to
-its own run directory, which TensorBoard reads as the same run."""
+``client/rank_sum``, ``client/rank_ratio``), so every client overlays on one chart. A client's records are
+appended to its own event file and the file closed again at once (no writer thread and no open file per
+client, so thousands of clients cost nothing between their rounds)."""
 from __future__ import annotations
 
-from collections import OrderedDict
+import os
+import socket
+import time
 from pathlib import Path
 
 CLIENT_TAGS = ("train_loss", "rank_sum", "rank_ratio")
@@ -21,41 +23,66 @@ LAYOUT = {"federated": {
 }}
 
 
-class RunWriters:
-    """The server's SummaryWriter (``.server``) and per-client writers opened on demand."""
+class ClientLog:
+    """Scalars of one client, appended synchronously to ``<dir>/events.out.tfevents.<time>.<host>.<pid>.client``
+    (TensorBoard's record format; the file starts with the version event, as SummaryWriter's do)."""
 
-    def __init__(self, tb_dir: Path, max_open: int = 32) -> None:
+    def __init__(self, run_dir: Path) -> None:
+        self.dir, self.path = run_dir, None
+
+    def _append(self, events: list) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        if self.path is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.path = self.dir / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.client"
+            events = [Event(wall_time=time.time(), file_version="brain.Event:2"), *events]
+        with open(self.path, "ab") as f:
+            w = RecordWriter(f)
+            for e in events:
+                w.write(e.SerializeToString())
+
+    def add_scalars_at(self, values: dict[str, float], step: int) -> None:
+        """Every ``tag: value`` of ``values`` at ``step``, in one append."""
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        now = time.time()
+        self._append([Event(wall_time=now, step=int(step), summary=Summary(value=[
+            Summary.Value(tag=tag, simple_value=float(v))])) for tag, v in values.items()])
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.add_scalars_at({tag: value}, step)
+
+    def flush(self) -> None:
+        """Nothing buffered: every call wrote its records."""
+
+
+class RunWriters:
+    """The server's SummaryWriter (``.server``) and one :class:`ClientLog` per client."""
+
+    def __init__(self, tb_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.dir, self.max_open = Path(tb_dir), max_open
+        self.dir = Path(tb_dir)
         self.server = SummaryWriter(str(self.dir))
         self.server.add_custom_scalars(LAYOUT)  # the CUSTOM SCALARS tab: every budget's accuracy on one chart
-        self._clients: OrderedDict[int, object] = OrderedDict()
+        self._clients: dict[int, ClientLog] = {}
 
-    def client(self, pid: int):
-        """The writer of client ``pid`` (``tb/clients/<pid>``)."""
-        from torch.utils.tensorboard import SummaryWriter
-
-        if pid in self._clients:
-            self._clients.move_to_end(pid)
-            return self._clients[pid]
-        if len(self._clients) >= self.max_open:
-            _, oldest = self._clients.popitem(last=False)
-            oldest.close()  # type: ignore[attr-defined]
-        w = self._clients[pid] = SummaryWriter(str(self.dir / "clients" / str(pid)))
-        return w
+    def client(self, pid: int) -> ClientLog:
+        """The log of client ``pid`` (``tb/clients/<pid>``)."""
+        if pid not in self._clients:
+            self._clients[pid] = ClientLog(self.dir / "clients" / str(pid))
+        return self._clients[pid]
 
     def log_clients(self, per_client: list[dict], step: int) -> None:
         """Each client's shared-tag scalars at ``step``."""
         for c in per_client:
-            w = self.client(int(c["pid"]))
-            for key in CLIENT_TAGS:
-                if key in c:
-                    w.add_scalar(f"client/{key}", c[key], step)  # type: ignore[attr-defined]
-            w.flush()  # type: ignore[attr-defined]
+            vals = {f"client/{key}": c[key] for key in CLIENT_TAGS if key in c}
+            if vals:
+                self.client(int(c["pid"])).add_scalars_at(vals, step)
 
     def close(self) -> None:
         self.server.close()
-        for w in self._clients.values():
-            w.close()  # type: ignore[attr-defined]
         self._clients.clear()

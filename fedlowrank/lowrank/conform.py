@@ -33,7 +33,7 @@ def conform_to_state(model: nn.Module, state: dict[str, torch.Tensor]) -> list[s
                 dense._replace_factors(state[f"{p}.U"].detach().clone(), state[f"{p}.V"].detach().clone())
                 continue
             raise TypeError(f"state has factors for {p!r}, which is {type(dense).__name__}")
-        layer = maker(dense, rank=1)
+        layer = maker(dense, rank=1, spectral=False)  # a skeleton: its factors are replaced next (no SVD)
         layer._replace_factors(state[f"{p}.U"].detach().clone(), state[f"{p}.V"].detach().clone())
         set_submodule(model, p, layer)
         changed.append(p)

@@ -208,12 +208,15 @@ class LowRankLinear(LowRankMixin):
         return F.linear(F.linear(x, V), U, self.bias)  # (..., r) → (..., out)
 
     @classmethod
-    def from_dense(cls, layer: nn.Linear, rank: int | None = None, ratio: float | None = None) -> "LowRankLinear":
-        """SVD-initialised factorization of a dense ``nn.Linear`` (best rank-r approximation)."""
+    def from_dense(cls, layer: nn.Linear, rank: int | None = None, ratio: float | None = None,
+                   spectral: bool = True) -> "LowRankLinear":
+        """SVD-initialised factorization of a dense ``nn.Linear`` (best rank-r approximation); ``spectral=False``:
+        random factors (a skeleton whose factors are about to be replaced: no SVD)."""
         r = rank_from_budget(min(layer.out_features, layer.in_features), rank, ratio)
         new = cls(layer.in_features, layer.out_features, r, bias=layer.bias is not None,
                   device=layer.weight.device, dtype=layer.weight.dtype, init="random")
-        new.spectral_init_(layer.weight.data)
+        if spectral:
+            new.spectral_init_(layer.weight.data)
         if layer.bias is not None:
             new.bias.data.copy_(layer.bias.data)  # type: ignore[union-attr]
         return new
@@ -267,7 +270,8 @@ class LowRankConv2d(LowRankMixin):
         return F.conv2d(h, U.reshape(self.out_channels, r, 1, 1), self.bias)  # (N, out, H', W')
 
     @classmethod
-    def from_dense(cls, layer: nn.Conv2d, rank: int | None = None, ratio: float | None = None) -> "LowRankConv2d":
+    def from_dense(cls, layer: nn.Conv2d, rank: int | None = None, ratio: float | None = None,
+                   spectral: bool = True) -> "LowRankConv2d":
         if layer.groups != 1:
             raise ValueError("grouped convolutions cannot be factorized")
         if isinstance(layer.padding, str):
@@ -277,7 +281,8 @@ class LowRankConv2d(LowRankMixin):
         new = cls(in_c, out_c, (kh, kw), r, layer.stride, layer.padding, layer.dilation,
                   bias=layer.bias is not None, padding_mode=layer.padding_mode,
                   device=layer.weight.device, dtype=layer.weight.dtype, init="random")
-        new.spectral_init_(layer.weight.data.reshape(out_c, -1))
+        if spectral:
+            new.spectral_init_(layer.weight.data.reshape(out_c, -1))
         if layer.bias is not None:
             new.bias.data.copy_(layer.bias.data)  # type: ignore[union-attr]
         return new

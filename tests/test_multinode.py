@@ -1,0 +1,46 @@
+"""Scaling out: central training on two torchrun "nodes" (c10d rendezvous on the loopback) gives the same weights
+as one node with two processes."""
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ["main.py", "experiment=gpt2_inrank", "trainer.device=cpu", "trainer.max_steps=8", "method.stage1_steps=4",
+         "method.check_interval=2", "method.init_rank=1", "method.buffer=1", "trainer.progress=false",
+         "trainer.block_size=32", "trainer.batch_size=4", "data.max_chars=50000"]
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    steps = sorted((out / "checkpoints").glob("step-*"))
+    return load_file(str(steps[-1] / "model.safetensors"))
+
+
+@pytest.mark.timeout(300)
+def test_two_nodes_of_one_process_equal_one_node_of_two(tmp_path):
+    """``torchrun --nnodes 2 --node-rank {0,1} --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:<port>`` (as on two
+    machines, here both on the loopback) trains the same weights, bit for bit, as ``--nproc-per-node 2``."""
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    one = tmp_path / "one"
+    proc = subprocess.run([*run, "--nproc-per-node", "2", "--master-port", str(_port()), *TRAIN, f"out_dir={one}",
+                           f"hydra.run.dir={one}/hydra"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, port = tmp_path / "two", _port()
+    nodes = [subprocess.Popen([*run, "--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t2",
+                               *TRAIN, f"out_dir={two}", f"hydra.run.dir={two}/hydra{r}"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    logs = [p.communicate(timeout=240)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    a, b = _weights(one), _weights(two)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -53,3 +53,22 @@ def test_other_datasets_get_a_dataloader_and_bad_batch_size_is_refused():
     assert isinstance(batches(_ds(3), 2), TensorBatches)
     with pytest.raises(ValueError, match="batch_size"):
         TensorBatches(_ds(3), 0)
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_per_example_sums_add_up_to_the_batch_sums(text):
+    """example_sums (the clients' held-out evaluation, split by client) equals eval_sums over any grouping,
+    IGNORE targets left out."""
+    from fedlowrank.training.loop import IGNORE, eval_sums, example_sums
+
+    g = torch.Generator().manual_seed(0)
+    shape = (12, 5) if text else (12,)
+    logits = torch.randn(*shape, 7, generator=g)
+    y = torch.randint(0, 7, shape, generator=g)
+    if text:
+        y[:, :-1] = IGNORE  # LEAF: only each window's last character is scored
+    per = example_sums(logits, y)
+    assert per.shape == (12, 3) and per.dtype == torch.float64
+    assert torch.allclose(per.sum(0), eval_sums(logits, y), rtol=1e-6)
+    for i in range(12):  # each row is that example alone
+        assert torch.allclose(per[i], eval_sums(logits[i:i + 1], y[i:i + 1]), rtol=1e-6)

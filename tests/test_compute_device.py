@@ -32,8 +32,11 @@ def on_meta(monkeypatch):
         seen["batch"].add(y.device.type)
         raise Stop
 
+    import fedlowrank.federated.report as report_mod
+
     monkeypatch.setattr(loop, "cross_entropy", record)
     monkeypatch.setattr(loop, "eval_sums", record)
+    monkeypatch.setattr(report_mod, "example_sums", record)  # the clients' held-out evaluation, by budget
     real_forward = torch.nn.Module.__call__
 
     def forward(self, *a, **k):

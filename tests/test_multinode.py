@@ -1,5 +1,6 @@
 """Scaling out: central training on two torchrun "nodes" (c10d rendezvous on the loopback) gives the same weights
 as one node with two processes."""
+import os
 import socket
 import subprocess
 import sys
@@ -31,15 +32,20 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(tmp_path):
     """``torchrun --nnodes 2 --node-rank {0,1} --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:<port>`` (as on two
     machines, here both on the loopback) trains the same weights, bit for bit, as ``--nproc-per-node 2``."""
     run = [sys.executable, "-m", "torch.distributed.run"]
+    # torchrun sets OMP_NUM_THREADS=1 only with more than one process per node; a CPU matmul's rounding depends on
+    # its thread count, so both layouts get one thread per process
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     one = tmp_path / "one"
     proc = subprocess.run([*run, "--nproc-per-node", "2", "--master-port", str(_port()), *TRAIN, f"out_dir={one}",
-                           f"hydra.run.dir={one}/hydra"], cwd=ROOT, capture_output=True, text=True, timeout=240)
+                           f"hydra.run.dir={one}/hydra"], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two, port = tmp_path / "two", _port()
     nodes = [subprocess.Popen([*run, "--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1",
                                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t2",
                                *TRAIN, f"out_dir={two}", f"hydra.run.dir={two}/hydra{r}"],
-                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
     logs = [p.communicate(timeout=240)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     a, b = _weights(one), _weights(two)

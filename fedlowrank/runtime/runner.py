@@ -77,6 +77,9 @@ def use_private_network(fr: FederatedRun) -> bool:
     is required and the kernel refuses it."""
     if fr.fed.isolation == "none" or fr.fed.runtime == "local":  # local: no ports to protect
         return False
+    if fr.fed.ray_address:  # the cluster's nodes must reach this run's driver, and it them
+        log.info("fed.ray_address=%s: the run stays in the host's network (no private namespace)", fr.fed.ray_address)
+        return False
     why = private_net.unavailable()
     if why is None:
         return True
@@ -129,9 +132,10 @@ def run_in_process(fr: FederatedRun) -> dict:
     from fedlowrank.federated.apps import make_client_app, make_server_app
 
     cuda = torch.cuda.is_available()
-    backend = {
+    here = {"num_cpus": os.cpu_count() or 1, "num_gpus": torch.cuda.device_count() if cuda else 0}
+    backend = {  # on an existing cluster (fed.ray_address) Ray counts its nodes' resources itself
         "client_resources": {"num_cpus": fr.fed.client_cpus, "num_gpus": fr.fed.client_gpus if cuda else 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "num_gpus": torch.cuda.device_count() if cuda else 0,
+        "init_args": {**({"address": fr.fed.ray_address} if fr.fed.ray_address else here),
                       "include_dashboard": False, "logging_level": logging.WARNING},
     }
     from .logs import quiet_flower

@@ -89,6 +89,18 @@ def eval_sums(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
                         (flat.argmax(-1) == y)[scored].sum().double(), scored.sum().double()])
 
 
+def example_sums(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(N, 3) ``eval_sums`` of each example of (N, ..., K) logits against (N, ...) targets (a sequence's
+    positions summed), float64; summed over N they equal ``eval_sums`` of the batch."""
+    n = y.shape[0]
+    flat, yf = _flat(logits.float()), y.reshape(-1)
+    scored = yf != IGNORE
+    ce = F.cross_entropy(flat, yf, reduction="none", ignore_index=IGNORE)  # 0 where not scored
+    hit = (flat.argmax(-1) == yf) & scored
+    return torch.stack([ce.double().reshape(n, -1).sum(1), hit.double().reshape(n, -1).sum(1),
+                        scored.double().reshape(n, -1).sum(1)], dim=1)
+
+
 def mean_loss_accuracy(tot: torch.Tensor) -> dict[str, float]:
     """``eval_sums`` totals -> mean loss (NaN if not finite) and accuracy."""
     n = tot[2].clamp_min(1)

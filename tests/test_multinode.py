@@ -50,3 +50,46 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(tmp_path):
     assert [p.returncode for p in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     a, b = _weights(one), _weights(two)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _client_actor_nodes(address: str) -> set[str]:
+    """Node ids of every Flower ClientAppActor the cluster has run (alive or dead), from Ray's GCS."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level="ERROR")
+    actors = ray._private.state.actors()  # the GCS actor table (no dashboard needed)
+    return {a["Address"]["NodeID"] for a in actors.values() if a["ActorClassName"].endswith("ClientAppActor")}
+
+
+@pytest.mark.slow  # a two-node Ray cluster and two federated runs: about a minute on 2 cores
+@pytest.mark.timeout(400)
+def test_federated_simulation_on_an_existing_two_node_ray_cluster(tmp_path):
+    """``fed.ray_address``: a head and a second node (one CPU each, started here on the loopback) host the clients'
+    actors, on both nodes, and the run trains the same model bit for bit as the local runtime."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from fedlowrank.federated.run_config import compose_cfg
+    from fedlowrank.runtime.runner import run as fed_run
+
+    common = ["mode=federated", "fed.num_clients=4", "fed.rounds=2", "fed.local_steps=3"]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        on_ray = fed_run(compose_cfg([*common, "fed.runtime=simulation", f"fed.ray_address={cluster.address}",
+                                      f"out_dir={tmp_path / 'ray'}"]))
+        assert len(_client_actor_nodes(cluster.address)) == 2  # clients ran on both nodes
+        ray.shutdown()
+        # the default runtime: Flower's simulation process (under a private SuperLink) joins through RAY_ADDRESS
+        fed_run(compose_cfg([*common, f"fed.ray_address={cluster.address}", f"out_dir={tmp_path / 'link'}"]))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    local = fed_run(compose_cfg([*common, "fed.runtime=local", f"out_dir={tmp_path / 'local'}"]))
+    a = load_file(str(tmp_path / "ray" / "checkpoints" / "last.safetensors"))
+    b = load_file(str(tmp_path / "local" / "checkpoints" / "last.safetensors"))
+    c = load_file(str(tmp_path / "link" / "checkpoints" / "last.safetensors"))
+    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+    assert on_ray["final"]["global_accuracy"] == local["final"]["global_accuracy"]

@@ -70,6 +70,11 @@ def _cached(*args) -> FedData:
     """``_load(*args)``, once per process; on a deployed node with ``FEDLOWRANK_CACHE_DIR`` set, from its disk
     cache (:mod:`fedlowrank.deploy.cache`) when an earlier process computed it already. A simulation sets no
     cache directory and writes nothing outside its output directory."""
+    from . import handoff
+
+    handed = handoff.read(args)  # main.py built it already for this run (fedlowrank.federated.handoff)
+    if handed is not None:
+        return handed
     if node_cache_dir() is None:
         return _load_single_blas(*args)
     from fedlowrank.deploy import cache
@@ -144,12 +149,16 @@ def _load(name: str, root: str, download: bool, seed: int, path: str | None, seq
     return FedData(data.x_train, data.y_train, parts, held, data.test_set(), data.num_classes)
 
 
+def data_args(run: FederatedRun) -> tuple:
+    """Everything that decides the run's data and partitions (the arguments of ``_load``)."""
+    d, f = run.data, run.fed
+    return (d.name, d.root, d.download, d.seed, d.path, d.seq_len, d.test_fraction, f.partition, f.num_clients,
+            f.alpha, f.min_partition_size, f.client_holdout, d.eval_target, (d.alpha, d.beta, d.iid), d.source)
+
+
 def fed_data(run: FederatedRun) -> FedData:
     """The run's data and partitions (cached per process; deterministic for a config)."""
-    d, f = run.data, run.fed
-    return _cached(d.name, d.root, d.download, d.seed, d.path, d.seq_len, d.test_fraction, f.partition,
-                   f.num_clients, f.alpha, f.min_partition_size, f.client_holdout, d.eval_target,
-                   (d.alpha, d.beta, d.iid), d.source)
+    return _cached(*data_args(run))
 
 
 def build_model(run: FederatedRun) -> nn.Module:

@@ -4,6 +4,7 @@ SuperLink in simulation mode, clients on Ray), or with ``fed.runtime=simulation`
 private network namespace where it can (``fed.isolation``, :mod:`.private_net`)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -43,10 +44,36 @@ def run(cfg: DictConfig) -> dict:
              fr.fed.num_clients, fr.fed.rounds, fr.fed.ranks or fr.fed.rank_ratios, fr.fed.runtime,
              " in a private network" if isolate else "", os.path.abspath(fr.out_dir))
     t0 = time.time()
-    results = run_isolated(fr, cfg) if isolate else run_runtime(fr, cfg)
+    with handed_over(fr):
+        results = run_isolated(fr, cfg) if isolate else run_runtime(fr, cfg)
     log.info("%.1f s wall in all (start-up included); summary: %s", time.time() - t0,
              os.path.join(os.path.abspath(fr.out_dir), "metrics.json"))
     return results
+
+
+@contextlib.contextmanager
+def handed_over(fr: FederatedRun):
+    """On the Flower runtimes (other processes), the data this process built for its checks goes to
+    ``<out_dir>/flwr_runtime/data`` and ``FEDLOWRANK_RUN_DATA`` names it for them (:mod:`fedlowrank.federated.
+    handoff`); not on the local runtime (this process) or a Ray cluster's other machines (``fed.ray_address``)."""
+    if fr.fed.runtime == "local" or fr.fed.ray_address:
+        yield
+        return
+    from fedlowrank.federated import handoff
+    from fedlowrank.federated.task import data_args, fed_data
+
+    dest = Path(fr.out_dir).resolve() / "flwr_runtime" / "data"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    handoff.write(fed_data(fr), data_args(fr), dest)
+    before = os.environ.get(handoff.ENV)
+    os.environ[handoff.ENV] = str(dest)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(handoff.ENV, None)
+        else:
+            os.environ[handoff.ENV] = before
 
 
 def check_resume_state(fr: FederatedRun) -> None:

@@ -24,7 +24,7 @@ def built(tmp_path, monkeypatch):
 
 def test_read_back_equals_what_was_built(built):
     run, fd, args, _ = built
-    got = handoff.read(args)
+    got = handoff.read(args, task_mod.FedData)
     assert torch.equal(got.x, fd.x) and torch.equal(got.y, fd.y) and got.num_classes == fd.num_classes
     assert all(np.array_equal(a, b) for a, b in zip(got.train_parts, fd.train_parts))
     assert all(np.array_equal(a, b) for a, b in zip(got.heldout_parts, fd.heldout_parts))
@@ -43,10 +43,10 @@ def test_a_process_with_the_env_uses_the_handed_over_tensors(built):
 def test_another_runs_data_or_a_damaged_file_is_rebuilt(built, tmp_path, caplog):
     run, fd, args, dest = built
     other = fed_run(tmp_path / "o", "data=synthetic", "fed.partition=natural", "fed.num_clients=8")
-    assert handoff.read(task_mod.data_args(other)) is None  # another key: silently not used
+    assert handoff.read(task_mod.data_args(other), task_mod.FedData) is None  # another key: silently not used
     (dest / "x.bin").write_bytes(b"\0" * 12)  # truncated
-    assert handoff.read(args) is None and "unusable" in caplog.text
+    assert handoff.read(args, task_mod.FedData) is None and "unusable" in caplog.text
     handoff.write(fd, args, dest)
     np.save(dest / "train_index.npy", np.full(len(np.load(dest / "train_index.npy")), 10**9))  # planted indices
-    assert handoff.read(args) is None
+    assert handoff.read(args, task_mod.FedData) is None
     assert torch.equal(task_mod.fed_data(run).x, fd.x)  # rebuilt instead

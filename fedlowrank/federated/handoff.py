@@ -74,10 +74,9 @@ def _parts(src: Path, kind: str, n: int, rows: int) -> list[np.ndarray]:
     return np.split(flat, np.cumsum(lengths)[:-1]) if n else []
 
 
-def read(args: tuple):
-    """The FedData handed over for ``args``, or None (no hand-over, another run's, or unreadable)."""
-    from .task import FedData
-
+def read(args: tuple, fed_data_cls):
+    """The ``fed_data_cls`` (FedData) handed over for ``args``, or None (no hand-over, another run's, or
+    unreadable)."""
     src = os.environ.get(ENV)
     if not src:
         return None
@@ -95,8 +94,8 @@ def read(args: tuple):
         n, rows = int(meta["clients"]), len(t["x"])
         train = _parts(src_dir, "train", n, rows)
         held = _parts(src_dir, "heldout", n, rows) if meta["heldout"] else None
-        return FedData(t["x"], t["y"], train, held, TensorDataset(t["test_x"], t["test_y"]), int(meta["num_classes"]),
-                       t.get("y_eval"))
+        test = TensorDataset(t["test_x"], t["test_y"])
+        return fed_data_cls(t["x"], t["y"], train, held, test, int(meta["num_classes"]), t.get("y_eval"))
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("the run's handed-over data in %s is unusable (%s); building it again", src_dir, e)
         return None

@@ -72,7 +72,7 @@ def _cached(*args) -> FedData:
     cache directory and writes nothing outside its output directory."""
     from . import handoff
 
-    handed = handoff.read(args)  # main.py built it already for this run (fedlowrank.federated.handoff)
+    handed = handoff.read(args, FedData)  # main.py built it already for this run (fedlowrank.federated.handoff)
     if handed is not None:
         return handed
     if node_cache_dir() is None:

@@ -116,11 +116,14 @@ def one_main(n: int, rounds: int, per_round: int, steps: int, tmp: str, runtime:
     t0, t_launch = time.perf_counter(), time.time()
     proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    peak, done = [0.0], threading.Event()
+    peak, done = [0.0, 0.0], threading.Event()
 
     def sample() -> None:
+        from bench_fed_engine import tree_pss_mb
+
         while not done.wait(0.25):
             peak[0] = max(peak[0], tree_rss_mb(proc.pid))
+            peak[1] = max(peak[1], tree_pss_mb(proc.pid))
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
@@ -137,7 +140,10 @@ def one_main(n: int, rounds: int, per_round: int, steps: int, tmp: str, runtime:
     return {"clients": n, "fraction_train": min(1.0, per_round / n), "clients_per_round": statistics.fmean(sent),
             "local_steps": steps, "wall_s": wall, "round_s_median": statistics.median(times),
             "round_s_first": times[0], "outside_rounds_s": wall - sum(times), "runtime": runtime,
-            "startup_s": first_start - t_launch if first_start else None,  # launch to round 1's start  # start-up, evaluation, shutdown "clients_per_s": sum(sent) / sum(times), "peak_tree_rss_mb": peak[0],
+            "startup_s": first_start - t_launch if first_start else None,  # launch to round 1's start
+            "outside_rounds_note": "start-up, evaluation, shutdown",
+            "clients_per_s": sum(sent) / sum(times), "peak_tree_rss_mb": peak[0],
+            "peak_tree_pss_mb": peak[1],  # shared pages (libraries, the mapped data) counted once
             "global_accuracy": m["final"]["global_accuracy"]}
 
 
@@ -167,7 +173,7 @@ def main() -> None:
     note = ("in-process loop; memory is the process's peak RSS so far (monotone across rows)"
             if args.runtime == "inprocess" else
             f"main.py fed.runtime={args.runtime}; one process tree per row; round_s from the server's metrics.json; "
-            "startup_s: launch to round 1's start; memory is the peak summed RSS of the tree")
+            "startup_s: launch to round 1's start; memory: the tree's peak summed RSS and PSS")
     for r in rows:
         if r.get("startup_s") and base.get("startup_s"):
             r["startup_ratio"] = r["startup_s"] / base["startup_s"]

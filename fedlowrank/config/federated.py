@@ -70,7 +70,7 @@ class FedConfig:
     # auto: run inside a private user+network namespace where the kernel allows it (no other local process can
     # reach the SuperLink's or Ray's ports; fedlowrank.runtime.private_net), else warn; netns: require it; none: off
     isolation: str = "auto"
-    # an existing Ray cluster ("<head ip>:6379"; simulation and superlink runtimes): clients run on its nodes
+    # an existing Ray cluster ("<head ip>:6379", fed.runtime=simulation): the clients run on its nodes
     ray_address: str | None = None
     nested: bool = False  # ordered dropout: each local step trains a sampled budget <= the client's (slice/product)
     eval_budgets: bool = True  # also evaluate the global model truncated to each client budget
@@ -184,9 +184,10 @@ class FedConfig:
             raise ConfigError(f"fed.prox_mu must be >= 0 (FedProx's proximal weight; 0: off), got {self.prox_mu}")
         if self.isolation not in ("auto", "netns", "none"):
             raise ConfigError(f"fed.isolation must be auto|netns|none, got {self.isolation!r}")
-        if self.ray_address is not None and (self.runtime == "local" or self.isolation == "netns"):
-            raise ConfigError("fed.ray_address needs fed.runtime=simulation|superlink and the host's network "
-                              f"(fed.isolation=auto|none), got runtime={self.runtime}, isolation={self.isolation}")
+        if self.ray_address is not None and (self.runtime != "simulation" or self.isolation == "netns"):
+            raise ConfigError("fed.ray_address needs fed.runtime=simulation (the default runtime's ClientApps on "
+                              "a cluster's other nodes cannot read the run's config) and the host's network "
+                              f"(fed.isolation=auto|none); got runtime={self.runtime}, isolation={self.isolation}")
         if self.client_cpus <= 0 or self.client_gpus < 0:
             raise ConfigError(f"fed.client_cpus must be > 0 (0 makes Ray wait forever), got {self.client_cpus}; "
                               f"fed.client_gpus >= 0, got {self.client_gpus}")

@@ -142,16 +142,12 @@ def run_on_superlink(fr: FederatedRun, cfg: DictConfig) -> dict:
     before = metrics.stat().st_mtime_ns if metrics.exists() else None
     error.unlink(missing_ok=True)
     gpus = fr.fed.client_gpus if torch.cuda.is_available() else 0.0
-    fed = f"num-supernodes={fr.fed.num_clients} client-resources-num-cpus={int(max(1, fr.fed.client_cpus))} " \
-          f"client-resources-num-gpus={gpus}"
-    env = {TRUST_ENV: "1"}
-    if fr.fed.ray_address:  # ray.init() in the simulation process joins the cluster named by RAY_ADDRESS
-        env["RAY_ADDRESS"] = fr.fed.ray_address
-    else:
-        fed += f" init-args-num-cpus={os.cpu_count() or 1} init-args-num-gpus={torch.cuda.device_count() if gpus else 0}"
+    fed = (f"num-supernodes={fr.fed.num_clients} client-resources-num-cpus={int(max(1, fr.fed.client_cpus))} "
+           f"client-resources-num-gpus={gpus} init-args-num-cpus={os.cpu_count() or 1} "
+           f"init-args-num-gpus={torch.cuda.device_count() if gpus else 0}")
     watchdog = None
     try:
-        with simulation_superlink(work, env=env) as lb:
+        with simulation_superlink(work, env={TRUST_ENV: "1"}) as lb:
             watchdog = reaper.start(roots=tuple(p.pid for p in lb.procs))  # a killed main.py takes them along
             app = stage_project(work / "app")
             proc = subprocess.Popen([str(BIN / "flwr"), "run", str(app), lb.connection, "--stream",

@@ -62,6 +62,7 @@ class FedConfig:
     # where clients train and the server evaluates: auto (cuda when fed.client_gpus > 0 and CUDA is present) | cpu | cuda
     device: str = "auto"
     bf16: bool = False  # bf16 autocast for local training and evaluation
+    batched_clients: bool = False  # fed.runtime=local: a round's clients of one budget train vectorized (batched.py)
     # superlink: Flower's simulation runtime (a private `flower-superlink --simulation` + `flwr run`)
     # simulation: flwr.simulation.run_simulation (in this process; deprecated in flwr 1.41, ~12 s less start-up)
     # local: the same ServerApp and ClientApp with their messages carried in this process (no Ray, no SuperLink;

@@ -77,6 +77,28 @@ def register(app: ClientApp, get_run: Callable[[Context], FederatedRun]) -> Clie
     return app
 
 
+def train_messages_batched(run: FederatedRun, msgs: list[Message]) -> list[Message]:
+    """The replies to a round's train messages, the clients of each budget trained together
+    (``fed.batched_clients``, :mod:`.batched`); a failing client gets an error reply, as from the ClientApp."""
+    from flwr.app import Error
+
+    from .batched import train_group
+
+    groups: dict[tuple, list[int]] = {}
+    jobs = []
+    for i, msg in enumerate(msgs):
+        pid = _partition(msg, run)
+        jobs.append((pid, msg.content["arrays"].to_torch_state_dict(), int(msg.content["config"]["server-round"])))
+        groups.setdefault(tuple(sorted(run.fed.budget(pid).items())), []).append(i)
+    replies: list[Message | None] = [None] * len(msgs)
+    for members in groups.values():
+        for i, res in zip(members, train_group(run, [jobs[i] for i in members], run.fed.num_clients)):
+            replies[i] = Message(Error(code=1, reason=repr(res)), reply_to=msgs[i]) if isinstance(res, Exception) \
+                else Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(res[0]),
+                                         "metrics": MetricRecord(res[1])}), reply_to=msgs[i])
+    return replies  # type: ignore[return-value]
+
+
 def make_client_app(run: FederatedRun) -> ClientApp:
     return register(ClientApp(), lambda context: run)
 

@@ -80,9 +80,9 @@ def check_budget(model: nn.Module, budget: dict[str, float | int]) -> None:
             raise ValueError(f"layer {name} has rank {layer.rank} > budget {allowed} ({budget})")
 
 
-def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state: State,
-                server_round: int) -> tuple[State, dict[str, float]]:
-    """Train the received model on this client's partition; returns (state, metrics)."""
+def prepare_client(run: FederatedRun, partition_id: int, num_partitions: int, state: State, server_round: int):
+    """A client's start of a round: its dropout draw, its seed, the received model at its budget on the run's
+    device, and its data. Returns (model, method, budget, device, dataset)."""
     f = run.fed
     rng = random.Random(f"{run.seed}-{server_round}-{partition_id}")
     if rng.random() < f.dropout_prob:
@@ -97,7 +97,14 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
     check_budget(model, budget)
     device = compute_device(run)
     model.to(device)
-    ds = client_data(run, partition_id, num_partitions)
+    return model, method, budget, device, client_data(run, partition_id, num_partitions)
+
+
+def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state: State,
+                server_round: int) -> tuple[State, dict[str, float]]:
+    """Train the received model on this client's partition; returns (state, metrics)."""
+    f = run.fed
+    model, method, budget, device, ds = prepare_client(run, partition_id, num_partitions, state, server_round)
     loader = batches(ds, f.batch_size, shuffle=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
@@ -106,12 +113,19 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
     stats = train_classifier(model, loader, opt, epochs=f.local_epochs, max_steps=f.local_steps,
                              frob_decay=f.frob_decay, device=device, before_step=sampler, prox_mu=f.prox_mu,
                              autocast=lambda: autocast(run, device))  # per step: weights change between steps
+    return finish_client(run, partition_id, model, method, stats, len(ds), state)
+
+
+def finish_client(run: FederatedRun, partition_id: int, model: nn.Module, method, stats: dict, examples: int,
+                  state: State) -> tuple[State, dict[str, float]]:
+    """A client's reply after training: its payload (CPU tensors) and metrics, with its fault if it has one."""
+    f = run.fed
     layers = lowrank_modules(model)
     for m in layers.values():
         m.set_active_rank(None)
     metrics = {
         "train_loss": stats["loss"], "train_accuracy": stats["accuracy"], "steps": stats["steps"],
-        "num-examples": float(len(ds)), "partition_id": float(partition_id),
+        "num-examples": float(examples), "partition_id": float(partition_id),
         "rank_sum": float(sum(m.rank for m in layers.values())),
         "rank_ratio": float(np.mean([m.rank / m.full_rank for m in layers.values()])) if layers else 1.0,
         "params": float(count_params(model)), "trainable_params": float(count_params(model, trainable_only=True)),

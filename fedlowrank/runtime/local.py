@@ -77,17 +77,23 @@ class LocalGrid(Grid):
             torch.set_num_threads(threads)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Deliver every message to its node now; returns their ids."""
-        ids = []
-        for msg in messages:
+        """Deliver every message to its node now (``fed.batched_clients``: a round's train messages together);
+        returns their ids."""
+        msgs = list(messages)
+        for msg in msgs:
             if msg.metadata.dst_node_id not in self.nodes:
                 raise ValueError(f"no node {msg.metadata.dst_node_id} in this local grid")
             msg.metadata.__dict__["_message_id"] = str(uuid4())
-            reply = self._answer(msg)
+        if self.fr.fed.batched_clients and msgs and all(m.metadata.message_type == "train" for m in msgs):
+            from fedlowrank.federated.apps import train_messages_batched
+
+            replies = train_messages_batched(self.fr, msgs)
+        else:
+            replies = [self._answer(m) for m in msgs]
+        for msg, reply in zip(msgs, replies):
             copies = 2 if msg.metadata.dst_node_id in self._dup else 1
             self._replies[msg.metadata.message_id] = [reply] * copies
-            ids.append(msg.metadata.message_id)
-        return ids
+        return [m.metadata.message_id for m in msgs]
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """The replies to ``message_ids`` not pulled before."""

@@ -37,6 +37,7 @@ def run(cfg: DictConfig) -> dict:
 
         check_superlink_runtime()
     isolate = use_private_network(fr)
+    check_batched(fr)
     check_partitions(fr)  # loads (downloads) the data here: the private network has no other network
     check_resume_state(fr)
     os.makedirs(fr.out_dir, exist_ok=True)
@@ -74,6 +75,19 @@ def handed_over(fr: FederatedRun):
             os.environ.pop(handoff.ENV, None)
         else:
             os.environ[handoff.ENV] = before
+
+
+def check_batched(fr: FederatedRun) -> None:
+    """``fed.batched_clients`` only where it can run: the local runtime, plain SGD on a classification task."""
+    if not fr.fed.batched_clients:
+        return
+    if fr.fed.runtime != "local":
+        raise ConfigError(f"fed.batched_clients=true needs fed.runtime=local, got {fr.fed.runtime}")
+    from fedlowrank.federated.batched import unsupported
+
+    why = unsupported(fr)
+    if why is not None:
+        raise ConfigError(f"fed.batched_clients=true cannot train this run's clients together: {why}")
 
 
 def check_resume_state(fr: FederatedRun) -> None:

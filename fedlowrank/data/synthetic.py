@@ -53,7 +53,7 @@ def generate(n_clients: int, alpha: float, beta: float, iid: bool = False, seed:
             W, b = rng.normal(u, 1, (CLASSES, DIM)), rng.normal(u, 1, CLASSES)
             v = rng.normal(B, 1, DIM)
         x = v + rng.normal(0, 1, (n, DIM)) * np.sqrt(sigma)  # N(v, Σ), Σ diagonal
-        xs.append(x)
+        xs.append(x.astype(np.float32))  # the float32 the tensor holds; labels come from the float64 x
         ys.append(np.argmax(x @ W.T + b, axis=1))  # softmax is monotone: argmax of the logits
         models.append((W, b))
         idx = start + rng.permutation(n)

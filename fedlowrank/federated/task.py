@@ -149,6 +149,11 @@ def _load(name: str, root: str, download: bool, seed: int, path: str | None, seq
     return FedData(data.x_train, data.y_train, parts, held, data.test_set(), data.num_classes)
 
 
+def forget_data() -> None:
+    """Drop this process's cached data (after handing it over, the copy it mapped replaces it on next use)."""
+    _cached.cache_clear()
+
+
 def data_args(run: FederatedRun) -> tuple:
     """Everything that decides the run's data and partitions (the arguments of ``_load``)."""
     d, f = run.data, run.fed

@@ -61,13 +61,14 @@ def handed_over(fr: FederatedRun):
         yield
         return
     from fedlowrank.federated import handoff
-    from fedlowrank.federated.task import data_args, fed_data
+    from fedlowrank.federated.task import data_args, fed_data, forget_data
 
     dest = Path(fr.out_dir).resolve() / "flwr_runtime" / "data"
     dest.parent.mkdir(parents=True, exist_ok=True)
     handoff.write(fed_data(fr), data_args(fr), dest)
     before = os.environ.get(handoff.ENV)
     os.environ[handoff.ENV] = str(dest)
+    forget_data()  # this process too maps the handed-over copy from now on (one copy in memory, not two)
     try:
         yield
     finally:

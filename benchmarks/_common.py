@@ -92,3 +92,64 @@ def paired(diffs: list[float]) -> dict:
         lo, hi = out["ci95"]
         out["significant"] = bool(lo > 0 or hi < 0)
     return out
+
+
+def _tree(pid: int) -> set[int]:
+    """``pid`` and all its descendants (Linux ``/proc``)."""
+    from pathlib import Path
+
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+                parent[int(d)] = int(stat[stat.rindex(")") + 2:].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        frontier = [c for c, p in parent.items() if p in frontier and c not in tree]
+        tree.update(frontier)
+    return tree
+
+
+def tree_memory_mb(pid: int) -> tuple[float, float]:
+    """(summed RSS, summed PSS) of ``pid``'s process tree, MiB; PSS counts shared pages once overall."""
+    from pathlib import Path
+
+    rss = pss = 0
+    for p in _tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    return rss / 1024, pss / 1024
+
+
+def run_sampled(cmd: list[str], cwd, env: dict | None = None, every_s: float = 0.2, timeout: float = 1800) -> dict:
+    """Run ``cmd`` to its end, sampling its process tree's memory: output, return code, unix launch time, wall
+    seconds and the peak RSS and PSS (MiB)."""
+    import subprocess
+    import threading
+
+    t_launch, t0 = time.time(), time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak, done = [0.0, 0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every_s):
+            rss, pss = tree_memory_mb(proc.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    text, _ = proc.communicate(timeout=timeout)
+    wall = time.perf_counter() - t0
+    done.set()
+    th.join()
+    return {"text": text, "returncode": proc.returncode, "t_launch": t_launch, "wall_s": wall,
+            "peak_rss_mb": peak[0], "peak_pss_mb": peak[1]}

@@ -27,14 +27,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-from _common import emit, environment  # noqa: E402
+from _common import emit, environment, run_sampled  # noqa: E402
 
 CONTENDERS = ("default", "fedavg", "default_local", "fedavg_local", "flower", "loop")
 FEDAVG = ("strategy=fedavg", "fed.clip_auto=null")
@@ -81,30 +79,6 @@ def command(name: str, n: int, per_round: int, root: Path, out: Path) -> list[st
     return [py, "main.py", "mode=federated", *extra, *project_overrides(n, per_round), f"out_dir={out}"]
 
 
-def tree_pss_mb(pid: int) -> float:
-    """Summed PSS of ``pid`` and its descendants (Linux ``/proc``), MiB: shared pages count once overall."""
-    parent: dict[int, int] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = Path(f"/proc/{d}/stat").read_text()
-                parent[int(d)] = int(stat[stat.rindex(")") + 2:].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        frontier = [c for c, p in parent.items() if p in frontier and c not in tree]
-        tree.update(frontier)
-    kb = 0
-    for p in tree:
-        try:
-            kb += sum(int(line.split()[1]) for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
-                      if line.startswith("Pss:"))
-        except (OSError, ValueError, IndexError):
-            continue
-    return kb / 1024
-
-
 def round_starts(name: str, root: Path, out: Path) -> tuple[list[float], float]:
     """Unix start time of every round's training (round 1 first) and the final global accuracy."""
     if name in ("flower", "loop"):
@@ -119,30 +93,17 @@ def round_starts(name: str, root: Path, out: Path) -> tuple[list[float], float]:
 def measure(name: str, n: int, per_round: int, root: Path) -> dict:
     """One process of contender ``name``: wall, start-up, steady round, peak tree PSS, final accuracy."""
     out = root / f"run-{name}"
-    t0 = time.time()
-    proc = subprocess.Popen(command(name, n, per_round, root, out), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    peak, done = [0.0], threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.2):
-            peak[0] = max(peak[0], tree_pss_mb(proc.pid))
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    text, _ = proc.communicate(timeout=1800)
-    wall = time.time() - t0
-    done.set()
-    th.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} ({n} clients) exited {proc.returncode}:\n{text[-3000:]}")
+    r = run_sampled(command(name, n, per_round, root, out), ROOT)
+    if r["returncode"] != 0:
+        raise RuntimeError(f"{name} ({n} clients) exited {r['returncode']}:\n{r['text'][-3000:]}")
+    wall, t0 = r["wall_s"], r["t_launch"]
     starts, acc = round_starts(name, root, out)
     gaps = [b - a for a, b in zip(starts[1:], starts[2:])]
     subprocess.run(["rm", "-rf", str(out)], check=False)
     steady = statistics.median(gaps)
     # start-up: launch to round 1's end, less one steady round (Ray's actors start at the first message)
     return {"wall_s": wall, "startup_s": starts[1] - t0 - steady, "steady_round_s": steady,
-            "first_round_start_s": starts[0] - t0, "peak_pss_mb": peak[0], "accuracy": acc,
+            "first_round_start_s": starts[0] - t0, "peak_pss_mb": r["peak_pss_mb"], "accuracy": acc,
             "round_starts_s": [s - t0 for s in starts]}
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.pop("FEDLOWRANK_CACHE_DIR", None)  # no node cache: time the partitioning itself
-from _common import emit, environment  # noqa: E402
+from _common import emit, environment, run_sampled  # noqa: E402
 
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -81,58 +81,19 @@ def overrides(n: int, rounds: int, per_round: int, steps: int) -> list[str]:
             f"fed.rounds={rounds}"]
 
 
-def tree_rss_mb(pid: int) -> float:
-    """Summed resident memory of ``pid`` and all its descendants (Linux ``/proc``), MiB."""
-    parent, rss = {}, {}
-    page = os.sysconf("SC_PAGE_SIZE")
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{d}/stat").read_text()
-            parent[int(d)] = int(stat[stat.rindex(")") + 2:].split()[1])
-            rss[int(d)] = int(Path(f"/proc/{d}/statm").read_text().split()[1]) * page
-        except (OSError, ValueError, IndexError):
-            continue
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        kids = [c for c, p in parent.items() if p in frontier and c not in tree]
-        tree.update(kids)
-        frontier = kids
-    return sum(rss.get(p, 0) for p in tree) / 2**20
-
-
 def one_main(n: int, rounds: int, per_round: int, steps: int, tmp: str, runtime: str = "superlink",
              data: list[str] | None = None) -> dict:
     """``main.py ... fed.runtime=<runtime>`` in a child process: wall, server round times, tree peak RSS."""
     import json
-    import subprocess
-    import threading
 
     out = Path(tmp) / f"{runtime}{n}"
     cmd = [sys.executable, "main.py", *overrides(n, rounds, per_round, steps), *(data or []), f"fed.runtime={runtime}",
            "fed.eval_budgets=false", f"out_dir={out}"]
     env = {k: v for k, v in os.environ.items() if k != "FEDLOWRANK_CACHE_DIR"}  # simulations use no node cache
-    t0, t_launch = time.perf_counter(), time.time()
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    peak, done = [0.0, 0.0], threading.Event()
-
-    def sample() -> None:
-        from bench_fed_engine import tree_pss_mb
-
-        while not done.wait(0.25):
-            peak[0] = max(peak[0], tree_rss_mb(proc.pid))
-            peak[1] = max(peak[1], tree_pss_mb(proc.pid))
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    log_text, _ = proc.communicate(timeout=1800)
-    wall = time.perf_counter() - t0
-    done.set()
-    th.join()
-    if proc.returncode != 0:
-        raise RuntimeError(f"{n} clients: exit {proc.returncode}\n{log_text[-3000:]}")
+    done = run_sampled(cmd, Path(__file__).resolve().parents[1], env=env, every_s=0.25)
+    if done["returncode"] != 0:
+        raise RuntimeError(f"{n} clients: exit {done['returncode']}\n{done['text'][-3000:]}")
+    wall, t_launch, peak = done["wall_s"], done["t_launch"], (done["peak_rss_mb"], done["peak_pss_mb"])
     m = json.loads((out / "metrics.json").read_text())
     times = [r["round_s"] for r in m["rounds_detail"]]
     first_start = m["rounds_detail"][0].get("started_at")

@@ -68,7 +68,7 @@ def test_data_orders_are_the_sequential_clients_batches(tmp_path):
     ref = [b[1] for _ in range(2) for b in TensorBatches(ds, 4, shuffle=True)][:5]  # 4 per epoch: 2 epochs start
     after_ref = torch.randn(2)
     torch.manual_seed(3)
-    got = _orders(14, run.fed)
+    got = _orders(ds, run.fed)
     assert [o.tolist() for o in got] == [r.tolist() for r in ref] and torch.equal(torch.randn(2), after_ref)
 
 

@@ -11,12 +11,16 @@ Plain local SGD on classification tasks only; anything else is refused before an
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import TensorDataset
 
-from fedlowrank.config import FederatedRun
+from fedlowrank.config import TEXT_SPECS, FederatedRun
+from fedlowrank.models.build import TEXT_FAMILIES
+from fedlowrank.training.batches import TensorBatches
 
 from .aggregation import State
 from .client import finish_client, prepare_client
@@ -31,7 +35,7 @@ def unsupported(run: FederatedRun) -> str | None:
                      ("fed.bf16", f.bf16)):
         if val:
             return f"{key}={val}"
-    if run.data.name in ("shakespeare", "fed_shakespeare") or run.model.get("family") in ("lstm", "transformer"):
+    if run.data.name in TEXT_SPECS or run.model.get("family") in TEXT_FAMILIES:
         return "a text task (sequence models)"
     from .task import build_model
 
@@ -41,41 +45,49 @@ def unsupported(run: FederatedRun) -> str | None:
     return None
 
 
-def _orders(n: int, f) -> list[torch.Tensor]:
-    """The index batches the sequential client trains on, drawing what ``TensorBatches`` draws per started epoch."""
-    per_epoch = math.ceil(n / f.batch_size)
-    epochs = f.local_epochs if f.local_steps is None or per_epoch == 0 else \
-        min(f.local_epochs, math.ceil(f.local_steps / per_epoch))
-    out: list[torch.Tensor] = []
-    for _ in range(epochs):
-        torch.empty((), dtype=torch.int64).random_()  # DataLoader's base seed
-        g = torch.Generator()
-        g.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
-        order = torch.randperm(n, generator=g)
-        out += [order[i:i + f.batch_size] for i in range(0, n, f.batch_size)]
+def _orders(ds, f) -> list[torch.Tensor]:
+    """The index batches the sequential client trains on: ``TensorBatches``' passes, as many as it starts."""
+    loader = TensorBatches(ds, f.batch_size, shuffle=True)
+    epochs = f.local_epochs if f.local_steps is None or len(loader) == 0 else \
+        min(f.local_epochs, math.ceil(f.local_steps / len(loader)))
+    out = [idx for _ in range(epochs) for idx in loader.index_batches()]
     return out[:f.local_steps] if f.local_steps is not None else out
+
+
+class _Client(NamedTuple):
+    """A prepared member of a group: where its result goes, and what its reply is built from."""
+
+    slot: int
+    pid: int
+    model: nn.Module
+    method: object
+    data: TensorDataset
+    state: State
+    orders: list[torch.Tensor]
+    rng: torch.Tensor  # torch's generator state after the client's own draws
+    device: torch.device
 
 
 def train_group(run: FederatedRun, jobs: list[tuple[int, State, int]], num_partitions: int) -> list:
     """Train ``jobs`` ((partition id, received state, round), one budget) together; per job its
     (payload, metrics) or the exception it raised."""
     out: list = [None] * len(jobs)
-    preps = []
+    clients: list[_Client] = []
     for i, (pid, state, rnd) in enumerate(jobs):
         try:
             model, method, _, device, ds = prepare_client(run, pid, num_partitions, state, rnd)
         except Exception as e:  # noqa: BLE001 - a failing client fails alone
             out[i] = e
             continue
-        preps.append((i, pid, model, method, ds, state, _orders(len(ds), run.fed), torch.get_rng_state(), device))
-    stats = _train(run, [p[2] for p in preps], [p[4] for p in preps], [p[6] for p in preps], preps[0][8]) \
-        if preps else []
-    for (i, pid, model, method, ds, state, _, rng, _), st in zip(preps, stats):
-        torch.set_rng_state(rng)  # where this client's own generator stood after training
+        clients.append(_Client(i, pid, model, method, ds, state, _orders(ds, run.fed), torch.get_rng_state(), device))
+    stats = _train(run, [c.model for c in clients], [c.data for c in clients], [c.orders for c in clients],
+                   clients[0].device) if clients else []
+    for c, st in zip(clients, stats):
+        torch.set_rng_state(c.rng)  # where this client's own generator stood after training
         try:
-            out[i] = finish_client(run, pid, model, method, st, len(ds), state)
+            out[c.slot] = finish_client(run, c.pid, c.model, c.method, st, len(c.data), c.state)
         except Exception as e:  # noqa: BLE001
-            out[i] = e
+            out[c.slot] = e
     return out
 
 

@@ -27,18 +27,20 @@ class TensorBatches:
     def __len__(self) -> int:
         return (self.n + self.batch_size - 1) // self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def index_batches(self) -> list[torch.Tensor | slice]:
+        """One pass's batches as indices (shuffled: index tensors; else slices), drawing from torch's global
+        generator what a DataLoader draws when a pass starts."""
         torch.empty((), dtype=torch.int64).random_()  # the DataLoader iterator's base seed (unused here)
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))  # RandomSampler's seed
-            order = torch.randperm(self.n, generator=g)
-            for i in range(0, self.n, self.batch_size):
-                idx = order[i:i + self.batch_size]
-                yield tuple(t[idx] for t in self.tensors)
-        else:
-            for i in range(0, self.n, self.batch_size):
-                yield tuple(t[i:i + self.batch_size] for t in self.tensors)
+        if not self.shuffle:
+            return [slice(i, i + self.batch_size) for i in range(0, self.n, self.batch_size)]
+        g = torch.Generator()
+        g.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))  # RandomSampler's seed
+        order = torch.randperm(self.n, generator=g)
+        return [order[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        for idx in self.index_batches():
+            yield tuple(t[idx] for t in self.tensors)
 
 
 def batches(ds: Dataset, batch_size: int, shuffle: bool = False):

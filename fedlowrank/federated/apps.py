@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -50,6 +50,15 @@ def server_app() -> ServerApp:
     return app
 
 
+def train_reply(msg: Message, result: tuple[dict, dict] | Exception) -> Message:
+    """The reply to train message ``msg``: the client's (state, metrics), or an error reply for the exception that
+    stopped it (as Flower's simulation answers a failing ClientApp)."""
+    if isinstance(result, Exception):
+        return Message(Error(code=1, reason=repr(result)), reply_to=msg)
+    return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(result[0]),
+                               "metrics": MetricRecord(result[1])}), reply_to=msg)
+
+
 def _partition(msg: Message, run: FederatedRun) -> int:
     """The partition id the server assigned in this message (never the node's own claim)."""
     pid = msg.content["config"]["partition-id"]
@@ -70,9 +79,7 @@ def register(app: ClientApp, get_run: Callable[[Context], FederatedRun]) -> Clie
         pid = _partition(msg, run)
         state = msg.content["arrays"].to_torch_state_dict()
         rnd = int(msg.content["config"]["server-round"])
-        new_state, metrics = local_train(run, pid, run.fed.num_clients, state, rnd)
-        return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(new_state),
-                                   "metrics": MetricRecord(metrics)}), reply_to=msg)
+        return train_reply(msg, local_train(run, pid, run.fed.num_clients, state, rnd))
 
     return app
 
@@ -80,8 +87,6 @@ def register(app: ClientApp, get_run: Callable[[Context], FederatedRun]) -> Clie
 def train_messages_batched(run: FederatedRun, msgs: list[Message]) -> list[Message]:
     """The replies to a round's train messages, the clients of each budget trained together
     (``fed.batched_clients``, :mod:`.batched`); a failing client gets an error reply, as from the ClientApp."""
-    from flwr.app import Error
-
     from .batched import train_group
 
     groups: dict[tuple, list[int]] = {}
@@ -93,9 +98,7 @@ def train_messages_batched(run: FederatedRun, msgs: list[Message]) -> list[Messa
     replies: list[Message | None] = [None] * len(msgs)
     for members in groups.values():
         for i, res in zip(members, train_group(run, [jobs[i] for i in members], run.fed.num_clients)):
-            replies[i] = Message(Error(code=1, reason=repr(res)), reply_to=msgs[i]) if isinstance(res, Exception) \
-                else Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(res[0]),
-                                         "metrics": MetricRecord(res[1])}), reply_to=msgs[i])
+            replies[i] = train_reply(msgs[i], res)
     return replies  # type: ignore[return-value]
 
 

@@ -3,10 +3,11 @@ with a stand-in Grid whose nodes answer by calling the library's client function
 Deterministic and fast: for tests, sweeps and benchmarks (``benchmarks/bench_fed_quality.py``)."""
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Message
 
 from fedlowrank.config import FederatedRun
 
+from fedlowrank.federated.apps import train_reply
 from fedlowrank.federated.client import local_train
 
 
@@ -34,12 +35,11 @@ class InProcessGrid:
         try:
             pid = int(msg.content["config"]["partition-id"])
             state = msg.content["arrays"].to_torch_state_dict()
-            new, metrics = local_train(self.run, pid, self.run.fed.num_clients, state,
-                                       int(msg.content["config"]["server-round"]))
-            return Message(RecordDict({"arrays": ArrayRecord.from_torch_state_dict(new),
-                                       "metrics": MetricRecord(metrics)}), reply_to=msg)
-        except Exception as e:  # as in Flower: a failing client job becomes an error reply
-            return Message(Error(code=1, reason=repr(e)), reply_to=msg)
+            result = local_train(self.run, pid, self.run.fed.num_clients, state,
+                                 int(msg.content["config"]["server-round"]))
+        except Exception as e:  # noqa: BLE001 - as in Flower: a failing client job becomes an error reply
+            result = e
+        return train_reply(msg, result)
 
     def send_and_receive(self, msgs, timeout: float | None = None) -> list[Message]:
         """Each message's reply; a client with the ``duplicate`` fault has its reply delivered twice."""

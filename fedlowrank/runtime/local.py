@@ -13,11 +13,12 @@ import time
 from collections.abc import Iterable
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedlowrank.config import FederatedRun
+from fedlowrank.federated.apps import train_reply
 
 from .inprocess import ensure_identity
 
@@ -72,7 +73,7 @@ class LocalGrid(Grid):
         try:
             return self.app(msg, self._context(msg.metadata.dst_node_id))
         except Exception as e:  # noqa: BLE001 - as Flower's simulation: a failing ClientApp is an error reply
-            return Message(Error(code=1, reason=repr(e)), reply_to=msg)
+            return train_reply(msg, e)
         finally:
             torch.set_num_threads(threads)
 

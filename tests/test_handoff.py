@@ -47,6 +47,8 @@ def test_another_runs_data_or_a_damaged_file_is_rebuilt(built, tmp_path, caplog)
     (dest / "x.bin").write_bytes(b"\0" * 12)  # truncated
     assert handoff.read(args, task_mod.FedData) is None and "unusable" in caplog.text
     handoff.write(fd, args, dest)
-    np.save(dest / "train_index.npy", np.full(len(np.load(dest / "train_index.npy")), 10**9))  # planted indices
+    with np.load(dest / "train.npz") as z:
+        sizes, flat = z["sizes"], z["flat"]
+    np.savez(dest / "train.npz", flat=np.full(len(flat), 10**9), sizes=sizes)  # planted indices
     assert handoff.read(args, task_mod.FedData) is None
     assert torch.equal(task_mod.fed_data(run).x, fd.x)  # rebuilt instead

@@ -21,6 +21,7 @@ import numpy as np
 from safetensors.torch import load_file, save_file
 from torch.utils.data import TensorDataset
 
+from fedlowrank.federated.handoff import pack_parts, unpack_parts
 from fedlowrank.federated.run_config import CONF_DIR, compose_cfg, node_cache_dir
 
 log = logging.getLogger(__name__)
@@ -113,15 +114,8 @@ def cache_key(args: tuple, files: list[str | None]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _pack(parts: list[np.ndarray] | None) -> dict[str, np.ndarray]:
-    if parts is None:
-        return {}
-    return {"flat": np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64),
-            "sizes": np.array([len(p) for p in parts], dtype=np.int64)}
-
-
 def _unpack(z) -> list[np.ndarray]:
-    return [a.copy() for a in np.split(z["flat"], np.cumsum(z["sizes"])[:-1])] if len(z["sizes"]) else []
+    return [a.copy() for a in unpack_parts(z["flat"], z["sizes"])]
 
 
 def save(key: str, fd) -> None:
@@ -138,9 +132,9 @@ def save(key: str, fd) -> None:
         x_test, y_test = fd.test.tensors
         save_file({"x": fd.x.contiguous(), "y": fd.y.contiguous(), "x_test": x_test.contiguous(),
                    "y_test": y_test.contiguous()}, str(tmp / "tensors.safetensors"))
-        np.savez(tmp / "train.npz", **_pack(fd.train_parts))
+        np.savez(tmp / "train.npz", **pack_parts(fd.train_parts))
         if fd.heldout_parts is not None:
-            np.savez(tmp / "heldout.npz", **_pack(fd.heldout_parts))
+            np.savez(tmp / "heldout.npz", **pack_parts(fd.heldout_parts))
         (tmp / "meta.json").write_text(json.dumps({"num_classes": fd.num_classes}))
         size = _size(tmp)
         if size > max_bytes():

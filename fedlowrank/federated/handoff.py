@@ -3,7 +3,7 @@
 On the default runtime the ServerApp runs in Flower's simulation process and every client actor is a Ray worker
 process; each used to load (or, for Synthetic, generate) the whole data and its partitions itself: 10,000
 Synthetic clients cost ~10 s and ~2 GB per process. ``main.py`` now writes the data it has already built for its
-checks to ``<out_dir>/flwr_runtime/data/`` (raw tensors + ``meta.json`` + the partitions as ``.npy`` arrays, no
+checks to ``<out_dir>/flwr_runtime/data/`` (raw tensors + ``meta.json`` + the partitions as ``.npz`` arrays, no
 pickle) and names the directory in ``FEDLOWRANK_RUN_DATA`` for the processes it starts. A process whose run has
 the same data key maps the tensors (``torch.from_file``: pages come from the page cache, shared between
 processes, copied only if written) instead of rebuilding them; any other run, or a damaged or mismatched file,
@@ -56,22 +56,30 @@ def write(fd, args: tuple, dest: Path) -> None:
         t.numpy().tofile(tmp / f"{name}.bin")
         meta["tensors"][name] = [str(t.dtype).removeprefix("torch."), list(t.shape)]
     for kind, parts in (("train", fd.train_parts), ("heldout", fd.heldout_parts or [])):
-        lengths = np.array([len(p) for p in parts], dtype=np.int64)
-        flat = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-        np.save(tmp / f"{kind}_lengths.npy", lengths)
-        np.save(tmp / f"{kind}_index.npy", flat)
+        np.savez(tmp / f"{kind}.npz", **pack_parts(parts))
     (tmp / "meta.json").write_text(json.dumps(meta))
     shutil.rmtree(dest, ignore_errors=True)
     os.rename(tmp, dest)
 
 
+def pack_parts(parts: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-client index arrays as two arrays: ``flat`` (all indices, int64) and ``sizes`` (one per client)."""
+    return {"flat": np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64),
+            "sizes": np.array([len(p) for p in parts], dtype=np.int64)}
+
+
+def unpack_parts(flat: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
+    """The per-client index arrays :func:`pack_parts` packed."""
+    return np.split(flat, np.cumsum(sizes)[:-1]) if len(sizes) else []
+
+
 def _parts(src: Path, kind: str, n: int, rows: int) -> list[np.ndarray]:
-    lengths = np.load(src / f"{kind}_lengths.npy", allow_pickle=False)
-    flat = np.load(src / f"{kind}_index.npy", allow_pickle=False)
-    if lengths.shape != (n,) or lengths.min(initial=0) < 0 or lengths.sum() != len(flat) or \
+    with np.load(src / f"{kind}.npz", allow_pickle=False) as z:
+        flat, sizes = z["flat"], z["sizes"]
+    if sizes.shape != (n,) or sizes.min(initial=0) < 0 or sizes.sum() != len(flat) or \
             (len(flat) and not 0 <= flat.min() <= flat.max() < rows):
         raise ValueError(f"{kind} partitions do not fit {rows} examples and {n} clients")
-    return np.split(flat, np.cumsum(lengths)[:-1]) if n else []
+    return unpack_parts(flat, sizes)
 
 
 def read(args: tuple, fed_data_cls):

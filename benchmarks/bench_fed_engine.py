@@ -16,7 +16,8 @@ to the start of round 1's training), steady round (median interval between round
 evaluation included) and the peak PSS of the whole process tree (``/proc/<pid>/smaps_rollup``, every 0.2 s).
 Reports medians over repetitions, ratios against the baselines of the same invocation, as JSON + Markdown + PNG.
 
-    python benchmarks/bench_fed_engine.py [--reps 3] [--populations 4:4 100:10] [--out benchmarks/results_cpu/fed_engine.json]
+    python benchmarks/bench_fed_engine.py [--reps 3] [--populations 4:4 100:10] \
+        [--out benchmarks/results_cpu/fed_engine.json]
 """
 from __future__ import annotations
 

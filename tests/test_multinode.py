@@ -1,7 +1,6 @@
 """Scaling out: central training on two torchrun "nodes" (c10d rendezvous on the loopback) gives the same weights
 as one node with two processes."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,16 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedlowrank.central.dist import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["main.py", "experiment=gpt2_inrank", "trainer.device=cpu", "trainer.max_steps=8", "method.stage1_steps=4",
          "method.check_interval=2", "method.init_rank=1", "method.buffer=1", "trainer.progress=false",
          "trainer.block_size=32", "trainer.batch_size=4", "data.max_chars=50000"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -36,11 +31,11 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(tmp_path):
     # its thread count, so both layouts get one thread per process
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = tmp_path / "one"
-    proc = subprocess.run([*run, "--nproc-per-node", "2", "--master-port", str(_port()), *TRAIN, f"out_dir={one}",
+    proc = subprocess.run([*run, "--nproc-per-node", "2", "--master-port", str(free_port()), *TRAIN, f"out_dir={one}",
                            f"hydra.run.dir={one}/hydra"], cwd=ROOT, capture_output=True, text=True, timeout=240,
                           env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    two, port = tmp_path / "two", _port()
+    two, port = tmp_path / "two", free_port()
     nodes = [subprocess.Popen([*run, "--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1",
                                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t2",
                                *TRAIN, f"out_dir={two}", f"hydra.run.dir={two}/hydra{r}"],

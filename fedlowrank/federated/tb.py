@@ -36,7 +36,8 @@ class ClientLog:
 
         if self.path is None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self.path = self.dir / f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.client"
+            name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.client"
+            self.path = self.dir / name
             events = [Event(wall_time=time.time(), file_version="brain.Event:2"), *events]
         with open(self.path, "ab") as f:
             w = RecordWriter(f)

@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from fedlowrank.config import ConfigError, federated_run_from_cfg
+from fedlowrank.config.fed_lora import LORA_ONLY
 from helpers import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,10 @@ def test_every_group_option_composes(group, option):
     cfg = _compose([f"{group}={option}"])
     assert cfg.run_mode in ("federated", "central", "sample")
     # group options are valid in the mode they belong to
-    if group in ("strategy",) or (group == "model" and cfg.model.get("family") == "vision") or \
+    if group == "strategy" and option in LORA_ONLY:  # adapters' rules: refused without method=lora
+        with pytest.raises(ConfigError, match="needs method=lora"):
+            _validate(_compose(["mode=federated", f"{group}={option}"]))
+    elif group in ("strategy",) or (group == "model" and cfg.model.get("family") == "vision") or \
             (group == "data" and option in ("digits", "cifar10")):
         _validate(_compose(["mode=federated", f"{group}={option}"]))
 
@@ -54,7 +58,7 @@ def test_every_experiment_composes_and_validates(exp, tmp_path):
         play = tmp_path / "play.txt"
         play.write_text("ROMEO:\nBut soft, what light.\n\nJULIET:\nAy me.\n")
         cfg.data.path = str(play)
-    if exp == "llama_welore_pretrained":  # needs a checkpoint to compress (loaded end to end in test_hf.py)
+    if exp in ("llama_welore_pretrained", "fed_lora"):  # need a checkpoint (test_hf.py, test_fed_lora.py)
         with pytest.raises(ConfigError, match="model.pretrained"):
             _validate(cfg)
         return

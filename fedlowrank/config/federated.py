@@ -15,8 +15,10 @@ from fedlowrank.schema import ConfigError, check_top_level, to_dataclass
 
 from .budgets import check_budget_count, check_budgets, client_budget
 from .devices import DevicesConfig, population
+from .fed_lora import LORA_ONLY, check_lora_run
 
-STRATEGIES = ("fedlmt", "slice", "product", "fedavg")  # fedavg: dense baseline, budgets ignored
+# fedavg: dense baseline, budgets ignored; fedit..ffa: LoRA adapters only (method=lora, fedlowrank.config.fed_lora)
+STRATEGIES = ("fedlmt", "slice", "product", "fedavg", "fedit", "hetlora", "flexlora", "ffa")
 PARTITIONS = ("iid", "dirichlet", "natural")  # natural: one client per speaking role (text tasks)
 TEXT_SPECS = ("shakespeare",)  # next-character prediction, LEAF style
 FAULTS = ("nan", "shape", "crash", "scale", "budget", "weight", "metrics", "flip", "flip1.4", "flip5", "constant",
@@ -63,10 +65,9 @@ class FedConfig:
     device: str = "auto"
     bf16: bool = False  # bf16 autocast for local training and evaluation
     batched_clients: bool = False  # fed.runtime=local: a round's clients of one budget train vectorized (batched.py)
-    # superlink: Flower's simulation runtime (a private `flower-superlink --simulation` + `flwr run`)
-    # simulation: flwr.simulation.run_simulation (in this process; deprecated in flwr 1.41, ~12 s less start-up)
-    # local: the same ServerApp and ClientApp with their messages carried in this process (no Ray, no SuperLink;
-    # clients one after another; fedlowrank.runtime.local)
+    # superlink: Flower's simulation runtime (a private `flower-superlink --simulation` + `flwr run`); simulation:
+    # flwr.simulation.run_simulation (in this process; deprecated in flwr 1.41); local: the same ServerApp and
+    # ClientApp, their messages carried in this process (no Ray or SuperLink; fedlowrank.runtime.local)
     runtime: str = "superlink"
     # auto: run inside a private user+network namespace where the kernel allows it (no other local process can
     # reach the SuperLink's or Ray's ports; fedlowrank.runtime.private_net), else warn; netns: require it; none: off
@@ -84,8 +85,8 @@ class FedConfig:
     robust: str = "none"  # none | median | trimmed_mean (coordinate-wise; fedlmt and slice)
     trim_ratio: float = 0.1  # fraction cut from each end for trimmed_mean
     clip_norm: float | None = None  # clip each client's change (update - what it downloaded) to this L2 norm
-    # on by default: scale a client's change down until no tensor or rank-slot group exceeds this multiple of the
-    # round's median change there, and cap slots fewer than 3 clients trained (fedlowrank.federated.clipping); null: off
+    # on by default: scale a client's change down until no tensor or slot group exceeds this multiple of the round's
+    # median change there, cap slots fewer than 3 clients trained (fedlowrank.federated.clipping); null: off
     clip_auto: float | None = 1.5
     # loo: reject a client whose inclusion raises the aggregate's loss on a small server sample (drawn from the
     # clients' held-out splits) by more than screen_tolerance at some budget (fedlowrank.federated.screening)
@@ -99,10 +100,8 @@ class FedConfig:
     max_abs_ratio: float = 100.0
     max_reply_mb: float = 256.0  # replies larger than this (from their metadata, before deserializing) are rejected
     max_failed_rounds: int = 3  # this many rounds in a row without a valid update stop the run (error)
-    # Fault injection for robustness studies: ["<client id>:<nan|shape|crash|scale|budget|weight|metrics>", ...].
-    faults: list[str] = field(default_factory=list)
-    # Device heterogeneity (fedlowrank.federated.devices): population, derived budgets, deadline
-    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    faults: list[str] = field(default_factory=list)  # fault injection: ["<client id>:<kind in FAULTS>", ...]
+    devices: DevicesConfig = field(default_factory=DevicesConfig)  # device population, derived budgets, deadline
 
     def device_population(self):
         """Every client's DeviceProfile (None without a device model); drawn once per config."""
@@ -203,8 +202,7 @@ class FedConfig:
         if self.devices.budget_from != "none" and self.ranks is not None:
             raise ConfigError("fed.devices.budget_from derives rank ratios: use fed.rank_ratios, not fed.ranks")
 
-    def server_optimizer(self, product_space: bool):
-        """The configured server optimizer (None for ``fed.server_opt=none``)."""
+    def server_optimizer(self, product_space: bool):  # None for fed.server_opt=none
         from fedlowrank.federated.server_opt import ServerOptConfig, ServerOptimizer
 
         if self.server_opt == "none":
@@ -213,8 +211,7 @@ class FedConfig:
                                                self.server_beta1, self.server_beta2, self.server_tau), product_space)
 
     def fault_map(self) -> dict[int, str]:
-        """Parsed ``faults``: client id -> fault kind."""
-        out = {}
+        out = {}  # client id -> fault kind
         for item in self.faults or []:
             pid, _, kind = str(item).partition(":")
             if not pid.strip().isdigit() or kind not in FAULTS:
@@ -239,6 +236,7 @@ class DataConfig:
     # text tasks, evaluation: last (LEAF's protocol: the next character after each held-out window's seq_len-character
     # context) | all (every position of a held-out window, its context growing from 1 character to seq_len)
     eval_target: str = "last"
+    tokenizer: str = "auto"  # text: auto (characters; a pretrained checkpoint's own tokenizer) | char | a tokenizer
     source: str = "local"  # local (embedded, file or torchvision) | hub (flwr-datasets FederatedDataset, online)
     # data=synthetic: FedProx's Synthetic(alpha, beta) (fedlowrank.data.synthetic); one client per generated user
     alpha: float = 1.0  # model heterogeneity
@@ -290,6 +288,8 @@ class FederatedRun:
         the method's own schema, and data x model."""
         self.fed.validate()
         self.data.validate()
+        if self.method.get("name") == "lora" or self.strategy in LORA_ONLY:
+            return check_lora_run(self, TEXT_SPECS)  # a pretrained LLM with adapters: its own checks
         self._check_strategy()
         self._check_method()
         self._check_data_and_model()
@@ -320,7 +320,7 @@ class FederatedRun:
 
         name = self.method.get("name", "none")
         if name not in ("none", "relora", "welore", "inrank"):
-            raise ConfigError(f"method {name!r} is not available in federated mode (none|relora|welore|inrank)")
+            raise ConfigError(f"method {name!r} is not available in federated mode (none|relora|welore|inrank|lora)")
         ckpt = self.method.get("from_ckpt")
         if ckpt and not os.path.isfile(str(ckpt)):
             raise ConfigError(f"method.from_ckpt={ckpt!r} is not an existing file (a dense model.safetensors)")

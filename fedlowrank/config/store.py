@@ -1,7 +1,7 @@
 """The sections' defaults, registered once in Hydra's ConfigStore from the dataclasses, so a default is written
 in one place only, the dataclass: ``schema/fed``, ``schema/trainer`` and ``schema/lowrank`` (the central model's
 low-rank switches), which ``conf/mode/*.yaml`` pull in (``- /schema@fed: fed``), and the ``method`` group's options
-``inrank``, ``relora`` and ``welore`` (``none`` is ``conf/method/none.yaml``). The nodes are untyped;
+``inrank``, ``relora``, ``welore`` and ``lora`` (federated) (``none`` is ``conf/method/none.yaml``). The nodes are untyped;
 :func:`fedlowrank.schema.to_dataclass` types and checks them when a run is built, so every config error keeps the
 project's message and exit code 2."""
 from __future__ import annotations
@@ -14,12 +14,13 @@ from fedlowrank.methods.welore import WeLoreConfig
 from fedlowrank.schema import defaults
 
 from .central import TrainerConfig
+from .fed_lora import FedLoRAConfig
 from .federated import FedConfig
 from .sample import SampleConfig
 from .zoo import LowRankSwitches
 
 SECTIONS = {"fed": FedConfig, "trainer": TrainerConfig, "sample": SampleConfig, "lowrank": LowRankSwitches}
-METHODS = {"inrank": InRankConfig, "relora": ReLoRAConfig, "welore": WeLoreConfig}
+METHODS = {"inrank": InRankConfig, "relora": ReLoRAConfig, "welore": WeLoreConfig, "lora": FedLoRAConfig}
 
 
 def schema_defaults() -> dict[str, dict]:

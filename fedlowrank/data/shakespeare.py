@@ -30,11 +30,12 @@ class RoleText:
     role: np.ndarray
     test: np.ndarray
     roles: list[str]
-    vocab: str
+    vocab: str  # the characters, in id order ("" when a tokenizer encodes the text)
+    n_tokens: int | None = None  # the tokenizer's vocabulary size
 
     @property
     def vocab_size(self) -> int:
-        return len(self.vocab)
+        return self.n_tokens if self.n_tokens is not None else len(self.vocab)
 
 
 def parse_roles(text: str) -> dict[str, str]:
@@ -53,8 +54,10 @@ def parse_roles(text: str) -> dict[str, str]:
     return {r: "\n".join(s) for r, s in speeches.items()}
 
 
-def load_role_text(path: str | Path, seq_len: int = 80, test_fraction: float = 0.1, seed: int = 0) -> RoleText:
-    """Windows of every role found in the file at ``path`` (see module docstring)."""
+def load_role_text(path: str | Path, seq_len: int = 80, test_fraction: float = 0.1, seed: int = 0,
+                   tokenizer: str | None = None) -> RoleText:
+    """Windows of every role found in the file at ``path`` (see module docstring): of characters, or of the
+    tokens of ``tokenizer`` (a :func:`fedlowrank.data.text.make_tokenizer` spec, e.g. a checkpoint's)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data.path={str(path)!r} is not a file (tinyshakespeare.txt or text in its format)")
@@ -66,13 +69,11 @@ def load_role_text(path: str | Path, seq_len: int = 80, test_fraction: float = 0
     roles = parse_roles(text)
     if not roles:
         raise ValueError(f"{path}: no speaker lines ('NAME:' followed by a speech) found")
-    vocab = "".join(sorted(set(text)))
-    points = np.frombuffer(vocab.encode("utf-32-le"), dtype=np.uint32)  # sorted code points
+    encode, vocab, n_tokens = _encoder(text, tokenizer)
     names = sorted(roles)
     xs, ys, rid = [], [], []
     for i, name in enumerate(names):
-        codes = np.frombuffer(roles[name].encode("utf-32-le"), dtype=np.uint32)
-        ids = torch.from_numpy(np.searchsorted(points, codes).astype(np.int64))
+        ids = encode(roles[name])
         n = (len(ids) - 1) // seq_len
         if n == 0:
             continue
@@ -86,7 +87,24 @@ def load_role_text(path: str | Path, seq_len: int = 80, test_fraction: float = 0
         idx = np.flatnonzero(role == i)
         k = int(round(test_fraction * len(idx)))
         test[rng.choice(idx, size=k, replace=False)] = True
-    return RoleText(torch.cat(xs), torch.cat(ys), role, test, names, vocab)
+    return RoleText(torch.cat(xs), torch.cat(ys), role, test, names, vocab, n_tokens)
+
+
+def _encoder(text: str, tokenizer: str | None):
+    """(encode: str -> int64 ids, characters, tokenizer vocabulary size or None)."""
+    if tokenizer is not None:
+        from .text import make_tokenizer
+
+        tok = make_tokenizer(tokenizer)
+        return lambda t: torch.tensor(tok.encode(t), dtype=torch.int64), "", tok.vocab_size
+    vocab = "".join(sorted(set(text)))
+    points = np.frombuffer(vocab.encode("utf-32-le"), dtype=np.uint32)  # sorted code points
+
+    def encode(t: str) -> torch.Tensor:
+        codes = np.frombuffer(t.encode("utf-32-le"), dtype=np.uint32)
+        return torch.from_numpy(np.searchsorted(points, codes).astype(np.int64))
+
+    return encode, vocab, None
 
 
 def natural_partitions(data: RoleText, num_clients: int, min_size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:

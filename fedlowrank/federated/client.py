@@ -44,7 +44,12 @@ def client_data(run: FederatedRun, partition_id: int, num_partitions: int):
 
 
 def model_from_state(run: FederatedRun, state: State) -> nn.Module:
-    """Dense skeleton of the configured model, reshaped to the factors/adapters in ``state``, loaded."""
+    """Dense skeleton of the configured model, reshaped to the factors/adapters in ``state``, loaded
+    (``method=lora``: the shared pretrained base with the adapters of ``state``)."""
+    if run.method.get("name") == "lora":
+        from .lora import lora_model
+
+        return lora_model(run, state)
     model = build_model(run)
     conform_to_state(model, state)
     model.load_state_dict(state, strict=True)

@@ -13,17 +13,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedlowrank.config import FederatedRun, to_dataclass
+from fedlowrank.config.fed_lora import FedLoRAConfig
 from fedlowrank.methods.inrank import InRankConfig
 from fedlowrank.methods.relora import ReLoRA, ReLoRAConfig
 from fedlowrank.methods.welore import WeLoreConfig, is_norm_param, welore_compress
 from fedlowrank.lowrank import factorize
+from fedlowrank.lowrank.layers import rank_from_budget
+from fedlowrank.lowrank.lora import LoRALinear
 
+from . import lora_rules
 from .aggregation import State, aggregate, budget_ranks, client_view, expected_shapes, layer_ranks, merge_adapters
+from .lora import target_linears
 from .rankadapt import adapt_ranks, due, layer_caps
 from .task import build_model, fed_data
 
 log = logging.getLogger(__name__)
 Budget = dict[str, Any]
+_B, _A = ".adapter.U", ".adapter.V"  # a LoRA adapter's B (out, r) and A (r, in)
 
 
 def _float_state(model: nn.Module) -> State:
@@ -204,6 +210,67 @@ class InRankFed(FedMethod):
         return new
 
 
+class LoRAFed(FedMethod):
+    name = "lora"
+    """LoRA fine-tuning of a pretrained LLM (:mod:`.lora`): the global state, downloads and replies are adapters
+    only; the strategy is one of :data:`.lora_rules.LORA_RULES`."""
+
+    def __init__(self, run: FederatedRun) -> None:
+        super().__init__(run)
+        self.cfg = to_dataclass(FedLoRAConfig, run.method, "method")
+        self.rule = run.strategy
+        self._dims: dict[str, tuple[int, int]] | None = None  # adapted layer -> (out, in)
+
+    def dims(self) -> dict[str, tuple[int, int]]:
+        if self._dims is None:
+            self._dims = {n: (m.out_features, m.in_features) for n, m in target_linears(build_model(self.run),
+                                                                                          self.cfg).items()}
+        return self._dims
+
+    def layer_ranks(self, budget: Budget) -> dict[str, int]:
+        """Per adapted layer, the rank a budget allows (``fed.ranks``: that rank; ratios: of min(out, in))."""
+        return {p: rank_from_budget(min(o, i), **budget) for p, (o, i) in self.dims().items()}
+
+    def initial_state(self) -> State:
+        """Adapters at the largest budget's ranks: A Kaiming-uniform from ``method.init_seed``, B = 0 (ΔW = 0)."""
+        ranks = self.layer_ranks(self.global_budget())
+        g = torch.Generator().manual_seed(self.run.seed if self.cfg.init_seed is None else self.cfg.init_seed)
+        state: State = {}
+        for p, (o, i) in self.dims().items():
+            bound = 1.0 / i ** 0.5  # nn.Linear's (and LoRALinear.reinit's) Kaiming-uniform bound
+            state[p + _B] = torch.zeros(o, ranks[p])
+            state[p + _A] = torch.empty(ranks[p], i).uniform_(-bound, bound, generator=g)
+        return state
+
+    def ranks(self, global_state: State, budget: Budget) -> dict[str, int]:
+        return self.layer_ranks(budget)
+
+    def view(self, global_state: State, budget: Budget) -> State:
+        return lora_rules.view(self.rule, global_state, self.layer_ranks(budget), self.cfg.alpha)
+
+    def budget_views(self) -> bool:
+        return True
+
+    def prepare_client(self, model: nn.Module, budget: Budget) -> None:
+        if self.rule == "ffa":  # FFA-LoRA: A stays the shared random one
+            for m in model.modules():
+                if isinstance(m, LoRALinear):
+                    m.adapter.V.requires_grad_(False)
+
+    def payload(self, model: nn.Module) -> State:
+        keys = (_B,) if self.rule == "ffa" else (_B, _A)
+        return {k: v.detach().float() for k, v in model.state_dict().items() if k.endswith(keys)}
+
+    def expected(self, view: State, budget: Budget) -> dict[str, tuple[int, ...]]:
+        keys = (_B,) if self.rule == "ffa" else (_B, _A)
+        return {k: s for k, s in expected_shapes(view).items() if k.endswith(keys)}
+
+    def aggregate(self, global_state: State, updates: list[State], weights: list[float],
+                  views: list[State] | None = None) -> State:
+        return lora_rules.aggregate(self.rule, global_state, updates, weights, self.cfg.alpha, views)
+
+
 def fed_method(run: FederatedRun) -> FedMethod:
     name = run.method.get("name", "none")
-    return {"none": FedMethod, "relora": ReLoRAFed, "welore": WeLoreFed, "inrank": InRankFed}[name](run)
+    return {"none": FedMethod, "relora": ReLoRAFed, "welore": WeLoreFed, "inrank": InRankFed,
+            "lora": LoRAFed}[name](run)

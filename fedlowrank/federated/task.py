@@ -4,6 +4,7 @@ LEAF-style next-character prediction with one client per speaking role. Loaded o
 (cached), so a simulated or deployed node recomputes nothing between messages."""
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 from fedlowrank.config import TEXT_SPECS as TEXT_TASKS
 from fedlowrank.config import FederatedRun
+from fedlowrank.config.fed_lora import text_tokenizer
 from fedlowrank.data.partition import partition_indices
 from fedlowrank.federated.run_config import node_cache_dir
 from fedlowrank.models.build import dense_model
@@ -79,8 +81,8 @@ def _cached(*args) -> FedData:
         return _load_single_blas(*args)
     from fedlowrank.deploy import cache
 
-    path = args[4] if args[0] in TEXT_TASKS and args[-1] == "local" else None
-    key = cache.cache_key(args, [path])
+    text = args[0] in TEXT_TASKS and args[14] == "local"  # args[14]: data.source; args[15]: the tokenizer
+    key = cache.cache_key(args, [args[4] if text else None, args[15] if text else None])
     hit = cache.load(key, FedData)
     if hit is not None:
         return hit
@@ -112,7 +114,8 @@ def _synthetic(n: int, alpha: float, beta: float, iid: bool, seed: int, test_fra
 
 def _load(name: str, root: str, download: bool, seed: int, path: str | None, seq_len: int, test_fraction: float,
           kind: str, n: int, alpha: float, min_size: int, holdout: float, eval_target: str = "all",
-          synthetic: tuple[float, float, bool] = (1.0, 1.0, False), source: str = "local") -> FedData:
+          synthetic: tuple[float, float, bool] = (1.0, 1.0, False), source: str = "local",
+          tokenizer: str | None = None) -> FedData:
     if source == "hub":
         from fedlowrank.data.hub import load_hub
 
@@ -128,7 +131,7 @@ def _load(name: str, root: str, download: bool, seed: int, path: str | None, seq
     if name in TEXT_TASKS:
         from fedlowrank.data.shakespeare import load_role_text, natural_partitions
 
-        text = load_role_text(path or "", seq_len, test_fraction, seed)
+        text = load_role_text(path or "", seq_len, test_fraction, seed, tokenizer)
         y_eval = leaf_targets(text.y) if eval_target == "last" else text.y
         if kind == "natural":
             train, held = natural_partitions(text, n, min_size)
@@ -158,7 +161,8 @@ def data_args(run: FederatedRun) -> tuple:
     """Everything that decides the run's data and partitions (the arguments of ``_load``)."""
     d, f = run.data, run.fed
     return (d.name, d.root, d.download, d.seed, d.path, d.seq_len, d.test_fraction, f.partition, f.num_clients,
-            f.alpha, f.min_partition_size, f.client_holdout, d.eval_target, (d.alpha, d.beta, d.iid), d.source)
+            f.alpha, f.min_partition_size, f.client_holdout, d.eval_target, (d.alpha, d.beta, d.iid), d.source,
+            text_tokenizer(run) if d.name in TEXT_TASKS else None)
 
 
 def fed_data(run: FederatedRun) -> FedData:
@@ -167,6 +171,26 @@ def fed_data(run: FederatedRun) -> FedData:
 
 
 def build_model(run: FederatedRun) -> nn.Module:
-    """The dense model of the run (factorized later by the method/strategy)."""
+    """The dense model of the run (factorized later by the method/strategy). A pretrained one is a fresh module
+    tree over this process's one frozen copy of the checkpoint's tensors (:func:`pretrained_base`)."""
+    if run.model.get("pretrained"):
+        return shared_copy(pretrained_base(str(run.model["pretrained"])))
     vocab = fed_data(run).num_classes if run.data.name in TEXT_TASKS else None  # Hub text: 256 byte ids
     return dense_model(run.model, run.data.name, vocab)
+
+
+@functools.lru_cache(maxsize=1)
+def pretrained_base(src: str) -> nn.Module:
+    """The checkpoint's model, loaded once per process, every tensor frozen (shared by every client it runs)."""
+    from fedlowrank.models.hf import load_pretrained
+
+    model, _ = load_pretrained(src)
+    model.requires_grad_(False)
+    return model
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A new module tree whose parameters and buffers are ``model``'s own tensors (no copy): modules can be
+    replaced in it (adapters) without touching ``model``."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)

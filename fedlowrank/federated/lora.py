@@ -1,0 +1,49 @@
+"""Federated LoRA fine-tuning of a pretrained LLM with a different adapter rank per client (``method=lora``).
+
+The frozen base is the checkpoint's, loaded once per process and shared by every model built in it
+(:func:`fedlowrank.federated.task.build_model`); the global state, every download and every reply hold only the
+adapters, ``p.adapter.U`` = B (out, r) and ``p.adapter.V`` = A (r, in), in the convention of
+:mod:`.lora_rules` (ΔW = (α/r)·B·A, r read from the shapes). The strategy (``fedit``, ``hetlora``, ``flexlora``,
+``ffa``, ``product``) decides what a client downloads and how replies combine
+(:class:`fedlowrank.federated.methods.LoRAFed`)."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from fedlowrank.config import FederatedRun, to_dataclass
+from fedlowrank.config.fed_lora import FedLoRAConfig
+from fedlowrank.lowrank.factorize import matches_any, set_submodule
+from fedlowrank.lowrank.lora import LoRALinear
+
+from . import lora_rules
+from .aggregation import State
+from .task import build_model
+
+log = logging.getLogger(__name__)
+_B, _A = ".adapter.U", ".adapter.V"
+
+
+def target_linears(model: nn.Module, cfg: FedLoRAConfig) -> dict[str, nn.Linear]:
+    """The base's nn.Linear modules that get adapters, by name."""
+    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear and n
+            and matches_any(n, cfg.targets) and not matches_any(n, cfg.skip)}
+
+
+def lora_model(run: FederatedRun, state: State) -> nn.Module:
+    """The shared frozen base with an adapter on every layer ``state`` names, at the rank of its tensors, loaded
+    from ``state``. Only adapters are trainable."""
+    cfg = to_dataclass(FedLoRAConfig, run.method, "method")
+    model = build_model(run)
+    for p in lora_rules.adapter_prefixes(state):
+        base = model.get_submodule(p)
+        if type(base) is not nn.Linear:
+            raise TypeError(f"adapter for {p!r}, which is {type(base).__name__}, not nn.Linear")
+        layer = LoRALinear(base, r=state[p + _B].shape[1], alpha=cfg.alpha, dropout=cfg.dropout)
+        with torch.no_grad():
+            layer.adapter.U.copy_(state[p + _B])
+            layer.adapter.V.copy_(state[p + _A])
+        set_submodule(model, p, layer)
+    return model

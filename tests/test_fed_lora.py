@@ -1,0 +1,100 @@
+"""Federated LoRA fine-tuning of a pretrained checkpoint (``method=lora``): a tiny random GPT-2 saved by
+``transformers`` with a BPE tokenizer trained here stands in for a hub checkpoint. Checks the config refusals, that
+every model of a process shares one frozen base and only adapters travel, and that a short run trains."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import compose_cfg
+from safetensors.torch import load_file
+from test_hf import _hf, _tokenizer
+from torch.utils.data import DataLoader
+
+from fedlowrank.config import ConfigError, federated_run_from_cfg
+from fedlowrank.federated import lora_rules
+from fedlowrank.federated.client import local_train, model_from_state, prepare_client
+from fedlowrank.federated.methods import fed_method
+from fedlowrank.federated.task import fed_data
+from fedlowrank.lowrank.lora import LoRALinear
+from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds
+from fedlowrank.training.loop import evaluate_classifier
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpt2")
+    _hf("gpt2", d)
+    _tokenizer(d)
+    return d
+
+
+def lora_run(ckpt, play, *overrides):
+    return federated_run_from_cfg(compose_cfg(
+        "experiment=fed_lora", f"model.pretrained={ckpt}", f"data.path={play}", "out_dir=/tmp/x", "data.seq_len=16",
+        "fed.num_clients=4", "fed.ranks=[8,4,2,2]", "fed.min_partition_size=2", *overrides))
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.pretrained=null", "model.pretrained"),
+    ("strategy=slice", "strategy in"),
+    ("fed.robust=median", "fed.robust"),
+    ("fed.server_opt=adam", "fed.server_opt"),
+    ("method.targets=[nothing_here]", "select no nn.Linear"),
+    ("data.seq_len=65", "context of 64"),
+    ("method.alpha=0", "method.alpha"),
+    ("fed.partition=dirichlet", "trains on text"),
+])
+def test_refused_before_any_work(ckpt, play, override, match):
+    with pytest.raises(ConfigError, match=match):
+        lora_run(ckpt, play, override)
+
+
+def test_strategy_of_adapters_needs_method_lora():
+    with pytest.raises(ConfigError, match="needs method=lora"):
+        federated_run_from_cfg(compose_cfg("mode=federated", "strategy=flexlora", "out_dir=/tmp/x"))
+
+
+def test_models_share_one_frozen_base_and_only_adapters_travel(ckpt, play):
+    run = lora_run(ckpt, play, "strategy=fedit")
+    method = fed_method(run)
+    g = method.initial_state()
+    assert g and all(k.endswith((".adapter.U", ".adapter.V")) for k in g)  # the global state: adapters only
+    assert all(float(g[k].abs().max()) == 0 for k in g if k.endswith(".U"))  # B = 0: starts at the base
+    big, small = (method.view(g, run.fed.budget(i)) for i in (0, 2))
+    m1, m2 = model_from_state(run, big), model_from_state(run, small)
+    w1, w2 = m1.h[0].attn.c_attn.base.weight, m2.h[0].attn.c_attn.base.weight
+    assert w1.data_ptr() == w2.data_ptr() and not w1.requires_grad  # one base tensor, frozen
+    assert m1.h[0].attn.c_attn.rank == 8 and m2.h[0].attn.c_attn.rank == 2
+    assert {n for n, p in m1.named_parameters() if p.requires_grad} == {
+        f"{p}.adapter.{s}" for p in lora_rules.adapter_prefixes(g) for s in "UV"}
+    reply, metrics = local_train(run, 2, 4, small, 1)
+    assert {k: tuple(v.shape) for k, v in reply.items()} == method.expected(small, run.fed.budget(2))
+    assert any(not torch.equal(reply[k], small[k]) for k in reply)  # it trained
+    saved = load_file(str(ckpt / "model.safetensors"))  # the base is untouched by training
+    ours = model_from_state(run, small).h[0].attn.c_attn.base.weight
+    torch.testing.assert_close(ours, saved["transformer.h.0.attn.c_attn.weight"].T, rtol=0, atol=0)
+
+
+def test_ffa_clients_keep_the_shared_a_and_send_b_only(ckpt, play):
+    run = lora_run(ckpt, play, "strategy=ffa")
+    method = fed_method(run)
+    view = method.view(method.initial_state(), run.fed.budget(1))
+    reply, _ = local_train(run, 1, 4, view, 1)
+    assert reply and all(k.endswith(".adapter.U") for k in reply)
+    model = prepare_client(run, 1, 4, view, 1)[0]  # the model a client trains
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert adapters and all(not m.adapter.V.requires_grad and m.adapter.U.requires_grad for m in adapters)
+
+
+@pytest.mark.parametrize("rule", ["fedit", "hetlora", "flexlora", "ffa", "product"])
+def test_a_short_run_lowers_the_held_out_loss(ckpt, play, rule):
+    run = lora_run(ckpt, play, f"strategy={rule}", "fed.lr=0.5", "fed.momentum=0.9", "fed.clip_auto=null")
+    strategy, grid = make_strategy(run), InProcessGrid(run)
+    test = DataLoader(fed_data(run).test, batch_size=256)
+    before = evaluate_classifier(model_from_state(run, strategy.global_state), test)["loss"]
+    run_rounds(strategy, grid, 3)
+    after = evaluate_classifier(model_from_state(run, strategy.global_state), test)["loss"]
+    assert set(strategy.global_state) == set(fed_method(run).initial_state())  # still adapters only
+    assert after < before - 0.1

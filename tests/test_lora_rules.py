@@ -1,0 +1,131 @@
+"""Heterogeneous LoRA rules against independent numpy computations on the same replies (dense ΔW matrices,
+numpy's SVD), and the α/r convention between what the server sends and what a client computes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedlowrank.federated import lora_rules as L
+
+pytestmark = pytest.mark.timeout(60)
+ALPHA = 16.0
+OUT, IN, R = 12, 9, 6
+RANKS = [2, 4, 6]
+W = [3.0, 1.0, 2.0]
+
+
+def _replies(seed: int = 0, ffa_A: np.ndarray | None = None):
+    rng = np.random.default_rng(seed)
+    reps = []
+    for r in RANKS:
+        B = rng.normal(size=(OUT, r))
+        A = ffa_A[:r] if ffa_A is not None else rng.normal(size=(r, IN))
+        reps.append({"l.adapter.U": torch.tensor(B), "l.adapter.V": torch.tensor(A)})
+    return reps
+
+
+def _global(seed: int = 1):
+    rng = np.random.default_rng(seed)
+    return {"l.adapter.U": torch.tensor(rng.normal(size=(OUT, R))), "l.adapter.V": torch.tensor(rng.normal(size=(R, IN)))}
+
+
+def _np_delta(st) -> np.ndarray:
+    B, A = st["l.adapter.U"].numpy(), st["l.adapter.V"].numpy()
+    return ALPHA / B.shape[1] * B @ A
+
+
+def _np_truncate(M: np.ndarray, r: int) -> np.ndarray:
+    u, s, vt = np.linalg.svd(M, full_matrices=False)
+    return (u[:, :r] * s[:r]) @ vt[:r]
+
+
+def test_fedit_averages_scaled_zero_padded_factors_separately():
+    reps, g = _replies(), _global()
+    new = L.aggregate("fedit", g, reps, W, ALPHA)
+    p = np.array(W) / sum(W)
+    Bp = sum(pk * np.sqrt(ALPHA / r) * np.pad(u["l.adapter.U"].numpy(), ((0, 0), (0, R - r)))
+             for pk, r, u in zip(p, RANKS, reps))
+    Ap = sum(pk * np.sqrt(ALPHA / r) * np.pad(u["l.adapter.V"].numpy(), ((0, R - r), (0, 0)))
+             for pk, r, u in zip(p, RANKS, reps))
+    np.testing.assert_allclose(_np_delta(new), Bp @ Ap, atol=1e-10)
+    exact = sum(pk * _np_delta(u) for pk, u in zip(p, reps))
+    assert np.abs(_np_delta(new) - exact).max() > 0.1  # the inexact baseline really is inexact
+
+
+def test_hetlora_weights_by_each_clients_delta_norm():
+    reps, g = _replies(2), _global()
+    new = L.aggregate("hetlora", g, reps, W, ALPHA)
+    norms = np.array([np.linalg.norm(_np_delta(u)) for u in reps])
+    p = norms / norms.sum()
+    Bp = sum(pk * np.sqrt(ALPHA / r) * np.pad(u["l.adapter.U"].numpy(), ((0, 0), (0, R - r)))
+             for pk, r, u in zip(p, RANKS, reps))
+    Ap = sum(pk * np.sqrt(ALPHA / r) * np.pad(u["l.adapter.V"].numpy(), ((0, R - r), (0, 0)))
+             for pk, r, u in zip(p, RANKS, reps))
+    np.testing.assert_allclose(_np_delta(new), Bp @ Ap, atol=1e-10)
+    # data-size weights give another answer: the norm weights are really used
+    assert np.abs(_np_delta(new) - _np_delta(L.aggregate("fedit", g, reps, W, ALPHA))).max() > 1e-3
+
+
+def test_flexlora_is_the_truncated_svd_of_the_weighted_deltas_and_clients_get_the_top_r():
+    reps, g = _replies(3), _global()
+    new = L.aggregate("flexlora", g, reps, W, ALPHA)
+    p = np.array(W) / sum(W)
+    M = sum(pk * _np_delta(u) for pk, u in zip(p, reps))  # the reference: Σ p_k (α/r_k) B_k A_k
+    np.testing.assert_allclose(_np_delta(new), _np_truncate(M, R), atol=1e-9)
+    for r in (1, 3, 6):
+        v = L.view("flexlora", new, {"l": r}, ALPHA)
+        assert v["l.adapter.U"].shape == (OUT, r) and v["l.adapter.V"].shape == (r, IN)
+        np.testing.assert_allclose(_np_delta(v), _np_truncate(M, r), atol=1e-9)
+        # the reference's split: A = V_rᵀ has orthonormal rows, B = U_r S_r / (α/r)
+        A = v["l.adapter.V"].numpy()
+        np.testing.assert_allclose(A @ A.T, np.eye(r), atol=1e-9)
+
+
+def test_ffa_keeps_the_shared_a_and_is_exact():
+    g = _global()
+    A = g["l.adapter.V"].numpy()
+    reps = [{"l.adapter.U": u["l.adapter.U"]} for u in _replies(4, ffa_A=A)]
+    new = L.aggregate("ffa", g, reps, W, ALPHA)
+    assert torch.equal(new["l.adapter.V"], g["l.adapter.V"])
+    p = np.array(W) / sum(W)
+    exact = sum(pk * ALPHA / r * u["l.adapter.U"].numpy() @ A[:r] for pk, r, u in zip(p, RANKS, reps))
+    np.testing.assert_allclose(_np_delta(new), exact, atol=1e-10)
+    v = L.view("ffa", new, {"l": 2}, ALPHA)
+    assert torch.equal(v["l.adapter.V"], g["l.adapter.V"][:2])  # the frozen A, unscaled
+
+
+def test_product_adds_each_clients_change_to_the_global_delta():
+    g, reps = _global(), _replies(5)
+    views = [L.view("product", g, {"l": r}, ALPHA) for r in RANKS]
+    for r, v in zip(RANKS, views):  # the download is the best rank-r approximation of the global ΔW
+        np.testing.assert_allclose(_np_delta(v), _np_truncate(_np_delta(g), r), atol=1e-9)
+    new = L.aggregate("product", g, reps, W, ALPHA, views)
+    p = np.array(W) / sum(W)
+    M = _np_delta(g) + sum(pk * (_np_delta(u) - _np_delta(v)) for pk, u, v in zip(p, reps, views))
+    np.testing.assert_allclose(_np_delta(new), _np_truncate(M, R), atol=1e-9)
+    # untrained replies (equal to the downloads) leave the global ΔW as it was
+    same = L.aggregate("product", g, views, W, ALPHA, views)
+    np.testing.assert_allclose(_np_delta(same), _np_delta(g), atol=1e-9)
+
+
+@pytest.mark.parametrize("rule", ["fedit", "hetlora", "ffa"])
+def test_a_download_computes_the_global_deltas_first_slots_at_the_clients_own_scale(rule):
+    """α/r consistency: a client of rank r computes (α/r)·B·A from its download; that must be the global
+    adapter's first r slots at the global scale, s_R·B_g[:, :r]·A_g[:r], whatever r is."""
+    g = _global()
+    Bg, Ag = g["l.adapter.U"].numpy(), g["l.adapter.V"].numpy()
+    for r in (1, 3, R):
+        v = L.view(rule, g, {"l": r}, ALPHA)
+        np.testing.assert_allclose(_np_delta(v), ALPHA / R * Bg[:, :r] @ Ag[:r], atol=1e-10)
+    # a round in which every client sends back what it downloaded, all at the global rank: nothing changes
+    views = [L.view(rule, g, {"l": R}, ALPHA) for _ in RANKS]
+    back = [{k: x for k, x in v.items() if rule != "ffa" or k.endswith(".U")} for v in views]
+    np.testing.assert_allclose(_np_delta(L.aggregate(rule, g, back, W, ALPHA)), _np_delta(g), atol=1e-10)
+
+
+def test_unknown_rule_and_bad_weights_are_refused():
+    with pytest.raises(ValueError, match="unknown LoRA rule"):
+        L.view("fedavg", _global(), {"l": 2}, ALPHA)
+    with pytest.raises(ValueError, match="weights"):
+        L.aggregate("fedit", _global(), _replies(), [0.0, 0.0, 0.0], ALPHA)

@@ -88,7 +88,7 @@ def test_ffa_clients_keep_the_shared_a_and_send_b_only(ckpt, play):
     assert adapters and all(not m.adapter.V.requires_grad and m.adapter.U.requires_grad for m in adapters)
 
 
-@pytest.mark.parametrize("rule", ["fedit", "hetlora", "flexlora", "ffa", "product"])
+@pytest.mark.parametrize("rule", ["fedit", "hetlora", "flexlora", "flora", "ffa", "product"])
 def test_a_short_run_lowers_the_held_out_loss(ckpt, play, rule):
     run = lora_run(ckpt, play, f"strategy={rule}", "fed.lr=0.5", "fed.momentum=0.9", "fed.clip_auto=null")
     strategy, grid = make_strategy(run), InProcessGrid(run)

@@ -129,3 +129,55 @@ def test_unknown_rule_and_bad_weights_are_refused():
         L.view("fedavg", _global(), {"l": 2}, ALPHA)
     with pytest.raises(ValueError, match="weights"):
         L.aggregate("fedit", _global(), _replies(), [0.0, 0.0, 0.0], ALPHA)
+
+
+def test_flora_merges_the_exact_weighted_sum_and_stays_thin():
+    """FLoRA: the stacked replies add Σ p_k (α/r_k) B_k A_k to the merged ΔW exactly, round after round; past
+    min(out, in) directions the factors are re-factorized without changing ΔW."""
+    g = {"l.merged.U": torch.zeros(OUT, 1, dtype=torch.float64), "l.merged.V": torch.zeros(1, IN, dtype=torch.float64)}
+    p = np.array(W) / sum(W)
+    expect = np.zeros((OUT, IN))
+    for rnd in range(3):  # 12 directions a round: wider than IN = 9 from the first round on
+        reps = _replies(10 + rnd)
+        assert L.view("flora", g, {"l": 2}, ALPHA).keys() == g.keys()  # everyone downloads the merged factors
+        g = L.aggregate("flora", g, reps, W, ALPHA)
+        expect += sum(pk * _np_delta(u) for pk, u in zip(p, reps))
+        np.testing.assert_allclose(L.merged_delta(g, "l").numpy(), expect, atol=1e-9)
+        assert g["l.merged.U"].shape[1] <= min(OUT, IN)
+
+
+def test_change_norm_is_the_frobenius_norm_of_the_delta_change():
+    g, reps = _global(), _replies(6)
+    for u in reps:
+        v = L.view("fedit", g, {"l": u["l.adapter.U"].shape[1]}, ALPHA)
+        want = np.linalg.norm(_np_delta(u) - _np_delta(v))
+        assert L.change_norm(u, v, "l", ALPHA) == pytest.approx(want, rel=1e-10)
+        assert L.change_norm(u, {}, "l", ALPHA) == pytest.approx(np.linalg.norm(_np_delta(u)), rel=1e-10)
+
+
+@pytest.mark.parametrize("rule", ["fedit", "ffa", "flora"])
+def test_clipping_acts_on_each_clients_delta_change(rule):
+    """ΔW-space clipping: an honest round (similar change sizes) is untouched; one client's change blown up 50x is
+    brought to 1.5x the median ΔW change norm (exactly for ffa and flora, where ΔW is linear in the change)."""
+    g = _global() if rule != "flora" else {}
+    rng = np.random.default_rng(7)
+    pairs = []
+    for i in range(4):
+        v = L.view(rule, g, {"l": R}, ALPHA) if g else {}
+        u = {}
+        for k, t in (v.items() if v else {"l.adapter.U": torch.zeros(OUT, R), "l.adapter.V": torch.zeros(R, IN)}.items()):
+            if rule == "ffa" and k.endswith(".V"):
+                continue
+            noise = torch.tensor(rng.normal(size=t.shape)) * 0.1
+            u[k] = t.double() + noise if (v or k.endswith(".U")) else torch.tensor(rng.normal(size=t.shape))
+        pairs.append((v, u))
+    honest, scaled, _ = L.clip_auto(pairs, 1.5, ALPHA)
+    assert scaled == [None] * 4 and all(h is u for h, (_, u) in zip(honest, pairs))
+    v3, u3 = pairs[3]
+    pairs[3] = (v3, {k: (v3[k].double() + 50 * (t - v3[k].double())) if k in v3 else 50 * t if k.endswith(".U") else t
+                     for k, t in u3.items()})
+    out, scaled, _ = L.clip_auto(pairs, 1.5, ALPHA)
+    assert scaled[:3] == [None] * 3 and scaled[3] > 10
+    norms = sorted(L.change_norm(u, v, "l", ALPHA) for v, u in pairs[:3])
+    ref = sorted([*norms, L.change_norm(pairs[3][1], v3, "l", ALPHA)])[1]  # the round's lower median
+    assert L.change_norm(out[3], v3, "l", ALPHA) == pytest.approx(1.5 * ref, rel=1e-6)

@@ -12,8 +12,8 @@ from .budgets import check_budget_count
 if TYPE_CHECKING:
     from .federated import FederatedRun
 
-LORA_RULES = ("fedit", "hetlora", "flexlora", "ffa", "product")  # fedlowrank.federated.lora_rules
-LORA_ONLY = ("fedit", "hetlora", "flexlora", "ffa")  # strategies that exist only for method=lora
+LORA_RULES = ("fedit", "hetlora", "flexlora", "flora", "ffa", "product")  # fedlowrank.federated.lora_rules
+LORA_ONLY = ("fedit", "hetlora", "flexlora", "flora", "ffa")  # strategies that exist only for method=lora
 
 
 @dataclass

@@ -18,7 +18,7 @@ from .devices import DevicesConfig, population
 from .fed_lora import LORA_ONLY, check_lora_run
 
 # fedavg: dense baseline, budgets ignored; fedit..ffa: LoRA adapters only (method=lora, fedlowrank.config.fed_lora)
-STRATEGIES = ("fedlmt", "slice", "product", "fedavg", "fedit", "hetlora", "flexlora", "ffa")
+STRATEGIES = ("fedlmt", "slice", "product", "fedavg", "fedit", "hetlora", "flexlora", "flora", "ffa")
 PARTITIONS = ("iid", "dirichlet", "natural")  # natural: one client per speaking role (text tasks)
 TEXT_SPECS = ("shakespeare",)  # next-character prediction, LEAF style
 FAULTS = ("nan", "shape", "crash", "scale", "budget", "weight", "metrics", "flip", "flip1.4", "flip5", "constant",

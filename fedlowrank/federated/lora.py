@@ -32,18 +32,45 @@ def target_linears(model: nn.Module, cfg: FedLoRAConfig) -> dict[str, nn.Linear]
             and matches_any(n, cfg.targets) and not matches_any(n, cfg.skip)}
 
 
+class FLoRALinear(LoRALinear):
+    """A LoRALinear whose frozen part is the shared base plus FLoRA's merged adapters, kept thin:
+    ``y = base(x) + x·Vₘᵀ·Uₘᵀ + s·B·A·x``; Uₘ (out, K), Vₘ (K, in) are buffers, never trained."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, merged_U: torch.Tensor,
+                 merged_V: torch.Tensor) -> None:
+        super().__init__(base, r, alpha, dropout)
+        self.register_buffer("merged_U", merged_U)
+        self.register_buffer("merged_V", merged_V)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        merged = (x @ self.merged_V.T.to(x.dtype)) @ self.merged_U.T.to(x.dtype)
+        return super().forward(x) + merged
+
+    def fresh(self, r: int, alpha: float, dropout: float) -> FLoRALinear:
+        """The same frozen part with a new rank-r adapter (A drawn from torch's generator, B = 0)."""
+        return FLoRALinear(self.base, r, alpha, dropout, self.merged_U, self.merged_V)
+
+
 def lora_model(run: FederatedRun, state: State) -> nn.Module:
     """The shared frozen base with an adapter on every layer ``state`` names, at the rank of its tensors, loaded
-    from ``state``. Only adapters are trainable."""
+    from ``state`` (FLoRA's merged factors: a rank-1 adapter at B = 0 over them, replaced by the client's own in
+    ``LoRAFed.prepare_client``). Only adapters are trainable."""
     cfg = to_dataclass(FedLoRAConfig, run.method, "method")
     model = build_model(run)
+    for p in lora_rules.merged_prefixes(state):
+        mU, mV = state[p + ".merged.U"].detach().clone(), state[p + ".merged.V"].detach().clone()
+        set_submodule(model, p, FLoRALinear(_linear(model, p), 1, cfg.alpha, cfg.dropout, mU, mV))
     for p in lora_rules.adapter_prefixes(state):
-        base = model.get_submodule(p)
-        if type(base) is not nn.Linear:
-            raise TypeError(f"adapter for {p!r}, which is {type(base).__name__}, not nn.Linear")
-        layer = LoRALinear(base, r=state[p + _B].shape[1], alpha=cfg.alpha, dropout=cfg.dropout)
+        layer = LoRALinear(_linear(model, p), r=state[p + _B].shape[1], alpha=cfg.alpha, dropout=cfg.dropout)
         with torch.no_grad():
             layer.adapter.U.copy_(state[p + _B])
             layer.adapter.V.copy_(state[p + _A])
         set_submodule(model, p, layer)
     return model
+
+
+def _linear(model: nn.Module, p: str) -> nn.Linear:
+    base = model.get_submodule(p)
+    if type(base) is not nn.Linear:
+        raise TypeError(f"adapter for {p!r}, which is {type(base).__name__}, not nn.Linear")
+    return base

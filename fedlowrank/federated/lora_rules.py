@@ -12,6 +12,10 @@ Rules (client k: rank r_k, scale s_k = α/r_k, aggregation weight p_k, Σ p_k = 
 * ``hetlora`` (Cho et al. 2024): the same zero-padding, weighted by ‖ΔW_k‖_F / Σ_j ‖ΔW_j‖_F per layer.
 * ``flexlora`` (Bai et al. 2024; FederatedScope's ``FlexLoRA`` branch): ΔW = Σ p_k ΔW_k, its SVD, and client k
   gets the top r_k: ``B = U_r·S_r / s_k``, ``A = V_rᵀ`` (as the reference's ``distribute_weight_fast``).
+* ``flora`` (Wang et al. 2024; ATP-1010/FederatedLLM): the replies stacked, [p_1 s_1 B_1, …] · [A_1; …], which is
+  Σ p_k ΔW_k exactly, and merged into the base; every round each client trains a fresh adapter on the merged model.
+  The merges are kept as thin factors (``p.merged.U`` / ``p.merged.V``), re-factorized exactly once they are wider
+  than the layer; the global state and every download are those factors, never a dense out×in matrix.
 * ``ffa`` (FFA-LoRA, Sun et al. 2024): A is a frozen random matrix shared by everyone; only B is trained and
   averaged (zero-padded, s_k folded in), so Σ p_k ΔW_k is exact.
 * ``product``: G + Σ p_k (ΔW_k − ΔW̃_k), ΔW̃_k what client k downloaded, truncated to rank R (this project's
@@ -29,13 +33,19 @@ from torch import Tensor
 from fedlowrank.lowrank.spectrum import factored_svd, refactorize_sum
 
 State = dict[str, Tensor]
-LORA_RULES = ("fedit", "hetlora", "flexlora", "ffa", "product")
+LORA_RULES = ("fedit", "hetlora", "flexlora", "flora", "ffa", "product")
 _B, _A = ".adapter.U", ".adapter.V"
+_MU, _MV = ".merged.U", ".merged.V"  # flora: every round's adapters merged so far, ΔW = U·V (out, K), (K, in)
 
 
 def adapter_prefixes(state: State) -> list[str]:
     """Adapted linears ``p`` of a state (those with a ``p.adapter.U``), in key order."""
     return [k[: -len(_B)] for k in state if k.endswith(_B)]
+
+
+def merged_prefixes(state: State) -> list[str]:
+    """Linears ``p`` with merged FLoRA factors (``p.merged.U``), in key order."""
+    return [k[: -len(_MU)] for k in state if k.endswith(_MU)]
 
 
 def lora_scale(alpha: float, r: int) -> float:
@@ -69,7 +79,10 @@ def _svd_top(lefts: list[Tensor], rights: list[Tensor], weights: list[float], r:
 
 
 def view(rule: str, global_state: State, ranks: dict[str, int], alpha: float) -> State:
-    """What a client with per-layer ``ranks`` downloads (client convention at its ranks)."""
+    """What a client with per-layer ``ranks`` downloads (client convention at its ranks; ``flora``: the merged
+    factors, the same for every client, which then trains a fresh adapter of its rank)."""
+    if rule == "flora":
+        return {k: v.clone() for k, v in global_state.items()}
     out: State = {}
     for p in adapter_prefixes(global_state):
         Bg, Ag = global_state[p + _B].double(), global_state[p + _A].double()
@@ -142,6 +155,8 @@ def aggregate(rule: str, global_state: State, updates: list[State], weights: lis
     if not updates:
         return {k: v.clone() for k, v in global_state.items()}
     w = _normalise(weights)
+    if rule == "flora":
+        return merge_stacked(global_state, updates, w, alpha)
     new: State = {}
     for p in adapter_prefixes(global_state):
         Bg, Ag = global_state[p + _B], global_state[p + _A]
@@ -151,3 +166,89 @@ def aggregate(rule: str, global_state: State, updates: list[State], weights: lis
         B, A = _layer(rule, Bg, Ag, Bs, As, w, alpha, vs)
         new[p + _B], new[p + _A] = B.to(Bg.dtype).contiguous(), A.to(Ag.dtype).contiguous()
     return {k: new.get(k, v) for k, v in global_state.items()}
+
+
+def merge_stacked(global_state: State, updates: list[State], w: list[float], alpha: float) -> State:
+    """FLoRA: the merged factors with every reply's p_k·s_k·B_k and A_k stacked on (exactly Σ p_k ΔW_k more);
+    once wider than min(out, in) they are re-factorized from their thin SVD, dropping only zero directions."""
+    new: State = {}
+    for p in merged_prefixes(global_state):
+        U, V = global_state[p + _MU], global_state[p + _MV]
+        Us = [U.double(), *(wk * lora_scale(alpha, u[p + _B].shape[1]) * u[p + _B].double() for wk, u in zip(w, updates))]
+        Vs = [V.double(), *(u[p + _A].double() for u in updates)]
+        U2, V2 = torch.cat(Us, dim=1), torch.cat(Vs, dim=0)
+        if U2.shape[1] > min(U2.shape[0], V2.shape[1]):
+            P, S, Qh = factored_svd(U2, V2)
+            keep = max(1, int((S > S[0] * 1e-12).sum())) if S.numel() and S[0] > 0 else 1
+            U2, V2 = P[:, :keep] * S[:keep], Qh[:keep]
+        new[p + _MU], new[p + _MV] = U2.to(U.dtype).contiguous(), V2.to(V.dtype).contiguous()
+    return {k: new.get(k, v) for k, v in global_state.items()}
+
+
+def merged_delta(state: State, p: str) -> Tensor:
+    """FLoRA's merged ΔW of layer ``p`` (out, in), float64: for tests and export."""
+    return state[p + _MU].double() @ state[p + _MV].double()
+
+
+def change_norm(update: State, view: State, p: str, alpha: float) -> float:
+    """‖ΔW(update) − ΔW(view)‖_F of layer ``p`` from the thin factors (a view without that adapter counts as 0;
+    an update without A, as ffa's, uses the view's)."""
+    B, A = update[p + _B].double(), (update.get(p + _A, view.get(p + _A)))
+    lefts, rights = [lora_scale(alpha, B.shape[1]) * B], [A.double()]  # type: ignore[union-attr]
+    if p + _B in view:
+        vB = view[p + _B].double()
+        lefts.append(-lora_scale(alpha, vB.shape[1]) * vB)
+        rights.append(view[p + _A].double())
+    rl = torch.linalg.qr(torch.cat(lefts, dim=1), mode="r").R
+    rr = torch.linalg.qr(torch.cat(rights, dim=0).T, mode="r").R
+    return float(torch.linalg.matrix_norm(rl @ rr.T))
+
+
+def _toward(view: State, update: State, c: float) -> State:
+    """The update with its change scaled by ``c``: each factor the view holds at the same shape moves c of the way
+    from the view's value; a B the view lacks (fresh adapters) is scaled by c; anything else is kept."""
+    out = dict(update)
+    for k, u in update.items():
+        v = view.get(k)
+        if v is not None and v.shape == u.shape:
+            out[k] = (v.double() + c * (u.double() - v.double())).to(u.dtype)
+        elif k.endswith(_B):
+            out[k] = (c * u.double()).to(u.dtype)
+    return out
+
+
+def clip_auto(pairs: list[tuple[State, State]], factor: float, alpha: float, min_contributors: int = 3
+              ) -> tuple[list[State], list[float | None], list[int]]:
+    """``fed.clip_auto`` for adapters, in the space of ΔW: per layer, each client's ‖ΔW(update) − ΔW(view)‖_F
+    against the lower median of the changes of the round's clients of the same or a smaller rank there (honest
+    changes grow as the rank shrinks: the scale α/r grows), or their smallest when fewer than
+    ``min_contributors`` clients are in that pool. A client above ``factor`` x on some layer has its change scaled
+    down (:func:`_toward`, the scale found by bisection on the ΔW norms, exact where ΔW is linear in the change:
+    ``ffa`` and ``flora``) until it is at ``factor`` x. Returns what
+    :func:`fedlowrank.federated.clipping.clip_auto` returns (no slot caps here)."""
+    prefixes = adapter_prefixes(pairs[0][1])
+    norms = [{p: change_norm(u, v, p, alpha) for p in prefixes} for v, u in pairs]
+    ranks = [{p: u[p + _B].shape[1] for p in prefixes} for _, u in pairs]
+
+    def ref(k: int, p: str) -> float:
+        pool = sorted(n[p] for n, r in zip(norms, ranks) if r[p] <= ranks[k][p])
+        return pool[(len(pool) - 1) // 2] if len(pool) >= min_contributors else pool[0]
+
+    refs = [{p: ref(k, p) for p in prefixes} for k in range(len(pairs))]
+    updates, scaled = [], []
+    for (v, u), n, rf in zip(pairs, norms, refs):
+        def excess(x: State) -> float:
+            return max((change_norm(x, v, p, alpha) / rf[p] if rf[p] > 0 else 0.0) for p in prefixes)
+
+        x = max((n[p] / rf[p] if rf[p] > 0 else 0.0) for p in prefixes) if prefixes else 0.0
+        if x <= factor:
+            updates.append(u)
+            scaled.append(None)
+            continue
+        lo, hi = 0.0, 1.0
+        for _ in range(40):  # the largest c whose scaled change is within the bound
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if excess(_toward(v, u, mid)) <= factor else (lo, mid)
+        updates.append(_toward(v, u, lo))
+        scaled.append(x)
+    return updates, scaled, [0] * len(pairs)

@@ -18,12 +18,14 @@ from fedlowrank.methods.inrank import InRankConfig
 from fedlowrank.methods.relora import ReLoRA, ReLoRAConfig
 from fedlowrank.methods.welore import WeLoreConfig, is_norm_param, welore_compress
 from fedlowrank.lowrank import factorize
+from fedlowrank.lowrank.factorize import set_submodule
 from fedlowrank.lowrank.layers import rank_from_budget
 from fedlowrank.lowrank.lora import LoRALinear
 
 from . import lora_rules
 from .aggregation import State, aggregate, budget_ranks, client_view, expected_shapes, layer_ranks, merge_adapters
-from .lora import target_linears
+from .clipping import clip_auto
+from .lora import FLoRALinear, target_linears
 from .rankadapt import adapt_ranks, due, layer_caps
 from .task import build_model, fed_data
 
@@ -94,6 +96,10 @@ class FedMethod:
         """Server side, after round ``rnd``'s aggregation: change the global model's shape (rank
         adaptation). Default: unchanged."""
         return global_state
+
+    def clip_auto(self, pairs: list[tuple[State, State]], factor: float):
+        """``fed.clip_auto`` on (view, update) pairs (:func:`fedlowrank.federated.clipping.clip_auto`)."""
+        return clip_auto(pairs, factor)
 
 
 class ReLoRAFed(FedMethod):
@@ -237,6 +243,9 @@ class LoRAFed(FedMethod):
         g = torch.Generator().manual_seed(self.run.seed if self.cfg.init_seed is None else self.cfg.init_seed)
         state: State = {}
         for p, (o, i) in self.dims().items():
+            if self.rule == "flora":  # nothing merged yet: one zero direction (ΔW = 0)
+                state[p + ".merged.U"], state[p + ".merged.V"] = torch.zeros(o, 1), torch.zeros(1, i)
+                continue
             bound = 1.0 / i ** 0.5  # nn.Linear's (and LoRALinear.reinit's) Kaiming-uniform bound
             state[p + _B] = torch.zeros(o, ranks[p])
             state[p + _A] = torch.empty(ranks[p], i).uniform_(-bound, bound, generator=g)
@@ -252,6 +261,10 @@ class LoRAFed(FedMethod):
         return True
 
     def prepare_client(self, model: nn.Module, budget: Budget) -> None:
+        if self.rule == "flora":  # a fresh adapter of the client's rank on the merged model, every round
+            ranks = self.layer_ranks(budget)
+            for p, m in [(n, m) for n, m in model.named_modules() if isinstance(m, FLoRALinear)]:
+                set_submodule(model, p, m.fresh(ranks[p], self.cfg.alpha, self.cfg.dropout))
         if self.rule == "ffa":  # FFA-LoRA: A stays the shared random one
             for m in model.modules():
                 if isinstance(m, LoRALinear):
@@ -262,12 +275,19 @@ class LoRAFed(FedMethod):
         return {k: v.detach().float() for k, v in model.state_dict().items() if k.endswith(keys)}
 
     def expected(self, view: State, budget: Budget) -> dict[str, tuple[int, ...]]:
+        if self.rule == "flora":  # the fresh adapters: shapes from the budget
+            return {k: s for p, r in self.layer_ranks(budget).items() for k, s in
+                    ((p + _B, (self.dims()[p][0], r)), (p + _A, (r, self.dims()[p][1])))}
         keys = (_B,) if self.rule == "ffa" else (_B, _A)
         return {k: s for k, s in expected_shapes(view).items() if k.endswith(keys)}
 
     def aggregate(self, global_state: State, updates: list[State], weights: list[float],
                   views: list[State] | None = None) -> State:
         return lora_rules.aggregate(self.rule, global_state, updates, weights, self.cfg.alpha, views)
+
+    def clip_auto(self, pairs: list[tuple[State, State]], factor: float):
+        """In the space of each client's ΔW = (α/r)·B·A, not of the factors (:func:`.lora_rules.clip_auto`)."""
+        return lora_rules.clip_auto(pairs, factor, self.cfg.alpha)
 
 
 def fed_method(run: FederatedRun) -> FedMethod:

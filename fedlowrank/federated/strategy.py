@@ -25,7 +25,7 @@ from fedlowrank.federated.aggregation import State, layer_ranks, validate_update
 from fedlowrank.federated.methods import FedMethod
 from fedlowrank.federated.simclock import SimClock
 from fedlowrank.federated.tb import RunWriters
-from fedlowrank.federated.clipping import clip_auto, clip_update
+from fedlowrank.federated.clipping import clip_update
 from fedlowrank.federated.robust import (RejectedReply, bounded_weight, check_metrics, check_record, check_values,
                                          record_bytes, robust_aggregate, value_bounds)
 from fedlowrank.lowrank import state_bytes
@@ -270,7 +270,7 @@ class HeteroRankStrategy(Strategy):
         factor = self.run.fed.clip_auto
         if factor is None or not valid:
             return valid
-        updates, scaled, capped = clip_auto([(v[4], v[1]) for v in valid], factor)
+        updates, scaled, capped = self.method.clip_auto([(v[4], v[1]) for v in valid], factor)
         out = []
         hit = [f"client {v[0]} ({x:.3g}x)" for v, x in zip(valid, scaled) if x is not None]
         if hit or any(capped):  # one line a round, with counts: clipping is routine, not something to act on

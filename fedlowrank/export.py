@@ -1,7 +1,8 @@
 """Export a central run, a checkpoint, or a Hugging Face directory as a directory that ``transformers``'
 ``AutoModelForCausalLM.from_pretrained`` loads: ``config.json``, ``model.safetensors`` and, where the run had
-them, the tokenizer files. Factorized layers (fixed rank, InRank, WeLore's LRCs) and LoRA adapters (ReLoRA)
-are merged to dense weights first, so any tool can use the result.
+them, the tokenizer files. Factorized layers (fixed rank, InRank, WeLore's LRCs) and LoRA adapters (ReLoRA, and
+the global adapter of a federated ``method=lora`` run) are merged to dense weights first, so any tool can use the
+result.
 
     python -m fedlowrank.export <run dir | checkpoint dir | HF dir> <out dir>
 """
@@ -137,6 +138,10 @@ def load_any(src: Path) -> tuple[nn.Module, int, Path | None]:
     if (src / "config.json").is_file() and not (src / "meta.json").is_file():
         model, d = load_pretrained(str(src))
         return model, sum(p.numel() for p in model.parameters()), d
+    from fedlowrank.federated.lora_export import is_lora_run, merged_lora_run
+
+    if is_lora_run(src):  # a federated LoRA run: its checkpoint's base with the global adapter merged
+        return merged_lora_run(src)
     ckpt = find_checkpoint(src)
     meta, sd = read_json(ckpt / "meta.json"), load_tensors(ckpt / "model.safetensors")
     if not isinstance(meta, dict):
@@ -175,7 +180,8 @@ def export(src: str | Path, out: str | Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fedlowrank.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("src", help="a central run directory, a checkpoint directory, or a Hugging Face directory")
+    ap.add_argument("src", help="a central or federated LoRA run directory, a checkpoint directory, or a Hugging Face "
+                                "directory")
     ap.add_argument("out", help="the directory to write (created)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -98,3 +98,37 @@ def test_a_short_run_lowers_the_held_out_loss(ckpt, play, rule):
     after = evaluate_classifier(model_from_state(run, strategy.global_state), test)["loss"]
     assert set(strategy.global_state) == set(fed_method(run).initial_state())  # still adapters only
     assert after < before - 0.1
+
+
+@pytest.mark.parametrize("rule", ["flexlora", "flora"])
+def test_export_merges_the_global_adapter_and_transformers_gives_the_same_logits(ckpt, play, tmp_path, rule):
+    """``python -m fedlowrank.export <run> <dir>``: the checkpoint's base with the run's global adapter merged, as a
+    directory transformers loads, with logits within 1e-5 of the run's own model (base + adapters)."""
+    import transformers as T
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from fedlowrank.export import main as export_main
+
+    over = [f"strategy={rule}", "fed.lr=0.5", "fed.momentum=0.9", f"out_dir={tmp_path}"]
+    cfg = compose_cfg("experiment=fed_lora", f"model.pretrained={ckpt}", f"data.path={play}", "data.seq_len=16",
+                      "fed.num_clients=4", "fed.ranks=[8,4,2,2]", "fed.min_partition_size=2", *over)
+    run = federated_run_from_cfg(cfg)
+    strategy = make_strategy(run)
+    run_rounds(strategy, InProcessGrid(run), 2)
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / ".hydra" / "config.yaml")
+    (tmp_path / "checkpoints").mkdir()
+    save_file({k: v.contiguous() for k, v in strategy.global_state.items()}, str(tmp_path / "checkpoints" / "last.safetensors"))
+    assert export_main([str(tmp_path), str(tmp_path / "hf")]) == 0
+    hf = T.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = model_from_state(run, strategy.global_state).eval()
+    idx = fed_data(run).test.tensors[0][:4]
+    with torch.no_grad():
+        diff = (hf(idx).logits - ours(idx)).abs().max().item()
+        moved = (hf(idx).logits - T.AutoModelForCausalLM.from_pretrained(ckpt)(idx).logits).abs().max().item()
+    assert diff <= 1e-5 and moved > 1e-3  # the same model, and not just the base
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+    bad = {k: v[:, :1].contiguous() for k, v in strategy.global_state.items()}  # another run's adapters: refused
+    save_file(bad, str(tmp_path / "checkpoints" / "last.safetensors"))
+    assert export_main([str(tmp_path), str(tmp_path / "hf2")]) == 2

@@ -46,6 +46,11 @@ class FLoRALinear(LoRALinear):
         merged = (x @ self.merged_V.T.to(x.dtype)) @ self.merged_U.T.to(x.dtype)
         return super().forward(x) + merged
 
+    @torch.no_grad()
+    def delta(self) -> torch.Tensor:
+        """Everything added to the base weight: the merged adapters and this round's, (out, in) float32."""
+        return super().delta() + self.merged_U.float() @ self.merged_V.float()
+
     def fresh(self, r: int, alpha: float, dropout: float) -> FLoRALinear:
         """The same frozen part with a new rank-r adapter (A drawn from torch's generator, B = 0)."""
         return FLoRALinear(self.base, r, alpha, dropout, self.merged_U, self.merged_V)

@@ -4,6 +4,7 @@ client over rounds)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedlowrank.config import TEXT_SPECS as TEXT_TASKS
 from fedlowrank.config import FederatedRun
 from fedlowrank.training.loop import example_sums, mean_loss_accuracy
 
@@ -108,9 +110,12 @@ def _client_sums(run: FederatedRun, model, fd: FedData, members: list[int]) -> t
     return tot
 
 
-def personalized_eval(run: FederatedRun, method, state: State, fd: FedData) -> dict | None:
+def personalized_eval(run: FederatedRun, method, state: State, fd: FedData, trained: set[int] | None = None
+                      ) -> dict | None:
     """Accuracy of the global model, cut to each client's budget, on that client's own held-out
-    examples. None when the task has no per-client held-out split."""
+    examples; for text tasks also its perplexity there (exp of the mean token loss): over every client, and over
+    those that ``trained`` in the run and those that never did. None when the task has no per-client held-out
+    split."""
     if fd.heldout_parts is None:
         return None
     rows = _heldout_rows(run, method, state, fd, range(run.fed.num_clients))
@@ -118,8 +123,24 @@ def personalized_eval(run: FederatedRun, method, state: State, fd: FedData) -> d
         return None
     acc = np.array([r["accuracy"] for r in rows])
     n = np.array([r["examples"] for r in rows], dtype=float)
-    return {"mean": float(acc.mean()), "weighted_mean": float((acc * n).sum() / n.sum()), "min": float(acc.min()),
-            "max": float(acc.max()), "clients": rows}
+    out = {"mean": float(acc.mean()), "weighted_mean": float((acc * n).sum() / n.sum()), "min": float(acc.min()),
+           "max": float(acc.max()), "clients": rows}
+    if run.data.name in TEXT_TASKS:
+        for r in rows:
+            r["perplexity"] = float(np.exp(r["loss"]))
+        groups = {"all": rows}
+        if trained is not None:
+            groups |= {"trained": [r for r in rows if r["pid"] in trained],
+                       "never_trained": [r for r in rows if r["pid"] not in trained]}
+        out["perplexity"] = {name: _ppl_stats(rs) for name, rs in groups.items() if rs}
+    return out
+
+
+def _ppl_stats(rows: list[dict]) -> dict:
+    """Mean, 90th percentile and worst (largest) perplexity of clients on their held-out splits."""
+    ppl = np.array([r["perplexity"] for r in rows])
+    return {"clients": len(rows), "mean": float(ppl.mean()), "p90": float(np.percentile(ppl, 90)),
+            "worst": float(ppl.max())}
 
 
 def client_eval(run: FederatedRun, method, state: State, fd: FedData, pids: list[int]) -> tuple[dict, list[dict]]:
@@ -253,6 +274,11 @@ def summary_lines(summary: dict, out_dir: str, wall_s: float) -> list[str]:
     if "clients_mean_accuracy" in final:  # each evaluated client on its own held-out split
         lines.append("  clients on their held-out data: " + ", ".join(
             f"{q} {final[f'clients_{q}_accuracy']:.4f}" for q in ("mean", "p10", "p90", "worst")))
+    ppl = (summary.get("personalized") or {}).get("perplexity")
+    if ppl:  # text tasks: the global model's held-out perplexity, every client on its own split
+        lines.append(f"  held-out perplexity: global {math.exp(final.get('global_loss', float('nan'))):.2f}; " + "; ".join(
+            f"{name.replace('_', ' ')} ({g['clients']} clients) mean {g['mean']:.2f}, p90 {g['p90']:.2f}, "
+            f"worst {g['worst']:.2f}" for name, g in ppl.items()))
     lines.append(f"  bytes: {up / 1e6:.2f} MB up, {down / 1e6:.2f} MB down; global model "
                  f"{summary.get('global_model_bytes', 0) / 1e6:.3f} MB (dense {summary.get('dense_model_bytes', 0) / 1e6:.3f} MB)")
     lines += _size_lines(summary)

@@ -187,7 +187,8 @@ class _ServerRun:
             "global_params": count_params(model_from_state(run, st.global_state)),
             "global_model_bytes": state_bytes(st.global_state), "dense_model_bytes": dense_model_bytes(run),
             "dense_params": count_params(build_model(run)), "budget_params": self._budget_params(),
-            "personalized": personalized_eval(run, self.method, st.global_state, fed_data(run)),
+            "personalized": personalized_eval(run, self.method, st.global_state, fed_data(run),
+                                              {c["pid"] for h in st.history for c in h.get("clients", [])}),
             "final_clients": self.client_rows.get(run.fed.rounds, []),  # the last round's sampled clients
             "label_skew": label_skew(fed_data(run)), "report_png": str(png) if png else None,
         }

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import compose_cfg
 from safetensors.torch import load_file
-from test_hf import _hf, _tokenizer
+from test_hf import VOCAB, _hf, _tokenizer
 from torch.utils.data import DataLoader
 
 from fedlowrank.config import ConfigError, federated_run_from_cfg
@@ -26,6 +26,19 @@ pytestmark = pytest.mark.timeout(240)
 def ckpt(tmp_path_factory):
     d = tmp_path_factory.mktemp("gpt2")
     _hf("gpt2", d)
+    _tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def ckpt_long(tmp_path_factory):
+    """The same tiny GPT-2 with a 256-token context (instruction prompts are long)."""
+    import transformers as T
+
+    d = tmp_path_factory.mktemp("gpt2_long")
+    torch.manual_seed(0)
+    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=2, n_head=4,
+                                   bos_token_id=0, eos_token_id=0)).save_pretrained(d)
     _tokenizer(d)
     return d
 
@@ -132,3 +145,80 @@ def test_export_merges_the_global_adapter_and_transformers_gives_the_same_logits
     bad = {k: v[:, :1].contiguous() for k, v in strategy.global_state.items()}  # another run's adapters: refused
     save_file(bad, str(tmp_path / "checkpoints" / "last.safetensors"))
     assert export_main([str(tmp_path), str(tmp_path / "hf2")]) == 2
+
+
+def _dolly(path, n=160, seed=0):
+    """A JSONL file in the Dolly-15k layout: four categories, each answering with its own words."""
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    words = {"open_qa": ["the", "king", "is", "old"], "classification": ["yes", "no", "maybe"],
+             "summarization": ["in", "short", "the", "play", "ends"], "creative_writing": ["moon", "sea", "night"]}
+    with open(path, "w") as f:
+        for i in range(n):
+            cat = list(words)[i % 4] if i % 7 else "open_qa"
+            rec = {"instruction": f"Question {i}: " + " ".join(rng.choice(words[cat], 4)),
+                   "context": "" if i % 3 else "Some context here.",
+                   "response": " ".join(rng.choice(words[cat], 8 + i % 5)), "category": cat}
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def test_instruction_examples_score_the_response_tokens_only(ckpt_long, tmp_path):
+    from fedlowrank.data import instructions as ins
+    from fedlowrank.data.text import make_tokenizer
+
+    recs = ins.read_jsonl(_dolly(tmp_path / "d.jsonl", n=12))
+    tok = make_tokenizer(str(ckpt_long / "tokenizer.json"))
+    data = ins.encode(recs, tok, eos=7, seq_len=250, test_fraction=0.25, seed=0)
+    assert len(data.x) == len(recs)
+    for i, r in enumerate(recs):  # independent: the response's own tokens, then end-of-text, and nothing else
+        y = data.y[i]
+        assert y[y != -100].tolist() == tok.encode(r["response"]) + [7]
+        full = tok.encode(ins.prompt(r)) + tok.encode(r["response"]) + [7]
+        assert data.x[i][: len(full) - 1].tolist() == full[:-1]  # x: the whole sequence, then padding
+    short = ins.encode(recs, tok, eos=7, seq_len=160, test_fraction=0.25, seed=0)  # prompts with a context: > 160
+    assert len(short.x) == sum(1 for r in recs if len(tok.encode(ins.prompt(r))) < 160)
+    assert data.categories == sorted({r["category"] for r in recs})
+    with pytest.raises(ConfigError, match=":2: a record needs"):
+        (tmp_path / "bad.jsonl").write_text('{"instruction": "a", "context": "", "response": "b", "category": "c"}\n'
+                                            '{"instruction": "a", "response": "b", "category": "c"}\n')
+        ins.read_jsonl(tmp_path / "bad.jsonl")
+
+
+def test_dolly_clients_by_category_and_by_dirichlet_and_a_run_trains(ckpt_long, tmp_path):
+    path = _dolly(tmp_path / "d.jsonl")
+    base = ["data=dolly", f"data.path={path}", "data.seq_len=160", "fed.num_clients=4", "fed.ranks=[8,4,4,2]",
+            "fed.min_partition_size=2"]
+    run = federated_run_from_cfg(compose_cfg("experiment=fed_lora", f"model.pretrained={ckpt_long}", "out_dir=/tmp/x",
+                                             *base, "fed.lr=0.5", "fed.momentum=0.9"))
+    fd = fed_data(run)
+    from fedlowrank.data import instructions as ins
+
+    cats = ins.encode(ins.read_jsonl(path), __import__("fedlowrank.data.text", fromlist=["x"]).make_tokenizer(
+        str(ckpt_long / "tokenizer.json")), None, 160, 0.1, 0).category
+    for tr, he in zip(fd.train_parts, fd.heldout_parts):  # one category per client, held-out disjoint
+        assert len(set(cats[tr]) | set(cats[he])) == 1 and not set(tr) & set(he)
+    strategy, grid = make_strategy(run), InProcessGrid(run)
+    test = DataLoader(fd.test, batch_size=256)
+    before = evaluate_classifier(model_from_state(run, strategy.global_state), test)["loss"]
+    run_rounds(strategy, grid, 3)
+    assert evaluate_classifier(model_from_state(run, strategy.global_state), test)["loss"] < before - 0.1
+    mix = federated_run_from_cfg(compose_cfg("experiment=fed_lora", f"model.pretrained={ckpt_long}", "out_dir=/tmp/x",
+                                             *base, "fed.partition=dirichlet", "fed.alpha=0.3"))
+    parts = fed_data(mix).train_parts
+    assert sum(len(p) for p in parts) + sum(len(h) for h in fed_data(mix).heldout_parts) == len(cats)
+
+
+def test_dolly_from_the_hub_offline_is_one_clear_error(ckpt_long, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import: set on the loaded modules
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    run = federated_run_from_cfg(compose_cfg("experiment=fed_lora", f"model.pretrained={ckpt_long}", "out_dir=/tmp/x",
+                                             "data=dolly", "data.source=hub", "fed.num_clients=2", "fed.ranks=[4,2]"))
+    with pytest.raises(ConfigError, match="databricks-dolly-15k from the Hugging Face Hub"):
+        fed_data(run)

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 LORA_RULES = ("fedit", "hetlora", "flexlora", "flora", "ffa", "product")  # fedlowrank.federated.lora_rules
 LORA_ONLY = ("fedit", "hetlora", "flexlora", "flora", "ffa")  # strategies that exist only for method=lora
+INSTRUCTION_SPECS = ("dolly",)  # instruction data in the Dolly-15k layout (fedlowrank.data.instructions)
 
 
 @dataclass
@@ -67,9 +68,11 @@ def _check_model_and_data(run: FederatedRun, mc: FedLoRAConfig, text_specs: tupl
     if not src or run.model.get("family") != "lm":
         raise ConfigError("method=lora fine-tunes a pretrained LLM: use model=gpt2 or model=llama with "
                           "model.pretrained=<checkpoint directory or hub id>")
-    if run.data.name not in text_specs or run.fed.partition == "dirichlet":
-        raise ConfigError(f"method=lora trains on text: data.name in {list(text_specs)} with fed.partition natural "
-                          f"or iid, not {run.data.name!r} / {run.fed.partition!r}")
+    if run.data.name in INSTRUCTION_SPECS:
+        _check_instructions(run)
+    elif run.data.name not in text_specs or run.fed.partition == "dirichlet":
+        raise ConfigError(f"method=lora trains on text: data.name in {[*text_specs, *INSTRUCTION_SPECS]} (the roles: "
+                          f"fed.partition natural or iid), not {run.data.name!r} / {run.fed.partition!r}")
     d = resolve(str(src))
     arch, cfg = model_config(d)
     if arch != run.model.get("arch"):
@@ -82,6 +85,17 @@ def _check_model_and_data(run: FederatedRun, mc: FedLoRAConfig, text_specs: tupl
         raise ConfigError(f"the tokenizer has {vocab} tokens, more than the checkpoint's vocab_size "
                           f"{cfg.vocab_size}; use the checkpoint's own (data.tokenizer=auto)")
     _check_targets(arch, cfg, mc)
+
+
+def _check_instructions(run: FederatedRun) -> None:
+    d = run.data
+    if d.source == "local":
+        from fedlowrank.data.instructions import read_jsonl
+
+        read_jsonl(d.path or "")  # every record checked now, before any work
+    if d.seq_len < 2 or not 0.0 < d.test_fraction < 1.0:
+        raise ConfigError(f"data.seq_len must be >= 2 and data.test_fraction in (0, 1), got {d.seq_len}, "
+                          f"{d.test_fraction}")
 
 
 def _check_targets(arch: str, cfg, mc: FedLoRAConfig) -> None:

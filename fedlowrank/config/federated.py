@@ -15,7 +15,7 @@ from fedlowrank.schema import ConfigError, check_top_level, to_dataclass
 
 from .budgets import check_budget_count, check_budgets, client_budget
 from .devices import DevicesConfig, population
-from .fed_lora import LORA_ONLY, check_lora_run
+from .fed_lora import INSTRUCTION_SPECS, LORA_ONLY, check_lora_run
 
 # fedavg: dense baseline, budgets ignored; fedit..ffa: LoRA adapters only (method=lora, fedlowrank.config.fed_lora)
 STRATEGIES = ("fedlmt", "slice", "product", "fedavg", "fedit", "hetlora", "flexlora", "flora", "ffa")
@@ -24,7 +24,7 @@ TEXT_SPECS = ("shakespeare",)  # next-character prediction, LEAF style
 FAULTS = ("nan", "shape", "crash", "scale", "budget", "weight", "metrics", "flip", "flip1.4", "flip5", "constant",
           "duplicate")
 ROBUST = ("none", "median", "trimmed_mean")
-HUB_DATASETS = ("shakespeare", "femnist", "cifar10")  # data.source=hub: flwr-datasets FederatedDataset
+HUB_DATASETS = ("shakespeare", "femnist", "cifar10", "dolly")  # data.source=hub (dolly: datasets, the rest flwr)
 
 
 @dataclass
@@ -244,7 +244,7 @@ class DataConfig:
     iid: bool = False  # Synthetic-IID: one model and one input distribution for every client
 
     def validate(self) -> None:
-        known = [*IMAGE_SPECS, *VECTOR_SPECS, *TEXT_SPECS]
+        known = [*IMAGE_SPECS, *VECTOR_SPECS, *TEXT_SPECS, *INSTRUCTION_SPECS]
         if self.name not in known:
             raise ConfigError(f"data.name {self.name!r} is not a federated dataset: {known}")
         if self.name in VECTOR_SPECS and not (self.alpha >= 0 and self.beta >= 0 and 0 < self.test_fraction < 1):

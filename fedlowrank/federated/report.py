@@ -14,6 +14,7 @@ import torch
 
 from fedlowrank.config import TEXT_SPECS as TEXT_TASKS
 from fedlowrank.config import FederatedRun
+from fedlowrank.config.fed_lora import INSTRUCTION_SPECS
 from fedlowrank.training.loop import example_sums, mean_loss_accuracy
 
 from .aggregation import State
@@ -125,7 +126,7 @@ def personalized_eval(run: FederatedRun, method, state: State, fd: FedData, trai
     n = np.array([r["examples"] for r in rows], dtype=float)
     out = {"mean": float(acc.mean()), "weighted_mean": float((acc * n).sum() / n.sum()), "min": float(acc.min()),
            "max": float(acc.max()), "clients": rows}
-    if run.data.name in TEXT_TASKS:
+    if run.data.name in (*TEXT_TASKS, *INSTRUCTION_SPECS):
         for r in rows:
             r["perplexity"] = float(np.exp(r["loss"]))
         groups = {"all": rows}

@@ -15,7 +15,8 @@ from torch.utils.data import TensorDataset
 
 from fedlowrank.config import TEXT_SPECS as TEXT_TASKS
 from fedlowrank.config import FederatedRun
-from fedlowrank.config.fed_lora import text_tokenizer
+from fedlowrank.config import ConfigError
+from fedlowrank.config.fed_lora import INSTRUCTION_SPECS, text_tokenizer
 from fedlowrank.data.partition import partition_indices
 from fedlowrank.federated.run_config import node_cache_dir
 from fedlowrank.models.build import dense_model
@@ -81,7 +82,7 @@ def _cached(*args) -> FedData:
         return _load_single_blas(*args)
     from fedlowrank.deploy import cache
 
-    text = args[0] in TEXT_TASKS and args[14] == "local"  # args[14]: data.source; args[15]: the tokenizer
+    text = args[0] in (*TEXT_TASKS, *INSTRUCTION_SPECS) and args[14] == "local"  # [14]: data.source, [15]: tokenizer
     key = cache.cache_key(args, [args[4] if text else None, args[15] if text else None])
     hit = cache.load(key, FedData)
     if hit is not None:
@@ -116,7 +117,7 @@ def _load(name: str, root: str, download: bool, seed: int, path: str | None, seq
           kind: str, n: int, alpha: float, min_size: int, holdout: float, eval_target: str = "all",
           synthetic: tuple[float, float, bool] = (1.0, 1.0, False), source: str = "local",
           tokenizer: str | None = None) -> FedData:
-    if source == "hub":
+    if source == "hub" and name not in INSTRUCTION_SPECS:
         from fedlowrank.data.hub import load_hub
 
         hd = load_hub(name, kind, n, alpha, seed + 42, min_size, test_fraction)
@@ -128,6 +129,8 @@ def _load(name: str, root: str, download: bool, seed: int, path: str | None, seq
         return FedData(hd.x, hd.y, hd.parts, hd.heldout, test, hd.num_classes)
     if name == "synthetic":
         return _synthetic(n, *synthetic, seed, test_fraction)
+    if name in INSTRUCTION_SPECS:
+        return _instructions(path, source, tokenizer, seq_len, test_fraction, seed, (kind, n, alpha, min_size))
     if name in TEXT_TASKS:
         from fedlowrank.data.shakespeare import load_role_text, natural_partitions
 
@@ -152,6 +155,34 @@ def _load(name: str, root: str, download: bool, seed: int, path: str | None, seq
     return FedData(data.x_train, data.y_train, parts, held, data.test_set(), data.num_classes)
 
 
+def _instructions(path: str | None, source: str, tokenizer: str | None, seq_len: int, test_fraction: float,
+                  seed: int, split: tuple[str, int, float, int]) -> FedData:
+    """Dolly-layout instructions (:mod:`fedlowrank.data.instructions`): one client per category (natural; the
+    ``n`` largest), or an iid / Dirichlet-over-categories split with each client's own held-out share."""
+    from fedlowrank.data import instructions as ins
+    from fedlowrank.data.prepare import eos_id
+    from fedlowrank.data.text import make_tokenizer
+
+    kind, n, alpha, min_size = split
+    records = ins.hub_records() if source == "hub" else ins.read_jsonl(path or "")
+    spec = tokenizer or "byte"
+    data = ins.encode(records, make_tokenizer(spec), eos_id(spec), seq_len, test_fraction, seed)
+    if kind == "natural":
+        train_idx = np.flatnonzero(~data.test)
+        sizes = np.bincount(data.category[train_idx], minlength=len(data.categories))
+        if n > int((sizes >= max(1, min_size)).sum()):
+            raise ConfigError(f"natural partition: {n} clients requested but only {int((sizes >= max(1, min_size)).sum())} "
+                              f"categories have >= {min_size} training examples; lower fed.num_clients")
+        keep = sorted(int(c) for c in np.argsort(-sizes, kind="stable")[:n])
+        train = [train_idx[data.category[train_idx] == c] for c in keep]
+        held = [np.flatnonzero(data.test & (data.category == c)) for c in keep]
+    else:
+        parts = partition_indices(torch.as_tensor(data.category), kind, n, alpha, seed + 42, min_size)
+        train, held = _holdout(parts, test_fraction, seed + 7)
+    t = torch.as_tensor(np.concatenate(held), dtype=torch.long)
+    return FedData(data.x, data.y, train, held, TensorDataset(data.x[t], data.y[t]), data.vocab_size, data.y)
+
+
 def forget_data() -> None:
     """Drop this process's cached data (after handing it over, the copy it mapped replaces it on next use)."""
     _cached.cache_clear()
@@ -162,7 +193,7 @@ def data_args(run: FederatedRun) -> tuple:
     d, f = run.data, run.fed
     return (d.name, d.root, d.download, d.seed, d.path, d.seq_len, d.test_fraction, f.partition, f.num_clients,
             f.alpha, f.min_partition_size, f.client_holdout, d.eval_target, (d.alpha, d.beta, d.iid), d.source,
-            text_tokenizer(run) if d.name in TEXT_TASKS else None)
+            text_tokenizer(run) if d.name in (*TEXT_TASKS, *INSTRUCTION_SPECS) else None)
 
 
 def fed_data(run: FederatedRun) -> FedData:

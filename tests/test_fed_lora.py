@@ -82,6 +82,9 @@ def test_models_share_one_frozen_base_and_only_adapters_travel(ckpt, play):
     assert m1.h[0].attn.c_attn.rank == 8 and m2.h[0].attn.c_attn.rank == 2
     assert {n for n, p in m1.named_parameters() if p.requires_grad} == {
         f"{p}.adapter.{s}" for p in lora_rules.adapter_prefixes(g) for s in "UV"}
+    assert isinstance(method.local_optimizer([torch.nn.Parameter(torch.zeros(1))]), torch.optim.AdamW)
+    sgd = fed_method(lora_run(ckpt, play, "method.optimizer=sgd")).local_optimizer([torch.nn.Parameter(torch.zeros(1))])
+    assert type(sgd) is torch.optim.SGD
     reply, metrics = local_train(run, 2, 4, small, 1)
     assert {k: tuple(v.shape) for k, v in reply.items()} == method.expected(small, run.fed.budget(2))
     assert any(not torch.equal(reply[k], small[k]) for k in reply)  # it trained
@@ -103,7 +106,7 @@ def test_ffa_clients_keep_the_shared_a_and_send_b_only(ckpt, play):
 
 @pytest.mark.parametrize("rule", ["fedit", "hetlora", "flexlora", "flora", "ffa", "product"])
 def test_a_short_run_lowers_the_held_out_loss(ckpt, play, rule):
-    run = lora_run(ckpt, play, f"strategy={rule}", "fed.lr=0.5", "fed.momentum=0.9", "fed.clip_auto=null")
+    run = lora_run(ckpt, play, f"strategy={rule}", "fed.lr=0.02", "fed.clip_auto=null")
     strategy, grid = make_strategy(run), InProcessGrid(run)
     test = DataLoader(fed_data(run).test, batch_size=256)
     before = evaluate_classifier(model_from_state(run, strategy.global_state), test)["loss"]
@@ -123,7 +126,7 @@ def test_export_merges_the_global_adapter_and_transformers_gives_the_same_logits
 
     from fedlowrank.export import main as export_main
 
-    over = [f"strategy={rule}", "fed.lr=0.5", "fed.momentum=0.9", f"out_dir={tmp_path}"]
+    over = [f"strategy={rule}", "fed.lr=0.02", f"out_dir={tmp_path}"]
     cfg = compose_cfg("experiment=fed_lora", f"model.pretrained={ckpt}", f"data.path={play}", "data.seq_len=16",
                       "fed.num_clients=4", "fed.ranks=[8,4,2,2]", "fed.min_partition_size=2", *over)
     run = federated_run_from_cfg(cfg)
@@ -193,7 +196,7 @@ def test_dolly_clients_by_category_and_by_dirichlet_and_a_run_trains(ckpt_long, 
     base = ["data=dolly", f"data.path={path}", "data.seq_len=160", "fed.num_clients=4", "fed.ranks=[8,4,4,2]",
             "fed.min_partition_size=2"]
     run = federated_run_from_cfg(compose_cfg("experiment=fed_lora", f"model.pretrained={ckpt_long}", "out_dir=/tmp/x",
-                                             *base, "fed.lr=0.5", "fed.momentum=0.9"))
+                                             *base, "fed.lr=0.02"))
     fd = fed_data(run)
     from fedlowrank.data import instructions as ins
 

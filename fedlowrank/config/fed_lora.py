@@ -28,12 +28,17 @@ class FedLoRAConfig:
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     dropout: float = 0.0  # on the adapter's input (LoRA dropout)
     init_seed: int | None = None  # the global A's random init (ffa: the shared frozen A); null: the run's seed
+    # the clients' local optimizer, new each round: sgd (fed.lr, fed.momentum) | adamw (fed.lr, fed.weight_decay;
+    # what FlexLoRA's, FLoRA's and FlowerTune's clients use)
+    optimizer: str = "adamw"
 
     def validate(self) -> None:
         if not self.alpha > 0:
             raise ConfigError(f"method.alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"method.optimizer must be sgd or adamw, got {self.optimizer!r}")
 
 
 def check_lora_run(run: FederatedRun, text_specs: tuple[str, ...]) -> None:

@@ -112,7 +112,7 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
     model, method, budget, device, ds = prepare_client(run, partition_id, num_partitions, state, server_round)
     loader = batches(ds, f.batch_size, shuffle=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
+    opt = method.local_optimizer(params)
     sampler = nested_sampler(model, run, budget, random.Random(f"nested-{run.seed}-{server_round}-{partition_id}")) \
         if f.nested else None
     stats = train_classifier(model, loader, opt, epochs=f.local_epochs, max_steps=f.local_steps,

@@ -84,6 +84,11 @@ class FedMethod:
     def payload(self, model: nn.Module) -> State:
         return _float_state(model)
 
+    def local_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """A client's optimizer for one round: SGD with ``fed.lr``, ``fed.momentum``, ``fed.weight_decay``."""
+        f = self.run.fed
+        return torch.optim.SGD(params, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
+
     def expected(self, view: State, budget: Budget) -> dict[str, tuple[int, ...]]:
         return expected_shapes(view)
 
@@ -284,6 +289,11 @@ class LoRAFed(FedMethod):
     def aggregate(self, global_state: State, updates: list[State], weights: list[float],
                   views: list[State] | None = None) -> State:
         return lora_rules.aggregate(self.rule, global_state, updates, weights, self.cfg.alpha, views)
+
+    def local_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        if self.cfg.optimizer == "sgd":
+            return super().local_optimizer(params)
+        return torch.optim.AdamW(params, lr=self.run.fed.lr, weight_decay=self.run.fed.weight_decay)
 
     def clip_auto(self, pairs: list[tuple[State, State]], factor: float):
         """In the space of each client's ΔW = (α/r)·B·A, not of the factors (:func:`.lora_rules.clip_auto`)."""

@@ -225,3 +225,26 @@ def test_dolly_from_the_hub_offline_is_one_clear_error(ckpt_long, monkeypatch):
                                              "data=dolly", "data.source=hub", "fed.num_clients=2", "fed.ranks=[4,2]"))
     with pytest.raises(ConfigError, match="databricks-dolly-15k from the Hugging Face Hub"):
         fed_data(run)
+
+
+def test_perplexity_is_the_global_adapters_on_each_clients_own_held_out_windows(ckpt, play):
+    """metrics.json's per-client perplexity: exp of the global model's (not a budget's cut) mean token loss on that
+    client's held-out windows, computed here independently; split by clients that trained and that never did."""
+    import math
+
+    from torch.utils.data import TensorDataset
+
+    from fedlowrank.federated.report import personalized_eval
+
+    run = lora_run(ckpt, play, "strategy=flexlora", "fed.lr=0.02")
+    strategy, fd = make_strategy(run), fed_data(run)
+    run_rounds(strategy, InProcessGrid(run), 2)
+    res = personalized_eval(run, fed_method(run), strategy.global_state, fd, trained={0, 1})
+    model = model_from_state(run, strategy.global_state)
+    for row in res["clients"]:
+        idx = torch.as_tensor(fd.heldout_parts[row["pid"]])
+        held = DataLoader(TensorDataset(fd.x[idx], fd.y_eval[idx]), batch_size=7)
+        assert row["perplexity"] == pytest.approx(math.exp(evaluate_classifier(model, held)["loss"]), rel=1e-5)
+    assert res["perplexity"]["trained"]["clients"] == 2 and res["perplexity"]["never_trained"]["clients"] == 2
+    worst = max(r["perplexity"] for r in res["clients"] if r["pid"] > 1)
+    assert res["perplexity"]["never_trained"]["worst"] == pytest.approx(worst)

@@ -65,7 +65,7 @@ def round_line(rnd: int, rounds: int, res: dict, train: dict | None) -> str:
     return " | ".join(parts)
 
 
-def _heldout_rows(run: FederatedRun, method, state: State, fd: FedData, pids) -> list[dict]:
+def _heldout_rows(run: FederatedRun, method, state: State, fd: FedData, pids, cut: bool = True) -> list[dict]:
     """Per client of ``pids`` with held-out examples: the global model cut to its budget, on those examples.
     One model per budget, its clients' examples evaluated together (chunks of :data:`EVAL_CHUNK`) and the sums
     split by client, so ten thousand clients cost a few forward passes, not ten thousand model builds."""
@@ -80,7 +80,7 @@ def _heldout_rows(run: FederatedRun, method, state: State, fd: FedData, pids) ->
     rows: dict[int, dict] = {}
     for key, members in groups.items():
         budget = dict(key)
-        model = model_from_state(run, method.view(state, budget) if method.budget_views() else state)
+        model = model_from_state(run, method.view(state, budget) if cut and method.budget_views() else state)
         for pid, tot in zip(members, _client_sums(run, model, fd, members)):
             res = mean_loss_accuracy(tot)
             rows[pid] = {"pid": pid, **budget, "examples": len(fd.heldout_parts[pid]), "accuracy": res["accuracy"],
@@ -113,13 +113,13 @@ def _client_sums(run: FederatedRun, model, fd: FedData, members: list[int]) -> t
 
 def personalized_eval(run: FederatedRun, method, state: State, fd: FedData, trained: set[int] | None = None
                       ) -> dict | None:
-    """Accuracy of the global model, cut to each client's budget, on that client's own held-out
-    examples; for text tasks also its perplexity there (exp of the mean token loss): over every client, and over
-    those that ``trained`` in the run and those that never did. None when the task has no per-client held-out
-    split."""
+    """Accuracy of the global model, cut to each client's budget (``method=lora``: the whole global adapter, the
+    model a fine-tuning run produces), on that client's own held-out examples; for text tasks also its perplexity
+    there (exp of the mean token loss): over every client, and over those that ``trained`` in the run and those
+    that never did. None when the task has no per-client held-out split."""
     if fd.heldout_parts is None:
         return None
-    rows = _heldout_rows(run, method, state, fd, range(run.fed.num_clients))
+    rows = _heldout_rows(run, method, state, fd, range(run.fed.num_clients), cut=method.name != "lora")
     if not rows:
         return None
     acc = np.array([r["accuracy"] for r in rows])

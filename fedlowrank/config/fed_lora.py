@@ -31,12 +31,20 @@ class FedLoRAConfig:
     # the clients' local optimizer, new each round: sgd (fed.lr, fed.momentum) | adamw (fed.lr, fed.weight_decay;
     # what FlexLoRA's, FLoRA's and FlowerTune's clients use)
     optimizer: str = "adamw"
+    # strategy=hetlora, rank self-pruning (HetLoRA): each client adds prune_lambda · ||(α/r)·B_tail·A_tail||_F, the
+    # slots above floor(prune_gamma · r), to its loss; when that tail's norm ends a round lower than it started, the
+    # client sends its adapter cut to those slots and keeps the smaller rank. 0: off
+    prune_lambda: float = 0.01
+    prune_gamma: float = 0.9
 
     def validate(self) -> None:
         if not self.alpha > 0:
             raise ConfigError(f"method.alpha must be > 0, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
+        if not (self.prune_lambda >= 0 and 0 < self.prune_gamma < 1):
+            raise ConfigError(f"method.prune_lambda must be >= 0 and method.prune_gamma in (0, 1), got "
+                              f"{self.prune_lambda}, {self.prune_gamma}")
         if self.optimizer not in ("sgd", "adamw"):
             raise ConfigError(f"method.optimizer must be sgd or adamw, got {self.optimizer!r}")
 

@@ -117,7 +117,8 @@ def local_train(run: FederatedRun, partition_id: int, num_partitions: int, state
         if f.nested else None
     stats = train_classifier(model, loader, opt, epochs=f.local_epochs, max_steps=f.local_steps,
                              frob_decay=f.frob_decay, device=device, before_step=sampler, prox_mu=f.prox_mu,
-                             autocast=lambda: autocast(run, device))  # per step: weights change between steps
+                             autocast=lambda: autocast(run, device),  # per step: weights change between steps
+                             penalty=method.penalty(model))
     return finish_client(run, partition_id, model, method, stats, len(ds), state)
 
 

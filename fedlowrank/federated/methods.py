@@ -106,6 +106,24 @@ class FedMethod:
         """``fed.clip_auto`` on (view, update) pairs (:func:`fedlowrank.federated.clipping.clip_auto`)."""
         return clip_auto(pairs, factor)
 
+    def penalty(self, model: nn.Module):
+        """Client side: a term added to every local step's loss (None: nothing)."""
+        return None
+
+    def match_expected(self, expected: dict[str, tuple[int, ...]], declared: dict[str, tuple[int, ...]]
+                       ) -> dict[str, tuple[int, ...]]:
+        """Server side: the reply shapes to check a reply against, given the shapes it declares (read from its
+        metadata only): ``expected``, unless the method allows another form (HetLoRA's pruned adapters)."""
+        return expected
+
+    def next_budget(self, budget: Budget, update: State) -> Budget:
+        """Server side, after accepting ``update``: the client's budget from now on (default: unchanged)."""
+        return budget
+
+    def keeps_budget(self, configured: Budget, resumed: Budget) -> bool:
+        """On resume: whether a client keeps the budget its checkpoint saved instead of the configured one."""
+        return False
+
 
 class ReLoRAFed(FedMethod):
     name = "relora"
@@ -277,7 +295,11 @@ class LoRAFed(FedMethod):
 
     def payload(self, model: nn.Module) -> State:
         keys = (_B,) if self.rule == "ffa" else (_B, _A)
-        return {k: v.detach().float() for k, v in model.state_dict().items() if k.endswith(keys)}
+        out = {k: v.detach().float() for k, v in model.state_dict().items() if k.endswith(keys)}
+        if self._pruning() and float(self.tail_norm(model).detach()) < getattr(self, "_tail0", -1.0):
+            out = {k: (v[:, :self.pruned_rank(v.shape[1])] if k.endswith(_B) else v[:self.pruned_rank(v.shape[0])])
+                   .contiguous() for k, v in out.items()}  # HetLoRA: the tail shrank, the client prunes its rank
+        return out
 
     def expected(self, view: State, budget: Budget) -> dict[str, tuple[int, ...]]:
         if self.rule == "flora":  # the fresh adapters: shapes from the budget
@@ -298,6 +320,56 @@ class LoRAFed(FedMethod):
     def clip_auto(self, pairs: list[tuple[State, State]], factor: float):
         """In the space of each client's ΔW = (α/r)·B·A, not of the factors (:func:`.lora_rules.clip_auto`)."""
         return lora_rules.clip_auto(pairs, factor, self.cfg.alpha)
+
+    # HetLoRA's rank self-pruning (strategy=hetlora, method.prune_lambda > 0)
+    def _pruning(self) -> bool:
+        return self.rule == "hetlora" and self.cfg.prune_lambda > 0
+
+    def pruned_rank(self, r: int) -> int:
+        """The rank a client of rank r prunes to: floor(γ·r), at least 1 and below r (r itself at 1)."""
+        return max(1, min(r - 1, int(self.cfg.prune_gamma * r))) if r > 1 else r
+
+    def tail_norm(self, model: nn.Module) -> torch.Tensor:
+        """Σ over adapters of ‖(α/r)·B[:, r':]·A[r':]‖_F, r' the pruned rank (from tr((BᵀB)(AAᵀ)), no dense
+        matrix); differentiable."""
+        total = torch.zeros(())
+        for m in model.modules():
+            if isinstance(m, LoRALinear) and self.pruned_rank(m.rank) < m.rank:
+                t = self.pruned_rank(m.rank)
+                B, A = m.adapter.U[:, t:].float(), m.adapter.V[t:].float()
+                sq = ((B.T @ B) * (A @ A.T)).sum().clamp_min(0)
+                total = total + lora_rules.lora_scale(self.cfg.alpha, m.rank) * (sq + 1e-30).sqrt()
+        return total
+
+    def penalty(self, model: nn.Module):
+        if not self._pruning():
+            return None
+        with torch.no_grad():
+            self._tail0 = float(self.tail_norm(model))  # where the round starts
+        return lambda: self.cfg.prune_lambda * self.tail_norm(model)
+
+    def _pruned_shapes(self, expected: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        return {k: ((s[0], self.pruned_rank(s[1])) if k.endswith(_B) else (self.pruned_rank(s[0]), s[1]))
+                for k, s in expected.items()}
+
+    def match_expected(self, expected: dict[str, tuple[int, ...]], declared: dict[str, tuple[int, ...]]
+                       ) -> dict[str, tuple[int, ...]]:
+        pruned = self._pruned_shapes(expected) if self._pruning() else expected
+        return pruned if declared == pruned and pruned != expected else expected
+
+    def keeps_budget(self, configured: Budget, resumed: Budget) -> bool:
+        """A budget a client pruned to (smaller, of the same kind) survives a resume."""
+        return self._pruning() and resumed.keys() == configured.keys() and all(
+            0 < resumed[k] < configured[k] for k in configured)
+
+    def next_budget(self, budget: Budget, update: State) -> Budget:
+        """A pruned reply: the client keeps its smaller rank (``fed.ranks``), or γ times its ratio."""
+        if not self._pruning():
+            return budget
+        r = max((v.shape[1] for k, v in update.items() if k.endswith(_B)), default=0)
+        if r >= max(self.layer_ranks(budget).values()):
+            return budget
+        return {"rank": r} if "rank" in budget else {k: v * self.cfg.prune_gamma for k, v in budget.items()}
 
 
 def fed_method(run: FederatedRun) -> FedMethod:

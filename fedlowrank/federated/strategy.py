@@ -121,7 +121,9 @@ class HeteroRankStrategy(Strategy):
         new = [n for n in nodes if n not in self.partition]
         for node, pid in zip(new, free):
             self.partition[node], self.budgets[node] = pid, self.run.fed.budget(pid)
-            if pid in self.resumed_budgets and self.resumed_budgets[pid] != self.budgets[node]:
+            if pid in self.resumed_budgets and self.method.keeps_budget(self.budgets[node], self.resumed_budgets[pid]):
+                self.budgets[node] = self.resumed_budgets[pid]  # a smaller budget the client chose (HetLoRA)
+            elif pid in self.resumed_budgets and self.resumed_budgets[pid] != self.budgets[node]:
                 log.warning("client %d now has budget %s; before the resume it had %s", pid, self.budgets[node],
                             self.resumed_budgets[pid])
         if len(new) > len(free):
@@ -164,15 +166,16 @@ class HeteroRankStrategy(Strategy):
         sent = self.sent[node]
         try:
             record = reply.content["arrays"]
-            check_record(record, self.expected.get(node, {}), {k: to_wire(v).dtype for k, v in sent.items()},
-                         f.max_reply_mb * 2**20)
+            expected = self.method.match_expected(self.expected.get(node, {}),
+                                                  {k: tuple(record[k].shape) for k in record.keys()})
+            check_record(record, expected, {k: to_wire(v).dtype for k, v in sent.items()}, f.max_reply_mb * 2**20)
             state = from_record(record)
             metrics = dict(reply.content["metrics"])
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, RejectedReply):
                 raise
             raise RejectedReply(f"malformed reply ({e})") from e
-        reason = validate_update(state, self.expected.get(node, {}))
+        reason = validate_update(state, expected)
         if reason is not None:
             raise RejectedReply(reason)
         check_values(state, {k: v.dtype for k, v in sent.items()}, f.max_abs_value,
@@ -183,6 +186,10 @@ class HeteroRankStrategy(Strategy):
         if f.clip_norm is not None:
             state, norm = clip_update(sent, state, f.clip_norm)
             metrics["update_norm"] = norm
+        budget = self.method.next_budget(self.budgets[node], state)
+        if budget != self.budgets[node]:  # e.g. HetLoRA's rank self-pruning: the client keeps the smaller rank
+            log.info("client %d pruned its adapters: budget %s from now on", self.partition[node], budget)
+            self.budgets[node] = budget
         return state, metrics, weight
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -32,11 +32,13 @@ def train_classifier(
     before_step: Callable[[int], None] | None = None,
     prox_mu: float = 0.0,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Cross-entropy training with optional Frobenius decay on factorized layers and FedProx's proximal term
     ``prox_mu / 2 · ||w − w₀||²`` over the trainable parameters (w₀: their values when training starts, i.e.
     what the client downloaded; on a factorized model the factors U, V, not their product).
 
+    ``penalty``: a term added to each step's objective (e.g. HetLoRA's tail penalty), recomputed every step.
     ``autocast``: a fresh context per step around the forward pass and the loss only (e.g. bf16 autocast); one
     context around many steps would reuse its cached low-precision copies of the weights after they change.
     Raises FloatingPointError on a non-finite loss (the caller decides what a failure means).
@@ -57,6 +59,8 @@ def train_classifier(
             obj = loss + frob_decay * frobenius_decay(model) if frob_decay > 0 else loss
             if anchor:
                 obj = obj + 0.5 * prox_mu * sum((p - p0).square().sum() for p, p0 in anchor)
+            if penalty is not None:
+                obj = obj + penalty()
             if not torch.isfinite(obj):
                 raise FloatingPointError(f"non-finite training loss at step {steps}: {obj.item()}")
             optimizer.zero_grad(set_to_none=True)

@@ -367,7 +367,7 @@ class LoRAFed(FedMethod):
         if not self._pruning():
             return budget
         r = max((v.shape[1] for k, v in update.items() if k.endswith(_B)), default=0)
-        if r >= max(self.layer_ranks(budget).values()):
+        if r == 0 or r >= max(self.layer_ranks(budget).values()):
             return budget
         return {"rank": r} if "rank" in budget else {k: v * self.cfg.prune_gamma for k, v in budget.items()}
 

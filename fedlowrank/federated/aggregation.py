@@ -91,7 +91,8 @@ def validate_update(update: State, expected: dict[str, tuple[int, ...]]) -> str 
     return None
 
 
-def _normalise(weights: list[float]) -> list[float]:
+def normalise_weights(weights: list[float]) -> list[float]:
+    """Weights scaled to sum to 1; negative, non-finite or all-zero weights are an error."""
     if not weights or any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
         raise ValueError(f"aggregation weights must be non-negative with a positive sum, got {weights}")
     s = float(sum(weights))
@@ -109,7 +110,7 @@ def aggregate(global_state: State, updates: list[State], weights: list[float], r
         raise ValueError(f"unknown aggregation rule {rule!r}")
     if not updates:
         return {k: v.clone() for k, v in global_state.items()}
-    w = _normalise(weights)
+    w = normalise_weights(weights)
     pref = factor_prefixes(global_state)
     factor_keys = {f"{p}.{s}" for p in pref for s in "UV"}
     new: State = {}
@@ -170,7 +171,7 @@ def merge_adapters(global_state: State, updates: list[State], weights: list[floa
     """Federated ReLoRA: fold every client's adapter product into the dense global weights,
     ``W_p += Σ_k w_k s_k B_k A_k`` (exact for any mix of client ranks: merging is linear),
     and FedAvg any other trained tensor the clients sent (``p.base.x`` maps to ``p.x``)."""
-    w = _normalise(weights)
+    w = normalise_weights(weights)
     new = {k: v.clone() for k, v in global_state.items()}
     prefixes = sorted({k[: -len(".adapter.U")] for u in updates for k in u if k.endswith(".adapter.U")})
     for p in prefixes:

@@ -30,7 +30,9 @@ import math
 import torch
 from torch import Tensor
 
-from fedlowrank.lowrank.spectrum import factored_svd, refactorize_sum
+from fedlowrank.lowrank.spectrum import factored_svd
+
+from .aggregation import normalise_weights
 
 State = dict[str, Tensor]
 LORA_RULES = ("fedit", "hetlora", "flexlora", "flora", "ffa", "product")
@@ -102,13 +104,6 @@ def view(rule: str, global_state: State, ranks: dict[str, int], alpha: float) ->
     return out
 
 
-def _normalise(weights: list[float]) -> list[float]:
-    if not weights or any(w < 0 or not math.isfinite(w) for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"aggregation weights must be non-negative with a positive sum, got {weights}")
-    s = float(sum(weights))
-    return [w / s for w in weights]
-
-
 def _norm_weights(Bs: list[Tensor], As: list[Tensor], alpha: float, fallback: list[float]) -> list[float]:
     """HetLoRA's sparsity weights ‖ΔW_k‖_F / Σ_j ‖ΔW_j‖_F (from the factors: ‖BA‖_F = ‖R_B R_Aᵀ‖_F)."""
     norms = []
@@ -116,7 +111,7 @@ def _norm_weights(Bs: list[Tensor], As: list[Tensor], alpha: float, fallback: li
         rb = torch.linalg.qr(B.double(), mode="r").R
         ra = torch.linalg.qr(A.double().T, mode="r").R
         norms.append(lora_scale(alpha, B.shape[1]) * float(torch.linalg.matrix_norm(rb @ ra.T)))
-    return _normalise(norms) if sum(norms) > 0 else fallback
+    return normalise_weights(norms) if sum(norms) > 0 else fallback
 
 
 def _layer(rule: str, Bg: Tensor, Ag: Tensor, Bs: list[Tensor], As: list[Tensor], w: list[float], alpha: float,
@@ -154,7 +149,7 @@ def aggregate(rule: str, global_state: State, updates: list[State], weights: lis
     """The new global adapter state from validated replies (``ffa`` replies hold B only: A is the global one)."""
     if not updates:
         return {k: v.clone() for k, v in global_state.items()}
-    w = _normalise(weights)
+    w = normalise_weights(weights)
     if rule == "flora":
         return merge_stacked(global_state, updates, w, alpha)
     new: State = {}

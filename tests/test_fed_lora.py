@@ -293,3 +293,16 @@ def test_adapters_of_another_rank_are_rejected_and_pruned_budgets_survive_a_resu
     het, flex = fed_method(run), fed_method(lora_run(ckpt, play, "strategy=flexlora"))
     assert het.keeps_budget({"rank": 8}, {"rank": 4}) and not het.keeps_budget({"rank": 8}, {"rank": 16})
     assert not het.keeps_budget({"rank": 8}, {"ratio": 0.1}) and not flex.keeps_budget({"rank": 8}, {"rank": 4})
+
+
+def test_evaluation_passes_hold_a_bounded_number_of_logits(ckpt, play):
+    """A GPT-2 vocabulary over long windows would make 1024-example evaluation chunks gigabytes of logits; the
+    chunk shrinks so that one pass holds at most task.LOGITS_PER_PASS logits, and small tasks keep their cap."""
+    from fedlowrank.federated.task import LOGITS_PER_PASS, eval_batch
+
+    fd = fed_data(lora_run(ckpt, play))
+    n = eval_batch(fd, 1024)
+    assert n * fd.x.shape[1] * fd.num_classes <= LOGITS_PER_PASS < (n + 1) * fd.x.shape[1] * fd.num_classes or n == 1024
+    big = type(fd)(fd.x[:2].repeat(1, 4), fd.y[:2].repeat(1, 4), [], None, fd.test, 50257)
+    assert eval_batch(big, 1024) * big.x.shape[1] * 50257 <= LOGITS_PER_PASS
+    assert eval_batch(big, 1024) >= 1

@@ -18,7 +18,7 @@ from fedlowrank.config.fed_lora import INSTRUCTION_SPECS
 from fedlowrank.training.loop import example_sums, mean_loss_accuracy
 
 from .aggregation import State
-from .task import FedData
+from .task import FedData, eval_batch
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def _heldout_rows(run: FederatedRun, method, state: State, fd: FedData, pids, cu
     return [rows[p] for p in pids if p in rows]
 
 
-EVAL_CHUNK = 1024  # held-out examples per forward pass
+EVAL_CHUNK = 1024  # held-out examples per forward pass, at most (task.eval_batch: fewer for long sequences)
 
 
 @torch.no_grad()
@@ -103,11 +103,12 @@ def _client_sums(run: FederatedRun, model, fd: FedData, members: list[int]) -> t
     idx = torch.cat(parts)
     owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor([len(p) for p in parts]))
     tot = torch.zeros(len(members), 3, dtype=torch.float64)
-    for i in range(0, len(idx), EVAL_CHUNK):
-        sel = idx[i:i + EVAL_CHUNK]
+    chunk = eval_batch(fd, EVAL_CHUNK)
+    for i in range(0, len(idx), chunk):
+        sel = idx[i:i + chunk]
         with autocast(run, device):
             logits = model(fd.x[sel].to(device))
-        tot.index_add_(0, owner[i:i + EVAL_CHUNK], example_sums(logits, y_all[sel].to(device)).cpu())
+        tot.index_add_(0, owner[i:i + chunk], example_sums(logits, y_all[sel].to(device)).cpu())
     return tot
 
 

@@ -183,6 +183,16 @@ def _instructions(path: str | None, source: str, tokenizer: str | None, seq_len:
     return FedData(data.x, data.y, train, held, TensorDataset(data.x[t], data.y[t]), data.vocab_size, data.y)
 
 
+LOGITS_PER_PASS = 1 << 24  # evaluation: at most this many logits (64 MB in fp32) per forward pass
+
+
+def eval_batch(fd: FedData, cap: int) -> int:
+    """Examples per evaluation forward pass: ``cap``, fewer where an example's logits are many (a sequence of T
+    positions over a vocabulary of V: T·V; GPT-2's 50,257 tokens over 64 positions are 12.9 MB an example)."""
+    positions = fd.x.shape[1] if fd.x.dim() == 2 and fd.y.dim() == 2 else 1
+    return max(1, min(cap, LOGITS_PER_PASS // max(1, positions * fd.num_classes)))
+
+
 def forget_data() -> None:
     """Drop this process's cached data (after handing it over, the copy it mapped replaces it on next use)."""
     _cached.cache_clear()

@@ -46,7 +46,7 @@ def one(ckpt: Path, runtime: str, clients: int, tmp: Path) -> dict:
     cmd = [sys.executable, "main.py", "experiment=fed_lora", f"model.pretrained={ckpt}", f"data.path={SHAKESPEARE}",
            f"fed.runtime={runtime}", f"fed.num_clients={clients}", "fed.fraction_train=1.0", "fed.rounds=1",
            "fed.local_steps=1", "fed.batch_size=4", "data.seq_len=64", "fed.min_partition_size=4",
-           "fed.ranks=[64,32,16,16,8,8,4,4,4,4]", f"out_dir={out}"]
+           "fed.ranks=[64,32,16,16,8,8,4,4,4,4]", "fed.eval_budgets=false", f"out_dir={out}"]
     res = run_sampled(cmd, ROOT, timeout=3600)
     if res["returncode"]:
         sys.exit(f"{runtime} {clients} failed:\n{res['text'][-3000:]}")
@@ -67,7 +67,11 @@ def main() -> None:
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = checkpoint(Path(tmp) / "gpt2-small-random")
-        rows = [one(ckpt, rt, n, Path(tmp)) for rt in args.runtimes for n in args.clients]
+        rows = []
+        for rt in args.runtimes:
+            for n in args.clients:
+                rows.append(one(ckpt, rt, n, Path(tmp)))
+                print(json.dumps(rows[-1]), flush=True)  # each row as it comes
     for rt in args.runtimes:
         mine = sorted((r for r in rows if r["runtime"] == rt), key=lambda r: r["clients"])
         for r in mine[1:]:

@@ -23,7 +23,7 @@ from .aggregation import State
 from .task import build_model
 
 log = logging.getLogger(__name__)
-_B, _A = ".adapter.U", ".adapter.V"
+_B, _A = lora_rules.B_KEY, lora_rules.A_KEY
 
 
 def target_linears(model: nn.Module, cfg: FedLoRAConfig) -> dict[str, nn.Linear]:
@@ -63,7 +63,7 @@ def lora_model(run: FederatedRun, state: State) -> nn.Module:
     cfg = to_dataclass(FedLoRAConfig, run.method, "method")
     model = build_model(run)
     for p in lora_rules.merged_prefixes(state):
-        mU, mV = state[p + ".merged.U"].detach().clone(), state[p + ".merged.V"].detach().clone()
+        mU, mV = state[p + lora_rules.MERGED_U].detach().clone(), state[p + lora_rules.MERGED_V].detach().clone()
         set_submodule(model, p, FLoRALinear(_linear(model, p), 1, cfg.alpha, cfg.dropout, mU, mV))
     for p in lora_rules.adapter_prefixes(state):
         layer = LoRALinear(_linear(model, p), r=state[p + _B].shape[1], alpha=cfg.alpha, dropout=cfg.dropout)

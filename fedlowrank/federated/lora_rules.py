@@ -32,22 +32,21 @@ from torch import Tensor
 
 from fedlowrank.lowrank.spectrum import factored_svd
 
-from .aggregation import normalise_weights
+from .aggregation import State, normalise_weights
 
-State = dict[str, Tensor]
 LORA_RULES = ("fedit", "hetlora", "flexlora", "flora", "ffa", "product")
-_B, _A = ".adapter.U", ".adapter.V"
-_MU, _MV = ".merged.U", ".merged.V"  # flora: every round's adapters merged so far, ΔW = U·V (out, K), (K, in)
+B_KEY, A_KEY = ".adapter.U", ".adapter.V"  # a layer's B (out, r) and A (r, in) are <layer>.adapter.U / .V
+MERGED_U, MERGED_V = ".merged.U", ".merged.V"  # flora: every round's adapters merged so far, ΔW = U·V
 
 
 def adapter_prefixes(state: State) -> list[str]:
     """Adapted linears ``p`` of a state (those with a ``p.adapter.U``), in key order."""
-    return [k[: -len(_B)] for k in state if k.endswith(_B)]
+    return [k[: -len(B_KEY)] for k in state if k.endswith(B_KEY)]
 
 
 def merged_prefixes(state: State) -> list[str]:
     """Linears ``p`` with merged FLoRA factors (``p.merged.U``), in key order."""
-    return [k[: -len(_MU)] for k in state if k.endswith(_MU)]
+    return [k[: -len(MERGED_U)] for k in state if k.endswith(MERGED_U)]
 
 
 def lora_scale(alpha: float, r: int) -> float:
@@ -87,7 +86,7 @@ def view(rule: str, global_state: State, ranks: dict[str, int], alpha: float) ->
         return {k: v.clone() for k, v in global_state.items()}
     out: State = {}
     for p in adapter_prefixes(global_state):
-        Bg, Ag = global_state[p + _B].double(), global_state[p + _A].double()
+        Bg, Ag = global_state[p + B_KEY].double(), global_state[p + A_KEY].double()
         R, r = Bg.shape[1], min(ranks[p], Bg.shape[1])
         sR, sr = lora_scale(alpha, R), lora_scale(alpha, r)
         if rule in ("fedit", "hetlora"):  # first r slots of the √s-balanced global factors
@@ -99,18 +98,21 @@ def view(rule: str, global_state: State, ranks: dict[str, int], alpha: float) ->
             B, A = P * S / sr, Qh
         else:
             raise ValueError(f"unknown LoRA rule {rule!r}; choose from {LORA_RULES}")
-        out[p + _B] = B.to(global_state[p + _B].dtype).contiguous()
-        out[p + _A] = A.to(global_state[p + _A].dtype).contiguous()
+        out[p + B_KEY] = B.to(global_state[p + B_KEY].dtype).contiguous()
+        out[p + A_KEY] = A.to(global_state[p + A_KEY].dtype).contiguous()
     return out
 
 
+def _product_norm(L: Tensor, R: Tensor) -> float:
+    """‖L·R‖_F from the thin factors L (m, k), R (k, n): ‖R_L·R_Rᵀ‖_F with R_L, R_R their QR triangles."""
+    rl = torch.linalg.qr(L.double(), mode="r").R
+    rr = torch.linalg.qr(R.double().T, mode="r").R
+    return float(torch.linalg.matrix_norm(rl @ rr.T))
+
+
 def _norm_weights(Bs: list[Tensor], As: list[Tensor], alpha: float, fallback: list[float]) -> list[float]:
-    """HetLoRA's sparsity weights ‖ΔW_k‖_F / Σ_j ‖ΔW_j‖_F (from the factors: ‖BA‖_F = ‖R_B R_Aᵀ‖_F)."""
-    norms = []
-    for B, A in zip(Bs, As):
-        rb = torch.linalg.qr(B.double(), mode="r").R
-        ra = torch.linalg.qr(A.double().T, mode="r").R
-        norms.append(lora_scale(alpha, B.shape[1]) * float(torch.linalg.matrix_norm(rb @ ra.T)))
+    """HetLoRA's sparsity weights ‖ΔW_k‖_F / Σ_j ‖ΔW_j‖_F."""
+    norms = [lora_scale(alpha, B.shape[1]) * _product_norm(B, A) for B, A in zip(Bs, As)]
     return normalise_weights(norms) if sum(norms) > 0 else fallback
 
 
@@ -154,12 +156,12 @@ def aggregate(rule: str, global_state: State, updates: list[State], weights: lis
         return merge_stacked(global_state, updates, w, alpha)
     new: State = {}
     for p in adapter_prefixes(global_state):
-        Bg, Ag = global_state[p + _B], global_state[p + _A]
-        Bs = [u[p + _B] for u in updates]
-        As = [u[p + _A] if rule != "ffa" else Ag[: u[p + _B].shape[1]] for u in updates]
-        vs = [(v[p + _B], v[p + _A]) for v in views] if views is not None else None
+        Bg, Ag = global_state[p + B_KEY], global_state[p + A_KEY]
+        Bs = [u[p + B_KEY] for u in updates]
+        As = [u[p + A_KEY] if rule != "ffa" else Ag[: u[p + B_KEY].shape[1]] for u in updates]
+        vs = [(v[p + B_KEY], v[p + A_KEY]) for v in views] if views is not None else None
         B, A = _layer(rule, Bg, Ag, Bs, As, w, alpha, vs)
-        new[p + _B], new[p + _A] = B.to(Bg.dtype).contiguous(), A.to(Ag.dtype).contiguous()
+        new[p + B_KEY], new[p + A_KEY] = B.to(Bg.dtype).contiguous(), A.to(Ag.dtype).contiguous()
     return {k: new.get(k, v) for k, v in global_state.items()}
 
 
@@ -168,35 +170,34 @@ def merge_stacked(global_state: State, updates: list[State], w: list[float], alp
     once wider than min(out, in) they are re-factorized from their thin SVD, dropping only zero directions."""
     new: State = {}
     for p in merged_prefixes(global_state):
-        U, V = global_state[p + _MU], global_state[p + _MV]
-        Us = [U.double(), *(wk * lora_scale(alpha, u[p + _B].shape[1]) * u[p + _B].double() for wk, u in zip(w, updates))]
-        Vs = [V.double(), *(u[p + _A].double() for u in updates)]
+        U, V = global_state[p + MERGED_U], global_state[p + MERGED_V]
+        Us = [U.double(), *(wk * lora_scale(alpha, u[p + B_KEY].shape[1]) * u[p + B_KEY].double()
+                            for wk, u in zip(w, updates))]
+        Vs = [V.double(), *(u[p + A_KEY].double() for u in updates)]
         U2, V2 = torch.cat(Us, dim=1), torch.cat(Vs, dim=0)
         if U2.shape[1] > min(U2.shape[0], V2.shape[1]):
             P, S, Qh = factored_svd(U2, V2)
             keep = max(1, int((S > S[0] * 1e-12).sum())) if S.numel() and S[0] > 0 else 1
             U2, V2 = P[:, :keep] * S[:keep], Qh[:keep]
-        new[p + _MU], new[p + _MV] = U2.to(U.dtype).contiguous(), V2.to(V.dtype).contiguous()
+        new[p + MERGED_U], new[p + MERGED_V] = U2.to(U.dtype).contiguous(), V2.to(V.dtype).contiguous()
     return {k: new.get(k, v) for k, v in global_state.items()}
 
 
 def merged_delta(state: State, p: str) -> Tensor:
     """FLoRA's merged ΔW of layer ``p`` (out, in), float64: for tests and export."""
-    return state[p + _MU].double() @ state[p + _MV].double()
+    return state[p + MERGED_U].double() @ state[p + MERGED_V].double()
 
 
 def change_norm(update: State, view: State, p: str, alpha: float) -> float:
     """‖ΔW(update) − ΔW(view)‖_F of layer ``p`` from the thin factors (a view without that adapter counts as 0;
     an update without A, as ffa's, uses the view's)."""
-    B, A = update[p + _B].double(), (update.get(p + _A, view.get(p + _A)))
+    B, A = update[p + B_KEY].double(), (update.get(p + A_KEY, view.get(p + A_KEY)))
     lefts, rights = [lora_scale(alpha, B.shape[1]) * B], [A.double()]  # type: ignore[union-attr]
-    if p + _B in view:
-        vB = view[p + _B].double()
+    if p + B_KEY in view:
+        vB = view[p + B_KEY].double()
         lefts.append(-lora_scale(alpha, vB.shape[1]) * vB)
-        rights.append(view[p + _A].double())
-    rl = torch.linalg.qr(torch.cat(lefts, dim=1), mode="r").R
-    rr = torch.linalg.qr(torch.cat(rights, dim=0).T, mode="r").R
-    return float(torch.linalg.matrix_norm(rl @ rr.T))
+        rights.append(view[p + A_KEY].double())
+    return _product_norm(torch.cat(lefts, dim=1), torch.cat(rights, dim=0))
 
 
 def _toward(view: State, update: State, c: float) -> State:
@@ -207,7 +208,7 @@ def _toward(view: State, update: State, c: float) -> State:
         v = view.get(k)
         if v is not None and v.shape == u.shape:
             out[k] = (v.double() + c * (u.double() - v.double())).to(u.dtype)
-        elif k.endswith(_B):
+        elif k.endswith(B_KEY):
             out[k] = (c * u.double()).to(u.dtype)
     return out
 
@@ -223,7 +224,7 @@ def clip_auto(pairs: list[tuple[State, State]], factor: float, alpha: float, min
     :func:`fedlowrank.federated.clipping.clip_auto` returns (no slot caps here)."""
     prefixes = adapter_prefixes(pairs[0][1])
     norms = [{p: change_norm(u, v, p, alpha) for p in prefixes} for v, u in pairs]
-    ranks = [{p: u[p + _B].shape[1] for p in prefixes} for _, u in pairs]
+    ranks = [{p: u[p + B_KEY].shape[1] for p in prefixes} for _, u in pairs]
 
     def ref(k: int, p: str) -> float:
         pool = sorted(n[p] for n, r in zip(norms, ranks) if r[p] <= ranks[k][p])

@@ -31,7 +31,7 @@ from .task import build_model, fed_data
 
 log = logging.getLogger(__name__)
 Budget = dict[str, Any]
-_B, _A = ".adapter.U", ".adapter.V"  # a LoRA adapter's B (out, r) and A (r, in)
+_B, _A = lora_rules.B_KEY, lora_rules.A_KEY  # a LoRA adapter's B (out, r) and A (r, in)
 
 
 def _float_state(model: nn.Module) -> State:
@@ -267,7 +267,7 @@ class LoRAFed(FedMethod):
         state: State = {}
         for p, (o, i) in self.dims().items():
             if self.rule == "flora":  # nothing merged yet: one zero direction (ΔW = 0)
-                state[p + ".merged.U"], state[p + ".merged.V"] = torch.zeros(o, 1), torch.zeros(1, i)
+                state[p + lora_rules.MERGED_U], state[p + lora_rules.MERGED_V] = torch.zeros(o, 1), torch.zeros(1, i)
                 continue
             bound = 1.0 / i ** 0.5  # nn.Linear's (and LoRALinear.reinit's) Kaiming-uniform bound
             state[p + _B] = torch.zeros(o, ranks[p])

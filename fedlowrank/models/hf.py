@@ -10,6 +10,7 @@ Weight layouts that differ from Hugging Face's:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import re
@@ -43,13 +44,20 @@ def resolve(src: str, cache_dir: str | None = None) -> Path:
     if p.exists() or src.startswith((".", "/", "~")) or src.count("/") > 1:
         raise PretrainedError(f"model.pretrained={src!r} is neither a checkpoint directory nor a hub repo id")
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(src, allow_patterns=HUB_FILES, cache_dir=cache_dir))
+        return _hub_snapshot(src, cache_dir)
     except Exception as e:  # offline, unknown repo, gated model: one clear message
         raise PretrainedError(f"model.pretrained={src!r} is not a local directory, and downloading it from the "
                               f"Hugging Face hub failed ({type(e).__name__}: {str(e)[:300]}); connect once (the "
                               "download is cached) or give a local directory") from e
+
+
+@functools.lru_cache(maxsize=16)
+def _hub_snapshot(src: str, cache_dir: str | None) -> Path:
+    """A hub repo's local snapshot, asked of the hub once per process (a federated run resolves its checkpoint for
+    every client's data and model; a failure is not cached)."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(src, allow_patterns=HUB_FILES, cache_dir=cache_dir))
 
 
 def weight_files(d: Path) -> list[Path]:

@@ -15,11 +15,13 @@ import numpy as np
 import torch
 
 from fedlowrank.schema import ConfigError
+from fedlowrank.training.loop import IGNORE
+
+from .partition import holdout_mask
 
 log = logging.getLogger(__name__)
 FIELDS = ("instruction", "context", "response", "category")
 HUB_ID = "databricks/databricks-dolly-15k"
-IGNORE = -100  # fedlowrank.training.loop.IGNORE (cross-entropy's ignore_index)
 MAX_LINE = 1 << 20  # a record longer than 1 MiB is refused
 
 
@@ -111,9 +113,5 @@ def encode(records: list[dict], tokenizer, eos: int | None, seq_len: int, test_f
         log.info("instructions: %d of %d records dropped (the prompt fills data.seq_len=%d)", dropped, len(records),
                  seq_len)
     category = np.asarray(cat)
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(category), dtype=bool)
-    for c in np.unique(category):  # each category's held-out share
-        idx = np.flatnonzero(category == c)
-        test[rng.choice(idx, size=int(round(test_fraction * len(idx))), replace=False)] = True
+    test = holdout_mask(category, test_fraction, seed)  # each category's held-out share
     return InstructionData(torch.stack(xs), torch.stack(ys), category, cats, test, tokenizer.vocab_size)

@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .partition import holdout_mask, natural_split
+
 log = logging.getLogger(__name__)
 _SPEAKER = re.compile(r"^([A-Z][A-Za-z' .,&-]*):$")
 
@@ -81,12 +83,7 @@ def load_role_text(path: str | Path, seq_len: int = 80, test_fraction: float = 0
         ys.append(ids[1: n * seq_len + 1].view(n, seq_len))
         rid.append(np.full(n, i))
     role = np.concatenate(rid)
-    rng = np.random.default_rng(seed)
-    test = np.zeros(len(role), dtype=bool)
-    for i in np.unique(role):  # per-role held-out windows; roles with one window keep it for training
-        idx = np.flatnonzero(role == i)
-        k = int(round(test_fraction * len(idx)))
-        test[rng.choice(idx, size=k, replace=False)] = True
+    test = holdout_mask(role, test_fraction, seed)  # per-role held-out windows
     return RoleText(torch.cat(xs), torch.cat(ys), role, test, names, vocab, n_tokens)
 
 
@@ -108,40 +105,6 @@ def _encoder(text: str, tokenizer: str | None):
 
 
 def natural_partitions(data: RoleText, num_clients: int, min_size: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(train, test) index arrays per client: one role each, via flwr-datasets' NaturalIdPartitioner.
-
-    Roles with fewer than ``min_size`` training windows are left out; the ``num_clients`` roles with
-    the most training windows are kept (ties broken by name). Asking for more clients than there are
-    roles is an error, raised before any training.
-    """
-    from datasets import Dataset
-    from datasets import utils as hf_tqdm
-    from flwr_datasets.partitioner import NaturalIdPartitioner
-
-    train_idx = np.flatnonzero(~data.test)
-    counts = np.bincount(data.role[train_idx], minlength=len(data.roles))
-    eligible = [r for r in np.argsort(-counts, kind="stable") if counts[r] >= max(1, min_size)]
-    if num_clients > len(eligible):
-        raise ValueError(f"natural partition: {num_clients} clients requested but only {len(eligible)} roles have "
-                         f">= {min_size} training windows (fed.min_partition_size); lower fed.num_clients")
-    keep = sorted(int(r) for r in eligible[:num_clients])
-    mine = train_idx[np.isin(data.role[train_idx], keep)]
-    part = NaturalIdPartitioner(partition_by="role")
-    part.dataset = Dataset.from_dict({"idx": mine, "role": data.role[mine]})
-    by_role = {}
-    quiet = not hf_tqdm.are_progress_bars_disabled()
-    if quiet:
-        hf_tqdm.disable_progress_bars()
-    try:
-        for pid in range(part.num_partitions):
-            rows = part.load_partition(pid)
-            by_role[int(rows["role"][0])] = np.asarray(rows["idx"])
-    finally:
-        if quiet:
-            hf_tqdm.enable_progress_bars()
-    test_idx = np.flatnonzero(data.test)
-    train = [by_role[r] for r in keep]
-    test = [test_idx[data.role[test_idx] == r] for r in keep]
-    log.info("natural partition: %d roles, %d-%d training windows each", len(keep),
-             min(len(t) for t in train), max(len(t) for t in train))
-    return train, test
+    """(train, test) index arrays per client: one role each (:func:`fedlowrank.data.partition.natural_split`:
+    the ``num_clients`` roles with the most training windows, each with at least ``min_size``)."""
+    return natural_split(data.role, data.test, num_clients, min_size, "roles", "training windows")

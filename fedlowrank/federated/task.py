@@ -15,9 +15,8 @@ from torch.utils.data import TensorDataset
 
 from fedlowrank.config import TEXT_SPECS as TEXT_TASKS
 from fedlowrank.config import FederatedRun
-from fedlowrank.config import ConfigError
 from fedlowrank.config.fed_lora import INSTRUCTION_SPECS, text_tokenizer
-from fedlowrank.data.partition import partition_indices
+from fedlowrank.data.partition import natural_split, partition_indices
 from fedlowrank.federated.run_config import node_cache_dir
 from fedlowrank.models.build import dense_model
 from fedlowrank.training.loop import IGNORE
@@ -168,14 +167,7 @@ def _instructions(path: str | None, source: str, tokenizer: str | None, seq_len:
     spec = tokenizer or "byte"
     data = ins.encode(records, make_tokenizer(spec), eos_id(spec), seq_len, test_fraction, seed)
     if kind == "natural":
-        train_idx = np.flatnonzero(~data.test)
-        sizes = np.bincount(data.category[train_idx], minlength=len(data.categories))
-        if n > int((sizes >= max(1, min_size)).sum()):
-            raise ConfigError(f"natural partition: {n} clients requested but only {int((sizes >= max(1, min_size)).sum())} "
-                              f"categories have >= {min_size} training examples; lower fed.num_clients")
-        keep = sorted(int(c) for c in np.argsort(-sizes, kind="stable")[:n])
-        train = [train_idx[data.category[train_idx] == c] for c in keep]
-        held = [np.flatnonzero(data.test & (data.category == c)) for c in keep]
+        train, held = natural_split(data.category, data.test, n, min_size, "categories", "training examples")
     else:
         parts = partition_indices(torch.as_tensor(data.category), kind, n, alpha, seed + 42, min_size)
         train, held = _holdout(parts, test_fraction, seed + 7)

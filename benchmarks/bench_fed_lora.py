@@ -52,17 +52,9 @@ CONFIGS = {  # model size, pretraining steps, device, vocabulary of the BPE
 
 def pretrain(tmp: Path, cfg: dict) -> Path:
     """A BPE on the docs text, a GPT-2 pretrained on it by central mode, exported; returns the HF directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from fedlowrank.data.text import pydoc_text, train_bpe
 
-    from fedlowrank.data.text import pydoc_text
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([pydoc_text()], trainers.BpeTrainer(
-        vocab_size=cfg["vocab"], show_progress=False, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(tmp / "tokenizer.json"))
+    train_bpe([pydoc_text()], cfg["vocab"], ("<|endoftext|>",), tmp / "tokenizer.json")
     run = [sys.executable, "main.py", "mode=central", "model=gpt2", f"model.size={cfg['size']}", "data=pydoc",
            f"data.tokenizer={tmp / 'tokenizer.json'}", f"trainer.max_steps={cfg['steps']}", "trainer.batch_size=16",
            "trainer.block_size=128", f"trainer.device={cfg['device']}", "trainer.progress=false",

@@ -28,16 +28,12 @@ def checkpoint(d: Path) -> Path:
     """A random GPT-2 small (124M) saved by transformers, with a small BPE trained here on the roles' text."""
     import torch
     import transformers as T
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from fedlowrank.data.text import train_bpe
 
     torch.manual_seed(0)
     T.GPT2LMHeadModel(T.GPT2Config()).save_pretrained(d)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([SHAKESPEARE.read_text()], trainers.BpeTrainer(
-        vocab_size=2048, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(d / "tokenizer.json"))
+    train_bpe([SHAKESPEARE.read_text()], 2048, path=d / "tokenizer.json")
     return d
 
 

@@ -40,14 +40,9 @@ def _text() -> str:
 
 def _tokenizer(d: Path) -> None:
     """A byte-level BPE trained here (offline) on the shared Shakespeare text, saved as ``d/tokenizer.json``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from fedlowrank.data.text import train_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([_text()], trainers.BpeTrainer(vocab_size=VOCAB - 20, show_progress=False,
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(d / "tokenizer.json"))
+    train_bpe([_text()], VOCAB - 20, path=d / "tokenizer.json")
 
 
 def _hf(kind: str, d: Path, **kw):

@@ -57,15 +57,11 @@ def test_prepare_writes_the_byte_tokens_whatever_the_workers_and_shard_size(tmp_
 
 
 def test_bpe_shards_keep_the_tokenizer_and_end_documents(tmp_path, corpus):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([corpus.read_text()], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(tmp_path / "tok.json"))
+    from fedlowrank.data.text import train_bpe
+
+    tok = train_bpe([corpus.read_text()], 400, ("<|endoftext|>",), tmp_path / "tok.json")
     assert prepare_main(["--out", str(tmp_path / "s"), "--tokenizer", str(tmp_path / "tok.json"), "--workers", "2",
                          str(corpus)]) == 0
     meta = read_meta(tmp_path / "s")

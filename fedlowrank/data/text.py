@@ -65,6 +65,22 @@ class BPETokenizer:
         return self.tok.decode(list(ids))
 
 
+def train_bpe(texts: list[str], vocab_size: int, special_tokens: tuple[str, ...] = (), path: str | Path | None = None):
+    """A byte-level BPE (GPT-2's scheme: every byte in the alphabet, so any text encodes) trained offline on
+    ``texts``; saved as a ``tokenizer.json`` at ``path`` when given. Returns the ``tokenizers.Tokenizer``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
+                                                       show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if path is not None:
+        tok.save(str(path))
+    return tok
+
+
 def make_tokenizer(spec: str) -> ByteTokenizer | BPETokenizer:
     """``byte``, or a ``tokenizers`` tokenizer (file, directory or hub name; see :class:`BPETokenizer`)."""
     return ByteTokenizer() if spec == "byte" else BPETokenizer(spec)

@@ -78,6 +78,11 @@ class FedMethod:
         """Whether clients with different budgets download different models."""
         return self.run.strategy not in ("fedlmt", "fedavg")
 
+    def evaluate_at_budget(self) -> bool:
+        """Whether a client's personalised evaluation scores the global model cut to its budget (its download)
+        rather than the whole global model."""
+        return self.budget_views()
+
     def prepare_client(self, model: nn.Module, budget: Budget) -> None:
         """Client side, after loading the view: attach/freeze what the method needs."""
 
@@ -282,6 +287,9 @@ class LoRAFed(FedMethod):
 
     def budget_views(self) -> bool:
         return True
+
+    def evaluate_at_budget(self) -> bool:
+        return False  # a fine-tuning run produces the whole global adapter: that is what clients are scored with
 
     def prepare_client(self, model: nn.Module, budget: Budget) -> None:
         if self.rule == "flora":  # a fresh adapter of the client's rank on the merged model, every round

@@ -65,7 +65,7 @@ def round_line(rnd: int, rounds: int, res: dict, train: dict | None) -> str:
     return " | ".join(parts)
 
 
-def _heldout_rows(run: FederatedRun, method, state: State, fd: FedData, pids, cut: bool = True) -> list[dict]:
+def _heldout_rows(run: FederatedRun, method, state: State, fd: FedData, pids, cut: bool) -> list[dict]:
     """Per client of ``pids`` with held-out examples: the global model cut to its budget, on those examples.
     One model per budget, its clients' examples evaluated together (chunks of :data:`EVAL_CHUNK`) and the sums
     split by client, so ten thousand clients cost a few forward passes, not ten thousand model builds."""
@@ -80,7 +80,7 @@ def _heldout_rows(run: FederatedRun, method, state: State, fd: FedData, pids, cu
     rows: dict[int, dict] = {}
     for key, members in groups.items():
         budget = dict(key)
-        model = model_from_state(run, method.view(state, budget) if cut and method.budget_views() else state)
+        model = model_from_state(run, method.view(state, budget) if cut else state)
         for pid, tot in zip(members, _client_sums(run, model, fd, members)):
             res = mean_loss_accuracy(tot)
             rows[pid] = {"pid": pid, **budget, "examples": len(fd.heldout_parts[pid]), "accuracy": res["accuracy"],
@@ -120,7 +120,7 @@ def personalized_eval(run: FederatedRun, method, state: State, fd: FedData, trai
     that never did. None when the task has no per-client held-out split."""
     if fd.heldout_parts is None:
         return None
-    rows = _heldout_rows(run, method, state, fd, range(run.fed.num_clients), cut=method.name != "lora")
+    rows = _heldout_rows(run, method, state, fd, range(run.fed.num_clients), cut=method.evaluate_at_budget())
     if not rows:
         return None
     acc = np.array([r["accuracy"] for r in rows])
@@ -151,7 +151,7 @@ def client_eval(run: FederatedRun, method, state: State, fd: FedData, pids: list
     and the per-client rows. Empty when the task has no per-client held-out split."""
     if fd.heldout_parts is None or not pids:
         return {}, []
-    rows = _heldout_rows(run, method, state, fd, sorted(pids))
+    rows = _heldout_rows(run, method, state, fd, sorted(pids), cut=method.budget_views())
     groups: dict[str, list[dict]] = {"clients": rows}
     for r in rows:
         groups.setdefault(f"{budget_tag(run.fed.budget(r['pid']))}_clients", []).append(r)

@@ -300,12 +300,46 @@ def test_evaluation_passes_hold_a_bounded_number_of_logits(ckpt, play):
     chunk shrinks so that one pass holds at most task.LOGITS_PER_PASS logits, and small tasks keep their cap."""
     from fedlowrank.federated.task import LOGITS_PER_PASS, eval_batch
 
-    fd = fed_data(lora_run(ckpt, play))
-    n = eval_batch(fd, 1024)
-    assert n * fd.x.shape[1] * fd.num_classes <= LOGITS_PER_PASS < (n + 1) * fd.x.shape[1] * fd.num_classes or n == 1024
+    run = lora_run(ckpt, play)
+    fd = fed_data(run)
+    n, width = eval_batch(run, fd, 1024), VOCAB  # the checkpoint's output layer
+    assert n * fd.x.shape[1] * width <= LOGITS_PER_PASS < (n + 1) * fd.x.shape[1] * width or n == 1024
     big = type(fd)(fd.x[:2].repeat(1, 4), fd.y[:2].repeat(1, 4), [], None, fd.test, 50257)
-    assert eval_batch(big, 1024) * big.x.shape[1] * 50257 <= LOGITS_PER_PASS
-    assert eval_batch(big, 1024) >= 1
+    assert eval_batch(run, big, 1024) * big.x.shape[1] * 50257 <= LOGITS_PER_PASS
+    assert eval_batch(run, big, 1024) >= 1
+
+
+def test_evaluation_counts_the_checkpoints_outputs_not_the_tokenizers(play, tmp_path, monkeypatch):
+    """A checkpoint whose output layer (4,096 tokens) is wider than its tokenizer (300 ids): the held-out
+    evaluation's passes are sized by the logits the model really produces (sized by the tokenizer, each pass
+    held 13x the bound: a random GPT-2-small config with a small BPE took 3 GB per pass)."""
+    import transformers as T
+
+    from fedlowrank.federated import task
+    from fedlowrank.federated.report import personalized_eval
+
+    torch.manual_seed(0)
+    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=4096, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+                      ).save_pretrained(tmp_path)
+    _tokenizer(tmp_path)
+    run = lora_run(tmp_path, play)
+    fd = fed_data(run)
+    limit = 3 * fd.x.shape[1] * 4096  # three windows' logits a pass
+    monkeypatch.setattr(task, "LOGITS_PER_PASS", limit)
+    method = fed_method(run)
+    seen = []
+    real = task.build_model
+
+    def observed(r):
+        m = real(r)
+        m.lm_head.register_forward_hook(lambda mod, i, out: seen.append(out.numel()))
+        return m
+
+    monkeypatch.setattr(task, "build_model", observed)
+    monkeypatch.setattr("fedlowrank.federated.lora.build_model", observed)
+    assert personalized_eval(run, method, method.initial_state(), fd) is not None
+    assert seen and max(seen) <= limit and max(seen) * 2 > limit  # bounded, and not needlessly small
+    assert task.eval_batch(run, fd, 256) == 3
 
 
 def test_a_llama_checkpoint_fine_tunes_federated(play, tmp_path):

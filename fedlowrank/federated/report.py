@@ -103,7 +103,7 @@ def _client_sums(run: FederatedRun, model, fd: FedData, members: list[int]) -> t
     idx = torch.cat(parts)
     owner = torch.repeat_interleave(torch.arange(len(members)), torch.tensor([len(p) for p in parts]))
     tot = torch.zeros(len(members), 3, dtype=torch.float64)
-    chunk = eval_batch(fd, EVAL_CHUNK)
+    chunk = eval_batch(run, fd, EVAL_CHUNK)
     for i in range(0, len(idx), chunk):
         sel = idx[i:i + chunk]
         with autocast(run, device):

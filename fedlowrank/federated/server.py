@@ -99,7 +99,7 @@ class _ServerRun:
         self.run, self.out = run, Path(run.out_dir)
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.writers = RunWriters(self.out / "tb")
-        self.test_loader = batches(fed_data(run).test, eval_batch(fed_data(run), 256))
+        self.test_loader = batches(fed_data(run).test, eval_batch(run, fed_data(run), 256))
         self.budgets = sorted({tuple(run.fed.budget(i).items()) for i in range(run.fed.num_clients)})
         self.method = fed_method(run)
         initial = self.method.initial_state()

@@ -178,11 +178,23 @@ def _instructions(path: str | None, source: str, tokenizer: str | None, seq_len:
 LOGITS_PER_PASS = 1 << 24  # evaluation: at most this many logits (64 MB in fp32) per forward pass
 
 
-def eval_batch(fd: FedData, cap: int) -> int:
+def eval_batch(run: FederatedRun, fd: FedData, cap: int) -> int:
     """Examples per evaluation forward pass: ``cap``, fewer where an example's logits are many (a sequence of T
-    positions over a vocabulary of V: T·V; GPT-2's 50,257 tokens over 64 positions are 12.9 MB an example)."""
+    positions over the model's V outputs: T·V; GPT-2's 50,257 tokens over 64 positions are 12.9 MB an example)."""
     positions = fd.x.shape[1] if fd.x.dim() == 2 and fd.y.dim() == 2 else 1
-    return max(1, min(cap, LOGITS_PER_PASS // max(1, positions * fd.num_classes)))
+    return max(1, min(cap, LOGITS_PER_PASS // max(1, positions * logits_width(run, fd))))
+
+
+def logits_width(run: FederatedRun, fd: FedData) -> int:
+    """Outputs per position of the run's model: the data's classes (vocabulary), or a pretrained checkpoint's
+    ``vocab_size`` where that is larger (its tokenizer may use fewer ids than its output layer has)."""
+    src = run.model.get("pretrained")
+    if not src:
+        return fd.num_classes
+    from fedlowrank.models.hf import resolve
+    from fedlowrank.models.hf_config import model_config
+
+    return max(fd.num_classes, int(model_config(resolve(str(src)))[1].vocab_size))
 
 
 def forget_data() -> None:

@@ -125,6 +125,7 @@ def test_reply_size_and_declared_shapes_are_checked_before_deserialization(monke
 def test_a_second_reply_from_the_same_sender_is_rejected_and_logged(tmp_path, caplog):
     """The same reply delivered twice counted as 5 valid updates from 4 clients: the strategy keeps one reply per
     sender per round, and the round aggregates exactly as it does without the copy."""
+    import copy
     import logging
 
     import torch
@@ -137,9 +138,10 @@ def test_a_second_reply_from_the_same_sender_is_rejected_and_logged(tmp_path, ca
     a, b, grid = make_strategy(run), make_strategy(run), InProcessGrid(run)
     replies = grid.send_and_receive(list(a.configure_train(1, None, None, grid)))
     b.configure_train(1, None, None, grid)
+    own = copy.deepcopy(replies)  # aggregate_train releases the arrays of the replies it accepts
     with caplog.at_level(logging.WARNING):
         a.aggregate_train(1, replies + [replies[-1]])  # the last client's reply, delivered twice
-    b.aggregate_train(1, replies)
+    b.aggregate_train(1, own)
     assert a.history[-1]["clients_ok"] == 4 and a.history[-1]["rejected"] == 1
     assert "second reply from client" in caplog.text
     assert all(torch.equal(a.global_state[k], b.global_state[k]) for k in a.global_state)

@@ -144,15 +144,18 @@ class HeteroRankStrategy(Strategy):
         sampled = sorted(self.rng.sample(pids, k))
         self.sent, self.expected, self._round_down = {}, {}, 0
         self._round_start, self._round_started_at = time.perf_counter(), time.time()
-        msgs = []
+        msgs, views = [], {}  # one view (and its serialized record) per budget: clients of a budget share it
         for pid in sampled:
-            node = by_pid[pid]
-            view = self.method.view(self.global_state, self.budgets[node])
-            self.expected[node] = self.method.expected(view, self.budgets[node])
+            node, budget = by_pid[pid], self.budgets[by_pid[pid]]
+            key = tuple(sorted(budget.items()))
+            if key not in views:
+                view = self.method.view(self.global_state, budget)
+                views[key] = (view, self.method.expected(view, budget), to_record(view))
+            view, self.expected[node], record = views[key]
             self.sent[node] = view
             self._round_down += state_bytes(view)
             cfg = ConfigRecord({"server-round": rnd, "partition-id": pid})
-            msgs.append(Message(RecordDict({"arrays": to_record(view), "config": cfg}), dst_node_id=node,
+            msgs.append(Message(RecordDict({"arrays": record, "config": cfg}), dst_node_id=node,
                                 message_type=MessageType.TRAIN))
         log.debug("round %d: sent models to %d/%d clients (%d bytes)", rnd, len(msgs), len(pids), self._round_down)
         return msgs
@@ -195,7 +198,8 @@ class HeteroRankStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check every reply, drop stragglers past the simulated deadline, aggregate the valid updates into
         the global model (kept when the result is not finite), log the round and stop after
-        ``fed.max_failed_rounds`` rounds in a row without a valid update."""
+        ``fed.max_failed_rounds`` rounds in a row without a valid update. An accepted reply's ``arrays`` are
+        released once read (the round then holds each update once: memory at scale)."""
         rnd = server_round + self.round_offset
         valid, failures, rejected, up = self._collect(rnd, replies)
         valid = self._clip_auto(rnd, valid)
@@ -233,25 +237,27 @@ class HeteroRankStrategy(Strategy):
         """(valid, failures, rejected, uploaded bytes): valid holds (pid, update, weight, metrics, view)
         sorted by partition id, so sums are bit-reproducible whatever the arrival order."""
         valid, failures, rejected, up = [], 0, 0, 0
-        answered: set[int] = set()
+        answered: dict[int, int] = {}  # node -> bytes of its first reply
         for reply in replies:
             node = reply.metadata.src_node_id
             pid = self.partition.get(node, -1)
             if node in answered:  # one reply per sender per round: a replayed or second reply is never counted
                 rejected += 1
                 self.rejections.append((rnd, pid))
-                up += self._sent_bytes(reply)
+                up += self._sent_bytes(reply) or answered[node]  # the very same message: its arrays were released
                 log.warning("round %d: rejected a second reply from client %d (node %d) in the same round", rnd, pid,
                             node)
                 continue
-            answered.add(node)
+            answered[node] = 0
             if reply.has_error():
                 failures += 1
                 self._log_failure(rnd, pid, reply.error.reason)
                 continue
             try:
                 state, metrics, weight = self._check_reply(reply)
-                up += state_bytes(state)  # payload bytes, as for downloads
+                answered[node] = state_bytes(state)
+                up += answered[node]  # payload bytes, as for downloads
+                del reply.content["arrays"]  # the serialized copy: the round holds each update once (memory)
             except Exception as e:  # anything a client sends must not stop the server
                 up += self._sent_bytes(reply)
                 rejected += 1

@@ -248,6 +248,9 @@ def test_perplexity_is_the_global_adapters_on_each_clients_own_held_out_windows(
     assert res["perplexity"]["trained"]["clients"] == 2 and res["perplexity"]["never_trained"]["clients"] == 2
     worst = max(r["perplexity"] for r in res["clients"] if r["pid"] > 1)
     assert res["perplexity"]["never_trained"]["worst"] == pytest.approx(worst)
+    every = sorted(r["perplexity"] for r in res["clients"])  # 4 clients: numpy's linear percentile by hand
+    assert res["perplexity"]["all"]["p10"] == pytest.approx(every[0] + 0.3 * (every[1] - every[0]))
+    assert res["perplexity"]["all"]["p90"] == pytest.approx(every[2] + 0.7 * (every[3] - every[2]))
 
 
 def test_hetlora_clients_prune_their_rank_when_the_tail_shrinks(ckpt, play):

@@ -139,10 +139,10 @@ def personalized_eval(run: FederatedRun, method, state: State, fd: FedData, trai
 
 
 def _ppl_stats(rows: list[dict]) -> dict:
-    """Mean, 90th percentile and worst (largest) perplexity of clients on their held-out splits."""
+    """Mean, 10th and 90th percentiles and worst (largest) perplexity of clients on their held-out splits."""
     ppl = np.array([r["perplexity"] for r in rows])
-    return {"clients": len(rows), "mean": float(ppl.mean()), "p90": float(np.percentile(ppl, 90)),
-            "worst": float(ppl.max())}
+    return {"clients": len(rows), "mean": float(ppl.mean()), "p10": float(np.percentile(ppl, 10)),
+            "p90": float(np.percentile(ppl, 90)), "worst": float(ppl.max())}
 
 
 def client_eval(run: FederatedRun, method, state: State, fd: FedData, pids: list[int]) -> tuple[dict, list[dict]]:
@@ -279,7 +279,7 @@ def summary_lines(summary: dict, out_dir: str, wall_s: float) -> list[str]:
     ppl = (summary.get("personalized") or {}).get("perplexity")
     if ppl:  # text tasks: the global model's held-out perplexity, every client on its own split
         lines.append(f"  held-out perplexity: global {math.exp(final.get('global_loss', float('nan'))):.2f}; " + "; ".join(
-            f"{name.replace('_', ' ')} ({g['clients']} clients) mean {g['mean']:.2f}, p90 {g['p90']:.2f}, "
+            f"{name.replace('_', ' ')} ({g['clients']} clients) mean {g['mean']:.2f}, p10 {g['p10']:.2f}, p90 {g['p90']:.2f}, "
             f"worst {g['worst']:.2f}" for name, g in ppl.items()))
     lines.append(f"  bytes: {up / 1e6:.2f} MB up, {down / 1e6:.2f} MB down; global model "
                  f"{summary.get('global_model_bytes', 0) / 1e6:.3f} MB (dense {summary.get('dense_model_bytes', 0) / 1e6:.3f} MB)")

@@ -110,7 +110,7 @@ def central_reference(job: tuple) -> dict:
     import numpy as np
     import torch
 
-    from fedlowrank.federated.client import model_from_state
+    from fedlowrank.federated.client import compute_device, model_from_state
     from fedlowrank.federated.methods import fed_method
     from fedlowrank.federated.report import personalized_eval
     from fedlowrank.federated.task import fed_data
@@ -122,7 +122,8 @@ def central_reference(job: tuple) -> dict:
     run = _run(hf, overrides, seed, out)
     method, fd = fed_method(run), fed_data(run)
     torch.manual_seed(seed)
-    model = model_from_state(run, method.initial_state())
+    device = compute_device(run)  # fed.device: cuda in the GPU config, as the federated contenders
+    model = model_from_state(run, method.initial_state()).to(device)
     pool = torch.as_tensor(np.concatenate(fd.train_parts), dtype=torch.long)
     ds = torch.utils.data.TensorDataset(fd.x[pool], fd.y[pool])
     epochs = run.fed.rounds * run.fed.fraction_train * run.fed.local_epochs
@@ -130,8 +131,8 @@ def central_reference(job: tuple) -> dict:
     steps = int(round(epochs * len(ds) / run.fed.batch_size))
     start = personalized_eval(run, method, method.initial_state(), fd, set())  # B = 0: the pretrained model
     train_classifier(model, batches(ds, run.fed.batch_size, shuffle=True), method.local_optimizer(params),
-                     epochs=int(np.ceil(epochs)), max_steps=steps)
-    state = {k: v.detach().float() for k, v in model.state_dict().items() if k.endswith((".adapter.U", ".adapter.V"))}
+                     epochs=int(np.ceil(epochs)), max_steps=steps, device=device)
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items() if k.endswith((".adapter.U", ".adapter.V"))}
     pe = personalized_eval(run, method, state, fd, set())
     return [{"name": "pretrained, not fine-tuned", "seed": seed, "perplexity": start["perplexity"], "upload_bytes": 0},
             {"name": "central LoRA (r=64, pooled data)", "seed": seed, "perplexity": pe["perplexity"],

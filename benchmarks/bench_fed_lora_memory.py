@@ -73,6 +73,8 @@ def main() -> None:
         for r in mine[1:]:
             r["pss_growth_mb"] = r["peak_pss_mb"] - mine[0]["peak_pss_mb"]
             r["pss_ratio"] = r["peak_pss_mb"] / mine[0]["peak_pss_mb"]
+            r["adapter_growth_mb"] = r["upload_mb"] - mine[0]["upload_mb"]  # the round's extra replies
+            r["growth_over_adapters"] = r["pss_growth_mb"] / r["adapter_growth_mb"]
     emit("fed_lora_memory", {"date": time.strftime("%Y-%m-%d"), "total_wall_s": time.time() - t0,
                              "environment": environment("cpu"), "runs": rows}, args.out)
 

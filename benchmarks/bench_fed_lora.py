@@ -6,7 +6,8 @@
 2. Fine-tune federated on the Shakespeare roles (``experiment=fed_lora``: the 100 roles with the most text, 10
    sampled per round, the checkpoint's tokenizer), each client at FLoRA's rank layout ``[64,32,16,16,8,8,4,4,4,4]``
    (cycled over the clients), for every contender and ``--seeds``: homogeneous smallest rank and homogeneous largest
-   rank (FedIT with one rank), ``fedit``, ``hetlora``, ``flexlora``, ``flora``, ``ffa``, ``product``. Runs go through
+   rank (FedIT with one rank), ``fedit``, ``hetlora``, ``flexlora``, ``flora``, ``ffa``, ``product`` (and, when
+   named in ``--contenders``, ``flora`` scaled as FLoRA's code scales, s = 2 for every rank). Runs go through
    the in-process loop (the apps' strategy and client code), one thread each, ``--jobs`` at once.
 3. Reference: a LoRA at the largest rank trained centrally on the pooled training windows of the same clients, for
    as many example passes as the federated run made (rounds x 10% x local epochs).
@@ -42,7 +43,10 @@ CONTENDERS = {
     "homogeneous largest (r=64)": ["strategy=fedit", "fed.ranks=[64]"],
     **{rule: [f"strategy={rule}", f"fed.ranks={LAYOUT}"] for rule in
        ("fedit", "hetlora", "flexlora", "flora", "ffa", "product")},
+    # FLoRA as its code scales client adapters (lora_alpha = 2r: s = 2 whatever the rank); not in the default list
+    "flora (s=2, as its code)": ["strategy=flora", f"fed.ranks={LAYOUT}", "method.scaling=fixed", "method.alpha=2"],
 }
+DEFAULT_CONTENDERS = [n for n in CONTENDERS if "as its code" not in n]
 BASELINE = "homogeneous smallest (r=4)"
 CONFIGS = {  # model size, pretraining steps, device, vocabulary of the BPE
     "cpu": {"size": "mini", "steps": 1500, "device": "cpu", "vocab": 1024, "seq_len": 64},
@@ -200,7 +204,7 @@ def main() -> None:
     ap.add_argument("--local-epochs", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--pretrain-steps", type=int, default=None)
-    ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=list(CONTENDERS))
+    ap.add_argument("--contenders", nargs="+", default=DEFAULT_CONTENDERS, choices=list(CONTENDERS))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=None)
     ap.add_argument("--pretrained", default=None, help="an HF directory from an earlier invocation: no pretraining")

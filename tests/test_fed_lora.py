@@ -116,6 +116,26 @@ def test_a_short_run_lowers_the_held_out_loss(ckpt, play, rule):
     assert after < before - 0.05
 
 
+def test_fixed_scaling_gives_every_clients_adapter_scale_alpha(ckpt, play):
+    """``method.scaling=fixed method.alpha=2`` (FLoRA's code: lora_alpha = 2r): every adapter a client trains scales
+    by 2 whatever its rank (FLoRA's fresh adapters too), and a short run still lowers the held-out loss."""
+    run = lora_run(ckpt, play, "strategy=flora", "method.scaling=fixed", "method.alpha=2", "fed.lr=0.02",
+                   "fed.clip_auto=null")
+    method, strategy = fed_method(run), make_strategy(run)
+    test = DataLoader(fed_data(run).test, batch_size=256)
+    before = evaluate_classifier(model_from_state(run, strategy.global_state), test)["loss"]
+    run_rounds(strategy, InProcessGrid(run), 2)
+    for pid in (0, 2):  # ranks 8 and 2
+        model = model_from_state(run, method.view(strategy.global_state, run.fed.budget(pid)))
+        method.prepare_client(model, run.fed.budget(pid))
+        layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+        assert layers and {m.rank for m in layers} == {run.fed.ranks[pid]}
+        assert all(float(m.scale()) == 2.0 for m in layers)
+    assert evaluate_classifier(model_from_state(run, strategy.global_state), test)["loss"] < before - 0.05
+    with pytest.raises(ConfigError, match="method.scaling"):
+        lora_run(ckpt, play, "method.scaling=sqrt")
+
+
 @pytest.mark.parametrize("rule", ["flexlora", "flora"])
 def test_export_merges_the_global_adapter_and_transformers_gives_the_same_logits(ckpt, play, tmp_path, rule):
     """``python -m fedlowrank.export <run> <dir>``: the checkpoint's base with the run's global adapter merged, as a

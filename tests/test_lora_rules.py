@@ -124,6 +124,33 @@ def test_a_download_computes_the_global_deltas_first_slots_at_the_clients_own_sc
     np.testing.assert_allclose(_np_delta(L.aggregate(rule, g, back, W, ALPHA)), _np_delta(g), atol=1e-10)
 
 
+@pytest.mark.parametrize("rule", ["fedit", "flexlora", "product"])
+def test_fixed_scaling_uses_alpha_itself_for_every_rank(rule):
+    """``method.scaling=fixed`` (FLoRA's code: lora_alpha = 2r, s = 2): ΔW = s·B·A whatever r, on the server's side
+    (aggregate, download) as on the client's; numpy with s = 2 gives the same sums."""
+    s = L.run_alpha(2.0, "fixed")
+    assert L.lora_scale(s, 4) == L.lora_scale(s, 64) == 2.0 and L.lora_scale(L.run_alpha(2.0, "rank"), 4) == 0.5
+    g, reps = _global(), _replies()
+    views = [L.view(rule, g, {"l": r}, s) for r in RANKS]
+    new = L.aggregate(rule, g, reps, W, s, views)
+    d = lambda st: 2.0 * st["l.adapter.U"].numpy() @ st["l.adapter.V"].numpy()  # noqa: E731
+    p = np.array(W) / sum(W)
+    if rule == "flexlora":  # the truncated SVD of Σ p_k s B_k A_k at the global rank
+        want = _np_truncate(sum(pk * d(u) for pk, u in zip(p, reps)), R)
+    elif rule == "product":  # the global ΔW plus each client's change of ΔW, truncated
+        want = _np_truncate(d(g) + sum(pk * (d(u) - d(v)) for pk, u, v in zip(p, reps, views)), R)
+    else:  # zero-padded √s-scaled factors averaged separately (s the same for every client)
+        pad = lambda x, r: np.pad(x, ((0, 0), (0, R - r))) if x.shape[0] == OUT else np.pad(x, ((0, R - r), (0, 0)))  # noqa: E731
+        Bm = sum(pk * pad(u["l.adapter.U"].numpy(), r) for pk, u, r in zip(p, reps, RANKS))
+        Am = sum(pk * pad(u["l.adapter.V"].numpy(), r) for pk, u, r in zip(p, reps, RANKS))
+        want = 2.0 * Bm @ Am
+    np.testing.assert_allclose(d(new), want, atol=1e-8)
+    for r, v in zip(RANKS, views):  # zero-padding rules: a download holds the global ΔW's first r slots
+        if rule == "fedit":
+            np.testing.assert_allclose(d(v), 2.0 * g["l.adapter.U"].numpy()[:, :r] @ g["l.adapter.V"].numpy()[:r],
+                                       atol=1e-10)
+
+
 def test_unknown_rule_and_bad_weights_are_refused():
     with pytest.raises(ValueError, match="unknown LoRA rule"):
         L.view("fedavg", _global(), {"l": 2}, ALPHA)

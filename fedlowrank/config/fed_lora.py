@@ -24,6 +24,7 @@ class FedLoRAConfig:
 
     name: str = "lora"
     alpha: float = 16.0  # scale alpha / r of each client's adapter (r: its own rank)
+    scaling: str = "rank"  # rank: s = alpha / r (LoRA) | fixed: s = alpha whatever r (FLoRA's code: alpha = 2r, s = 2)
     targets: list[str] = field(default_factory=lambda: [r"attn\.", r"mlp\."])  # nn.Linear names (regex search)
     skip: list[str] = field(default_factory=lambda: ["lm_head"])
     dropout: float = 0.0  # on the adapter's input (LoRA dropout)
@@ -40,6 +41,8 @@ class FedLoRAConfig:
     def validate(self) -> None:
         if not self.alpha > 0:
             raise ConfigError(f"method.alpha must be > 0, got {self.alpha}")
+        if self.scaling not in ("rank", "fixed"):
+            raise ConfigError(f"method.scaling must be rank (s = alpha/r) or fixed (s = alpha), got {self.scaling!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"method.dropout must be in [0, 1), got {self.dropout}")
         if not (self.prune_lambda >= 0 and 0 < self.prune_gamma < 1):

@@ -38,7 +38,7 @@ class FLoRALinear(LoRALinear):
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, merged_U: torch.Tensor,
                  merged_V: torch.Tensor) -> None:
-        super().__init__(base, r, alpha, dropout)
+        super().__init__(base, r, lora_rules.lora_scale(alpha, r) * r, dropout)
         self.register_buffer("merged_U", merged_U)
         self.register_buffer("merged_V", merged_V)
 
@@ -61,12 +61,14 @@ def lora_model(run: FederatedRun, state: State) -> nn.Module:
     from ``state`` (FLoRA's merged factors: a rank-1 adapter at B = 0 over them, replaced by the client's own in
     ``LoRAFed.prepare_client``). Only adapters are trainable."""
     cfg = to_dataclass(FedLoRAConfig, run.method, "method")
+    alpha = lora_rules.run_alpha(cfg.alpha, cfg.scaling)
     model = build_model(run)
     for p in lora_rules.merged_prefixes(state):
         mU, mV = state[p + lora_rules.MERGED_U].detach().clone(), state[p + lora_rules.MERGED_V].detach().clone()
-        set_submodule(model, p, FLoRALinear(_linear(model, p), 1, cfg.alpha, cfg.dropout, mU, mV))
+        set_submodule(model, p, FLoRALinear(_linear(model, p), 1, alpha, cfg.dropout, mU, mV))
     for p in lora_rules.adapter_prefixes(state):
-        layer = LoRALinear(_linear(model, p), r=state[p + _B].shape[1], alpha=cfg.alpha, dropout=cfg.dropout)
+        r = state[p + _B].shape[1]
+        layer = LoRALinear(_linear(model, p), r=r, alpha=lora_rules.lora_scale(alpha, r) * r, dropout=cfg.dropout)
         with torch.no_grad():
             layer.adapter.U.copy_(state[p + _B])
             layer.adapter.V.copy_(state[p + _A])

@@ -49,9 +49,19 @@ def merged_prefixes(state: State) -> list[str]:
     return [k[: -len(MERGED_U)] for k in state if k.endswith(MERGED_U)]
 
 
+class FixedScale(float):
+    """An α that is the scale itself, whatever the rank (``method.scaling=fixed``; FLoRA's code gives every
+    client ``lora_alpha = 2r``: s = 2)."""
+
+
+def run_alpha(alpha: float, scaling: str) -> float:
+    """``method.alpha`` under ``method.scaling``: ``rank`` (s = α/r) or ``fixed`` (s = α)."""
+    return FixedScale(alpha) if scaling == "fixed" else float(alpha)
+
+
 def lora_scale(alpha: float, r: int) -> float:
-    """LoRA's scale α/r (Hu et al. 2021)."""
-    return float(alpha) / int(r)
+    """LoRA's scale α/r (Hu et al. 2021); α itself for a :class:`FixedScale`."""
+    return float(alpha) if isinstance(alpha, FixedScale) else float(alpha) / int(r)
 
 
 def delta(B: Tensor, A: Tensor, alpha: float) -> Tensor:

@@ -252,6 +252,7 @@ class LoRAFed(FedMethod):
     def __init__(self, run: FederatedRun) -> None:
         super().__init__(run)
         self.cfg = to_dataclass(FedLoRAConfig, run.method, "method")
+        self.alpha = lora_rules.run_alpha(self.cfg.alpha, self.cfg.scaling)
         self.rule = run.strategy
         self._dims: dict[str, tuple[int, int]] | None = None  # adapted layer -> (out, in)
 
@@ -283,7 +284,7 @@ class LoRAFed(FedMethod):
         return self.layer_ranks(budget)
 
     def view(self, global_state: State, budget: Budget) -> State:
-        return lora_rules.view(self.rule, global_state, self.layer_ranks(budget), self.cfg.alpha)
+        return lora_rules.view(self.rule, global_state, self.layer_ranks(budget), self.alpha)
 
     def budget_views(self) -> bool:
         return True
@@ -295,7 +296,7 @@ class LoRAFed(FedMethod):
         if self.rule == "flora":  # a fresh adapter of the client's rank on the merged model, every round
             ranks = self.layer_ranks(budget)
             for p, m in [(n, m) for n, m in model.named_modules() if isinstance(m, FLoRALinear)]:
-                set_submodule(model, p, m.fresh(ranks[p], self.cfg.alpha, self.cfg.dropout))
+                set_submodule(model, p, m.fresh(ranks[p], self.alpha, self.cfg.dropout))
         if self.rule == "ffa":  # FFA-LoRA: A stays the shared random one
             for m in model.modules():
                 if isinstance(m, LoRALinear):
@@ -318,7 +319,7 @@ class LoRAFed(FedMethod):
 
     def aggregate(self, global_state: State, updates: list[State], weights: list[float],
                   views: list[State] | None = None) -> State:
-        return lora_rules.aggregate(self.rule, global_state, updates, weights, self.cfg.alpha, views)
+        return lora_rules.aggregate(self.rule, global_state, updates, weights, self.alpha, views)
 
     def local_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
         if self.cfg.optimizer == "sgd":
@@ -327,7 +328,7 @@ class LoRAFed(FedMethod):
 
     def clip_auto(self, pairs: list[tuple[State, State]], factor: float):
         """In the space of each client's ΔW = (α/r)·B·A, not of the factors (:func:`.lora_rules.clip_auto`)."""
-        return lora_rules.clip_auto(pairs, factor, self.cfg.alpha)
+        return lora_rules.clip_auto(pairs, factor, self.alpha)
 
     # HetLoRA's rank self-pruning (strategy=hetlora, method.prune_lambda > 0)
     def _pruning(self) -> bool:
@@ -346,7 +347,7 @@ class LoRAFed(FedMethod):
                 t = self.pruned_rank(m.rank)
                 B, A = m.adapter.U[:, t:].float(), m.adapter.V[t:].float()
                 sq = ((B.T @ B) * (A @ A.T)).sum().clamp_min(0)
-                total = total + lora_rules.lora_scale(self.cfg.alpha, m.rank) * (sq + 1e-30).sqrt()
+                total = total + lora_rules.lora_scale(self.alpha, m.rank) * (sq + 1e-30).sqrt()
         return total
 
     def penalty(self, model: nn.Module):

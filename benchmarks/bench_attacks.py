@@ -3,9 +3,11 @@
 only full-rank client, so the top rank slots are trained by the attacker alone) or client 2 (``mid``: budget 0.5,
 whose slots above 0.25 only it and client 3 train). Attacks: ``scale`` (the change 100x), ``budget`` (factors at
 twice the rank it was sent), ``flip``/``flip1.4``/``flip5`` (the change reversed, k = 1, 1.4, 5), ``constant``
-(every value just under the server's bound) and ``duplicate`` (an honest reply delivered twice). Each under the
-default settings and under ``fed.robust=median`` (``--settings screen``: the opt-in ``fed.screen=loo`` without
-clipping); per run: global test accuracy and each budget's (the global model
+(every value just under the server's bound) and ``duplicate`` (an honest reply delivered twice); ``crash`` (the
+client never replies) is the floor: the run without the attacker's data. Each under the
+default settings (``fed.screen=exclude``, no clipping), the same on a Dirichlet 0.1 partition (``dirichlet``), the
+earlier defaults (``clip``: ``fed.clip_auto=1.5`` without a screen), ``fed.robust=median`` and ``fed.screen=loo``;
+per run: global test accuracy and each budget's (the global model
 cut to that budget; 359 held-out images), replies rejected, and honest updates the defence altered (scaled, capped
 or rejected). Differences to the clean run of the same settings and seed, with paired 95 % intervals.
 
@@ -36,11 +38,13 @@ from fedlowrank.federated.task import fed_data  # noqa: E402
 from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds  # noqa: E402
 from fedlowrank.training.loop import evaluate_classifier  # noqa: E402
 
-SETTINGS = {"defaults": [], "median": ["fed.robust=median"],
+SETTINGS = {"defaults": [], "dirichlet": ["fed.partition=dirichlet", "fed.alpha=0.1"],  # defaults, Dirichlet 0.1
+            "clip": ["fed.clip_auto=1.5", "fed.screen=none"],  # the defaults before 2026-12-05
+            "median": ["fed.robust=median"],
             "screen": ["fed.screen=loo", "fed.clip_auto=null"],  # opt-in leave-one-out screening, no clipping
             # a candidate honest-neutral combination: loose clipping and a loose screen
             "loose": ["fed.clip_auto=30", "fed.screen=loo", "fed.screen_tolerance=5"]}
-ATTACKS = ("scale", "budget", "flip", "flip1.4", "flip5", "constant", "duplicate")
+ATTACKS = ("crash", "scale", "budget", "flip", "flip1.4", "flip5", "constant", "duplicate")  # crash: never replies
 ATTACKERS = {"top": 3, "mid": 2}
 
 
@@ -63,7 +67,7 @@ def one_run(overrides: list[str], seed: int, tmp: str, attacker: int | None) -> 
                   if c["pid"] != attacker and (c.get("clipped_excess") or c.get("clipped_slots")))
     altered += sum(1 for _, pid in st.rejections if pid != attacker)
     return {"acc": accs, "rejected_attacker": sum(1 for _, pid in st.rejections if pid == attacker),
-            "altered_honest": altered, "stopped": stopped}
+            "altered_honest": altered, "stopped": stopped, "excluded": dict(st.screen.excluded)}
 
 
 def cells(settings: list[str]) -> list[tuple[str, str, str]]:
@@ -78,6 +82,8 @@ def row(setting: str, attack: str, pos: str, runs: list[dict], clean: list[dict]
                (r["stopped"] for r in runs if r["stopped"]), None),
            "rejected_attacker_replies": [r["rejected_attacker"] for r in runs],
            "altered_honest_updates": [r["altered_honest"] for r in runs],
+           # the round that excluded the attacker, per seed (None: never); honest exclusions are altered updates
+           "excluded_round": [r["excluded"].get(ATTACKERS.get(pos, -1)) for r in runs],
            "accuracy": {k: statistics.fmean(r["acc"].get(k, float("nan")) for r in runs) for k in keys}}
     if attack != "clean":
         out["minus_clean_pt"] = {k: paired([100 * (r["acc"].get(k, float("nan")) - c["acc"][k])
@@ -88,7 +94,7 @@ def row(setting: str, attack: str, pos: str, runs: list[dict], clean: list[dict]
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    ap.add_argument("--settings", nargs="+", default=["defaults", "median"], choices=list(SETTINGS))
+    ap.add_argument("--settings", nargs="+", default=["defaults", "dirichlet"], choices=list(SETTINGS))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)

@@ -85,12 +85,15 @@ def _accuracy(run, state):
 
 def test_one_attacking_client_median_and_clipping_defend(tmp_path):
     """Client 0 sends a finite, 100x blown-up change every round (model replacement). Plain
-    averaging is taken over; coordinate-wise median and norm clipping keep the model useful."""
+    averaging is taken over; coordinate-wise median, norm clipping, automatic clipping and the default screen
+    keep the model useful."""
     common = ("strategy=fedlmt", "fed.local_steps=30", "fed.lr=0.03", "fed.rank_ratios=[0.5]", "fed.max_failed_rounds=10")
     acc = {}
-    for name, extra in {"clean": (), "attack": ('fed.faults=["0:scale"]', "fed.clip_auto=null"),
-                        "median": ('fed.faults=["0:scale"]', "fed.robust=median", "fed.clip_auto=null"),
-                        "clip": ('fed.faults=["0:scale"]', "fed.clip_norm=2.0", "fed.clip_auto=null"),
+    off = ("fed.clip_auto=null", "fed.screen=none")  # no default defence: each rule on its own
+    for name, extra in {"clean": (), "attack": ('fed.faults=["0:scale"]', *off),
+                        "median": ('fed.faults=["0:scale"]', "fed.robust=median", *off),
+                        "clip": ('fed.faults=["0:scale"]', "fed.clip_norm=2.0", *off),
+                        "auto_clip": ('fed.faults=["0:scale"]', "fed.screen=none"),  # clipping where no screen runs
                         "default": ('fed.faults=["0:scale"]',)}.items():
         run = _run(tmp_path / name, *common, *extra)
         st = _strategy(run)
@@ -100,7 +103,8 @@ def test_one_attacking_client_median_and_clipping_defend(tmp_path):
     assert acc["attack"] < acc["clean"] - 0.3, acc
     assert acc["median"] > acc["clean"] - 0.1, acc
     assert acc["clip"] > acc["clean"] - 0.1, acc
-    assert acc["default"] > acc["clean"] - 0.02, acc  # fed.clip_auto (on by default): within 2 pt
+    assert acc["auto_clip"] > acc["clean"] - 0.02, acc  # fed.clip_auto=auto without a screen: 1.5
+    assert acc["default"] > acc["clean"] - 0.02, acc  # the default screen excludes the attacker: within 2 pt
 
 
 def test_inflated_example_count_changes_nothing_and_bad_replies_are_rejected(tmp_path):

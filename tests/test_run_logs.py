@@ -131,15 +131,15 @@ def test_one_readable_line_per_round():
 
 
 def test_clipping_is_one_info_line_per_round_never_a_warning_per_client(tmp_path, caplog):
-    """The default run's clipping scaled honest clients and printed a WARNING for each, every round; it is one INFO
-    line with the counts (the record keeps each client's excess)."""
+    """Clipping (the default where no screen runs) scaled honest clients and printed a WARNING for each, every
+    round; it is one INFO line with the counts (the record keeps each client's excess)."""
     import logging
 
     from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy
 
     from helpers import fed_run as _run
 
-    run = _run(tmp_path, "fed.num_clients=4")
+    run = _run(tmp_path, "fed.num_clients=4", "fed.screen=none")  # no screen: clipping at 1.5 (fed.clip_auto=auto)
     st, grid = make_strategy(run), InProcessGrid(run)
     with caplog.at_level(logging.INFO, logger="fedlowrank.federated.strategy"):
         for rnd in range(1, 7):

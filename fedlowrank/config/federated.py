@@ -14,6 +14,7 @@ from fedlowrank.data.vision import IMAGE_SPECS, VECTOR_SPECS
 from fedlowrank.schema import ConfigError, check_top_level, to_dataclass
 
 from .budgets import check_budget_count, check_budgets, client_budget
+from .defences import check_defences, resolve_defences
 from .devices import DevicesConfig, population
 from .fed_lora import INSTRUCTION_SPECS, LORA_ONLY, check_lora_run
 
@@ -85,14 +86,14 @@ class FedConfig:
     robust: str = "none"  # none | median | trimmed_mean (coordinate-wise; fedlmt and slice)
     trim_ratio: float = 0.1  # fraction cut from each end for trimmed_mean
     clip_norm: float | None = None  # clip each client's change (update - what it downloaded) to this L2 norm
-    # on by default: scale a client's change down until no tensor or slot group exceeds this multiple of the round's
-    # median change there, cap slots fewer than 3 clients trained (fedlowrank.federated.clipping); null: off
-    clip_auto: float | None = 1.5
-    # loo: reject a client whose inclusion raises the aggregate's loss on a small server sample (drawn from the
-    # clients' held-out splits) by more than screen_tolerance at some budget (fedlowrank.federated.screening)
-    screen: str = "none"
+    # a number: scale a client's change down until no tensor or slot group exceeds this multiple of the round's
+    # median change, cap slots fewer than 3 clients trained (fedlowrank.federated.clipping); null: off; auto: off
+    # where a screen runs, 1.5 where none does. screen: exclude | loo | none | auto (fedlowrank.config.defences)
+    clip_auto: Any = "auto"
+    screen: str = "auto"
     screen_examples: int = 200
     screen_tolerance: float = 0.1
+    screen_nats: float = 2.0
     max_weight: float = 1e6  # aggregation weight cap (weights are also capped at the known partition size)
     max_abs_value: float = 1e4  # replies with a larger tensor entry (or metric) are rejected
     # ... or with an entry above this multiple of the largest value of the tensor the client downloaded (of the
@@ -156,16 +157,11 @@ class FedConfig:
             raise ConfigError(f"fed.resume must be null, 'auto' or 'auto_or_fresh', got {self.resume!r}")
         if self.robust not in ROBUST:
             raise ConfigError(f"fed.robust must be one of {ROBUST}, got {self.robust!r}")
-        if self.screen not in ("none", "loo") or self.screen_examples < 1 or not self.screen_tolerance > 0:
-            raise ConfigError(f"fed.screen must be none|loo (got {self.screen!r}), fed.screen_examples >= 1 and "
-                              f"fed.screen_tolerance > 0")
+        check_defences(self)
         if not 0.0 <= self.trim_ratio < 0.5:
             raise ConfigError(f"fed.trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ConfigError(f"fed.clip_norm must be > 0 (or null), got {self.clip_norm}")
-        if self.clip_auto is not None and not self.clip_auto >= 1:
-            raise ConfigError(f"fed.clip_auto must be >= 1 (a multiple of the median change; or null), got "
-                              f"{self.clip_auto}")
         if not (self.max_weight > 0 and self.max_abs_value > 0 and self.max_abs_ratio > 0 and self.timeout > 0
                 and self.poll_s > 0 and self.max_reply_mb > 0):
             raise ConfigError("fed.max_weight, fed.max_abs_value, fed.max_abs_ratio, fed.max_reply_mb, fed.timeout and "
@@ -288,7 +284,9 @@ class FederatedRun:
         the method's own schema, and data x model."""
         self.fed.validate()
         self.data.validate()
-        if self.method.get("name") == "lora" or self.strategy in LORA_ONLY:
+        lora = self.method.get("name") == "lora" or self.strategy in LORA_ONLY
+        resolve_defences(self, lora, TEXT_SPECS)
+        if lora:
             return check_lora_run(self, TEXT_SPECS)  # a pretrained LLM with adapters: its own checks
         self._check_strategy()
         self._check_method()

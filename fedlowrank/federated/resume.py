@@ -53,6 +53,12 @@ def check_strategy_state(st: object, run: FederatedRun, path: Path) -> tuple[int
         if not ok:
             raise CheckpointError(f"{path}: budgets[{pid[:20]!r}]={str(b)[:60]} is no budget of a partition in "
                                   f"[0, {run.fed.num_clients})")
+    excluded = st.get("excluded", {})
+    if not isinstance(excluded, dict) or not all(
+            isinstance(p, str) and p.isdigit() and int(p) < run.fed.num_clients and type(r) is int and 1 <= r <= rnd
+            for p, r in excluded.items()):
+        raise CheckpointError(f"{path}: excluded must map partition ids in [0, {run.fed.num_clients}) to the rounds "
+                              f"(1..{rnd}) that excluded them, got {str(excluded)[:60]}")
     return rnd, st
 
 

@@ -39,24 +39,29 @@ def check_record(record, expected: dict[str, tuple[int, ...]], dtypes: dict[str,
     :class:`RejectedReply`."""
     size = record_bytes(record)
     if size > max_bytes:
-        raise RejectedReply(f"reply of {size / 2**20:.1f} MB exceeds fed.max_reply_mb={max_bytes / 2**20:g}")
+        raise HostileReply(f"reply of {size / 2**20:.1f} MB exceeds fed.max_reply_mb={max_bytes / 2**20:g}")
     keys = set(record.keys())
     if keys != set(expected):
-        raise RejectedReply(f"key mismatch: missing={sorted(set(expected) - keys)[:5]} "
+        raise HostileReply(f"key mismatch: missing={sorted(set(expected) - keys)[:5]} "
                             f"extra={sorted(keys - set(expected))[:5]}")
     for k, shape in expected.items():
         arr, want = record[k], dtypes.get(k, torch.float32)
         want_np = str(torch.empty(0, dtype=want).numpy().dtype)
         if tuple(arr.shape) != tuple(shape) or str(arr.dtype) != want_np:
-            raise RejectedReply(f"{k} declares shape {tuple(arr.shape)} {arr.dtype}, expected {tuple(shape)} {want_np}")
+            raise HostileReply(f"{k} declares shape {tuple(arr.shape)} {arr.dtype}, expected {tuple(shape)} {want_np}")
         limit = math.prod(shape) * torch.empty(0, dtype=want).element_size() + NPY_HEADER_SLACK
         if len(arr.data) > limit:
-            raise RejectedReply(f"{k} carries {len(arr.data)} bytes, more than its shape {tuple(shape)} needs")
+            raise HostileReply(f"{k} carries {len(arr.data)} bytes, more than its shape {tuple(shape)} needs")
     return size
 
 
 class RejectedReply(ValueError):
     """A client reply the server will not aggregate (the message says why)."""
+
+
+class HostileReply(RejectedReply):
+    """A reply no honest client sends, whatever its data: another size, keys, shapes or dtypes than it was sent, or
+    values beyond the bound (honest replies stay below 14 % of it). ``fed.screen=exclude`` excludes its sender."""
 
 
 def check_metrics(metrics: dict, max_abs: float, partition_id: int | None = None) -> dict[str, float]:
@@ -107,11 +112,11 @@ def check_values(update: State, expected_dtypes: dict[str, torch.dtype], max_abs
     for k, t in update.items():
         want = expected_dtypes.get(k)
         if want is not None and t.dtype != want:
-            raise RejectedReply(f"{k} has dtype {t.dtype}, expected {want}")
+            raise HostileReply(f"{k} has dtype {t.dtype}, expected {want}")
         limit = bounds.get(k, max_abs)
         if t.is_floating_point() and t.numel() and float(t.abs().max()) > limit:
             what = "" if limit == max_abs else " (fed.max_abs_ratio x its largest downloaded value)"
-            raise RejectedReply(f"{k} has values of magnitude {float(t.abs().max()):.3g} > {limit:.3g}{what}")
+            raise HostileReply(f"{k} has values of magnitude {float(t.abs().max()):.3g} > {limit:.3g}{what}")
 
 
 def bounded_weight(reported: float, known: int | None, cap: float) -> float:

@@ -70,9 +70,99 @@ class LooScreen:
                 out[i] = (float(worst), "the whole model" if at is None else "_".join(f"{k}{v}" for k, v in at.items()))
         return out
 
+    def worst(self, valid: list, combine: Callable[[list], State]) -> tuple[int, float, str]:
+        """(index in ``valid``, absolute loss rise in nats, budget) of the client whose inclusion raises the
+        sample's loss the most, at its own or a larger budget (inf where only its inclusion breaks the model)."""
+        full = self.losses(combine(valid))
+        best = (0, -np.inf, "")
+        for i in range(len(valid)):
+            without = self.losses(combine(valid[:i] + valid[i + 1:]))
+            for f, w, b in self._reached(full, without, self.run.fed.budget(valid[i][0])):
+                rise = (f - w if np.isfinite(f) else np.inf) if np.isfinite(w) else -np.inf
+                if rise > best[1]:
+                    best = (i, float(rise), "the whole model" if b is None else "_".join(f"{k}{v}" for k, v in b.items()))
+        return best
+
+    def _reached(self, full: list[float], without: list[float], own: dict) -> list[tuple[float, float, dict | None]]:
+        """(loss with, loss without, budget) at each budget at or above ``own``."""
+        (key, mine), = own.items()
+        return [(f, w, b) for f, w, b in zip(full, without, self.budgets) if b is None or key not in b or b[key] >= mine]
+
     def rises(self, full: list[float], without: list[float], own: dict) -> list[tuple[float, dict | None]]:
         """Relative loss rise at each budget at or above the client's ``own``: its slots reach those budgets'
         models; a smaller budget can lose from any larger client's honest change to the shared slots."""
         (key, mine), = own.items()
         return [((f - w) / max(w, 1e-12) if np.isfinite(f) else np.inf, b) for f, w, b in zip(full, without, self.budgets)
                 if b is None or key not in b or b[key] >= mine]
+
+
+class Screen:
+    """``fed.screen`` for one run: the server's sample (built at the first round that screens: it loads the run's
+    data) and, with ``exclude``, the clients excluded so far (partition id -> round; kept in round checkpoints)."""
+
+    def __init__(self, run: FederatedRun, method) -> None:
+        self.run, self.method = run, method
+        self.excluded: dict[int, int] = {}
+        self._loo: LooScreen | None = None
+
+    def exclude(self, rnd: int, pid: int) -> None:
+        """With ``exclude``: client ``pid`` sent a reply no honest client sends (:class:`.robust.HostileReply`)."""
+        if self.run.fed.screen == "exclude" and pid >= 0 and pid not in self.excluded:
+            self.excluded[pid] = rnd
+            log.warning("round %d: client %d is excluded from the rest of the run (fed.screen=exclude)", rnd, pid)
+
+    def apply(self, rnd: int, valid: list, combine: Callable[[list], State]) -> tuple[list, list[int]]:
+        """(kept entries, partition ids rejected). ``exclude``: replies of excluded clients are dropped; then, worst
+        first, a client whose inclusion raises the sample's loss by more than ``fed.screen_nats`` at its own or a
+        larger budget is rejected and excluded, and the rest judged again without it. ``loo``: every client above
+        ``fed.screen_tolerance`` (relative) is rejected for this round."""
+        mode = self.run.fed.screen
+        if mode == "none" or not valid:
+            return valid, []
+        gone = [v[0] for v in valid if v[0] in self.excluded]
+        if gone:
+            log.warning("round %d: ignored the update(s) of client(s) %s, excluded earlier (fed.screen=exclude)", rnd,
+                        ", ".join(f"{p} (in round {self.excluded[p]})" for p in gone))
+        valid = [v for v in valid if v[0] not in self.excluded]
+        if self._loo is None:
+            self._loo = LooScreen(self.run, self.method)
+        if mode == "loo":
+            bad = self._loo.flagged(valid, combine)
+            for i, (rise, at) in bad.items():
+                log.warning("round %d: rejected update of client %d: including it raises the server sample's loss at "
+                            "%s by %.0f %% (fed.screen=loo)", rnd, valid[i][0], at, 100 * rise)
+            return [v for i, v in enumerate(valid) if i not in bad], gone + [valid[i][0] for i in bad]
+        while len(valid) >= MIN_CLIENTS:
+            i, rise, at = self._loo.worst(valid, combine)
+            if not rise > self.run.fed.screen_nats:
+                break
+            pid = valid.pop(i)[0]
+            self.excluded[pid] = rnd
+            gone.append(pid)
+            log.warning("round %d: rejected the update of client %d and excluded it from the rest of the run: "
+                        "including it raises the loss of the server's sample at %s by %.3g nats (above "
+                        "fed.screen_nats=%g)", rnd, pid, at, rise, self.run.fed.screen_nats)
+        return valid, gone
+
+    def retire(self, state: State) -> State | None:
+        """After exclusions, with budget views (``slice``, ``product``): the global model cut to the largest budget a
+        client still in the run holds, zero-padded to its shape, when that budget is below the run's largest (None
+        otherwise). Slots only excluded clients trained carry only their information: the full model becomes the
+        largest remaining budget's model, and nobody trains those slots again."""
+        if not self.excluded or not self.method.budget_views() or self.run.strategy not in ("slice", "product"):
+            return None
+        f = self.run.fed
+        size = lambda b: next(iter(b.values()))  # noqa: E731 - a run's budgets share one unit (ratio, rank, params)
+        left = [f.budget(p) for p in range(f.num_clients) if p not in self.excluded]
+        top = max((f.budget(p) for p in range(f.num_clients)), key=size)
+        keep = max(left, key=size) if left else None
+        if keep is None or size(keep) >= size(top):
+            return None
+        view = self.method.view(state, keep)
+        out = {}
+        for k, t in state.items():
+            v = view[k]
+            out[k] = v if v.shape == t.shape else torch.zeros_like(t)
+            if v.shape != t.shape:
+                out[k][tuple(slice(0, n) for n in v.shape)] = v
+        return out

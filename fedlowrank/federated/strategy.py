@@ -23,11 +23,12 @@ from flwr.serverapp.strategy import Strategy
 from fedlowrank.config import FederatedRun
 from fedlowrank.federated.aggregation import State, layer_ranks, validate_update
 from fedlowrank.federated.methods import FedMethod
+from fedlowrank.federated.screening import Screen
 from fedlowrank.federated.simclock import SimClock
 from fedlowrank.federated.tb import RunWriters
 from fedlowrank.federated.clipping import clip_update
-from fedlowrank.federated.robust import (RejectedReply, bounded_weight, check_metrics, check_record, check_values,
-                                         record_bytes, robust_aggregate, value_bounds)
+from fedlowrank.federated.robust import (HostileReply, RejectedReply, bounded_weight, check_metrics, check_record,
+                                         check_values, record_bytes, robust_aggregate, value_bounds)
 from fedlowrank.lowrank import state_bytes
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class HeteroRankStrategy(Strategy):
         self.rng = random.Random(run.seed)
         self.history: list[dict] = []
         self.rejections: list[tuple[int, int]] = []  # (round, partition id) of each rejected reply, this process
-        self._screener = None  # fed.screen=loo: built at the first round that screens (it loads the run's data)
+        self.screen = Screen(run, method)  # fed.screen: the server's sample, clients excluded so far
         self.failed_rounds = 0  # consecutive rounds without a valid update
         self.resumed_budgets: dict[int, dict] = {}  # partition id -> budget saved in the round checkpoint
         self.clock = SimClock(run, sizes)  # simulated device time (inactive without fed.devices)
@@ -89,7 +90,7 @@ class HeteroRankStrategy(Strategy):
         v, internal, gauss = self.rng.getstate()
         return {"rng": [v, list(internal), gauss], "failed_rounds": self.failed_rounds,
                 "budgets": {str(self.partition[n]): b for n, b in self.budgets.items()},
-                "sim_time_s": self.clock.elapsed}
+                "sim_time_s": self.clock.elapsed, "excluded": {str(p): r for p, r in self.screen.excluded.items()}}
 
     def restore(self, st: dict, history: list[dict]) -> None:
         v, internal, gauss = st["rng"]
@@ -98,6 +99,7 @@ class HeteroRankStrategy(Strategy):
         self.history = list(history)
         self.resumed_budgets = {int(p): b for p, b in st.get("budgets", {}).items()}
         self.clock.elapsed = float(st.get("sim_time_s", 0.0))
+        self.screen.excluded = {int(p): int(r) for p, r in st.get("excluded", {}).items()}
         if self.server_opt is not None:
             self.server_opt.load(st.get("server_opt", {}))
 
@@ -263,6 +265,8 @@ class HeteroRankStrategy(Strategy):
                 rejected += 1
                 self.rejections.append((rnd, pid))
                 log.warning("round %d: rejected update of client %d: %s", rnd, pid, e)
+                if isinstance(e, HostileReply):  # fed.screen=exclude: its sender is out for the rest of the run
+                    self.screen.exclude(rnd, pid)
                 continue
             valid.append((pid, state, weight, {**metrics, "pid": pid, "weight": weight},
                           self.sent[reply.metadata.src_node_id]))
@@ -312,20 +316,14 @@ class HeteroRankStrategy(Strategy):
         return kept, {"sim_round_s": secs, "sim_time_s": self.clock.elapsed, "stragglers": len(dropped)}
 
     def _screen(self, rnd: int, valid: list[tuple]) -> tuple[list[tuple], int]:
-        """``fed.screen=loo``: drop the clients whose inclusion makes the aggregate worse on the server's sample
-        (:mod:`fedlowrank.federated.screening`). Returns (kept, number dropped)."""
-        if self.run.fed.screen == "none" or not valid:
-            return valid, 0
-        if self._screener is None:
-            from .screening import LooScreen
-
-            self._screener = LooScreen(self.run, self.method)
-        bad = self._screener.flagged(valid, self._combine)
-        for i, (rise, at) in bad.items():
-            self.rejections.append((rnd, valid[i][0]))
-            log.warning("round %d: rejected update of client %d: including it raises the server sample's loss at "
-                        "%s by %.0f %% (fed.screen=loo)", rnd, valid[i][0], at, 100 * rise)
-        return [v for i, v in enumerate(valid) if i not in bad], len(bad)
+        """``fed.screen`` (:mod:`fedlowrank.federated.screening`): (kept, number dropped)."""
+        kept, gone = self.screen.apply(rnd, valid, self._combine)
+        self.rejections += [(rnd, pid) for pid in gone]
+        retired = self.screen.retire(self.global_state) if rnd in self.screen.excluded.values() else None
+        if retired is not None:  # slots only excluded clients trained: the largest remaining budget's model
+            log.warning("round %d: rank slots that only excluded clients trained are set to zero", rnd)
+            self.global_state = retired
+        return kept, len(gone)
 
     def _combine(self, valid: list[tuple]) -> State:
         """The aggregation rule (or ``fed.robust``) over ``valid``, before any server optimizer."""

@@ -1,0 +1,59 @@
+"""The defaults of the defences against hostile clients, checked and resolved per run.
+
+``fed.screen=auto`` (default) is ``exclude`` for models trained from scratch that have held-out splits (the
+server's sample is drawn from them), and ``none`` for ``method=lora`` or without held-out splits.
+``fed.clip_auto=auto`` (default) is off where a screen runs (neither alters an honest update of the default run)
+and 1.5 where none does (``method=lora``: clipping in the space of ΔW). See docs/reliability.md."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fedlowrank.schema import ConfigError
+
+if TYPE_CHECKING:
+    from .federated import FedConfig, FederatedRun
+
+SCREENS = ("auto", "none", "loo", "exclude")
+CLIP_WHERE_UNSCREENED = 1.5
+
+
+def _clip_value(v: Any) -> float | None | str:
+    """``fed.clip_auto`` typed: "auto", null or a number >= 1 (strings that spell a number are numbers)."""
+    if v is None or v == "auto":
+        return v
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        x = float("nan")
+    if isinstance(v, bool) or not x >= 1:
+        raise ConfigError(f"fed.clip_auto must be auto, null or a number >= 1 (a multiple of the round's median "
+                          f"change), got {v!r}")
+    return x
+
+
+def check_defences(f: FedConfig) -> None:
+    """The screen's and clipping's keys, each on its own."""
+    f.clip_auto = _clip_value(f.clip_auto)
+    if f.screen not in SCREENS:
+        raise ConfigError(f"fed.screen must be one of {SCREENS}, got {f.screen!r}")
+    if f.screen_examples < 1 or not f.screen_tolerance > 0 or not f.screen_nats > 0:
+        raise ConfigError(f"fed.screen_examples must be >= 1 and fed.screen_tolerance, fed.screen_nats > 0; got "
+                          f"{f.screen_examples}, {f.screen_tolerance}, {f.screen_nats}")
+
+
+def has_heldout(run: FederatedRun, text_specs: tuple[str, ...]) -> bool:
+    """Whether the run's clients have held-out splits (where the screen draws the server's sample from): hub
+    datasets, Synthetic, text by speaking role, images with ``fed.client_holdout > 0``."""
+    d, f = run.data, run.fed
+    if d.source == "hub" or d.name == "synthetic":
+        return True
+    return f.partition == "natural" if d.name in text_specs else f.client_holdout > 0
+
+
+def resolve_defences(run: FederatedRun, lora: bool, text_specs: tuple[str, ...]) -> None:
+    """Turn ``auto`` into the run's screen and clipping factor (in place, before anything reads them)."""
+    f = run.fed
+    if f.screen == "auto":
+        f.screen = "exclude" if not lora and has_heldout(run, text_specs) else "none"
+    if f.clip_auto == "auto":
+        f.clip_auto = None if f.screen != "none" else CLIP_WHERE_UNSCREENED

@@ -1,0 +1,73 @@
+"""What the default screen (``fed.screen=exclude``) sees: per round and client, how much including its reply raises
+the loss of the server's sample (nats; the largest rise at its own or a larger budget), on the default task without
+clipping, iid and Dirichlet 0.1, clean and with one attacker (top budget, pid 3; budget 0.5, pid 2). Attack runs
+drop the attacker before aggregating (an oracle), so the trajectory is the defended one and the attacker's rises are
+those it would show there. Prints, per cell, the rises' quantiles (min, 10 %, median, 90 %, max) for honest
+clients (clean runs) and for the attacker; this sets ``fed.screen_nats`` (docs/reliability.md).
+
+    python scripts/screen_signals.py [--seeds 0 1 2 3] [--attacks flip flip1.4 flip5 constant scale]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fedlowrank.config import federated_run_from_cfg  # noqa: E402
+from fedlowrank.federated.run_config import compose_cfg  # noqa: E402
+from fedlowrank.federated.screening import LooScreen  # noqa: E402
+from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds  # noqa: E402
+
+PARTITIONS = {"iid": [], "dirichlet 0.1": ["fed.partition=dirichlet", "fed.alpha=0.1"]}
+ATTACKERS = {"top": 3, "mid": 2}
+
+
+def rises(seed: int, extra: list[str], attacker: int | None) -> dict[int, list[float]]:
+    """Partition id -> its rise in every round it replied (the attacker's replies dropped after measuring)."""
+    run = federated_run_from_cfg(compose_cfg(["mode=federated", "out_dir=/tmp/screen_signals", f"seed={seed}",
+                                              "fed.eval_budgets=false", "fed.clip_auto=null", *extra]))
+    st = make_strategy(run)
+    loo = LooScreen(run, st.method)
+    out: dict[int, list[float]] = {}
+
+    def measure(rnd: int, valid: list) -> tuple[list, int]:
+        full = loo.losses(st._combine(valid))
+        for v in valid:
+            without = loo.losses(st._combine([u for u in valid if u is not v]))
+            out.setdefault(v[0], []).append(max(f - w for f, w, _ in loo._reached(full, without, run.fed.budget(v[0]))))
+        return [v for v in valid if v[0] != attacker], 0
+
+    st._screen = measure  # the strategy's own hook point, after the per-reply checks
+    run_rounds(st, InProcessGrid(run), run.fed.rounds)
+    return out
+
+
+def quantiles(x: list[float]) -> str:
+    return " ".join(f"{np.quantile(x, q):.3g}" for q in (0, 0.1, 0.5, 0.9, 1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--attacks", nargs="+", default=["flip", "flip1.4", "flip5", "constant", "scale"])
+    args = ap.parse_args()
+    logging.disable(logging.WARNING)
+    for part, extra in PARTITIONS.items():
+        for attack, pos in [("clean", None)] + [(a, p) for a in args.attacks for p in ATTACKERS]:
+            pid = ATTACKERS.get(pos)
+            faults = [f'fed.faults=["{pid}:{attack}"]'] if pos else []
+            honest, bad = [], []
+            for seed in args.seeds:
+                for p, r in rises(seed, [*extra, *faults], pid).items():
+                    (bad if p == pid else honest).extend(r)
+            # honest rises of attack runs include rounds with the attacker in the aggregate: only clean runs say
+            print(f"{part} | {attack} {pos or ''} | " + (f"attacker: {quantiles(bad)}" if pos else
+                                                          f"honest: {quantiles(honest)}"), flush=True)
+
+
+if __name__ == "__main__":
+    main()

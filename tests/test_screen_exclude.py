@@ -1,0 +1,115 @@
+"""The default defence (``fed.screen=exclude``, no clipping): a reply whose inclusion raises the server sample's loss
+by more than ``fed.screen_nats`` is rejected and its sender excluded for the rest of the run; honest clients of
+the default run are untouched; ``auto`` resolves per run; the exclusions survive a resume and are checked there."""
+import json
+
+import pytest
+import torch
+from helpers import fed_run
+
+from fedlowrank.config import ConfigError
+from fedlowrank.federated.resume import check_strategy_state
+from fedlowrank.federated.screening import LooScreen
+from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds
+
+pytestmark = pytest.mark.timeout(300)
+COMMON = ["fed.num_clients=4", "fed.local_steps=3"]
+
+
+def _run(path, rounds, *extra, common=COMMON):
+    run = fed_run(path, *common, f"fed.rounds={rounds}", *extra)
+    st = make_strategy(run)
+    run_rounds(st, InProcessGrid(run), rounds)
+    return st
+
+
+def test_auto_defaults_resolve_per_run():
+    run = fed_run("/tmp/x")
+    assert (run.fed.screen, run.fed.clip_auto) == ("exclude", None)  # digits holds 10 % of each client out
+    run = fed_run("/tmp/x", "fed.client_holdout=0")  # no held-out split to draw the server's sample from
+    assert (run.fed.screen, run.fed.clip_auto) == ("none", 1.5)
+    run = fed_run("/tmp/x", "fed.screen=none")
+    assert run.fed.clip_auto == 1.5  # no screen: clipping stays on
+    run = fed_run("/tmp/x", "fed.clip_auto=2", "fed.screen=loo")
+    assert (run.fed.screen, run.fed.clip_auto) == ("loo", 2.0)
+    for bad in ("fed.screen=krum", "fed.clip_auto=0.5", "fed.clip_auto=often", "fed.screen_nats=0"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            fed_run("/tmp/x", bad)
+
+
+@pytest.mark.parametrize("strategy", ["slice", "fedavg"])
+def test_default_defence_leaves_a_clean_run_bit_identical_to_no_defence(tmp_path, strategy):
+    """Catches a default that clips or rejects honest clients (clipping at 1.5 scales some of these updates).
+    The default local training (3 epochs), 3 rounds; the default rule and dense FedAvg."""
+    rule = f"strategy={strategy}"
+    st = _run(tmp_path / "d", 3, rule, common=[])
+    ref = _run(tmp_path / "n", 3, rule, "fed.screen=none", "fed.clip_auto=null", common=[])
+    assert st.rejections == [] and st.screen.excluded == {}
+    assert all(torch.equal(st.global_state[k], ref.global_state[k]) for k in ref.global_state)
+    clipped = _run(tmp_path / "c", 3, rule, "fed.screen=none", "fed.clip_auto=1.5", common=[])
+    assert any(not torch.equal(clipped.global_state[k], ref.global_state[k]) for k in ref.global_state)
+
+
+def test_a_hostile_client_is_rejected_excluded_and_the_rest_aggregated_exactly(tmp_path, caplog):
+    """A constant reply from the only full-rank client: rejected in round 1, its later replies ignored unjudged;
+    the model equals the run where that client crashes instead (the three others, as usual) cut to budget 0.5,
+    the largest left: the rank slots above it, which only the excluded client trained, are zero."""
+    st = _run(tmp_path / "a", 2, 'fed.faults=["3:constant"]')
+    said = [r.getMessage() for r in caplog.records if "client" in r.getMessage()]
+    assert any(m.startswith("round 1: rejected the update of client 3 and excluded it") for m in said), said
+    assert any(m.startswith("round 2: ignored the update(s) of client(s) 3 (in round 1)") for m in said), said
+    ref = _run(tmp_path / "r", 2, 'fed.faults=["3:crash"]')
+    assert st.screen.excluded == {3: 1} and st.rejections == [(1, 3), (2, 3)]
+    assert [h["clients_ok"] for h in st.history] == [3, 3]
+    _assert_cut_to_half(st, ref)
+    assert st.state()["excluded"] == {"3": 1}
+
+
+def _assert_cut_to_half(st, ref):
+    """``st``'s model is ``ref``'s cut to budget 0.5, zero-padded (the slots above it are zero)."""
+    view = st.method.view(ref.global_state, {"ratio": 0.5})
+    assert any(v.shape != ref.global_state[k].shape for k, v in view.items())
+    for k, t in st.global_state.items():
+        region = tuple(slice(0, n) for n in view[k].shape)
+        assert torch.equal(t[region], view[k]), k
+        rest = t.clone()
+        rest[region] = 0
+        assert not rest.any(), k
+
+
+def test_a_reply_no_honest_client_sends_excludes_its_sender(tmp_path):
+    """Factors at twice the rank it was sent (rejected by shape before deserializing): excluded at once, its slots
+    retired; a crash (no reply) is not a reason to exclude."""
+    st = _run(tmp_path / "a", 2, 'fed.faults=["3:budget"]')
+    ref = _run(tmp_path / "r", 2, 'fed.faults=["3:crash"]')
+    assert st.screen.excluded == {3: 1} and st.rejections == [(1, 3), (2, 3)] and ref.screen.excluded == {}
+    _assert_cut_to_half(st, ref)
+    off = _run(tmp_path / "o", 1, 'fed.faults=["3:budget"]', "fed.screen=none")
+    assert off.screen.excluded == {} and off.rejections == [(1, 3)]
+
+
+def test_worst_client_is_judged_at_its_own_and_larger_budgets_in_nats():
+    """Against hand-computed rises: client 0 (budget 0.1) raises the 0.1 model by 0.5 nats at most; client 1
+    (budget 0.5) raises the 0.1 model by 3.0 (a smaller budget: not its own, ignored), the full one by 0.6 (a
+    relative rule would say 1.5)."""
+    s = object.__new__(LooScreen)
+    s.budgets = [{"ratio": r} for r in (0.1, 0.5, 1.0)]
+    s.run = fed_run("/tmp/x", "fed.num_clients=2", "fed.rank_ratios=[0.1,0.5]")
+    table = {(0, 1): [1.0, 1.0, 1.0], (1,): [0.5, 1.2, 1.0], (0,): [-2.0, 0.7, 0.4]}
+    s.losses = lambda state: table[state]
+    combine = lambda valid: tuple(v[0] for v in valid)  # noqa: E731
+    assert s.worst([(0,), (1,)], combine) == (1, pytest.approx(0.6), "ratio1.0")
+    table[(0, 1)] = [1.0, float("inf"), 1.0]  # only with both is the 0.5 model broken: both are blamed, 0 first
+    assert s.worst([(0,), (1,)], combine)[1] == float("inf")
+
+
+def test_planted_exclusions_are_refused_and_kept_ones_restored(tmp_path):
+    run = fed_run(tmp_path, *COMMON, "fed.rounds=3")
+    st = make_strategy(run)
+    good = {**st.state(), "round": 2, "excluded": {"3": 1}}
+    check_strategy_state(json.loads(json.dumps(good)), run, tmp_path / "strategy.json")
+    st.restore(good, [])
+    assert st.screen.excluded == {3: 1}
+    for bad in ({"7": 1}, {"3": 3}, {"3": 0}, {"x": 1}, ["3"], {"3": 1.5}):
+        with pytest.raises(Exception, match="excluded"):
+            check_strategy_state({**good, "excluded": bad}, run, tmp_path / "strategy.json")

@@ -28,6 +28,8 @@ def test_auto_defaults_resolve_per_run():
     assert (run.fed.screen, run.fed.clip_auto) == ("exclude", None)  # digits holds 10 % of each client out
     run = fed_run("/tmp/x", "fed.client_holdout=0")  # no held-out split to draw the server's sample from
     assert (run.fed.screen, run.fed.clip_auto) == ("none", 1.5)
+    run = fed_run("/tmp/x", "data=synthetic", "fed.partition=natural")  # honest rises reach 1e10 nats there
+    assert (run.fed.screen, run.fed.clip_auto) == ("none", 1.5)
     run = fed_run("/tmp/x", "fed.screen=none")
     assert run.fed.clip_auto == 1.5  # no screen: clipping stays on
     run = fed_run("/tmp/x", "fed.clip_auto=2", "fed.screen=loo")

@@ -1,7 +1,8 @@
 """The defaults of the defences against hostile clients, checked and resolved per run.
 
-``fed.screen=auto`` (default) is ``exclude`` for models trained from scratch that have held-out splits (the
-server's sample is drawn from them), and ``none`` for ``method=lora`` or without held-out splits.
+``fed.screen=auto`` (default) is ``exclude`` for models trained from scratch whose clients hold data out (the
+server's sample is drawn from there), except Synthetic; ``none`` for ``method=lora``, Synthetic or without held-out
+splits.
 ``fed.clip_auto=auto`` (default) is off where a screen runs (neither alters an honest update of the default run)
 and 1.5 where none does (``method=lora``: clipping in the space of ΔW). See docs/reliability.md."""
 from __future__ import annotations
@@ -41,11 +42,14 @@ def check_defences(f: FedConfig) -> None:
                           f"{f.screen_examples}, {f.screen_tolerance}, {f.screen_nats}")
 
 
-def has_heldout(run: FederatedRun, text_specs: tuple[str, ...]) -> bool:
-    """Whether the run's clients have held-out splits (where the screen draws the server's sample from): hub
-    datasets, Synthetic, text by speaking role, images with ``fed.client_holdout > 0``."""
+def screened(run: FederatedRun, text_specs: tuple[str, ...]) -> bool:
+    """Whether ``auto`` screens this run: its clients hold data out (the server's sample comes from there: hub
+    datasets, text by speaking role, images with ``fed.client_holdout > 0``) and honest rises stay far below the
+    bound there. Not Synthetic: its honest clients' rises reach 1e10 nats (heterogeneous users, lr 0.05)."""
     d, f = run.data, run.fed
-    if d.source == "hub" or d.name == "synthetic":
+    if d.name == "synthetic":
+        return False
+    if d.source == "hub":
         return True
     return f.partition == "natural" if d.name in text_specs else f.client_holdout > 0
 
@@ -54,6 +58,6 @@ def resolve_defences(run: FederatedRun, lora: bool, text_specs: tuple[str, ...])
     """Turn ``auto`` into the run's screen and clipping factor (in place, before anything reads them)."""
     f = run.fed
     if f.screen == "auto":
-        f.screen = "exclude" if not lora and has_heldout(run, text_specs) else "none"
+        f.screen = "exclude" if not lora and screened(run, text_specs) else "none"
     if f.clip_auto == "auto":
         f.clip_auto = None if f.screen != "none" else CLIP_WHERE_UNSCREENED

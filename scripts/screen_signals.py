@@ -35,10 +35,8 @@ def rises(seed: int, extra: list[str], attacker: int | None) -> dict[int, list[f
     out: dict[int, list[float]] = {}
 
     def measure(rnd: int, valid: list) -> tuple[list, int]:
-        full = loo.losses(st._combine(valid))
-        for v in valid:
-            without = loo.losses(st._combine([u for u in valid if u is not v]))
-            out.setdefault(v[0], []).append(max(f - w for f, w, _ in loo._reached(full, without, run.fed.budget(v[0]))))
+        for i, reached in loo.leave_one_out(valid, st._combine):
+            out.setdefault(valid[i][0], []).append(max(f - w for f, w, _ in reached))
         return [v for v in valid if v[0] != attacker], 0
 
     st._screen = measure  # the strategy's own hook point, after the per-reply checks

@@ -56,44 +56,56 @@ class LooScreen:
             out.append(evaluate_classifier(model, self.loader)["loss"])
         return out
 
-    def flagged(self, valid: list, combine: Callable[[list], State]) -> dict[int, tuple[float, str]]:
-        """Index in ``valid`` -> (relative loss increase its inclusion causes, at which budget), for every client
-        above the tolerance. ``combine`` aggregates a list of valid entries into a global state."""
-        if len(valid) < MIN_CLIENTS:
-            return {}
+    def leave_one_out(self, valid: list, combine: Callable[[list], State]):
+        """For each index i in ``valid``: (i, [(loss with, loss without client i, budget) at each budget its slots
+        reach]). ``combine`` aggregates a list of valid entries into a global state."""
         full = self.losses(combine(valid))
-        out = {}
         for i in range(len(valid)):
             without = self.losses(combine(valid[:i] + valid[i + 1:]))
-            worst, at = max(self.rises(full, without, self.run.fed.budget(valid[i][0])), key=lambda r: r[0])
+            yield i, self.at_or_above(full, without, self.run.fed.budget(valid[i][0]))
+
+    def flagged(self, valid: list, combine: Callable[[list], State]) -> dict[int, tuple[float, str]]:
+        """Index in ``valid`` -> (relative loss increase its inclusion causes, at which budget), for every client
+        above the tolerance."""
+        if len(valid) < MIN_CLIENTS:
+            return {}
+        out = {}
+        for i, reached in self.leave_one_out(valid, combine):
+            worst, at = max(((_relative(f, w), b) for f, w, b in reached), key=lambda r: r[0])
             if worst > self.run.fed.screen_tolerance:
-                out[i] = (float(worst), "the whole model" if at is None else "_".join(f"{k}{v}" for k, v in at.items()))
+                out[i] = (float(worst), _name(at))
         return out
 
     def worst(self, valid: list, combine: Callable[[list], State]) -> tuple[int, float, str]:
         """(index in ``valid``, absolute loss rise in nats, budget) of the client whose inclusion raises the
         sample's loss the most, at its own or a larger budget (inf where only its inclusion breaks the model)."""
-        full = self.losses(combine(valid))
         best = (0, -np.inf, "")
-        for i in range(len(valid)):
-            without = self.losses(combine(valid[:i] + valid[i + 1:]))
-            for f, w, b in self._reached(full, without, self.run.fed.budget(valid[i][0])):
+        for i, reached in self.leave_one_out(valid, combine):
+            for f, w, b in reached:
                 rise = (f - w if np.isfinite(f) else np.inf) if np.isfinite(w) else -np.inf
                 if rise > best[1]:
-                    best = (i, float(rise), "the whole model" if b is None else "_".join(f"{k}{v}" for k, v in b.items()))
+                    best = (i, float(rise), _name(b))
         return best
 
-    def _reached(self, full: list[float], without: list[float], own: dict) -> list[tuple[float, float, dict | None]]:
-        """(loss with, loss without, budget) at each budget at or above ``own``."""
+    def at_or_above(self, full: list[float], without: list[float], own: dict) -> list[tuple[float, float, dict | None]]:
+        """(loss with, loss without, budget) at each budget at or above the client's ``own``: its slots reach those
+        budgets' models; a smaller budget can lose from any larger client's honest change to the shared slots."""
         (key, mine), = own.items()
         return [(f, w, b) for f, w, b in zip(full, without, self.budgets) if b is None or key not in b or b[key] >= mine]
 
     def rises(self, full: list[float], without: list[float], own: dict) -> list[tuple[float, dict | None]]:
-        """Relative loss rise at each budget at or above the client's ``own``: its slots reach those budgets'
-        models; a smaller budget can lose from any larger client's honest change to the shared slots."""
-        (key, mine), = own.items()
-        return [((f - w) / max(w, 1e-12) if np.isfinite(f) else np.inf, b) for f, w, b in zip(full, without, self.budgets)
-                if b is None or key not in b or b[key] >= mine]
+        """Relative loss rise at each budget at or above the client's ``own``."""
+        return [(_relative(f, w), b) for f, w, b in self.at_or_above(full, without, own)]
+
+
+def _relative(with_: float, without: float) -> float:
+    """Relative loss rise of including a client (inf where its inclusion breaks the model)."""
+    return (with_ - without) / max(without, 1e-12) if np.isfinite(with_) else np.inf
+
+
+def _name(budget: dict | None) -> str:
+    """A budget as the logs name it (``ratio0.5``), or the whole model."""
+    return "the whole model" if budget is None else "_".join(f"{k}{v}" for k, v in budget.items())
 
 
 class Screen:
@@ -161,8 +173,9 @@ class Screen:
         view = self.method.view(state, keep)
         out = {}
         for k, t in state.items():
-            v = view[k]
-            out[k] = v if v.shape == t.shape else torch.zeros_like(t)
-            if v.shape != t.shape:
-                out[k][tuple(slice(0, n) for n in v.shape)] = v
+            if view[k].shape == t.shape:
+                out[k] = view[k]
+                continue
+            out[k] = torch.zeros_like(t)
+            out[k][tuple(slice(0, n) for n in view[k].shape)] = view[k]
         return out

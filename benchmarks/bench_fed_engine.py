@@ -173,6 +173,7 @@ def main() -> None:
     table = markdown(pops)
     print(table, file=sys.stderr)
     if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).with_suffix(".md").write_text(table)
         plot(pops, Path(a.out).with_suffix(".png"))
     emit("fed_engine", {"env": environment("cpu"), "reps": a.reps, "populations": pops}, a.out)

@@ -2,6 +2,7 @@
 by more than ``fed.screen_nats`` is rejected and its sender excluded for the rest of the run; honest clients of
 the default run are untouched; ``auto`` resolves per run; the exclusions survive a resume and are checked there."""
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from helpers import fed_run
 
 from fedlowrank.config import ConfigError
 from fedlowrank.federated.resume import check_strategy_state
-from fedlowrank.federated.screening import LooScreen
+from fedlowrank.federated.screening import LooScreen, Screen
 from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds
 
 pytestmark = pytest.mark.timeout(300)
@@ -103,6 +104,26 @@ def test_worst_client_is_judged_at_its_own_and_larger_budgets_in_nats():
     assert s.worst([(0,), (1,)], combine) == (1, pytest.approx(0.6), "ratio1.0")
     table[(0, 1)] = [1.0, float("inf"), 1.0]  # only with both is the 0.5 model broken: both are blamed, 0 first
     assert s.worst([(0,), (1,)], combine)[1] == float("inf")
+
+
+def test_exclusion_judges_only_while_four_valid_clients_are_left():
+    """Worst first: of 5 clients, the two far above the bound go (5 and 4 left when judged); at 3 left the third
+    above the bound stays, as do clients below it; 3 clients alone are never judged."""
+    screen = object.__new__(Screen)
+    screen.run = SimpleNamespace(fed=SimpleNamespace(screen="exclude", screen_nats=2.0))
+    screen.method, screen.excluded = None, {}
+    rise = {0: 50.0, 1: 0.1, 2: 9.0, 3: 3.0, 4: 0.2}  # partition id -> its loss rise (nats)
+
+    def worst(valid, combine):
+        i = max(range(len(valid)), key=lambda j: rise[valid[j][0]])
+        return i, rise[valid[i][0]], "ratio1.0"
+
+    screen._loo = SimpleNamespace(worst=worst)
+    kept, gone = screen.apply(1, [(p,) for p in range(5)], None)
+    assert gone == [0, 2] and [k[0] for k in kept] == [1, 3, 4] and screen.excluded == {0: 1, 2: 1}
+    screen.excluded = {}
+    kept, gone = screen.apply(1, [(p,) for p in (0, 1, 2)], None)
+    assert gone == [] and len(kept) == 3
 
 
 def test_planted_exclusions_are_refused_and_kept_ones_restored(tmp_path):

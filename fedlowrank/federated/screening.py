@@ -25,6 +25,9 @@ from .aggregation import State
 
 log = logging.getLogger(__name__)
 MIN_CLIENTS = 3  # with fewer, "without client i" is one other client's update: no majority to compare with
+# fed.screen=exclude judges only with at least 4 valid clients: among 3, leaving one out weighs it against the two
+# others alone, and honest clients rose above 2 nats there (bench_attacks, 2 of 5 iid seeds, 2026-12-05)
+MIN_EXCLUDE = 4
 
 
 class LooScreen:
@@ -125,8 +128,9 @@ class Screen:
 
     def apply(self, rnd: int, valid: list, combine: Callable[[list], State]) -> tuple[list, list[int]]:
         """(kept entries, partition ids rejected). ``exclude``: replies of excluded clients are dropped; then, worst
-        first, a client whose inclusion raises the sample's loss by more than ``fed.screen_nats`` at its own or a
-        larger budget is rejected and excluded, and the rest judged again without it. ``loo``: every client above
+        first and while at least ``MIN_EXCLUDE`` valid clients are left, a client whose inclusion raises the sample's
+        loss by more than ``fed.screen_nats`` at its own or a larger budget is rejected and excluded, and the rest
+        judged again without it. ``loo``: every client above
         ``fed.screen_tolerance`` (relative) is rejected for this round."""
         mode = self.run.fed.screen
         if mode == "none" or not valid:
@@ -144,7 +148,7 @@ class Screen:
                 log.warning("round %d: rejected update of client %d: including it raises the server sample's loss at "
                             "%s by %.0f %% (fed.screen=loo)", rnd, valid[i][0], at, 100 * rise)
             return [v for i, v in enumerate(valid) if i not in bad], gone + [valid[i][0] for i in bad]
-        while len(valid) >= MIN_CLIENTS:
+        while len(valid) >= MIN_EXCLUDE:
             i, rise, at = self._loo.worst(valid, combine)
             if not rise > self.run.fed.screen_nats:
                 break

@@ -141,7 +141,8 @@ class HeteroRankStrategy(Strategy):
         rnd = server_round + self.round_offset
         self._assign(grid)
         by_pid = {self.partition[n]: n for n in self.budgets}
-        pids = sorted(by_pid)  # sample partition ids, not node ids: the same clients on every run and resume
+        # sample partition ids, not node ids: the same clients on every run and resume; excluded ones never again
+        pids = sorted(p for p in by_pid if p not in self.screen.excluded)
         k = max(1, math.ceil(self.run.fed.fraction_train * len(pids))) if pids else 0
         sampled = sorted(self.rng.sample(pids, k))
         self.sent, self.expected, self._round_down = {}, {}, 0

@@ -6,12 +6,15 @@ twice the rank it was sent), ``flip``/``flip1.4``/``flip5`` (the change reversed
 (every value just under the server's bound) and ``duplicate`` (an honest reply delivered twice); ``crash`` (the
 client never replies) is the floor: the run without the attacker's data. Each under the
 default settings (``fed.screen=exclude``, no clipping), the same on a Dirichlet 0.1 partition (``dirichlet``), the
-earlier defaults (``clip``: ``fed.clip_auto=1.5`` without a screen), ``fed.robust=median`` and ``fed.screen=loo``;
+earlier defaults (``clip``: ``fed.clip_auto=1.5`` without a screen), ``fed.robust=median``, ``fed.screen=loo``, and
+on dense FedAvg the default screen (``fedavg``) against Flower's Krum (``krum``, f = 1) and the coordinate-wise
+median (``fedmedian``), both without screen or clipping;
 per run: global test accuracy and each budget's (the global model
 cut to that budget; 359 held-out images), replies rejected, and honest updates the defence altered (scaled, capped
 or rejected). Differences to the clean run of the same settings and seed, with paired 95 % intervals.
 
-    python benchmarks/bench_attacks.py [--seeds 0 1 2 3 4] [--out benchmarks/results_cpu/attacks.json]
+    python benchmarks/bench_attacks.py [--seeds 0 1 2 3 4] [--settings defaults dirichlet] [--attacks ...]
+        [--attackers top mid] [--out benchmarks/results_cpu/attacks.json]
 """
 from __future__ import annotations
 
@@ -43,7 +46,11 @@ SETTINGS = {"defaults": [], "dirichlet": ["fed.partition=dirichlet", "fed.alpha=
             "median": ["fed.robust=median"],
             "screen": ["fed.screen=loo", "fed.clip_auto=null"],  # opt-in leave-one-out screening, no clipping
             # a candidate honest-neutral combination: loose clipping and a loose screen
-            "loose": ["fed.clip_auto=30", "fed.screen=loo", "fed.screen_tolerance=5"]}
+            "loose": ["fed.clip_auto=30", "fed.screen=loo", "fed.screen_tolerance=5"],
+            # dense FedAvg: the default screen against Flower's Krum (f = 1), which needs models of one shape
+            "fedavg": ["strategy=fedavg"],
+            "krum": ["strategy=fedavg", "fed.robust=krum", "fed.screen=none", "fed.clip_auto=null"],
+            "fedmedian": ["strategy=fedavg", "fed.robust=median", "fed.screen=none", "fed.clip_auto=null"]}
 ATTACKS = ("crash", "scale", "budget", "flip", "flip1.4", "flip5", "constant", "duplicate")  # crash: never replies
 ATTACKERS = {"top": 3, "mid": 2}
 
@@ -70,9 +77,9 @@ def one_run(overrides: list[str], seed: int, tmp: str, attacker: int | None) -> 
             "altered_honest": altered, "stopped": stopped, "excluded": dict(st.screen.excluded)}
 
 
-def cells(settings: list[str]) -> list[tuple[str, str, str]]:
+def cells(settings: list[str], attacks=ATTACKS, positions=tuple(ATTACKERS)) -> list[tuple[str, str, str]]:
     """(setting, attack, attacker position), clean runs first."""
-    return [(s, "clean", "-") for s in settings] + [(s, a, p) for s in settings for a in ATTACKS for p in ATTACKERS]
+    return [(s, "clean", "-") for s in settings] + [(s, a, p) for s in settings for a in attacks for p in positions]
 
 
 def row(setting: str, attack: str, pos: str, runs: list[dict], clean: list[dict]) -> dict:
@@ -95,13 +102,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--settings", nargs="+", default=["defaults", "dirichlet"], choices=list(SETTINGS))
+    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    ap.add_argument("--attackers", nargs="+", default=list(ATTACKERS), choices=list(ATTACKERS))
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     t0 = time.perf_counter()
     res: dict[tuple[str, str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for setting, attack, pos in cells(args.settings):
+        for setting, attack, pos in cells(args.settings, args.attacks, args.attackers):
             faults = [] if attack == "clean" else [f'fed.faults=["{ATTACKERS[pos]}:{attack}"]']
             res[setting, attack, pos] = [one_run([*SETTINGS[setting], *faults], s, tmp, ATTACKERS.get(pos))
                                          for s in args.seeds]

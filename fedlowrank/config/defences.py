@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .federated import FedConfig, FederatedRun
 
 SCREENS = ("auto", "none", "loo", "exclude")
+ROBUST = ("none", "median", "trimmed_mean", "krum")
 CLIP_WHERE_UNSCREENED = 1.5
 
 
@@ -33,10 +34,14 @@ def _clip_value(v: Any) -> float | None | str:
 
 
 def check_defences(f: FedConfig) -> None:
-    """The screen's and clipping's keys, each on its own."""
+    """The robust rule's, the screen's and clipping's keys, each on its own."""
     f.clip_auto = _clip_value(f.clip_auto)
     if f.screen not in SCREENS:
         raise ConfigError(f"fed.screen must be one of {SCREENS}, got {f.screen!r}")
+    if f.robust not in ROBUST:
+        raise ConfigError(f"fed.robust must be one of {ROBUST}, got {f.robust!r}")
+    if f.robust == "krum" and f.krum_f < 0:
+        raise ConfigError(f"fed.krum_f must be >= 0, got {f.krum_f}")
     if f.screen_examples < 1 or not f.screen_tolerance > 0 or not f.screen_nats > 0:
         raise ConfigError(f"fed.screen_examples must be >= 1 and fed.screen_tolerance, fed.screen_nats > 0; got "
                           f"{f.screen_examples}, {f.screen_tolerance}, {f.screen_nats}")

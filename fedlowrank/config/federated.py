@@ -14,7 +14,7 @@ from fedlowrank.data.vision import IMAGE_SPECS, VECTOR_SPECS
 from fedlowrank.schema import ConfigError, check_top_level, to_dataclass
 
 from .budgets import check_budget_count, check_budgets, client_budget
-from .defences import check_defences, resolve_defences
+from .defences import ROBUST, check_defences, resolve_defences
 from .devices import DevicesConfig, population
 from .fed_lora import INSTRUCTION_SPECS, LORA_ONLY, check_lora_run
 
@@ -24,7 +24,6 @@ PARTITIONS = ("iid", "dirichlet", "natural")  # natural: one client per speaking
 TEXT_SPECS = ("shakespeare",)  # next-character prediction, LEAF style
 FAULTS = ("nan", "shape", "crash", "scale", "budget", "weight", "metrics", "flip", "flip1.4", "flip5", "constant",
           "duplicate")
-ROBUST = ("none", "median", "trimmed_mean")
 HUB_DATASETS = ("shakespeare", "femnist", "cifar10", "dolly")  # data.source=hub (dolly: datasets, the rest flwr)
 
 
@@ -83,8 +82,9 @@ class FedConfig:
     # "auto_or_fresh": the same, but a refused checkpoint is moved aside and the run starts afresh
     resume: str | None = None
     # Defences against hostile clients (see fedlowrank.federated.robust)
-    robust: str = "none"  # none | median | trimmed_mean (coordinate-wise; fedlmt and slice)
+    robust: str = "none"  # none | median | trimmed_mean (coordinate-wise; fedlmt, slice) | krum (fedavg, fedlmt)
     trim_ratio: float = 0.1  # fraction cut from each end for trimmed_mean
+    krum_f: int = 1  # clients Krum assumes hostile
     clip_norm: float | None = None  # clip each client's change (update - what it downloaded) to this L2 norm
     # a number: scale a client's change down until no tensor or slot group exceeds this multiple of the round's
     # median change, cap slots fewer than 3 clients trained (fedlowrank.federated.clipping); null: off; auto: off
@@ -155,8 +155,6 @@ class FedConfig:
             raise ConfigError("fed.checkpoint_every, fed.keep_checkpoints and fed.max_failed_rounds must be >= 1")
         if self.resume not in (None, "auto", "auto_or_fresh"):
             raise ConfigError(f"fed.resume must be null, 'auto' or 'auto_or_fresh', got {self.resume!r}")
-        if self.robust not in ROBUST:
-            raise ConfigError(f"fed.robust must be one of {ROBUST}, got {self.robust!r}")
         check_defences(self)
         if not 0.0 <= self.trim_ratio < 0.5:
             raise ConfigError(f"fed.trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
@@ -309,6 +307,8 @@ class FederatedRun:
         if self.fed.robust != "none" and (self.strategy == "product" or method == "relora"):
             raise ConfigError(f"fed.robust={self.fed.robust} needs strategy fedlmt or slice without ReLoRA (product "
                               "and adapter merges combine products, not coordinates); use fed.clip_norm there")
+        if self.fed.robust == "krum" and (self.strategy == "slice" or method != "none"):
+            raise ConfigError("fed.robust=krum compares whole models of one shape: strategy fedavg or fedlmt, no method")
 
     def _check_method(self) -> None:
         """The method section against its own schema (InRank federated: stage 1 only)."""

@@ -1,5 +1,5 @@
 """Defences against hostile or broken clients: reply checks, bounded weights, update-norm
-clipping, and coordinate-wise median / trimmed-mean aggregation of factors.
+clipping, coordinate-wise median / trimmed-mean aggregation of factors, and Krum (Flower's) over whole models.
 
 Median and trimmed mean need every contribution to a coordinate to mean the same thing. That
 holds for ``fedlmt`` (one rank for all) and ``slice`` (rank slot j is averaged over the clients
@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+from flwr.server.strategy.aggregate import aggregate_krum
 from torch import Tensor
 
 from .aggregation import State, factor_prefixes
 from .clipping import slot_groups
 
-ROBUST = ("none", "median", "trimmed_mean")
 REQUIRED_METRICS = ("train_loss", "num-examples", "rank_sum", "rank_ratio")
 # what a client may report (fedlowrank.federated.client.local_train); anything else is dropped
 CLIENT_METRICS = frozenset({*REQUIRED_METRICS, "train_accuracy", "steps", "partition_id", "params", "trainable_params"})
@@ -156,3 +157,17 @@ def robust_aggregate(global_state: State, updates: list[State], rule: str, kind:
             V[lo:hi] = _reduce(torch.stack([updates[i][f"{p}.V"][lo:hi].to(V.dtype) for i in idx]), kind, trim)
         new[f"{p}.U"], new[f"{p}.V"] = U, V
     return {k: new[k] for k in global_state}
+
+
+def krum(updates: list[State], f: int) -> State:
+    """Krum (Blanchard et al. 2017) by Flower's ``aggregate_krum``: the one update whose summed squared distance to
+    its ``n - f - 2`` nearest others is smallest (at least 1 neighbour; its guarantee needs ``n >= 2f + 3``).
+    Every update must have the same keys and shapes (``fedavg``, ``fedlmt``)."""
+    keys = list(updates[0])
+    if any(list(u) != keys or any(u[k].shape != updates[0][k].shape for k in keys) for u in updates):
+        raise ValueError("fed.robust=krum needs every update in the same keys and shapes")
+    floats = [k for k in keys if updates[0][k].is_floating_point()]
+    arrays = [([u[k].double().numpy() for k in floats], 1) for u in updates]
+    chosen = aggregate_krum(arrays, f, 0)
+    pick = next(i for i, (a, _) in enumerate(arrays) if all(x is y for x, y in zip(a, chosen)))
+    return {k: updates[pick][k].clone() for k in keys}

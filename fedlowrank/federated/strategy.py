@@ -28,7 +28,8 @@ from fedlowrank.federated.simclock import SimClock
 from fedlowrank.federated.tb import RunWriters
 from fedlowrank.federated.clipping import clip_update
 from fedlowrank.federated.robust import (HostileReply, RejectedReply, bounded_weight, check_metrics, check_record,
-                                         check_values, record_bytes, robust_aggregate, value_bounds)
+                                         check_values, krum, record_bytes, robust_aggregate,
+                                         value_bounds)
 from fedlowrank.lowrank import state_bytes
 
 log = logging.getLogger(__name__)
@@ -329,6 +330,8 @@ class HeteroRankStrategy(Strategy):
     def _combine(self, valid: list[tuple]) -> State:
         """The aggregation rule (or ``fed.robust``) over ``valid``, before any server optimizer."""
         updates, weights, views = [v[1] for v in valid], [v[2] for v in valid], [v[4] for v in valid]
+        if self.run.fed.robust == "krum":
+            return krum(updates, self.run.fed.krum_f)
         if self.run.fed.robust != "none":
             return robust_aggregate(self.global_state, updates, self.rule, self.run.fed.robust, self.run.fed.trim_ratio)
         return self.method.aggregate(self.global_state, updates, weights, views)

@@ -98,17 +98,38 @@ def test_worst_client_is_judged_at_its_own_and_larger_budgets_in_nats():
     s = object.__new__(LooScreen)
     s.budgets = [{"ratio": r} for r in (0.1, 0.5, 1.0)]
     s.run = fed_run("/tmp/x", "fed.num_clients=2", "fed.rank_ratios=[0.1,0.5]")
+    assert s.held([(0,), (1,)]) == s.budgets[:2] and s.held([(0,)]) == s.budgets[:1]  # no one holds 1.0 here
+    s.held = lambda valid: s.budgets  # as if a client of budget 1.0 were in the round
     table = {(0, 1): [1.0, 1.0, 1.0], (1,): [0.5, 1.2, 1.0], (0,): [-2.0, 0.7, 0.4]}
-    s.losses = lambda state: table[state]
+    s.losses = lambda state, budgets: table[state]
     combine = lambda valid: tuple(v[0] for v in valid)  # noqa: E731
     assert s.worst([(0,), (1,)], combine) == (1, pytest.approx(0.6), "ratio1.0")
     table[(0, 1)] = [1.0, float("inf"), 1.0]  # only with both is the 0.5 model broken: both are blamed, 0 first
     assert s.worst([(0,), (1,)], combine)[1] == float("inf")
 
 
-def test_exclusion_judges_only_while_four_valid_clients_are_left():
-    """Worst first: of 5 clients, the two far above the bound go (5 and 4 left when judged); at 3 left the third
-    above the bound stays, as do clients below it; 3 clients alone are never judged."""
+def test_budgets_no_client_of_the_round_holds_are_not_judged():
+    """With no full-rank client in the round, the 1.0 model (its top slots untrained) is not evaluated: client 1's
+    rise of 5 nats there does not count, its 0.2 at 0.5 does."""
+    s = object.__new__(LooScreen)
+    s.budgets = [{"ratio": r} for r in (0.1, 0.5, 1.0)]
+    s.run = fed_run("/tmp/x", "fed.num_clients=3", "fed.rank_ratios=[0.1,0.5,1.0]")
+    asked = []
+    table = {(0, 1): [1.0, 1.0, 6.0], (1,): [0.9, 0.9, 1.0], (0,): [1.0, 0.8, 1.0]}
+
+    def losses(state, budgets):
+        asked.append([b["ratio"] for b in budgets])
+        return table[state][:len(budgets)]
+
+    s.losses = losses
+    combine = lambda valid: tuple(v[0] for v in valid)  # noqa: E731
+    assert s.worst([(0,), (1,)], combine) == (1, pytest.approx(0.2), "ratio0.5")
+    assert asked and all(a == [0.1, 0.5] for a in asked)
+
+
+def test_exclusion_needs_four_valid_clients_and_among_three_rejects_for_the_round():
+    """Worst first: of 5 clients, the two far above the bound are excluded (5 and 4 judged); among the 3 left the
+    third above the bound is rejected for this round but not excluded; clients below the bound stay."""
     screen = object.__new__(Screen)
     screen.run = SimpleNamespace(fed=SimpleNamespace(screen="exclude", screen_nats=2.0))
     screen.method, screen.excluded = None, {}
@@ -120,10 +141,12 @@ def test_exclusion_judges_only_while_four_valid_clients_are_left():
 
     screen._loo = SimpleNamespace(worst=worst)
     kept, gone = screen.apply(1, [(p,) for p in range(5)], None)
-    assert gone == [0, 2] and [k[0] for k in kept] == [1, 3, 4] and screen.excluded == {0: 1, 2: 1}
+    assert gone == [0, 2, 3] and [k[0] for k in kept] == [1, 4] and screen.excluded == {0: 1, 2: 1}
     screen.excluded = {}
-    kept, gone = screen.apply(1, [(p,) for p in (0, 1, 2)], None)
-    assert gone == [] and len(kept) == 3
+    kept, gone = screen.apply(1, [(p,) for p in (1, 2, 4)], None)
+    assert gone == [2] and [k[0] for k in kept] == [1, 4] and screen.excluded == {}
+    kept, gone = screen.apply(1, [(p,) for p in (1, 4)], None)  # two: nothing to compare with
+    assert gone == [] and len(kept) == 2
     screen.excluded = {4: 1}  # a reply from a client excluded earlier (never sampled again) is dropped unjudged
     kept, gone = screen.apply(2, [(p,) for p in (1, 3, 4)], None)
     assert gone == [4] and [k[0] for k in kept] == [1, 3]

@@ -25,8 +25,9 @@ from .aggregation import State
 
 log = logging.getLogger(__name__)
 MIN_CLIENTS = 3  # with fewer, "without client i" is one other client's update: no majority to compare with
-# fed.screen=exclude judges only with at least 4 valid clients: among 3, leaving one out weighs it against the two
-# others alone, and honest clients rose above 2 nats there (bench_attacks, 2 of 5 iid seeds, 2026-12-05)
+# fed.screen=exclude excludes only when judging at least 4 valid replies: among 3, leaving one out weighs a client
+# against two others alone, and honest clients rose above 2 nats there (2.0-2.6, bench_attacks 2026-12-05); a reply
+# above the bound among 3 is rejected for its round (an honest client diverging there rose by 16.5 nats)
 MIN_EXCLUDE = 4
 
 
@@ -49,23 +50,34 @@ class LooScreen:
         budgets = {tuple(sorted(run.fed.budget(i).items())) for i in range(run.fed.num_clients)}
         self.budgets = [dict(b) for b in sorted(budgets)] if method.budget_views() else [None]
 
-    def losses(self, state: State) -> list[float]:
-        """Loss on the sample of ``state`` cut to each budget (the whole model when budgets share one view)."""
+    def losses(self, state: State, budgets: list[dict | None] | None = None) -> list[float]:
+        """Loss on the sample of ``state`` cut to each of ``budgets`` (default: the run's; the whole model when
+        budgets share one view)."""
         from .client import model_from_state
 
         out = []
-        for b in self.budgets:
+        for b in self.budgets if budgets is None else budgets:
             model = model_from_state(self.run, state if b is None else self.method.view(state, b))
             out.append(evaluate_classifier(model, self.loader)["loss"])
         return out
 
+    def held(self, valid: list) -> list[dict | None]:
+        """The run's budgets up to the largest one a client in ``valid`` holds: a larger budget's model has rank
+        slots nobody in the round trained (at their initial or retired values), so its loss says nothing of the
+        round's replies (an absent top client made an honest mid client's rise there reach 2.2 nats)."""
+        f = self.run.fed
+        top = max(_size(f.budget(v[0])) for v in valid)
+        return [b for b in self.budgets if b is None or _size(b) <= top]
+
     def leave_one_out(self, valid: list, combine: Callable[[list], State]):
         """For each index i in ``valid``: (i, [(loss with, loss without client i, budget) at each budget its slots
-        reach]). ``combine`` aggregates a list of valid entries into a global state."""
-        full = self.losses(combine(valid))
+        reach that a client of ``valid`` holds]). ``combine`` aggregates a list of valid entries into a global
+        state."""
+        scope = self.held(valid)
+        full = self.losses(combine(valid), scope)
         for i in range(len(valid)):
-            without = self.losses(combine(valid[:i] + valid[i + 1:]))
-            yield i, self.at_or_above(full, without, self.run.fed.budget(valid[i][0]))
+            without = self.losses(combine(valid[:i] + valid[i + 1:]), scope)
+            yield i, self.at_or_above(full, without, self.run.fed.budget(valid[i][0]), scope)
 
     def flagged(self, valid: list, combine: Callable[[list], State]) -> dict[int, tuple[float, str]]:
         """Index in ``valid`` -> (relative loss increase its inclusion causes, at which budget), for every client
@@ -90,11 +102,14 @@ class LooScreen:
                     best = (i, float(rise), _name(b))
         return best
 
-    def at_or_above(self, full: list[float], without: list[float], own: dict) -> list[tuple[float, float, dict | None]]:
-        """(loss with, loss without, budget) at each budget at or above the client's ``own``: its slots reach those
-        budgets' models; a smaller budget can lose from any larger client's honest change to the shared slots."""
+    def at_or_above(self, full: list[float], without: list[float], own: dict,
+                    budgets: list[dict | None] | None = None) -> list[tuple[float, float, dict | None]]:
+        """(loss with, loss without, budget) at each of ``budgets`` (default: the run's; ``full`` and ``without``
+        are losses there) at or above the client's ``own``: its slots reach those budgets' models; a smaller
+        budget can lose from any larger client's honest change to the shared slots."""
         (key, mine), = own.items()
-        return [(f, w, b) for f, w, b in zip(full, without, self.budgets) if b is None or key not in b or b[key] >= mine]
+        return [(f, w, b) for f, w, b in zip(full, without, self.budgets if budgets is None else budgets)
+                if b is None or key not in b or b[key] >= mine]
 
     def rises(self, full: list[float], without: list[float], own: dict) -> list[tuple[float, dict | None]]:
         """Relative loss rise at each budget at or above the client's ``own``."""
@@ -104,6 +119,11 @@ class LooScreen:
 def _relative(with_: float, without: float) -> float:
     """Relative loss rise of including a client (inf where its inclusion breaks the model)."""
     return (with_ - without) / max(without, 1e-12) if np.isfinite(with_) else np.inf
+
+
+def _size(budget: dict) -> float:
+    """A budget's one value (a run's budgets share one unit: ratio, rank or params)."""
+    return next(iter(budget.values()))
 
 
 def _name(budget: dict | None) -> str:
@@ -128,9 +148,9 @@ class Screen:
 
     def apply(self, rnd: int, valid: list, combine: Callable[[list], State]) -> tuple[list, list[int]]:
         """(kept entries, partition ids rejected). ``exclude``: replies of excluded clients are dropped; then, worst
-        first and while at least ``MIN_EXCLUDE`` valid clients are left, a client whose inclusion raises the sample's
-        loss by more than ``fed.screen_nats`` at its own or a larger budget is rejected and excluded, and the rest
-        judged again without it. ``loo``: every client above
+        first, a client whose inclusion raises the sample's loss by more than ``fed.screen_nats`` at its own or a
+        larger budget (one a valid client holds) is rejected and excluded (among 3 valid replies: rejected for
+        this round), and the rest judged again without it. ``loo``: every client above
         ``fed.screen_tolerance`` (relative) is rejected for this round."""
         mode = self.run.fed.screen
         if mode == "none" or not valid:
@@ -148,16 +168,26 @@ class Screen:
                 log.warning("round %d: rejected update of client %d: including it raises the server sample's loss at "
                             "%s by %.0f %% (fed.screen=loo)", rnd, valid[i][0], at, 100 * rise)
             return [v for i, v in enumerate(valid) if i not in bad], gone + [valid[i][0] for i in bad]
-        while len(valid) >= MIN_EXCLUDE:
+        return self._exclude_worst(rnd, valid, combine, gone)
+
+    def _exclude_worst(self, rnd: int, valid: list, combine: Callable[[list], State], gone: list[int]):
+        """Worst first, a reply above ``fed.screen_nats`` is rejected: with at least ``MIN_EXCLUDE`` valid replies its
+        sender is excluded; among 3, for this round only (two others are too few to exclude on)."""
+        while len(valid) >= MIN_CLIENTS:
             i, rise, at = self._loo.worst(valid, combine)
             if not rise > self.run.fed.screen_nats:
                 break
-            pid = valid.pop(i)[0]
-            self.excluded[pid] = rnd
+            pid, judged = valid.pop(i)[0], len(valid) + 1
             gone.append(pid)
-            log.warning("round %d: rejected the update of client %d and excluded it from the rest of the run: "
-                        "including it raises the loss of the server's sample at %s by %.3g nats (above "
-                        "fed.screen_nats=%g)", rnd, pid, at, rise, self.run.fed.screen_nats)
+            why = (f"including it raises the loss of the server's sample at {at} by {rise:.3g} nats (above "
+                   f"fed.screen_nats={self.run.fed.screen_nats:g})")
+            if judged >= MIN_EXCLUDE:
+                self.excluded[pid] = rnd
+                log.warning("round %d: rejected the update of client %d and excluded it from the rest of the run: %s",
+                            rnd, pid, why)
+            else:
+                log.warning("round %d: rejected the update of client %d for this round (%d valid replies, too few to "
+                            "exclude on): %s", rnd, pid, judged, why)
         return valid, gone
 
     def retire(self, state: State) -> State | None:
@@ -168,11 +198,10 @@ class Screen:
         if not self.excluded or not self.method.budget_views() or self.run.strategy not in ("slice", "product"):
             return None
         f = self.run.fed
-        size = lambda b: next(iter(b.values()))  # noqa: E731 - a run's budgets share one unit (ratio, rank, params)
         left = [f.budget(p) for p in range(f.num_clients) if p not in self.excluded]
-        top = max((f.budget(p) for p in range(f.num_clients)), key=size)
-        keep = max(left, key=size) if left else None
-        if keep is None or size(keep) >= size(top):
+        top = max((f.budget(p) for p in range(f.num_clients)), key=_size)
+        keep = max(left, key=_size) if left else None
+        if keep is None or _size(keep) >= _size(top):
             return None
         view = self.method.view(state, keep)
         out = {}

@@ -3,9 +3,11 @@ the loss of the server's sample (nats; the largest rise at its own or a larger b
 clipping, iid and Dirichlet 0.1, clean and with one attacker (top budget, pid 3; budget 0.5, pid 2). Attack runs
 drop the attacker before aggregating (an oracle), so the trajectory is the defended one and the attacker's rises are
 those it would show there. Prints, per cell, the rises' quantiles (min, 10 %, median, 90 %, max) for honest
-clients (clean runs) and for the attacker; this sets ``fed.screen_nats`` (docs/reliability.md).
+clients (clean runs) and for the attacker, and the same of each client's largest one-sided cumulative sum of its
+rises (a slow, persistent attack's signal); this sets ``fed.screen_nats`` (docs/reliability.md).
 
     python scripts/screen_signals.py [--seeds 0 1 2 3] [--attacks flip flip1.4 flip5 constant scale]
+        [--partitions iid "dirichlet 0.1"] [--attackers top mid] [--overrides strategy=fedavg]
 """
 from __future__ import annotations
 
@@ -48,23 +50,38 @@ def quantiles(x: list[float]) -> str:
     return " ".join(f"{np.quantile(x, q):.3g}" for q in (0, 0.1, 0.5, 0.9, 1))
 
 
+def cusum(r: list[float]) -> float:
+    """The largest one-sided cumulative sum of a client's rises over its rounds (S = max(0, S + rise)): a client
+    whose inclusion keeps raising the loss a little accumulates; one that helps as often as it hurts does not."""
+    s = top = 0.0
+    for x in r:
+        s = max(0.0, s + x)
+        top = max(top, s)
+    return top
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
-    ap.add_argument("--attacks", nargs="+", default=["flip", "flip1.4", "flip5", "constant", "scale"])
+    ap.add_argument("--attacks", nargs="*", default=["flip", "flip1.4", "flip5", "constant", "scale"])
+    ap.add_argument("--partitions", nargs="+", default=list(PARTITIONS), choices=list(PARTITIONS))
+    ap.add_argument("--attackers", nargs="+", default=list(ATTACKERS), choices=list(ATTACKERS))
+    ap.add_argument("--overrides", nargs="*", default=[], help="more Hydra overrides, e.g. strategy=fedavg")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
-    for part, extra in PARTITIONS.items():
-        for attack, pos in [("clean", None)] + [(a, p) for a in args.attacks for p in ATTACKERS]:
+    for part in args.partitions:
+        for attack, pos in [("clean", None)] + [(a, p) for a in args.attacks for p in args.attackers]:
             pid = ATTACKERS.get(pos)
             faults = [f'fed.faults=["{pid}:{attack}"]'] if pos else []
-            honest, bad = [], []
+            honest, bad, honest_sum, bad_sum = [], [], [], []
             for seed in args.seeds:
-                for p, r in rises(seed, [*extra, *faults], pid).items():
+                for p, r in rises(seed, [*PARTITIONS[part], *args.overrides, *faults], pid).items():
                     (bad if p == pid else honest).extend(r)
+                    (bad_sum if p == pid else honest_sum).append(cusum(r))
             # honest rises of attack runs include rounds with the attacker in the aggregate: only clean runs say
-            print(f"{part} | {attack} {pos or ''} | " + (f"attacker: {quantiles(bad)}" if pos else
-                                                          f"honest: {quantiles(honest)}"), flush=True)
+            print(f"{part} | {attack} {pos or ''} | " + (
+                f"attacker: {quantiles(bad)}; cumulative: {quantiles(bad_sum)}" if pos else
+                f"honest: {quantiles(honest)}; cumulative: {quantiles(honest_sum)}"), flush=True)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,9 @@ def test_server_assigns_partitions_and_a_larger_budget_is_rejected(tmp_path):
     run_rounds(st, grid, 2)
     assert st.partition == {1: 0, 3: 1, 5: 2, 7: 3, 9: 4}  # sorted node ids get 0..n-1; node 11 gets nothing
     assert sorted(set(sent)) == sorted(st.partition.items())
-    assert [(r["clients_ok"], r["rejected"]) for r in st.history] == [(4, 1), (4, 1)]
+    # rejected by shape and excluded (fed.screen=exclude): not asked to train in round 2
+    assert [(r["clients_ok"], r["rejected"]) for r in st.history] == [(4, 1), (4, 0)]
+    assert sorted(pid for node, pid in sent[5:]) == [0, 2, 3, 4]
     grid.nodes = [1, 5, 7, 9, 11, 12]  # node 3 left: its partition goes to the lowest new node
     st._assign(grid)
     assert st.partition == {1: 0, 5: 2, 7: 3, 9: 4, 11: 1}

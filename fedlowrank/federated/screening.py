@@ -177,7 +177,8 @@ class Screen:
             i, rise, at = self._loo.worst(valid, combine)
             if not rise > self.run.fed.screen_nats:
                 break
-            pid, judged = valid.pop(i)[0], len(valid) + 1
+            judged = len(valid)
+            pid = valid.pop(i)[0]
             gone.append(pid)
             why = (f"including it raises the loss of the server's sample at {at} by {rise:.3g} nats (above "
                    f"fed.screen_nats={self.run.fed.screen_nats:g})")

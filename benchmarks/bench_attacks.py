@@ -14,12 +14,17 @@ cut to that budget; 359 held-out images), replies rejected, and honest updates t
 or rejected). Differences to the clean run of the same settings and seed, with paired 95 % intervals.
 
     python benchmarks/bench_attacks.py [--seeds 0 1 2 3 4] [--settings defaults dirichlet] [--attacks ...]
-        [--attackers top mid] [--out benchmarks/results_cpu/attacks.json]
+        [--attackers top mid] [--workers 2] [--out benchmarks/results_cpu/attacks.json]
+
+Each run uses one thread (``--workers`` runs in parallel): the trajectories then do not depend on the machine's
+core count (with torch's default threads, reductions split differently and seeds diverge).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -30,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import emit, paired  # noqa: E402
 
+import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from fedlowrank.config import federated_run_from_cfg  # noqa: E402
@@ -42,6 +48,9 @@ from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_round
 from fedlowrank.training.loop import evaluate_classifier  # noqa: E402
 
 SETTINGS = {"defaults": [], "dirichlet": ["fed.partition=dirichlet", "fed.alpha=0.1"],  # defaults, Dirichlet 0.1
+            # the defaults without undoing an excluded client's earlier rounds (before 2026-12-05's rollback)
+            "norollback": ["fed.screen_rollback=0"],
+            "dirichlet_norollback": ["fed.partition=dirichlet", "fed.alpha=0.1", "fed.screen_rollback=0"],
             "clip": ["fed.clip_auto=1.5", "fed.screen=none"],  # the defaults before 2026-12-05
             "median": ["fed.robust=median"],
             "screen": ["fed.screen=loo", "fed.clip_auto=null"],  # opt-in leave-one-out screening, no clipping
@@ -56,7 +65,9 @@ ATTACKERS = {"top": 3, "mid": 2}
 
 
 def one_run(overrides: list[str], seed: int, tmp: str, attacker: int | None) -> dict:
-    """Accuracies (global and per budget; NaN when the run stopped), rejections and altered honest updates."""
+    """Accuracies (global and per budget; NaN when the run stopped), rejections and altered honest updates
+    (scaled, capped, rejected, or set aside by a rollback). One thread: the same numbers on any machine."""
+    torch.set_num_threads(1)
     run = federated_run_from_cfg(compose_cfg(["mode=federated", f"seed={seed}", f"out_dir={tmp}/{seed}",
                                               "fed.eval_budgets=false", *overrides]))
     st = make_strategy(run)
@@ -105,20 +116,25 @@ def main() -> None:
     ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
     ap.add_argument("--attackers", nargs="+", default=list(ATTACKERS), choices=list(ATTACKERS))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="runs in parallel, one thread each")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     t0 = time.perf_counter()
-    res: dict[tuple[str, str, str], list[dict]] = {}
+    todo = cells(args.settings, args.attacks, args.attackers)
     with tempfile.TemporaryDirectory() as tmp:
-        for setting, attack, pos in cells(args.settings, args.attacks, args.attackers):
-            faults = [] if attack == "clean" else [f'fed.faults=["{ATTACKERS[pos]}:{attack}"]']
-            res[setting, attack, pos] = [one_run([*SETTINGS[setting], *faults], s, tmp, ATTACKERS.get(pos))
-                                         for s in args.seeds]
-            logging.getLogger("bench").error("%s / %s / %s: %s", setting, attack, pos,
-                                             [round(r["acc"]["global"], 4) for r in res[setting, attack, pos]])
+        jobs = [([*SETTINGS[s], *([] if a == "clean" else [f'fed.faults=["{ATTACKERS[p]}:{a}"]'])], seed, tmp,
+                 ATTACKERS.get(p)) for s, a, p in todo for seed in args.seeds]
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            done = pool.starmap(one_run, jobs, chunksize=1)
+    n = len(args.seeds)
+    res = {cell: done[i * n:(i + 1) * n] for i, cell in enumerate(todo)}
+    for (setting, attack, pos), runs in res.items():
+        logging.getLogger("bench").error("%s / %s / %s: %s", setting, attack, pos,
+                                         [round(r["acc"]["global"], 4) for r in runs])
     rows = [row(s, a, p, runs, res[s, "clean", "-"]) for (s, a, p), runs in res.items()]
     emit("attacks", {"seeds": args.seeds, "config": "mode=federated (defaults), one attacker of 4 clients",
-                     "wall_s": time.perf_counter() - t0, "rows": rows}, args.out)
+                     "workers": args.workers, "threads_per_run": 1, "wall_s": time.perf_counter() - t0,
+                     "rows": rows}, args.out)
 
 
 if __name__ == "__main__":

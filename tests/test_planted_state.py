@@ -84,6 +84,16 @@ def _plant_opt(ckpt: Path, st) -> None:
     save_file({f"m/{k}": torch.zeros(t.numel() + 5, dtype=torch.float64)}, str(ckpt / "server_opt.safetensors"))
 
 
+def _plant_rollback(rnd: int, grow: int = 0):
+    """``rollback.safetensors`` holding a model of round ``rnd``, its first tensor ``grow`` rows longer."""
+    def edit(ckpt: Path, st) -> None:
+        sd = {f"{rnd}/{k}": v.clone() for k, v in st.global_state.items()}
+        k = next(iter(st.global_state))
+        sd[f"{rnd}/{k}"] = torch.zeros(st.global_state[k].shape[0] + grow, *st.global_state[k].shape[1:])
+        save_file(sd, str(ckpt / "rollback.safetensors"))
+    return edit
+
+
 CASES = {
     "round 1e15 and a damaged line": (lambda c, s: (_plant_strategy(round=10**15)(c, s),
                                                     _plant_log("{garbage")(c, s)), ["strategy.json", "round"]),
@@ -103,6 +113,9 @@ CASES = {
     "global model of another shape": (_plant_global(), ["global.safetensors", "the run's model has"]),
     "global model with a planted tensor": (_plant_global(False), ["global.safetensors", "planted.weight"]),
     "server optimizer of another shape": (_plant_opt, ["server_opt.safetensors"]),
+    "rollback model of a round out of reach": (_plant_rollback(99), ["rollback.safetensors", "rounds"]),
+    "rollback model of another shape": (_plant_rollback(1, grow=1), ["rollback.safetensors", "the run's model has"]),
+    "aggregated in a later round": (_plant_strategy(aggregated={"2": [1, 7]}), ["strategy.json", "aggregated"]),
 }
 
 

@@ -35,7 +35,8 @@ def test_auto_defaults_resolve_per_run():
     assert run.fed.clip_auto == 1.5  # no screen: clipping stays on
     run = fed_run("/tmp/x", "fed.clip_auto=2", "fed.screen=loo")
     assert (run.fed.screen, run.fed.clip_auto) == ("loo", 2.0)
-    for bad in ("fed.screen=krum", "fed.clip_auto=0.5", "fed.clip_auto=often", "fed.screen_nats=0"):
+    for bad in ("fed.screen=krum", "fed.clip_auto=0.5", "fed.clip_auto=often", "fed.screen_nats=0",
+                "fed.screen_rollback=-1", "fed.screen_rollback=1.5"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             fed_run("/tmp/x", bad)
 

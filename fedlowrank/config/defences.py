@@ -4,7 +4,9 @@
 server's sample is drawn from there), except Synthetic; ``none`` for ``method=lora``, Synthetic or without held-out
 splits.
 ``fed.clip_auto=auto`` (default) is off where a screen runs (neither alters an honest update of the default run)
-and 1.5 where none does (``method=lora``: clipping in the space of ΔW). See docs/reliability.md."""
+and 1.5 where none does (``method=lora``: clipping in the space of ΔW). ``fed.screen_rollback`` (``exclude``,
+no server optimizer): excluding a client takes the global model back to before the earliest of the last that
+many rounds that aggregated its update. See docs/reliability.md."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -42,6 +44,9 @@ def check_defences(f: FedConfig) -> None:
         raise ConfigError(f"fed.robust must be one of {ROBUST}, got {f.robust!r}")
     if f.robust == "krum" and f.krum_f < 0:
         raise ConfigError(f"fed.krum_f must be >= 0, got {f.krum_f}")
+    if type(f.screen_rollback) is not int or f.screen_rollback < 0:
+        raise ConfigError(f"fed.screen_rollback must be an integer >= 0 (rounds an exclusion may undo), got "
+                          f"{f.screen_rollback!r}")
     if f.screen_examples < 1 or not f.screen_tolerance > 0 or not f.screen_nats > 0:
         raise ConfigError(f"fed.screen_examples must be >= 1 and fed.screen_tolerance, fed.screen_nats > 0; got "
                           f"{f.screen_examples}, {f.screen_tolerance}, {f.screen_nats}")

@@ -94,6 +94,7 @@ class FedConfig:
     screen_examples: int = 200
     screen_tolerance: float = 0.1
     screen_nats: float = 2.0
+    screen_rollback: int = 5  # exclude: undo up to this many rounds of an excluded client (defences.py)
     max_weight: float = 1e6  # aggregation weight cap (weights are also capped at the known partition size)
     max_abs_value: float = 1e4  # replies with a larger tensor entry (or metric) are rejected
     # ... or with an entry above this multiple of the largest value of the tensor the client downloaded (of the

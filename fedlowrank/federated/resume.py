@@ -19,7 +19,7 @@ import torch
 from fedlowrank.checkpoint import (CheckpointError, atomic_write_bytes, checked_int, checked_number, latest_complete,
                                    load_tensors, read_json)
 from fedlowrank.config import FederatedRun
-from fedlowrank.tensorfile import TensorFileError, check_against
+from fedlowrank.tensorfile import TensorFileError, check_against, read_header
 
 from .aggregation import State, factor_prefixes
 
@@ -59,6 +59,12 @@ def check_strategy_state(st: object, run: FederatedRun, path: Path) -> tuple[int
             for p, r in excluded.items()):
         raise CheckpointError(f"{path}: excluded must map partition ids in [0, {run.fed.num_clients}) to the rounds "
                               f"(1..{rnd}) that excluded them, got {str(excluded)[:60]}")
+    aggregated = st.get("aggregated", {})
+    if not isinstance(aggregated, dict) or not all(
+            isinstance(p, str) and p.isdigit() and int(p) < run.fed.num_clients and isinstance(rs, list) and
+            all(type(r) is int and 1 <= r <= rnd for r in rs) for p, rs in aggregated.items()):
+        raise CheckpointError(f"{path}: aggregated must map partition ids in [0, {run.fed.num_clients}) to lists of "
+                              f"rounds (1..{rnd}), got {str(aggregated)[:60]}")
     return rnd, st
 
 
@@ -137,7 +143,25 @@ def _load(ckpt: Path, out: Path, run: FederatedRun, initial: State) -> tuple[int
     if opt.is_file():
         check_tensors(opt, _moments(initial), partial=True)
         st["server_opt"] = load_tensors(opt)
-    return rnd, load_tensors(ckpt / "global.safetensors"), st, records
+    global_state = load_tensors(ckpt / "global.safetensors")
+    if (ckpt / "rollback.safetensors").is_file():
+        st["rollback"] = _rollback_models(ckpt / "rollback.safetensors", rnd, global_state)
+    return rnd, global_state, st, records
+
+
+def _rollback_models(path: Path, rnd: int, global_state: State) -> State:
+    """``fed.screen_rollback``'s models: ``<round>/<name>`` for rounds 1..``rnd`` (those out of this run's reach
+    are dropped at its next round), each a model of the global model's names, shapes and dtypes (checked from the
+    header before loading)."""
+    try:
+        rounds = {name.split("/", 1)[0] for name in read_header(path)[0]}
+    except TensorFileError as e:
+        raise CheckpointError(str(e)) from None
+    if not all(r.isdigit() and 1 <= int(r) <= rnd for r in rounds):
+        raise CheckpointError(f"{path}: models must be named <round>/<tensor> for rounds 1..{rnd}, got rounds "
+                              f"{sorted(rounds)[:4]}")
+    check_tensors(path, {f"{r}/{k}": v for r in rounds for k, v in global_state.items()})
+    return load_tensors(path)
 
 
 def resume_point(out: Path, run: FederatedRun, initial: State,

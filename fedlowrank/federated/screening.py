@@ -131,6 +131,49 @@ def _name(budget: dict | None) -> str:
     return "the whole model" if budget is None else "_".join(f"{k}{v}" for k, v in budget.items())
 
 
+class Rollback:
+    """``fed.screen_rollback``: the global model before each of the last ``window`` rounds and the rounds each
+    client's update was aggregated in, so that excluding a client can undo those rounds (its reversed or poisoned
+    change stays in the shared slots otherwise: excluded in round 2, a reversed change at k = 1.4 from the top
+    client had already taken the model to chance, and honest training from there collapsed one seed)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.before: dict[int, State] = {}  # round -> the global model before it
+        self.aggregated: dict[int, list[int]] = {}  # partition id -> rounds its update was aggregated in
+
+    def remember(self, rnd: int, state: State) -> None:
+        """Keep the model before round ``rnd`` (and those before the last ``window`` rounds, of the same shapes)."""
+        shapes = {k: v.shape for k, v in state.items()}
+        self.before = {r: s for r, s in self.before.items() if r >= rnd - self.window and
+                       {k: v.shape for k, v in s.items()} == shapes}  # rank growth: no way back across it
+        self.before[rnd] = dict(state)
+
+    def aggregated_in(self, rnd: int, pids: list[int]) -> None:
+        for p in pids:
+            self.aggregated[p] = [r for r in self.aggregated.get(p, []) if r >= rnd - self.window] + [rnd]
+
+    def tensors(self, state: State) -> dict[str, torch.Tensor]:
+        """The remembered models of ``state``'s shapes as ``<round>/<name>`` tensors (a round checkpoint's
+        ``rollback.safetensors``; ``state``: the global model it holds)."""
+        shapes = {k: v.shape for k, v in state.items()}
+        return {f"{r}/{k}": v for r, s in self.before.items() if {k: v.shape for k, v in s.items()} == shapes
+                for k, v in s.items()}
+
+    def load(self, aggregated: dict[str, list[int]], tensors: dict[str, torch.Tensor]) -> None:
+        """Continue from a checkpoint's ``aggregated`` (strategy.json) and :meth:`tensors` (checked by the caller)."""
+        self.aggregated = {int(p): [int(r) for r in rs] for p, rs in aggregated.items()}
+        self.before = {}
+        for name, t in tensors.items():
+            r, k = name.split("/", 1)
+            self.before.setdefault(int(r), {})[k] = t
+
+    def point(self, pids: list[int]) -> int | None:
+        """The earliest round, within reach, that aggregated an update of one of ``pids`` (None: nothing to undo)."""
+        rounds = [r for p in pids for r in self.aggregated.get(p, []) if r in self.before]
+        return min(rounds) if rounds else None
+
+
 class Screen:
     """``fed.screen`` for one run: the server's sample (built at the first round that screens: it loads the run's
     data) and, with ``exclude``, the clients excluded so far (partition id -> round; kept in round checkpoints)."""
@@ -139,6 +182,52 @@ class Screen:
         self.run, self.method = run, method
         self.excluded: dict[int, int] = {}
         self._loo: LooScreen | None = None
+        f = run.fed
+        on = f.screen == "exclude" and f.screen_rollback > 0 and f.server_opt == "none"  # moments: not rolled back
+        self.rollback = Rollback(f.screen_rollback) if on else None
+
+    def undo(self, newly: list[int]) -> tuple[int, State] | None:
+        """With ``fed.screen_rollback``, after excluding ``newly``: (round, the global model before it) for the
+        earliest round within reach that aggregated one of their updates; None where there is nothing to undo."""
+        r0 = self.rollback.point(newly) if self.rollback is not None and newly else None
+        return None if r0 is None else (r0, self.rollback.before[r0])
+
+    def state(self) -> dict:
+        """For round checkpoints (strategy.json): excluded clients and, with a rollback, the rounds it could undo."""
+        agg = self.rollback.aggregated if self.rollback is not None else {}
+        return {"excluded": {str(p): r for p, r in self.excluded.items()},
+                "aggregated": {str(p): rs for p, rs in agg.items()}}
+
+    def restore(self, st: dict) -> None:
+        """Continue from a checked checkpoint: :meth:`state`'s fields and ``rollback`` (its models, read from
+        ``rollback.safetensors`` by :mod:`.resume`)."""
+        self.excluded = {int(p): int(r) for p, r in st.get("excluded", {}).items()}
+        if self.rollback is not None:
+            self.rollback.load(st.get("aggregated", {}), st.get("rollback", {}))
+
+    def round(self, rnd: int, valid: list, combine: Callable[[list], State], state: State
+              ) -> tuple[list, list[int], State | None]:
+        """:meth:`apply`, then with ``fed.screen_rollback`` undo what a client excluded now contributed: (kept
+        entries, partition ids rejected or set aside, the global model to go back to or None). After a rollback
+        no entry is kept: the round's other replies trained from the model being undone."""
+        if self.rollback is not None:
+            self.rollback.remember(rnd, state)
+        before = set(self.excluded)
+        kept, gone = self.apply(rnd, valid, combine)
+        newly = [p for p in self.excluded if p not in before]
+        back = self.undo(newly)
+        if back is None:
+            return kept, gone, None
+        log.warning("round %d: client(s) %s had updates aggregated since round %d: the global model goes back to "
+                    "its state before round %d, and this round's %d other repl(ies) are set aside (trained from the "
+                    "model being undone; fed.screen_rollback=%d)", rnd, ", ".join(map(str, newly)), back[0], back[0],
+                    len(kept), self.rollback.window)
+        return [], gone + [v[0] for v in kept], back[1]
+
+    def aggregated(self, rnd: int, pids: list[int]) -> None:
+        """Round ``rnd`` aggregated these partitions' updates (what a rollback would undo)."""
+        if self.rollback is not None:
+            self.rollback.aggregated_in(rnd, pids)
 
     def exclude(self, rnd: int, pid: int) -> None:
         """With ``exclude``: client ``pid`` sent a reply no honest client sends (:class:`.robust.HostileReply`)."""

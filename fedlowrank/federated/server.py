@@ -34,9 +34,10 @@ def dense_model_bytes(run: FederatedRun) -> int:
 
 
 def _save_round(out: Path, run: FederatedRun, rnd: int, state: State, strategy_state: dict,
-                opt_state: dict | None = None) -> None:
+                opt_state: dict | None = None, rollback: dict | None = None) -> None:
     """Round checkpoint ``checkpoints/round-<n>/`` (global model, strategy state, the server optimizer's moments
-    when there is one; verified manifest) and an atomically replaced ``checkpoints/last.safetensors``."""
+    when there is one, the models ``fed.screen_rollback`` could go back to; verified manifest) and an atomically
+    replaced ``checkpoints/last.safetensors``."""
     from safetensors.torch import save
 
     tensors = {k: v.contiguous() for k, v in state.items()}
@@ -47,6 +48,8 @@ def _save_round(out: Path, run: FederatedRun, rnd: int, state: State, strategy_s
         (tmp / "strategy.json").write_text(json.dumps({"round": rnd, **strategy_state}))
         if opt_state:
             save_file({k: v.contiguous() for k, v in opt_state.items()}, str(tmp / "server_opt.safetensors"))
+        if rollback:
+            save_file({k: v.contiguous() for k, v in rollback.items()}, str(tmp / "rollback.safetensors"))
 
     write_checkpoint_dir(out / "checkpoints" / f"round-{rnd:06d}", write)
     prune(out / "checkpoints", run.fed.keep_checkpoints, prefix="round-")
@@ -171,7 +174,9 @@ class _ServerRun:
         append_jsonl(self.out / "rounds.jsonl", {"round": rnd, "train": self.strategy.history[-1]})
         if rnd % self.run.fed.checkpoint_every == 0 or rnd == self.run.fed.rounds:
             opt = self.strategy.server_opt
-            _save_round(self.out, self.run, rnd, state, self.strategy.state(), opt.state() if opt else None)
+            back = self.strategy.screen.rollback
+            _save_round(self.out, self.run, rnd, state, self.strategy.state(), opt.state() if opt else None,
+                        back.tensors(state) if back is not None else None)
 
     def finish(self, wall_s: float) -> dict:
         """Personalised evaluation, report, ``metrics.json`` and the closing lines; returns the summary."""

@@ -79,6 +79,7 @@ class HeteroRankStrategy(Strategy):
         self.rejections: list[tuple[int, int]] = []  # (round, partition id) of each rejected reply, this process
         self.screen = Screen(run, method)  # fed.screen: the server's sample, clients excluded so far
         self.failed_rounds = 0  # consecutive rounds without a valid update
+        self.rolled_back = 0  # the last round whose screen rolled the global model back (fed.screen_rollback)
         self.resumed_budgets: dict[int, dict] = {}  # partition id -> budget saved in the round checkpoint
         self.clock = SimClock(run, sizes)  # simulated device time (inactive without fed.devices)
         self.server_opt = run.fed.server_optimizer(product_space=run.strategy == "product")
@@ -91,7 +92,7 @@ class HeteroRankStrategy(Strategy):
         v, internal, gauss = self.rng.getstate()
         return {"rng": [v, list(internal), gauss], "failed_rounds": self.failed_rounds,
                 "budgets": {str(self.partition[n]): b for n, b in self.budgets.items()},
-                "sim_time_s": self.clock.elapsed, "excluded": {str(p): r for p, r in self.screen.excluded.items()}}
+                "sim_time_s": self.clock.elapsed, **self.screen.state()}
 
     def restore(self, st: dict, history: list[dict]) -> None:
         v, internal, gauss = st["rng"]
@@ -100,7 +101,7 @@ class HeteroRankStrategy(Strategy):
         self.history = list(history)
         self.resumed_budgets = {int(p): b for p, b in st.get("budgets", {}).items()}
         self.clock.elapsed = float(st.get("sim_time_s", 0.0))
-        self.screen.excluded = {int(p): int(r) for p, r in st.get("excluded", {}).items()}
+        self.screen.restore(st)
         if self.server_opt is not None:
             self.server_opt.load(st.get("server_opt", {}))
 
@@ -213,8 +214,10 @@ class HeteroRankStrategy(Strategy):
         if valid and not self._aggregate(rnd, valid):
             rejected += len(valid)
             valid = []
-        self.failed_rounds = 0 if valid else self.failed_rounds + 1
-        if not valid:
+        if valid:
+            self.screen.aggregated(rnd, [v[0] for v in valid])
+        self.failed_rounds = 0 if valid or self.rolled_back == rnd else self.failed_rounds + 1
+        if not valid and self.rolled_back != rnd:
             log.warning("round %d: no valid update (%d failed, %d rejected); global model unchanged (%d round(s) "
                         "in a row)", rnd, failures, rejected, self.failed_rounds)
         weights, per_client = [v[2] for v in valid], [v[3] for v in valid]
@@ -319,8 +322,10 @@ class HeteroRankStrategy(Strategy):
 
     def _screen(self, rnd: int, valid: list[tuple]) -> tuple[list[tuple], int]:
         """``fed.screen`` (:mod:`fedlowrank.federated.screening`): (kept, number dropped)."""
-        kept, gone = self.screen.apply(rnd, valid, self._combine)
+        kept, gone, back = self.screen.round(rnd, valid, self._combine, self.global_state)
         self.rejections += [(rnd, pid) for pid in gone]
+        if back is not None:  # fed.screen_rollback: an excluded client's earlier rounds undone
+            self.global_state, self.rolled_back = back, rnd
         retired = self.screen.retire(self.global_state) if rnd in self.screen.excluded.values() else None
         if retired is not None:  # slots only excluded clients trained: the largest remaining budget's model
             log.warning("round %d: rank slots that only excluded clients trained are set to zero", rnd)

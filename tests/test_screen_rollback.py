@@ -1,0 +1,110 @@
+"""``fed.screen_rollback``: excluding a client takes the global model back to its state before the earliest round,
+within reach, that aggregated the client's update; the round's other replies are set aside (they trained from the
+model being undone); the memory survives a round checkpoint. The screen's judge is stubbed so that exactly one
+client is excluded in a chosen round; training, aggregation and the strategy are the real ones."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from helpers import fed_run
+
+from fedlowrank.federated.resume import resume_point
+from fedlowrank.federated.screening import Rollback
+from fedlowrank.federated.server import _save_round
+from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy
+
+pytestmark = pytest.mark.timeout(300)
+COMMON = ["fed.num_clients=4", "fed.local_steps=3"]
+HOSTILE, CAUGHT = 2, 3  # client 2 (budget 0.5, below the top one: no slots retired) is excluded in round 3
+
+
+def _strategy(path, rounds, *extra):
+    """A strategy whose screen excludes ``HOSTILE`` in round ``CAUGHT`` (a 10-nat rise) and nobody else."""
+    run = fed_run(path, *COMMON, f"fed.rounds={rounds}", *extra)
+    st = make_strategy(run)
+    clock = {"round": 0}
+
+    def worst(valid, combine):
+        pids = [v[0] for v in valid]
+        if clock["round"] == CAUGHT and HOSTILE in pids:
+            return pids.index(HOSTILE), 10.0, "ratio0.5"
+        return 0, -1.0, "ratio0.1"
+
+    st.screen._loo = SimpleNamespace(worst=worst)
+    return run, st, clock
+
+
+def _rounds(st, run, clock, first, last) -> dict[int, dict]:
+    """Rounds ``first``..``last``; the global model after each (cloned)."""
+    grid, after = InProcessGrid(run), {}
+    for rnd in range(first, last + 1):
+        clock["round"] = rnd
+        st.aggregate_train(rnd, grid.send_and_receive(list(st.configure_train(rnd, None, None, grid))))
+        after[rnd] = {k: v.clone() for k, v in st.global_state.items()}
+    return after
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_excluding_a_client_undoes_the_rounds_that_aggregated_it(tmp_path, caplog):
+    """Catches a rollback that does nothing, goes back to the wrong round, keeps the round's other replies, counts
+    the round as failed, or a remembered model changed in place by later rounds."""
+    run, st, clock = _strategy(tmp_path / "a", 4)
+    initial = {k: v.clone() for k, v in st.global_state.items()}
+    after = _rounds(st, run, clock, 1, 4)
+    assert _equal(after[3], initial)  # client 2 was aggregated in rounds 1 and 2: both undone
+    assert not _equal(after[2], initial) and not _equal(after[4], after[3])  # rounds 2 and 4 did train
+    assert st.screen.excluded == {HOSTILE: CAUGHT}
+    assert sorted(st.rejections) == [(3, 0), (3, 1), (3, 2), (3, 3)]  # the 3 others set aside with it
+    assert [h["clients_ok"] for h in st.history] == [4, 4, 0, 3] and st.failed_rounds == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("round 3: client(s) 2 had updates aggregated since round 1: the global model goes back "
+                            "to its state before round 1") for m in said), said
+    assert not any("no valid update" in m for m in said)
+
+    run, st, clock = _strategy(tmp_path / "b", 3, "fed.screen_rollback=1")  # reaches one round back only
+    after = _rounds(st, run, clock, 1, 3)
+    assert _equal(after[3], after[1])
+
+    run, st, clock = _strategy(tmp_path / "c", 3, "fed.screen_rollback=0")  # off: the others' round-3 replies count
+    after = _rounds(st, run, clock, 1, 3)
+    assert not _equal(after[3], after[2]) and not _equal(after[3], initial)
+    assert st.rejections == [(3, HOSTILE)] and st.history[2]["clients_ok"] == 3
+
+
+def test_rollback_memory_keeps_the_window_and_never_crosses_a_shape_change():
+    rb = Rollback(2)
+    for rnd in range(1, 5):
+        rb.remember(rnd, {"w": torch.full((2,), float(rnd))})
+        rb.aggregated_in(rnd, [0] if rnd < 4 else [1])
+    assert sorted(rb.before) == [2, 3, 4] and rb.aggregated == {0: [1, 2, 3], 1: [4]}
+    assert rb.point([0]) == 2 and rb.point([1]) == 4 and rb.point([5]) is None and rb.point([]) is None
+    assert torch.equal(rb.before[2]["w"], torch.full((2,), 2.0))
+    rb.aggregated_in(5, [0])
+    assert rb.aggregated[0] == [3, 5]  # rounds out of reach are forgotten
+    rb.remember(5, {"w": torch.zeros(3)})  # the model changed shape (rank growth): no way back across it
+    assert sorted(rb.before) == [5] and rb.point([1]) is None
+    assert set(rb.tensors({"w": torch.zeros(3)})) == {"5/w"} and rb.tensors({"w": torch.zeros(2)}) == {}
+
+
+def test_the_rollback_memory_survives_a_round_checkpoint(tmp_path):
+    """Resume is exact across a later rollback: the restored memory goes back to the same round and model."""
+    run, st, clock = _strategy(tmp_path, 4, "fed.resume=auto")
+    initial = {k: v.clone() for k, v in st.global_state.items()}
+    _rounds(st, run, clock, 1, 2)
+    with (tmp_path / "rounds.jsonl").open("w") as f:
+        for h in st.history:
+            f.write(json.dumps({"round": h["round"], "train": h}, default=float) + "\n")
+    _save_round(tmp_path, run, 2, st.global_state, st.state(), None, st.screen.rollback.tensors(st.global_state))
+    rnd, state, saved, history, _ = resume_point(tmp_path, run, initial)
+    again = make_strategy(run)
+    again.global_state = state
+    again.restore(saved, history)
+    assert rnd == 2 and again.screen.rollback.aggregated == st.screen.rollback.aggregated == {p: [1, 2] for p in
+                                                                                               range(4)}
+    back = again.screen.undo([HOSTILE])
+    assert back[0] == 1 and _equal(back[1], initial) and _equal(again.screen.rollback.before[2],
+                                                                st.screen.rollback.before[2])

@@ -7,8 +7,10 @@ twice the rank it was sent), ``flip``/``flip1.4``/``flip5`` (the change reversed
 client never replies) is the floor: the run without the attacker's data. Each under the
 default settings (``fed.screen=exclude``, no clipping), the same on a Dirichlet 0.1 partition (``dirichlet``), the
 earlier defaults (``clip``: ``fed.clip_auto=1.5`` without a screen), ``fed.robust=median``, ``fed.screen=loo``, and
-on dense FedAvg the default screen (``fedavg``) against Flower's Krum (``krum``, f = 1) and the coordinate-wise
-median (``fedmedian``), both without screen or clipping;
+on dense FedAvg the default screen (``fedavg``, ``fedavg_dirichlet``) against Flower's Krum (``krum``, f = 1) and the
+coordinate-wise median (``fedmedian``), both without screen or clipping; ``norollback`` / ``dirichlet_norollback`` and
+``fedavg_nocusum`` / ``fedavg_dirichlet_nocusum`` are the defaults without ``fed.screen_rollback`` or
+``fed.screen_cusum``;
 per run: global test accuracy and each budget's (the global model
 cut to that budget; 359 held-out images), replies rejected, and honest updates the defence altered (scaled, capped
 or rejected). Differences to the clean run of the same settings and seed, with paired 95 % intervals.
@@ -58,6 +60,11 @@ SETTINGS = {"defaults": [], "dirichlet": ["fed.partition=dirichlet", "fed.alpha=
             "loose": ["fed.clip_auto=30", "fed.screen=loo", "fed.screen_tolerance=5"],
             # dense FedAvg: the default screen against Flower's Krum (f = 1), which needs models of one shape
             "fedavg": ["strategy=fedavg"],
+            "fedavg_dirichlet": ["strategy=fedavg", "fed.partition=dirichlet", "fed.alpha=0.1"],
+            # dense FedAvg without the cumulative rule (fed.screen_cusum, default there since 2026-12-05)
+            "fedavg_nocusum": ["strategy=fedavg", "fed.screen_cusum=null"],
+            "fedavg_dirichlet_nocusum": ["strategy=fedavg", "fed.partition=dirichlet", "fed.alpha=0.1",
+                                         "fed.screen_cusum=null"],
             "krum": ["strategy=fedavg", "fed.robust=krum", "fed.screen=none", "fed.clip_auto=null"],
             "fedmedian": ["strategy=fedavg", "fed.robust=median", "fed.screen=none", "fed.clip_auto=null"]}
 ATTACKS = ("crash", "scale", "budget", "flip", "flip1.4", "flip5", "constant", "duplicate")  # crash: never replies

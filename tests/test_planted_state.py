@@ -116,6 +116,7 @@ CASES = {
     "rollback model of a round out of reach": (_plant_rollback(99), ["rollback.safetensors", "rounds"]),
     "rollback model of another shape": (_plant_rollback(1, grow=1), ["rollback.safetensors", "the run's model has"]),
     "aggregated in a later round": (_plant_strategy(aggregated={"2": [1, 7]}), ["strategy.json", "aggregated"]),
+    "cumulative rise NaN": (_plant_strategy(cusum={"1": float("nan")}), ["strategy.json", "cusum"]),
 }
 
 

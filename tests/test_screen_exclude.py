@@ -132,8 +132,8 @@ def test_exclusion_needs_four_valid_clients_and_among_three_rejects_for_the_roun
     """Worst first: of 5 clients, the two far above the bound are excluded (5 and 4 judged); among the 3 left the
     third above the bound is rejected for this round but not excluded; clients below the bound stay."""
     screen = object.__new__(Screen)
-    screen.run = SimpleNamespace(fed=SimpleNamespace(screen="exclude", screen_nats=2.0))
-    screen.method, screen.excluded = None, {}
+    screen.run = SimpleNamespace(fed=SimpleNamespace(screen="exclude", screen_nats=2.0, screen_cusum=None))
+    screen.method, screen.excluded, screen.cusum = None, {}, {}
     rise = {0: 50.0, 1: 0.1, 2: 9.0, 3: 3.0, 4: 0.2}  # partition id -> its loss rise (nats)
 
     def worst(valid, combine):

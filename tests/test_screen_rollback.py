@@ -108,3 +108,50 @@ def test_the_rollback_memory_survives_a_round_checkpoint(tmp_path):
     back = again.screen.undo([HOSTILE])
     assert back[0] == 1 and _equal(back[1], initial) and _equal(again.screen.rollback.before[2],
                                                                 st.screen.rollback.before[2])
+
+
+def test_a_persistent_small_rise_accumulates_to_an_exclusion_and_an_alternating_one_does_not():
+    """``fed.screen_cusum``: against hand-computed one-sided sums. Client 3 raises the loss 0.2 nats every round
+    (never near ``fed.screen_nats``); client 1 alternates +0.3 / -0.3. With a 0.5 bound client 3 is excluded in
+    round 3 (0.2 + 0.2 + 0.2 = 0.6), client 1 never (0.3, 0, 0.3, 0); among 3 replies nobody is excluded."""
+    from fedlowrank.federated.screening import Screen
+
+    screen = object.__new__(Screen)
+    screen.run = SimpleNamespace(fed=SimpleNamespace(screen="exclude", screen_nats=2.0, screen_cusum=0.5))
+    screen.method, screen.excluded, screen.cusum = None, {}, {}
+    rises = {0: [-0.1] * 4, 1: [0.3, -0.3, 0.3, -0.3], 2: [0.0] * 4, 3: [0.2] * 4}
+    clock = {"round": 0}
+    table = lambda valid, combine: [(rises[v[0]][clock["round"] - 1], "the whole model") for v in valid]  # noqa: E731
+    screen._loo = SimpleNamespace(table=table, worst=lambda valid, combine: (0, -1.0, ""))
+    for rnd in (1, 2, 3):
+        clock["round"] = rnd
+        kept, gone = screen.apply(rnd, [(p,) for p in range(4)], None)
+        assert (gone, screen.excluded) == (([3], {3: 3}) if rnd == 3 else ([], {})), rnd
+    assert screen.cusum == pytest.approx({0: 0.0, 1: 0.3, 2: 0.0, 3: 0.6})
+    screen.excluded, screen.cusum = {}, {3: 10.0}
+    clock["round"] = 4
+    kept, gone = screen.apply(4, [(p,) for p in (1, 2, 3)], None)  # three: too few to exclude on
+    assert gone == [] and screen.excluded == {}
+    screen.run.fed.screen_cusum = None  # off: sums are not kept
+    screen.cusum = {}
+    screen.apply(4, [(p,) for p in range(4)], None)
+    assert screen.cusum == {}
+
+
+def test_on_dense_fedavg_a_reversed_change_is_excluded_by_its_cumulative_rise(tmp_path):
+    """The default config with ``strategy=fedavg`` (``fed.screen_cusum`` resolves to 0.5 there): a reversed change
+    (k = 1) from client 3 rises below ``fed.screen_nats`` and passes the per-round rule alone, but its cumulative sum
+    excludes it in round 1; honest clients' sums stay below the bound."""
+    from fedlowrank.runtime.inprocess import run_rounds
+
+    def run_two(path, *extra):
+        run = fed_run(path, "strategy=fedavg", "fed.rounds=2", 'fed.faults=["3:flip"]', *extra)
+        st = make_strategy(run)
+        run_rounds(st, InProcessGrid(run), 2)
+        return run, st
+
+    run, st = run_two(tmp_path / "a")
+    assert run.fed.screen_cusum == 0.5 and st.screen.excluded == {3: 1}
+    assert st.screen.cusum[3] > 0.5 and all(st.screen.cusum[p] < 0.5 for p in (0, 1, 2))
+    run, st = run_two(tmp_path / "b", "fed.screen_cusum=null")
+    assert st.screen.excluded == {} and st.rejections == []

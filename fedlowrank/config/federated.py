@@ -65,9 +65,8 @@ class FedConfig:
     device: str = "auto"
     bf16: bool = False  # bf16 autocast for local training and evaluation
     batched_clients: bool = False  # fed.runtime=local: a round's clients of one budget train vectorized (batched.py)
-    # superlink: Flower's simulation runtime (a private `flower-superlink --simulation` + `flwr run`); simulation:
-    # flwr.simulation.run_simulation (in this process; deprecated in flwr 1.41); local: the same ServerApp and
-    # ClientApp, their messages carried in this process (no Ray or SuperLink; fedlowrank.runtime.local)
+    # superlink: Flower's simulation runtime (a private `flower-superlink --simulation` + `flwr run`); simulation: the
+    # deprecated in-process flwr.simulation.run_simulation; local: the same apps in this process (runtime/local.py)
     runtime: str = "superlink"
     # auto: run inside a private user+network namespace where the kernel allows it (no other local process can
     # reach the SuperLink's or Ray's ports; fedlowrank.runtime.private_net), else warn; netns: require it; none: off
@@ -95,6 +94,7 @@ class FedConfig:
     screen_tolerance: float = 0.1
     screen_nats: float = 2.0
     screen_rollback: int = 5  # exclude: undo up to this many rounds of an excluded client (defences.py)
+    screen_cusum: Any = "auto"  # exclude: a client's summed loss rises above this (nats); auto: defences.py
     max_weight: float = 1e6  # aggregation weight cap (weights are also capped at the known partition size)
     max_abs_value: float = 1e4  # replies with a larger tensor entry (or metric) are rejected
     # ... or with an entry above this multiple of the largest value of the tensor the client downloaded (of the

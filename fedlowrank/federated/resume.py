@@ -65,6 +65,12 @@ def check_strategy_state(st: object, run: FederatedRun, path: Path) -> tuple[int
             all(type(r) is int and 1 <= r <= rnd for r in rs) for p, rs in aggregated.items()):
         raise CheckpointError(f"{path}: aggregated must map partition ids in [0, {run.fed.num_clients}) to lists of "
                               f"rounds (1..{rnd}), got {str(aggregated)[:60]}")
+    cusum = st.get("cusum", {})
+    if not isinstance(cusum, dict) or not all(
+            isinstance(p, str) and p.isdigit() and int(p) < run.fed.num_clients and type(c) in (int, float) and
+            0 <= c < math.inf for p, c in cusum.items()):
+        raise CheckpointError(f"{path}: cusum must map partition ids in [0, {run.fed.num_clients}) to finite sums "
+                              f">= 0, got {str(cusum)[:60]}")
     return rnd, st
 
 

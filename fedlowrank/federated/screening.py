@@ -94,13 +94,21 @@ class LooScreen:
     def worst(self, valid: list, combine: Callable[[list], State]) -> tuple[int, float, str]:
         """(index in ``valid``, absolute loss rise in nats, budget) of the client whose inclusion raises the
         sample's loss the most, at its own or a larger budget (inf where only its inclusion breaks the model)."""
-        best = (0, -np.inf, "")
-        for i, reached in self.leave_one_out(valid, combine):
+        table = self.table(valid, combine)
+        i = max(range(len(table)), key=lambda j: table[j][0]) if table else 0
+        return (i, *table[i]) if table else (0, -np.inf, "")
+
+    def table(self, valid: list, combine: Callable[[list], State]) -> list[tuple[float, str]]:
+        """Per entry of ``valid``: (its largest rise in nats at its own or a larger budget, that budget)."""
+        out = []
+        for _, reached in self.leave_one_out(valid, combine):
+            best = (-np.inf, "")
             for f, w, b in reached:
                 rise = (f - w if np.isfinite(f) else np.inf) if np.isfinite(w) else -np.inf
-                if rise > best[1]:
-                    best = (i, float(rise), _name(b))
-        return best
+                if rise > best[0]:
+                    best = (float(rise), _name(b))
+            out.append(best)
+        return out
 
     def at_or_above(self, full: list[float], without: list[float], own: dict,
                     budgets: list[dict | None] | None = None) -> list[tuple[float, float, dict | None]]:
@@ -181,6 +189,7 @@ class Screen:
     def __init__(self, run: FederatedRun, method) -> None:
         self.run, self.method = run, method
         self.excluded: dict[int, int] = {}
+        self.cusum: dict[int, float] = {}  # partition id -> one-sided cumulative rise (fed.screen_cusum)
         self._loo: LooScreen | None = None
         f = run.fed
         on = f.screen == "exclude" and f.screen_rollback > 0 and f.server_opt == "none"  # moments: not rolled back
@@ -193,15 +202,18 @@ class Screen:
         return None if r0 is None else (r0, self.rollback.before[r0])
 
     def state(self) -> dict:
-        """For round checkpoints (strategy.json): excluded clients and, with a rollback, the rounds it could undo."""
+        """For round checkpoints (strategy.json): excluded clients, with a rollback the rounds it could undo, and the
+        clients' cumulative rises (``fed.screen_cusum``)."""
         agg = self.rollback.aggregated if self.rollback is not None else {}
         return {"excluded": {str(p): r for p, r in self.excluded.items()},
-                "aggregated": {str(p): rs for p, rs in agg.items()}}
+                "aggregated": {str(p): rs for p, rs in agg.items()},
+                "cusum": {str(p): c for p, c in self.cusum.items()}}
 
     def restore(self, st: dict) -> None:
         """Continue from a checked checkpoint: :meth:`state`'s fields and ``rollback`` (its models, read from
         ``rollback.safetensors`` by :mod:`.resume`)."""
         self.excluded = {int(p): int(r) for p, r in st.get("excluded", {}).items()}
+        self.cusum = {int(p): float(c) for p, c in st.get("cusum", {}).items()}
         if self.rollback is not None:
             self.rollback.load(st.get("aggregated", {}), st.get("rollback", {}))
 
@@ -259,9 +271,30 @@ class Screen:
             return [v for i, v in enumerate(valid) if i not in bad], gone + [valid[i][0] for i in bad]
         return self._exclude_worst(rnd, valid, combine, gone)
 
+    def _accumulate(self, rnd: int, valid: list, combine: Callable[[list], State], gone: list[int]) -> list:
+        """``fed.screen_cusum``: add each client's rise to its one-sided cumulative sum (S = max(0, S + rise)); with at
+        least ``MIN_EXCLUDE`` valid replies, a client whose sum passes the bound is rejected and excluded (a reversed
+        change on a shared model rises a few hundredths of a nat a round and slows learning without ever crossing
+        ``fed.screen_nats``)."""
+        bound = self.run.fed.screen_cusum
+        if bound is None or len(valid) < MIN_CLIENTS:
+            return valid
+        for v, (rise, _) in zip(valid, self._loo.table(valid, combine)):
+            self.cusum[v[0]] = max(0.0, self.cusum.get(v[0], 0.0) + rise) if np.isfinite(rise) else 0.0
+        over = [v[0] for v in valid if self.cusum[v[0]] > bound] if len(valid) >= MIN_EXCLUDE else []
+        for pid in sorted(over, key=lambda p: -self.cusum[p])[:len(valid) - MIN_CLIENTS]:
+            self.excluded[pid] = rnd
+            gone.append(pid)
+            log.warning("round %d: rejected the update of client %d and excluded it from the rest of the run: its "
+                        "rises of the server sample's loss sum to %.3g nats (above fed.screen_cusum=%g)", rnd, pid,
+                        self.cusum[pid], bound)
+        return [v for v in valid if v[0] not in self.excluded]
+
     def _exclude_worst(self, rnd: int, valid: list, combine: Callable[[list], State], gone: list[int]):
         """Worst first, a reply above ``fed.screen_nats`` is rejected: with at least ``MIN_EXCLUDE`` valid replies its
-        sender is excluded; among 3, for this round only (two others are too few to exclude on)."""
+        sender is excluded; among 3, for this round only (two others are too few to exclude on). Before that, with
+        ``fed.screen_cusum``, clients whose cumulative rises pass that bound (:meth:`_accumulate`)."""
+        valid = self._accumulate(rnd, valid, combine, gone)
         while len(valid) >= MIN_CLIENTS:
             i, rise, at = self._loo.worst(valid, combine)
             if not rise > self.run.fed.screen_nats:

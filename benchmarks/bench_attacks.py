@@ -10,7 +10,7 @@ earlier defaults (``clip``: ``fed.clip_auto=1.5`` without a screen), ``fed.robus
 on dense FedAvg the default screen (``fedavg``, ``fedavg_dirichlet``) against Flower's Krum (``krum``, f = 1) and the
 coordinate-wise median (``fedmedian``), both without screen or clipping; ``norollback`` / ``dirichlet_norollback`` and
 ``fedavg_nocusum`` / ``fedavg_dirichlet_nocusum`` are the defaults without ``fed.screen_rollback`` or
-``fed.screen_cusum``;
+``fed.screen_cusum`` (``nocusum``: the iid defaults without it);
 per run: global test accuracy and each budget's (the global model
 cut to that budget; 359 held-out images), replies rejected, and honest updates the defence altered (scaled, capped
 or rejected). Differences to the clean run of the same settings and seed, with paired 95 % intervals.
@@ -52,6 +52,7 @@ from fedlowrank.training.loop import evaluate_classifier  # noqa: E402
 SETTINGS = {"defaults": [], "dirichlet": ["fed.partition=dirichlet", "fed.alpha=0.1"],  # defaults, Dirichlet 0.1
             # the defaults without undoing an excluded client's earlier rounds (before 2026-12-05's rollback)
             "norollback": ["fed.screen_rollback=0"],
+            "nocusum": ["fed.screen_cusum=null"],  # the defaults without the cumulative rule (default on iid slice)
             "dirichlet_norollback": ["fed.partition=dirichlet", "fed.alpha=0.1", "fed.screen_rollback=0"],
             "clip": ["fed.clip_auto=1.5", "fed.screen=none"],  # the defaults before 2026-12-05
             "median": ["fed.robust=median"],

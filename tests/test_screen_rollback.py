@@ -20,8 +20,9 @@ HOSTILE, CAUGHT = 2, 3  # client 2 (budget 0.5, below the top one: no slots reti
 
 
 def _strategy(path, rounds, *extra):
-    """A strategy whose screen excludes ``HOSTILE`` in round ``CAUGHT`` (a 10-nat rise) and nobody else."""
-    run = fed_run(path, *COMMON, f"fed.rounds={rounds}", *extra)
+    """A strategy whose screen excludes ``HOSTILE`` in round ``CAUGHT`` (a 10-nat rise) and nobody else (the
+    cumulative rule off: the stub judges rounds, not sums)."""
+    run = fed_run(path, *COMMON, f"fed.rounds={rounds}", "fed.screen_cusum=null", *extra)
     st = make_strategy(run)
     clock = {"round": 0}
 
@@ -155,3 +156,20 @@ def test_on_dense_fedavg_a_reversed_change_is_excluded_by_its_cumulative_rise(tm
     assert st.screen.cusum[3] > 0.5 and all(st.screen.cusum[p] < 0.5 for p in (0, 1, 2))
     run, st = run_two(tmp_path / "b", "fed.screen_cusum=null")
     assert st.screen.excluded == {} and st.rejections == []
+
+
+def test_on_the_default_slice_run_a_reversed_change_from_the_middle_is_excluded_by_round_two(tmp_path):
+    """The default config (``slice``, iid: ``fed.screen_cusum`` resolves to 1.5): a reversed change from client 2
+    (budget 0.5) rises below ``fed.screen_nats`` in round 1 (about 1 nat) and was excluded only in round 2-6 by the
+    per-round rule; its sum passes 1.5 in round 2, and that round undoes round 1. Off on a Dirichlet partition,
+    where honest sums reached 4.9 nats."""
+    from fedlowrank.runtime.inprocess import run_rounds
+
+    run = fed_run(tmp_path / "a", "fed.rounds=2", 'fed.faults=["2:flip"]')
+    st = make_strategy(run)
+    initial = {k: v.clone() for k, v in st.global_state.items()}
+    run_rounds(st, InProcessGrid(run), 2)
+    assert run.fed.screen_cusum == 1.5 and st.screen.excluded == {2: 2}
+    assert st.screen.cusum[2] > 1.5 and all(st.screen.cusum[p] < 1.5 for p in (0, 1, 3))
+    assert _equal(st.global_state, initial)  # round 1 undone, round 2's replies set aside
+    assert fed_run(tmp_path / "b", "fed.partition=dirichlet").fed.screen_cusum is None

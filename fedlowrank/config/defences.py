@@ -6,8 +6,9 @@ splits.
 ``fed.clip_auto=auto`` (default) is off where a screen runs (neither alters an honest update of the default run)
 and 1.5 where none does (``method=lora``: clipping in the space of ΔW). ``fed.screen_rollback`` (``exclude``,
 no server optimizer): excluding a client takes the global model back to before the earliest of the last that
-many rounds that aggregated its update. ``fed.screen_cusum=auto`` (``exclude`` on dense FedAvg) also excludes a
-client whose one-sided cumulative loss rise passes 0.5 nats. See docs/reliability.md."""
+many rounds that aggregated its update. ``fed.screen_cusum=auto`` (``exclude``: dense FedAvg, and ``slice`` on an iid
+partition) also excludes a client whose one-sided cumulative loss rise passes 0.5 (1.5) nats. See
+docs/reliability.md."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -20,10 +21,11 @@ if TYPE_CHECKING:
 SCREENS = ("auto", "none", "loo", "exclude")
 ROBUST = ("none", "median", "trimmed_mean", "krum")
 CLIP_WHERE_UNSCREENED = 1.5
-# fed.screen_cusum=auto on dense FedAvg (no method): honest clients' cumulative rises stayed <= 0.2 nats there, a
-# reversed change's reached 0.85-1.9 (10 seeds, iid and Dirichlet 0.1, results.md); off elsewhere: honest sums
-# reached 1.0 under fedlmt (iid) and 2.5 under slice (Dirichlet 0.1)
-CUSUM_SHARED = 0.5
+# fed.screen_cusum=auto (no method): dense FedAvg 0.5 nats (honest clients' cumulative rises <= 0.2 there, iid and
+# Dirichlet 0.1; a reversed change's passed 0.5 in round 1-2); slice on an iid partition 1.5 (honest <= 0.75 with
+# 4, 10 and 20 clients); off elsewhere: honest sums reached 1.0 under fedlmt (iid) and 4.9 under slice (Dirichlet
+# 0.1). results.md, "Hostile clients"
+CUSUM_SHARED, CUSUM_SLICE_IID = 0.5, 1.5
 
 
 def _clip_value(v: Any) -> float | None | str:
@@ -86,7 +88,8 @@ def resolve_defences(run: FederatedRun, lora: bool, text_specs: tuple[str, ...])
     if f.clip_auto == "auto":
         f.clip_auto = None if f.screen != "none" else CLIP_WHERE_UNSCREENED
     if f.screen_cusum == "auto":
-        shared = run.strategy == "fedavg" and run.method.get("name", "none") == "none"
-        f.screen_cusum = CUSUM_SHARED if f.screen == "exclude" and shared else None
+        plain = f.screen == "exclude" and run.method.get("name", "none") == "none"
+        bound = {"fedavg": CUSUM_SHARED, "slice": CUSUM_SLICE_IID if f.partition == "iid" else None}
+        f.screen_cusum = bound.get(run.strategy) if plain else None
     elif f.screen_cusum is not None:
         f.screen_cusum = float(f.screen_cusum)

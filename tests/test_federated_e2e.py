@@ -63,6 +63,7 @@ def test_federated_run_rejects_bad_updates_survives_crash_and_logs(tmp_path):
             assert f"| 2 trained, 1 failed, {rejected} rejected, train loss" in line and "{" not in line
         assert "federated run finished: slice · 5 clients · 3 rounds" in out and "global accuracy 0." in out
         assert f"summary: {out_dir / 'metrics.json'}" in out and f"tensorboard --logdir {out_dir}" in out
+        assert "excluded by the screen (trained without from then on): client 2 in round 1" in out
         # Flower's known noise: the licence warning, the federation-size hint naming no command, the raw dumps
         for noise in ("license", "To change federation size", "Final results", "e+0", "FutureWarning"):
             assert noise not in out, noise
@@ -73,6 +74,7 @@ def test_federated_run_rejects_bad_updates_survives_crash_and_logs(tmp_path):
     assert list(home.iterdir()) == [] and list(cwd.iterdir()) == []
     assert (out_dir / "client_failures.log").read_text().count("client 3 crashed (injected fault)") >= 3
     res = json.loads((out_dir / "metrics.json").read_text())
+    assert res["excluded"] == {"2": 1}
     tmp_path = out_dir
     # the apps ran in <out_dir>/flwr_runtime: relative paths reached them resolved where the run was started
     from omegaconf import OmegaConf

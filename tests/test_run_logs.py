@@ -98,7 +98,10 @@ def test_federated_summary_lines_report_accuracy_budgets_bytes_and_paths(tmp_pat
     assert "at each budget: ratio0.1 0.7200, ratio1.0 0.9500\n" in text + "\n"  # client figures have their own line
     assert "clients on their held-out data: mean 0.9000, p10 0.8000, p90 0.9700, worst 0.7000" in text
     assert "2.00 MB up, 4.00 MB down" in text and "simulated device time 12.50 s" in text
-    assert f"summary: {tmp_path / 'metrics.json'}" in text
+    assert f"summary: {tmp_path / 'metrics.json'}" in text and "excluded" not in text
+    summary["excluded"] = {"3": 2}
+    text = "\n".join(summary_lines(summary, str(tmp_path), 15.1))
+    assert "excluded by the screen (trained without from then on): client 3 in round 2" in text
 
 
 @pytest.mark.timeout(240)

@@ -286,6 +286,9 @@ def summary_lines(summary: dict, out_dir: str, wall_s: float) -> list[str]:
     lines += _size_lines(summary)
     if "sim_time_s" in final:
         lines.append(f"  simulated device time {final['sim_time_s']:.2f} s")
+    if summary.get("excluded"):  # named here too: the run's figures are without their data from then on
+        lines.append("  excluded by the screen (trained without from then on): " + ", ".join(
+            f"client {p} in round {r}" for p, r in summary["excluded"].items()))
     out = os.path.abspath(out_dir)
     lines.append(f"  summary: {os.path.join(out, 'metrics.json')} (per round: {os.path.join(out, 'rounds.jsonl')})")
     lines.append(f"  tensorboard --logdir {out}")

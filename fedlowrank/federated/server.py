@@ -196,6 +196,7 @@ class _ServerRun:
                                               {c["pid"] for h in st.history for c in h.get("clients", [])}),
             "final_clients": self.client_rows.get(run.fed.rounds, []),  # the last round's sampled clients
             "label_skew": label_skew(fed_data(run)), "report_png": str(png) if png else None,
+            "excluded": {str(p): r for p, r in sorted(st.screen.excluded.items())},  # partition id -> round
         }
         atomic_write_bytes(out / "metrics.json", json.dumps(summary, indent=2, default=float).encode())
         for line in summary_lines(summary, os.fspath(out), wall_s):

@@ -136,7 +136,7 @@ def test_exclusion_needs_four_valid_clients_and_among_three_rejects_for_the_roun
     screen.method, screen.excluded, screen.cusum = None, {}, {}
     rise = {0: 50.0, 1: 0.1, 2: 9.0, 3: 3.0, 4: 0.2}  # partition id -> its loss rise (nats)
 
-    def worst(valid, combine):
+    def worst(valid, combine, table=None):
         i = max(range(len(valid)), key=lambda j: rise[valid[j][0]])
         return i, rise[valid[i][0]], "ratio1.0"
 
@@ -163,3 +163,46 @@ def test_planted_exclusions_are_refused_and_kept_ones_restored(tmp_path):
     for bad in ({"7": 1}, {"3": 3}, {"3": 0}, {"x": 1}, ["3"], {"3": 1.5}):
         with pytest.raises(Exception, match="excluded"):
             check_strategy_state({**good, "excluded": bad}, run, tmp_path / "strategy.json")
+
+
+def test_the_screen_reloads_one_model_per_shape_and_judges_as_fresh_models_do(tmp_path):
+    """The screen builds one model per budget and reloads it: its losses on two different global models, one after
+    the other and back, equal those of models built afresh (a model not reloaded would repeat the first's)."""
+    from fedlowrank.federated.client import model_from_state
+    from fedlowrank.training.loop import evaluate_classifier
+
+    run = fed_run(tmp_path, *COMMON)
+    st = make_strategy(run)
+    loo = LooScreen(run, st.method)
+    g = st.global_state
+    torch.manual_seed(0)
+    other = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in g.items()}
+
+    def fresh(state):
+        return [evaluate_classifier(model_from_state(run, st.method.view(state, b)), loo.loader)["loss"]
+                for b in loo.budgets]
+
+    assert fresh(g) != fresh(other)
+    for state in (g, other, g, other):
+        assert loo.losses(state) == fresh(state)
+    assert len(loo._skeletons) == len(loo.budgets) > 1
+
+
+def test_a_round_without_cumulative_exclusion_runs_one_leave_one_out_pass():
+    """The rises the cumulative rule computed are the first table the per-round rule judges (one pass of n + 1
+    aggregates, not two); after a rejection the rest are judged again without it."""
+    loo = object.__new__(LooScreen)
+    calls = []
+    rises = {0: 0.1, 1: 9.0, 2: 0.0, 3: 0.2, 4: 0.1}
+
+    def table(valid, combine):
+        calls.append([v[0] for v in valid])
+        return [(rises[v[0]], "ratio1.0") for v in valid]
+
+    loo.table = table
+    screen = object.__new__(Screen)
+    screen.run = SimpleNamespace(fed=SimpleNamespace(screen="exclude", screen_nats=2.0, screen_cusum=50.0))
+    screen.method, screen.excluded, screen.cusum, screen._loo = None, {}, {}, loo
+    kept, gone = screen.apply(1, [(p,) for p in range(5)], None)
+    assert gone == [1] and [v[0] for v in kept] == [0, 2, 3, 4]
+    assert calls == [[0, 1, 2, 3, 4], [0, 2, 3, 4]]

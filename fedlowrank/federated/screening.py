@@ -47,19 +47,34 @@ class LooScreen:
         y = fd.y_eval if fd.y_eval is not None else fd.y
         self.loader = batches(TensorDataset(fd.x[idx], y[idx]), 256)
         self.run, self.method = run, method
+        self._skeletons: dict[tuple, torch.nn.Module] = {}  # tensor shapes -> a model of those shapes, reloaded
         budgets = {tuple(sorted(run.fed.budget(i).items())) for i in range(run.fed.num_clients)}
         self.budgets = [dict(b) for b in sorted(budgets)] if method.budget_views() else [None]
 
     def losses(self, state: State, budgets: list[dict | None] | None = None) -> list[float]:
         """Loss on the sample of ``state`` cut to each of ``budgets`` (default: the run's; the whole model when
         budgets share one view)."""
-        from .client import model_from_state
-
         out = []
         for b in self.budgets if budgets is None else budgets:
-            model = model_from_state(self.run, state if b is None else self.method.view(state, b))
+            model = self.model(state if b is None else self.method.view(state, b))
             out.append(evaluate_classifier(model, self.loader)["loss"])
         return out
+
+    def model(self, state: State) -> torch.nn.Module:
+        """:func:`.client.model_from_state`, building one model per set of tensor shapes and reloading it after
+        (evaluation changes nothing in it; ``method=lora`` builds each time: its state holds only the adapters)."""
+        from .client import model_from_state
+
+        if self.run.method.get("name") == "lora":
+            return model_from_state(self.run, state)
+        key = tuple((k, tuple(v.shape)) for k, v in state.items())
+        if key not in self._skeletons:
+            if len(self._skeletons) > 2 * len(self.budgets):  # shapes that change every round (rank growth)
+                self._skeletons.clear()
+            self._skeletons[key] = model_from_state(self.run, state)
+        else:
+            self._skeletons[key].load_state_dict(state, strict=True)
+        return self._skeletons[key]
 
     def held(self, valid: list) -> list[dict | None]:
         """The run's budgets up to the largest one a client in ``valid`` holds: a larger budget's model has rank
@@ -91,10 +106,12 @@ class LooScreen:
                 out[i] = (float(worst), _name(at))
         return out
 
-    def worst(self, valid: list, combine: Callable[[list], State]) -> tuple[int, float, str]:
+    def worst(self, valid: list, combine: Callable[[list], State], table: list | None = None
+              ) -> tuple[int, float, str]:
         """(index in ``valid``, absolute loss rise in nats, budget) of the client whose inclusion raises the
-        sample's loss the most, at its own or a larger budget (inf where only its inclusion breaks the model)."""
-        table = self.table(valid, combine)
+        sample's loss the most, at its own or a larger budget (inf where only its inclusion breaks the model);
+        ``table``: :meth:`table` of ``valid`` where already computed."""
+        table = self.table(valid, combine) if table is None else table
         i = max(range(len(table)), key=lambda j: table[j][0]) if table else 0
         return (i, *table[i]) if table else (0, -np.inf, "")
 
@@ -271,15 +288,17 @@ class Screen:
             return [v for i, v in enumerate(valid) if i not in bad], gone + [valid[i][0] for i in bad]
         return self._exclude_worst(rnd, valid, combine, gone)
 
-    def _accumulate(self, rnd: int, valid: list, combine: Callable[[list], State], gone: list[int]) -> list:
+    def _accumulate(self, rnd: int, valid: list, combine: Callable[[list], State], gone: list[int]
+                    ) -> tuple[list, list | None]:
         """``fed.screen_cusum``: add each client's rise to its one-sided cumulative sum (S = max(0, S + rise)); with at
         least ``MIN_EXCLUDE`` valid replies, a client whose sum passes the bound is rejected and excluded (a reversed
         change on a shared model rises a few hundredths of a nat a round and slows learning without ever crossing
-        ``fed.screen_nats``)."""
+        ``fed.screen_nats``). Returns (kept entries, the rises table of ``valid`` when it kept them all, else None)."""
         bound = self.run.fed.screen_cusum
         if bound is None or len(valid) < MIN_CLIENTS:
-            return valid
-        for v, (rise, _) in zip(valid, self._loo.table(valid, combine)):
+            return valid, None
+        table = self._loo.table(valid, combine)
+        for v, (rise, _) in zip(valid, table):
             self.cusum[v[0]] = max(0.0, self.cusum.get(v[0], 0.0) + rise) if np.isfinite(rise) else 0.0
         over = [v[0] for v in valid if self.cusum[v[0]] > bound] if len(valid) >= MIN_EXCLUDE else []
         for pid in sorted(over, key=lambda p: -self.cusum[p])[:len(valid) - MIN_CLIENTS]:
@@ -288,15 +307,17 @@ class Screen:
             log.warning("round %d: rejected the update of client %d and excluded it from the rest of the run: its "
                         "rises of the server sample's loss sum to %.3g nats (above fed.screen_cusum=%g)", rnd, pid,
                         self.cusum[pid], bound)
-        return [v for v in valid if v[0] not in self.excluded]
+        kept = [v for v in valid if v[0] not in self.excluded]
+        return kept, table if len(kept) == len(valid) else None
 
     def _exclude_worst(self, rnd: int, valid: list, combine: Callable[[list], State], gone: list[int]):
         """Worst first, a reply above ``fed.screen_nats`` is rejected: with at least ``MIN_EXCLUDE`` valid replies its
         sender is excluded; among 3, for this round only (two others are too few to exclude on). Before that, with
         ``fed.screen_cusum``, clients whose cumulative rises pass that bound (:meth:`_accumulate`)."""
-        valid = self._accumulate(rnd, valid, combine, gone)
+        valid, table = self._accumulate(rnd, valid, combine, gone)
         while len(valid) >= MIN_CLIENTS:
-            i, rise, at = self._loo.worst(valid, combine)
+            i, rise, at = self._loo.worst(valid, combine, table)
+            table = None  # after a rejection the rest are judged again without it
             if not rise > self.run.fed.screen_nats:
                 break
             judged = len(valid)

@@ -60,6 +60,38 @@ def test_iid_and_dirichlet_partitions():
     assert dists.max(1).mean() > iid_d.max(1).mean() + 0.15  # label skew
 
 
+def test_digits_read_without_sklearn_equal_sklearns_loader():
+    """The digits read from scikit-learn's CSV are exactly ``load_digits`` (images and labels, same order)."""
+    from sklearn.datasets import load_digits
+
+    from fedlowrank.data.vision import digits_arrays
+
+    images, target = digits_arrays()
+    d = load_digits()
+    assert images.shape == (1797, 8, 8) and np.array_equal(images, d.images) and np.array_equal(target, d.target)
+
+
+@pytest.mark.parametrize("n_items,n_parts", [(1437, 4), (1437, 100), (1000, 10), (7, 7), (5, 1)])
+def test_iid_partitions_equal_flowers_iid_partitioner(n_items, n_parts):
+    """Computed here, the IID shards equal flwr-datasets' IidPartitioner on the same index column; more partitions
+    than examples is an error for both."""
+    from datasets import Dataset
+
+    from fedlowrank.data.partition import make_partitioner
+
+    ours = partition_indices(torch.zeros(n_items, dtype=torch.long), "iid", n_parts)
+    part = make_partitioner("iid", n_parts)
+    part.dataset = Dataset.from_dict({"idx": np.arange(n_items), "label": np.zeros(n_items, dtype=int)})
+    theirs = [np.asarray(part.load_partition(i)["idx"], dtype=np.int64) for i in range(n_parts)]
+    assert len(ours) == n_parts and all(np.array_equal(a, b) for a, b in zip(ours, theirs))
+    with pytest.raises(ValueError, match="IID partitions"):
+        partition_indices(torch.zeros(n_items, dtype=torch.long), "iid", n_items + 1)
+    part = make_partitioner("iid", n_items + 1)
+    part.dataset = Dataset.from_dict({"idx": np.arange(n_items), "label": np.zeros(n_items, dtype=int)})
+    with pytest.raises(IndexError):
+        [part.load_partition(i) for i in range(n_items + 1)]
+
+
 def test_torchrun_launch_two_cpu_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
            "main.py", "experiment=gpt2_inrank", "trainer.device=cpu", f"out_dir={tmp_path}", "trainer.max_steps=12",

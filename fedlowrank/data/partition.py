@@ -27,7 +27,15 @@ def make_partitioner(kind: str, num_partitions: int, alpha: float = 0.5, seed: i
 
 def partition_indices(labels: torch.Tensor, kind: str, num_partitions: int, alpha: float = 0.5,
                       seed: int = 42, min_size: int = 10) -> list[np.ndarray]:
-    """Index arrays, one per client, covering the training set (deterministic for a seed)."""
+    """Index arrays, one per client, covering the training set (deterministic for a seed). ``iid``: Flower's
+    ``IidPartitioner`` (contiguous shards of the given order, the first ``N mod n`` one longer), computed here
+    without importing flwr-datasets (0.9 s)."""
+    if kind == "iid":
+        if not 1 <= num_partitions <= len(labels):  # Flower's partitioner fails there too (IndexError)
+            raise ValueError(f"cannot split {len(labels)} examples into {num_partitions} IID partitions")
+        div, mod = divmod(len(labels), num_partitions)
+        starts = [div * i + min(i, mod) for i in range(num_partitions + 1)]
+        return [np.arange(starts[i], starts[i + 1]) for i in range(num_partitions)]
     from datasets import Dataset
 
     ds = Dataset.from_dict({"idx": np.arange(len(labels)), "label": labels.numpy()})

@@ -2,6 +2,8 @@
 standard CIFAR augmentation (padded random crop, horizontal flip) on batch tensors."""
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,14 +38,27 @@ class ImageData:
         return TensorDataset(self.x_test, self.y_test)
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's 8×8 handwritten digits: images (1797, 8, 8) float64 in 0..16 and labels (1797,) int, read from the
+    CSV scikit-learn ships (what ``sklearn.datasets.load_digits`` reads) without importing scikit-learn (1.2 s)."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    if path is None or not path.is_file():  # another layout: scikit-learn's own loader
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images, d.target
+    with gzip.open(path, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")  # (N, 65): 64 pixels, then the label
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def load_digits_data(test_fraction: float = 0.2, seed: int = 0) -> ImageData:
     """sklearn's 8×8 handwritten digits (1,797 images, ships with scikit-learn)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
+    images, target = digits_arrays()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
     x = (x - 0.3) / 0.4
-    y = torch.tensor(d.target, dtype=torch.long)
+    y = torch.tensor(target, dtype=torch.long)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_test = int(round(test_fraction * len(y)))
     te, tr = perm[:n_test], perm[n_test:]

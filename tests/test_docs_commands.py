@@ -86,12 +86,27 @@ RUN = list({tuple(a): (w, line, a) for w, line, a in reversed(MAIN)  # one run p
              if any(c in line for c in CHEAP) and "torchrun" not in line and "<" not in line}.values())
 
 
+QUICK_START = ["mode=central", "experiment=gpt2_inrank"]  # the README's central quick start
+
+
+@pytest.fixture(scope="module")
+def quick_start(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One run of the README's central quick start (its out_dir, the process): the cheap-command test checks it
+    and the sample/export templates run on it."""
+    run_dir = tmp_path_factory.mktemp("quick") / "run"
+    return run_dir, subprocess.run([sys.executable, "main.py", *QUICK_START, f"out_dir={run_dir}"], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=110)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("where,line,args", RUN, ids=[w for w, _, _ in RUN])
-def test_cheap_documented_command_runs_as_written(where, line, args, tmp_path):
-    out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "main.py", *_stand_ins(args, tmp_path), f"out_dir={out}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=110)
+def test_cheap_documented_command_runs_as_written(where, line, args, tmp_path, request):
+    if args == QUICK_START:
+        out, proc = request.getfixturevalue("quick_start")
+    else:
+        out = tmp_path / "out"
+        proc = subprocess.run([sys.executable, "main.py", *_stand_ins(args, tmp_path), f"out_dir={out}"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, (where, proc.stderr[-2000:])
     assert (out / "summary.json").is_file(), where
 
@@ -102,12 +117,10 @@ def test_every_cheap_pattern_matches_a_documented_command():
 
 
 @pytest.mark.timeout(180)
-def test_sample_and_export_templates_run_on_a_quick_start_run(tmp_path):
+def test_sample_and_export_templates_run_on_a_quick_start_run(tmp_path, quick_start):
     """The README's ``mode=sample`` and export commands, with ``outputs/<date>/<time>`` replaced by a run of the
     README's central quick start."""
-    run_dir = tmp_path / "run"
-    done = subprocess.run([sys.executable, "main.py", "mode=central", "experiment=gpt2_inrank", f"out_dir={run_dir}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=110)
+    run_dir, done = quick_start
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for _, line in commands() if "outputs/<date>/<time>" in line]
     assert any("mode=sample" in line for line in lines) and any("fedlowrank.export" in line for line in lines)

@@ -98,6 +98,7 @@ def test_worst_client_is_judged_at_its_own_and_larger_budgets_in_nats():
     relative rule would say 1.5)."""
     s = object.__new__(LooScreen)
     s.budgets = [{"ratio": r} for r in (0.1, 0.5, 1.0)]
+    s.stacked = SimpleNamespace(batched=False)  # one model at a time: ``losses`` is what the test gives
     s.run = fed_run("/tmp/x", "fed.num_clients=2", "fed.rank_ratios=[0.1,0.5]")
     assert s.held([(0,), (1,)]) == s.budgets[:2] and s.held([(0,)]) == s.budgets[:1]  # no one holds 1.0 here
     s.held = lambda valid: s.budgets  # as if a client of budget 1.0 were in the round
@@ -114,6 +115,7 @@ def test_budgets_no_client_of_the_round_holds_are_not_judged():
     rise of 5 nats there does not count, its 0.2 at 0.5 does."""
     s = object.__new__(LooScreen)
     s.budgets = [{"ratio": r} for r in (0.1, 0.5, 1.0)]
+    s.stacked = SimpleNamespace(batched=False)  # one model at a time: ``losses`` is what the test gives
     s.run = fed_run("/tmp/x", "fed.num_clients=3", "fed.rank_ratios=[0.1,0.5,1.0]")
     asked = []
     table = {(0, 1): [1.0, 1.0, 6.0], (1,): [0.9, 0.9, 1.0], (0,): [1.0, 0.8, 1.0]}

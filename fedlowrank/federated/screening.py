@@ -22,6 +22,7 @@ from fedlowrank.training.batches import batches
 from fedlowrank.training.loop import evaluate_classifier
 
 from .aggregation import State
+from .screen_eval import MAX_STACKED, StackedLosses, numel
 
 log = logging.getLogger(__name__)
 MIN_CLIENTS = 3  # with fewer, "without client i" is one other client's update: no majority to compare with
@@ -48,6 +49,7 @@ class LooScreen:
         self.loader = batches(TensorDataset(fd.x[idx], y[idx]), 256)
         self.run, self.method = run, method
         self._skeletons: dict[tuple, torch.nn.Module] = {}  # tensor shapes -> a model of those shapes, reloaded
+        self.stacked = StackedLosses(self.model, self.loader)
         budgets = {tuple(sorted(run.fed.budget(i).items())) for i in range(run.fed.num_clients)}
         self.budgets = [dict(b) for b in sorted(budgets)] if method.budget_views() else [None]
 
@@ -89,10 +91,20 @@ class LooScreen:
         reach that a client of ``valid`` holds]). ``combine`` aggregates a list of valid entries into a global
         state."""
         scope = self.held(valid)
-        full = self.losses(combine(valid), scope)
+        table = self.subset_losses([valid] + [valid[:i] + valid[i + 1:] for i in range(len(valid))], combine, scope)
         for i in range(len(valid)):
-            without = self.losses(combine(valid[:i] + valid[i + 1:]), scope)
-            yield i, self.at_or_above(full, without, self.run.fed.budget(valid[i][0]), scope)
+            yield i, self.at_or_above(table[0], table[i + 1], self.run.fed.budget(valid[i][0]), scope)
+
+    def subset_losses(self, subsets: list[list], combine: Callable[[list], State], scope: list[dict | None]
+                      ) -> list[list[float]]:
+        """[subset][budget]: the loss of each subset's aggregate cut to each budget of ``scope``, the aggregates of
+        one budget evaluated together (:class:`.screen_eval.StackedLosses`) where they fit in memory at once."""
+        first = combine(subsets[0])
+        if self.stacked.batched is False or not scope or numel(first) * len(subsets) > MAX_STACKED:
+            return [self.losses(first, scope)] + [self.losses(combine(s), scope) for s in subsets[1:]]
+        states = [first] + [combine(s) for s in subsets[1:]]
+        cols = [self.stacked([s if b is None else self.method.view(s, b) for s in states]) for b in scope]
+        return [list(row) for row in zip(*cols)]
 
     def flagged(self, valid: list, combine: Callable[[list], State]) -> dict[int, tuple[float, str]]:
         """Index in ``valid`` -> (relative loss increase its inclusion causes, at which budget), for every client

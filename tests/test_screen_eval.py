@@ -1,0 +1,71 @@
+"""The screen's batched evaluation (:mod:`fedlowrank.federated.screen_eval`): the leave-one-out aggregates of one
+budget evaluated by one ``vmap`` give the losses one model at a time gives, and the screen keeps to one model at
+a time wherever the batched path disagrees or cannot run."""
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import fed_run
+
+from fedlowrank.federated import screen_eval
+from fedlowrank.federated.client import model_from_state
+from fedlowrank.federated.screening import LooScreen
+from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy
+from fedlowrank.training.loop import evaluate_classifier
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_batched_losses_equal_one_model_at_a_time(tmp_path, model):
+    """Against evaluate_classifier on a freshly built model per state: 5 different states, every budget."""
+    run = fed_run(tmp_path, "fed.num_clients=4", f"model={model}")
+    st = make_strategy(run)
+    loo = LooScreen(run, st.method)
+    torch.manual_seed(0)
+    states = [{k: v + 0.1 * i * torch.randn_like(v) if v.is_floating_point() else v
+               for k, v in st.global_state.items()} for i in range(5)]
+    for b in loo.budgets:
+        views = [st.method.view(s, b) for s in states]
+        want = [evaluate_classifier(model_from_state(run, v), loo.loader)["loss"] for v in views]
+        assert len(set(want)) == 5
+        got = screen_eval.stacked_losses(loo.model(views[0]), views, loo.loader)
+        assert got == pytest.approx(want, rel=1e-5)
+        assert loo.stacked(views) == pytest.approx(want, rel=1e-5)
+    assert loo.stacked.batched is True
+
+
+def test_the_screen_keeps_to_one_model_at_a_time_where_the_batched_path_disagrees_or_fails(tmp_path, monkeypatch):
+    """A batched path that returns other numbers (or raises) is caught on first use: the losses returned are the
+    one-by-one ones, then and every later call."""
+    run = fed_run(tmp_path, "fed.num_clients=4")
+    st = make_strategy(run)
+    torch.manual_seed(0)
+    states = [{k: v + 0.1 * i * torch.randn_like(v) for k, v in st.global_state.items()} for i in range(3)]
+    for broken in (lambda model, s, loader: [0.0] * len(s),
+                   lambda model, s, loader: (_ for _ in ()).throw(RuntimeError("vmap: unsupported op"))):
+        loo = LooScreen(run, st.method)
+        want = loo.stacked.one_by_one(states)
+        monkeypatch.setattr(screen_eval, "stacked_losses", broken)
+        assert loo.stacked(states) == want and loo.stacked.batched is False
+        assert loo.stacked(states) == want
+        monkeypatch.undo()
+
+
+def test_leave_one_out_table_batched_equals_one_model_at_a_time(tmp_path):
+    """The round's table of rises (n + 1 aggregates at every held budget) is the same either way, to rounding."""
+    run = fed_run(tmp_path, "fed.num_clients=5", "fed.local_steps=3")
+    st = make_strategy(run)
+    grid = InProcessGrid(run)
+    replies = grid.send_and_receive(list(st.configure_train(1, None, None, grid)))
+    valid = st._collect(1, replies)[0]
+    assert len(valid) == 5
+    batched = LooScreen(run, st.method)
+    table = batched.table(valid, st._combine)
+    assert batched.stacked.batched is True
+    single = LooScreen(run, st.method)
+    single.stacked.batched = False
+    want = single.table(valid, st._combine)
+    assert [b for _, b in table] == [b for _, b in want]
+    assert [r for r, _ in table] == pytest.approx([r for r, _ in want], rel=1e-4, abs=1e-6)
+    assert len({round(r, 6) for r, _ in want}) > 1

@@ -130,6 +130,16 @@ def tree_memory_mb(pid: int) -> tuple[float, float]:
     return rss / 1024, pss / 1024
 
 
+def _sigterm_raises() -> None:
+    """In the main thread, SIGTERM becomes SystemExit(143) (where nothing else handles it), so that a benchmark
+    killed with it stops the contender it is running instead of leaving it behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def run_sampled(cmd: list[str], cwd, env: dict | None = None, every_s: float = 0.2, timeout: float = 1800) -> dict:
     """Run ``cmd`` to its end, sampling its process tree's memory: output, return code, unix launch time, wall
     seconds and the peak RSS and PSS (MiB)."""
@@ -147,9 +157,20 @@ def run_sampled(cmd: list[str], cwd, env: dict | None = None, every_s: float = 0
 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
-    text, _ = proc.communicate(timeout=timeout)
+    _sigterm_raises()
+    try:
+        text, _ = proc.communicate(timeout=timeout)
+    except BaseException:  # Ctrl-C, the timeout, or SIGTERM: the contender goes too (it stops its own children)
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+    finally:
+        done.set()
     wall = time.perf_counter() - t0
-    done.set()
     th.join()
     return {"text": text, "returncode": proc.returncode, "t_launch": t_launch, "wall_s": wall,
             "peak_rss_mb": peak[0], "peak_pss_mb": peak[1]}

@@ -71,3 +71,26 @@ def test_summarise_leaves_diverged_runs_out_and_counts_them():
     assert row["global"]["mean"] == pytest.approx(np.mean([0.81, 0.73, 0.86]))
     assert row["vs_fedavg_pt"]["n"] == 3 and row["vs_fedavg_pt"]["mean"] == pytest.approx(np.mean([1.0, 3.0, 1.0]))
     assert "diverged in 1/4" in bq.markdown(task, bq.summarise(task, runs))
+
+
+@pytest.mark.timeout(120)
+def test_a_benchmark_killed_with_sigterm_stops_the_contender_it_runs(tmp_path):
+    """``run_sampled``: SIGTERM to the benchmark (as ``pkill`` sends) ends the process it is measuring too."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    driver = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / 'benchmarks')!r}); "
+              f"from _common import run_sampled; run_sampled([sys.executable, '-c', {child!r}], '.')")
+    bench = subprocess.Popen([sys.executable, "-c", driver])
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    bench.send_signal(signal.SIGTERM)
+    assert bench.wait(timeout=60) == 143
+    with pytest.raises(ProcessLookupError):  # reaped by the benchmark: gone, not a zombie
+        os.kill(pid, 0)

@@ -146,6 +146,8 @@ def run_sampled(cmd: list[str], cwd, env: dict | None = None, every_s: float = 0
     import subprocess
     import threading
 
+    from fedlowrank.runtime.reaper import terminate
+
     t_launch, t0 = time.time(), time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak, done = [0.0, 0.0], threading.Event()
@@ -161,12 +163,7 @@ def run_sampled(cmd: list[str], cwd, env: dict | None = None, every_s: float = 0
     try:
         text, _ = proc.communicate(timeout=timeout)
     except BaseException:  # Ctrl-C, the timeout, or SIGTERM: the contender goes too (it stops its own children)
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc, grace=60)
         raise
     finally:
         done.set()

@@ -173,6 +173,16 @@ def start(roots: tuple[int, ...] = ()) -> subprocess.Popen | None:
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def terminate(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop one child process: SIGTERM, SIGKILL if it is still there after ``grace`` seconds; then reap it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def stop(proc: subprocess.Popen | None) -> None:
     """The run ended normally (Ray shut down by Flower): retire the watchdog without killing anything."""
     if proc is not None:

@@ -210,22 +210,13 @@ def wait_for_run(proc: subprocess.Popen, superlink_pid: int, grace: float = 10.0
             if seen and not alive:
                 gone_at = gone_at or time.time()
                 if time.time() - gone_at > grace:
-                    _terminate(proc)
+                    reaper.terminate(proc)
                     return True
             time.sleep(poll)
         return False
     finally:
         if relay is not None:
             relay.join(timeout=5)
-
-
-def _terminate(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def check_superlink_runtime() -> None:

@@ -42,7 +42,8 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """sklearn's 8×8 handwritten digits: images (1797, 8, 8) float64 in 0..16 and labels (1797,) int, read from the
     CSV scikit-learn ships (what ``sklearn.datasets.load_digits`` reads) without importing scikit-learn (1.2 s)."""
     spec = importlib.util.find_spec("sklearn")
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" if spec else None
+    where = spec.submodule_search_locations if spec else None
+    path = Path(where[0]) / "datasets" / "data" / "digits.csv.gz" if where else None
     if path is None or not path.is_file():  # another layout: scikit-learn's own loader
         from sklearn.datasets import load_digits
 

@@ -3,6 +3,7 @@ as one node with two processes."""
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedlowrank.central.dist import free_port
+from fedlowrank.runtime.reaper import stop_trees
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["main.py", "experiment=gpt2_inrank", "trainer.device=cpu", "trainer.max_steps=8", "method.stage1_steps=4",
@@ -20,6 +22,21 @@ TRAIN = ["main.py", "experiment=gpt2_inrank", "trainer.device=cpu", "trainer.max
 def _weights(out: Path) -> dict[str, torch.Tensor]:
     steps = sorted((out / "checkpoints").glob("step-*"))
     return load_file(str(steps[-1] / "model.safetensors"))
+
+
+def _communicate_or_kill(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Every process's output; past ``timeout`` (all together) each process tree (agent and worker) is stopped and
+    the test fails with the tail of every node's log, so a hang shows which node stopped where."""
+    deadline, logs = time.monotonic() + timeout, []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        stop_trees([p.pid for p in procs], grace=10)  # each agent and its workers (in sessions of their own)
+        logs += [p.communicate()[0] for p in procs[len(logs):]]
+        tails = [f"--- node {r} (exit {p.returncode}):\n{log[-2500:]}" for r, (p, log) in enumerate(zip(procs, logs))]
+        pytest.fail(f"the two torchrun nodes did not finish within {timeout:.0f} s\n" + "\n".join(tails))
+    return logs
 
 
 @pytest.mark.timeout(300)
@@ -41,7 +58,7 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(tmp_path):
                                *TRAIN, f"out_dir={two}", f"hydra.run.dir={two}/hydra{r}"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
-    logs = [p.communicate(timeout=240)[0] for p in nodes]
+    logs = _communicate_or_kill(nodes, 120)
     assert [p.returncode for p in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     a, b = _weights(one), _weights(two)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

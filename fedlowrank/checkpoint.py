@@ -18,7 +18,9 @@ import logging
 import math
 import os
 import shutil
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -85,6 +87,33 @@ def write_checkpoint_dir(final: Path, write: Callable[[Path], None]) -> Path:
     fsync_path(final.parent)
     _crash_point("renamed", final.name)
     return final
+
+
+class BackgroundWriter:
+    """Runs write jobs on one thread, in the order submitted, so a round's files reach the disk (fsyncs
+    included) while the next round computes. A job's error is raised by a later :meth:`submit` or by
+    :meth:`close`; at most ``depth`` jobs wait at once (a later submit waits for the oldest). Jobs must own
+    their data (bytes serialized before submitting), never tensors the caller goes on changing."""
+
+    def __init__(self, depth: int = 2) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedlowrank-writer")
+        self._jobs: deque[Future] = deque()
+        self.depth = depth
+
+    def submit(self, fn: Callable[..., None], *args) -> None:
+        """Queue ``fn(*args)`` after every job submitted before it."""
+        while self._jobs and (self._jobs[0].done() or len(self._jobs) >= self.depth):
+            self._jobs.popleft().result()  # re-raises a failed job's error here, in the caller's thread
+        self._jobs.append(self._pool.submit(fn, *args))
+
+    def close(self) -> None:
+        """Wait for every queued job (raising the first error) and stop the thread; submitting after is an error."""
+        try:
+            while self._jobs:
+                self._jobs.popleft().result()
+        finally:
+            self._jobs.clear()
+            self._pool.shutdown(wait=True)
 
 
 def is_complete(path: Path) -> bool:

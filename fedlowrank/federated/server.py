@@ -9,9 +9,7 @@ from pathlib import Path
 
 from flwr.app import MetricRecord
 from flwr.serverapp import Grid
-from safetensors.torch import save_file
-
-from fedlowrank.checkpoint import append_jsonl, atomic_write_bytes, prune, write_checkpoint_dir
+from fedlowrank.checkpoint import BackgroundWriter, append_jsonl, atomic_write_bytes, prune, write_checkpoint_dir
 from fedlowrank.config import FederatedRun
 from fedlowrank.lowrank import count_params, state_bytes
 from fedlowrank.training.batches import batches
@@ -38,22 +36,35 @@ def _save_round(out: Path, run: FederatedRun, rnd: int, state: State, strategy_s
     """Round checkpoint ``checkpoints/round-<n>/`` (global model, strategy state, the server optimizer's moments
     when there is one, the models ``fed.screen_rollback`` could go back to; verified manifest) and an atomically
     replaced ``checkpoints/last.safetensors``."""
+    _write_round(out, run.fed.keep_checkpoints, rnd, _round_files(run, rnd, state, strategy_state, opt_state, rollback))
+
+
+def _round_files(run: FederatedRun, rnd: int, state: State, strategy_state: dict, opt_state: dict | None = None,
+                 rollback: dict | None = None) -> dict[str, bytes]:
+    """A round checkpoint's files, serialized now (name -> bytes): they own their data, so the caller may go on
+    changing ``state`` while :func:`_write_round` writes them."""
     from safetensors.torch import save
 
-    tensors = {k: v.contiguous() for k, v in state.items()}
-    meta = {"round": str(rnd), "strategy": run.strategy}
+    files = {"global.safetensors": save({k: v.contiguous() for k, v in state.items()},
+                                        metadata={"round": str(rnd), "strategy": run.strategy}),
+             "strategy.json": json.dumps({"round": rnd, **strategy_state}).encode()}
+    if opt_state:
+        files["server_opt.safetensors"] = save({k: v.contiguous() for k, v in opt_state.items()})
+    if rollback:
+        files["rollback.safetensors"] = save({k: v.contiguous() for k, v in rollback.items()})
+    return files
 
+
+def _write_round(out: Path, keep: int, rnd: int, files: dict[str, bytes]) -> None:
+    """Write :func:`_round_files` as ``checkpoints/round-<n>/``, keep the newest ``keep``, and replace
+    ``checkpoints/last.safetensors`` (the same bytes as the round's global model)."""
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / "global.safetensors"), metadata=meta)
-        (tmp / "strategy.json").write_text(json.dumps({"round": rnd, **strategy_state}))
-        if opt_state:
-            save_file({k: v.contiguous() for k, v in opt_state.items()}, str(tmp / "server_opt.safetensors"))
-        if rollback:
-            save_file({k: v.contiguous() for k, v in rollback.items()}, str(tmp / "rollback.safetensors"))
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
 
     write_checkpoint_dir(out / "checkpoints" / f"round-{rnd:06d}", write)
-    prune(out / "checkpoints", run.fed.keep_checkpoints, prefix="round-")
-    atomic_write_bytes(out / "checkpoints" / "last.safetensors", save(tensors, metadata=meta))
+    prune(out / "checkpoints", keep, prefix="round-")
+    atomic_write_bytes(out / "checkpoints" / "last.safetensors", files["global.safetensors"])
 
 
 def partition_sizes(run: FederatedRun) -> list[int]:
@@ -84,10 +95,13 @@ def _run_server(grid: Grid, run: FederatedRun) -> dict:
     t0 = time.perf_counter()
     sr = _ServerRun(run)
     strategy, done = sr.strategy, sr.done
-    if done < run.fed.rounds:
-        strategy.start(PollingGrid(grid, run.fed.poll_s), to_record(strategy.global_state),
-                       num_rounds=run.fed.rounds - done, timeout=run.fed.timeout,
-                       evaluate_fn=lambda rnd, arrays: MetricRecord(sr.evaluate(rnd + done, strategy.global_state)))
+    try:
+        if done < run.fed.rounds:
+            strategy.start(PollingGrid(grid, run.fed.poll_s), to_record(strategy.global_state),
+                           num_rounds=run.fed.rounds - done, timeout=run.fed.timeout,
+                           evaluate_fn=lambda rnd, arrays: MetricRecord(sr.evaluate(rnd + done, strategy.global_state)))
+    finally:  # a failing run still leaves every round checkpoint it had written
+        sr.saver.close()
     sr.writers.close()
     return sr.finish(time.perf_counter() - t0)
 
@@ -102,6 +116,7 @@ class _ServerRun:
         self.run, self.out = run, Path(run.out_dir)
         (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.writers = RunWriters(self.out / "tb")
+        self.saver = BackgroundWriter()  # round checkpoints are written while the next round runs
         self.test_loader = batches(fed_data(run).test, eval_batch(run, fed_data(run), 256))
         self.budgets = sorted({tuple(run.fed.budget(i).items()) for i in range(run.fed.num_clients)})
         self.method = fed_method(run)
@@ -175,14 +190,16 @@ class _ServerRun:
         if rnd % self.run.fed.checkpoint_every == 0 or rnd == self.run.fed.rounds:
             opt = self.strategy.server_opt
             back = self.strategy.screen.rollback
-            _save_round(self.out, self.run, rnd, state, self.strategy.state(), opt.state() if opt else None,
-                        back.tensors(state) if back is not None else None)
+            files = _round_files(self.run, rnd, state, self.strategy.state(), opt.state() if opt else None,
+                                 back.tensors(state) if back is not None else None)
+            self.saver.submit(_write_round, self.out, self.run.fed.keep_checkpoints, rnd, files)
 
     def finish(self, wall_s: float) -> dict:
         """Personalised evaluation, report, ``metrics.json`` and the closing lines; returns the summary."""
         from .report import label_skew, personalized_eval, plot_report, summary_lines
 
         run, out, st = self.run, self.out, self.strategy
+        self.saver.close()  # every round checkpoint is on disk before the summary says the run finished
         png = plot_report(out / "report.png", self.evals, st.history,
                           f"{run.strategy} · {run.data.name} · {run.fed.num_clients} clients ({run.fed.partition})")
         summary = {

@@ -155,3 +155,79 @@ def test_product_with_views_aggregates_changes_against_a_dense_numpy_reference()
     # without the views it is the plain product average, which drops what small budgets never saw
     plain = aggregate(g, ups, w, "product")
     assert not torch.allclose(plain["fc.U"] @ plain["fc.V"], new["fc.U"] @ new["fc.V"], atol=1e-3)
+
+
+def _slice_reference_without(g, ups, ws, j):
+    """numpy float64, by hand: each rank slot averaged over the clients other than j that trained it (global value
+    where none did); dense tensors weight-averaged over the others; ints from the first other client."""
+    import numpy as np
+
+    keep = [i for i in range(len(ups)) if i != j]
+    out = {}
+    for k in ("fc.bias", "head.weight"):
+        out[k] = sum(ws[i] * ups[i][k].double().numpy() for i in keep) / sum(ws[i] for i in keep)
+    out["bn.num_batches_tracked"] = ups[keep[0]]["bn.num_batches_tracked"].numpy()
+    U, V = g["fc.U"].double().numpy().copy(), g["fc.V"].double().numpy().copy()
+    for s in range(U.shape[1]):
+        who = [i for i in keep if ups[i]["fc.U"].shape[1] > s]
+        if who:
+            tot = sum(ws[i] for i in who)
+            U[:, s] = sum(ws[i] * ups[i]["fc.U"][:, s].double().numpy() for i in who) / tot
+            V[s] = sum(ws[i] * ups[i]["fc.V"][s].double().numpy() for i in who) / tot
+    out["fc.U"], out["fc.V"] = U, V
+    return out
+
+
+def _dense(state):
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "fedlmt", "slice"])
+def test_without_each_is_the_aggregate_of_the_others(rule):
+    """The closed form the screen uses equals aggregating the other updates, for every left-out client; under
+    ``slice`` a slot only the left-out client trained keeps its global value exactly."""
+    from fedlowrank.federated.aggregation import without_each
+
+    torch.manual_seed(0)
+    g = _global(R=4)
+    ranks = [4, 4, 4] if rule == "fedlmt" else [1, 2, 4]
+    ups, ws = [_client(g, r) for r in ranks], [3.0, 5.0, 2.0]
+    ups[1]["bn.num_batches_tracked"] = torch.tensor(11)
+    if rule == "fedavg":  # a dense model (with factors, fedavg combines their products: no closed form)
+        assert without_each(g, ups, ws, rule) is None
+        g, ups = _dense(g), [_dense(u) for u in ups]
+    got = without_each(g, ups, ws, rule)
+    for j in range(3):
+        want = aggregate(g, ups[:j] + ups[j + 1:], ws[:j] + ws[j + 1:], rule)
+        assert list(got[j]) == list(want)
+        for k in want:
+            assert got[j][k].dtype == want[k].dtype and torch.allclose(got[j][k], want[k], rtol=1e-6, atol=1e-6), k
+    if rule == "slice":  # client 2 alone holds slots 2-3
+        assert torch.equal(got[2]["fc.U"][:, 2:], g["fc.U"][:, 2:]) and torch.equal(got[2]["fc.V"][2:], g["fc.V"][2:])
+        assert int(got[0]["bn.num_batches_tracked"]) == 11 and int(got[1]["bn.num_batches_tracked"]) == 9
+
+
+def test_without_each_leaves_no_rounding_of_a_blown_up_update_behind():
+    """A client sending values of 1e4 (an attack under the value bound): the aggregate without it matches a float64
+    hand computation of the others to 1e-6 (sums taken in float32 and the attacker subtracted leave ~1e-3)."""
+    from fedlowrank.federated.aggregation import without_each
+
+    torch.manual_seed(1)
+    g = _global(R=4)
+    ups, ws = [_client(g, r) for r in (1, 2, 4, 4)], [3.0, 5.0, 2.0, 4.0]
+    ups[3] = {k: v.fill_(9.9e3) if v.is_floating_point() else v for k, v in ups[3].items()}
+    got = without_each(g, ups, ws, "slice")
+    for j in range(4):
+        want = _slice_reference_without(g, ups, ws, j)
+        for k, v in want.items():
+            assert abs(got[j][k].double().numpy() - v).max() <= 1e-6 * max(1.0, abs(v).max()), (j, k)
+
+
+def test_without_each_has_no_closed_form_where_the_rule_has_none():
+    from fedlowrank.federated.aggregation import without_each
+
+    g = _global(R=4)
+    ups = [_client(g, 2), _client(g, 4)]
+    assert without_each(g, ups, [1.0, 1.0], "product") is None
+    assert without_each(g, ups[:1], [1.0], "slice") is None  # nobody left
+    assert without_each(g, ups, [1.0, 0.0], "slice") is None  # leaving client 0 out leaves no weight

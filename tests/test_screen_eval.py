@@ -69,3 +69,30 @@ def test_leave_one_out_table_batched_equals_one_model_at_a_time(tmp_path):
     assert [b for _, b in table] == [b for _, b in want]
     assert [r for r, _ in table] == pytest.approx([r for r, _ in want], rel=1e-4, abs=1e-6)
     assert len({round(r, 6) for r, _ in want}) > 1
+
+
+def test_the_screen_leaves_each_client_out_in_closed_form_with_the_same_table(tmp_path):
+    """Under the default rule the screen aggregates the round once per leave-one-out pass (the n aggregates without
+    each client come from :func:`.aggregation.without_each`), and its decisions and table are those of combining
+    each subset; a method without a closed form combines each subset."""
+    run = fed_run(tmp_path, "fed.num_clients=5", "fed.local_steps=3")
+    st = make_strategy(run)
+    grid = InProcessGrid(run)
+    valid = st._collect(1, grid.send_and_receive(list(st.configure_train(1, None, None, grid))))[0]
+    calls = []
+
+    def counting(entries):
+        calls.append(len(entries))
+        return st._combine(entries)
+
+    kept, gone, back = st.screen.round(1, valid, counting, st.global_state)
+    assert len(kept) == 5 and gone == [] and back is None
+    assert calls == [5]  # the full aggregate only: the n without-one aggregates came in closed form
+    fast = st.screen._loo.table(valid, counting)
+    single = LooScreen(run, st.method)  # no closed form wired in: combines each subset
+    calls.clear()
+    want = single.table(valid, counting)
+    assert calls == [5] + [4] * 5
+    assert [b for _, b in fast] == [b for _, b in want]
+    assert [r for r, _ in fast] == pytest.approx([r for r, _ in want], rel=1e-5, abs=1e-6)
+    assert len({round(r, 6) for r, _ in want}) > 1

@@ -144,6 +144,65 @@ def aggregate(global_state: State, updates: list[State], weights: list[float], r
     return {k: new[k] for k in global_state}  # keep key order
 
 
+def without_each(global_state: State, updates: list[State], weights: list[float], rule: str) -> list[State] | None:
+    """[the aggregate of ``updates`` without update j, for each j], in closed form for the averaging rules
+    (``fedavg`` of a dense model, ``fedlmt``, ``slice``): sums over all clients, less client j's term, in float64 (a blown-up
+    update cancels without leaving rounding error behind), cast to each tensor's dtype. Equals :func:`aggregate`
+    of the other updates up to rounding. None where there is no closed form (``product``, fewer than 2 updates,
+    a client whose removal leaves no weight)."""
+    if rule not in ("fedavg", "fedlmt", "slice") or len(updates) < 2 or any(w <= 0 for w in weights):
+        return None
+    pref = factor_prefixes(global_state)
+    if rule == "fedavg" and pref:  # aggregate() combines factors by their products there
+        return None
+    if rule == "fedlmt" and any(u[f"{p}.U"].shape != global_state[f"{p}.U"].shape for p in pref for u in updates):
+        return None  # aggregate() raises there: leave the error to it
+    w = torch.tensor(normalise_weights(weights), dtype=torch.float64)
+    slots = {f"{p}.{s}" for p in pref for s in "UV"} if rule == "slice" else set()
+    out: list[State] = [{} for _ in updates]
+    for k, g in global_state.items():
+        if k in slots:
+            continue
+        if not g.is_floating_point():  # aggregate() keeps the first update's: the first other one
+            for j, o in enumerate(out):
+                o[k] = updates[1 if j == 0 else 0][k].clone()
+            continue
+        terms = torch.stack([u[k].double() for u in updates])  # (n, *shape)
+        wt = w.to(g.device).view(-1, *([1] * g.ndim))
+        rest = ((wt * terms).sum(0) - wt * terms) / (1 - w).view_as(wt)  # (n, *shape): row j leaves j out
+        for j, o in enumerate(out):
+            o[k] = rest[j].to(g.dtype)
+    for p in pref if rule == "slice" else []:
+        for j, (U, V) in enumerate(_slices_without_each(global_state[f"{p}.U"], global_state[f"{p}.V"],
+                                                         [u[f"{p}.U"] for u in updates],
+                                                         [u[f"{p}.V"] for u in updates], w)):
+            out[j][f"{p}.U"], out[j][f"{p}.V"] = U, V
+    return [{k: o[k] for k in global_state} for o in out]
+
+
+def _slices_without_each(gU: Tensor, gV: Tensor, Us: list[Tensor], Vs: list[Tensor], w: Tensor
+                         ) -> list[tuple[Tensor, Tensor]]:
+    """:func:`_slice_average` without client j, for each j at once: slot sums and weights less client j's; a slot
+    no other client trained keeps its global value (decided by count, never by a float difference)."""
+    (m, R), n = gU.shape, len(Us)
+    mask = torch.zeros(n, R, dtype=torch.float64, device=gU.device)  # (n, R): slot trained by client i
+    TU = gU.new_zeros((n, m, R), dtype=torch.float64)
+    TV = gV.new_zeros((n, R, gV.shape[1]), dtype=torch.float64)
+    for i, (U, V) in enumerate(zip(Us, Vs)):
+        r = U.shape[1]
+        mask[i, :r], TU[i, :, :r], TV[i, :r] = 1.0, U, V
+    wm = w.to(gU.device).view(n, 1) * mask  # (n, R)
+    den = wm.sum(0) - wm  # (n, R): weight on each slot without client j
+    trained = (mask.sum(0) - mask) > 0  # (n, R)
+    wU = wm[:, None, :] * TU  # (n, m, R)
+    wV = wm[:, :, None] * TV  # (n, R, n_out)
+    U = (wU.sum(0) - wU) / torch.where(trained, den, 1.0)[:, None, :]
+    V = (wV.sum(0) - wV) / torch.where(trained, den, 1.0)[:, :, None]
+    U = torch.where(trained[:, None, :], U, gU.double()).to(gU.dtype)
+    V = torch.where(trained[:, :, None], V, gV.double()).to(gV.dtype)
+    return [(U[j], V[j]) for j in range(n)]
+
+
 def _slice_average(gU: Tensor, gV: Tensor, Us: list[Tensor], Vs: list[Tensor], w: list[float]) -> tuple[Tensor, Tensor]:
     """Slot-wise weighted average over the clients that trained each rank slot."""
     R = gU.shape[1]

@@ -23,7 +23,8 @@ from fedlowrank.lowrank.layers import rank_from_budget
 from fedlowrank.lowrank.lora import LoRALinear
 
 from . import lora_rules
-from .aggregation import State, aggregate, budget_ranks, client_view, expected_shapes, layer_ranks, merge_adapters
+from .aggregation import (State, aggregate, budget_ranks, client_view, expected_shapes, layer_ranks, merge_adapters,
+                          without_each)
 from .clipping import clip_auto
 from .lora import FLoRALinear, target_linears
 from .rankadapt import adapt_ranks, due, layer_caps
@@ -101,6 +102,13 @@ class FedMethod:
                   views: list[State] | None = None) -> State:
         """``views``: what each client downloaded (``product`` aggregates changes relative to it)."""
         return aggregate(global_state, updates, weights, self.run.strategy, views)
+
+    def without_each(self, global_state: State, updates: list[State], weights: list[float]) -> list[State] | None:
+        """:meth:`aggregate` of ``updates`` without each one in turn, in closed form where the method aggregates
+        with the base rules (:func:`.aggregation.without_each`); None where it does not."""
+        if type(self).aggregate is not FedMethod.aggregate:
+            return None
+        return without_each(global_state, updates, weights, self.run.strategy)
 
     def adapt(self, global_state: State, rnd: int) -> State:
         """Server side, after round ``rnd``'s aggregation: change the global model's shape (rank

@@ -49,6 +49,8 @@ class LooScreen:
         self.loader = batches(TensorDataset(fd.x[idx], y[idx]), 256)
         self.run, self.method = run, method
         self._skeletons: dict[tuple, torch.nn.Module] = {}  # tensor shapes -> a model of those shapes, reloaded
+        # valid entries -> the aggregate without each, in closed form (set by Screen; None: combine each subset)
+        self.without_each: Callable[[list], list[State] | None] = lambda valid: None
         self.stacked = StackedLosses(self.model, self.loader)
         budgets = {tuple(sorted(run.fed.budget(i).items())) for i in range(run.fed.num_clients)}
         self.budgets = [dict(b) for b in sorted(budgets)] if method.budget_views() else [None]
@@ -91,18 +93,20 @@ class LooScreen:
         reach that a client of ``valid`` holds]). ``combine`` aggregates a list of valid entries into a global
         state."""
         scope = self.held(valid)
-        table = self.subset_losses([valid] + [valid[:i] + valid[i + 1:] for i in range(len(valid))], combine, scope)
+        table = self.subset_losses([valid] + [valid[:i] + valid[i + 1:] for i in range(len(valid))], combine, scope,
+                                   lambda: self.without_each(valid))
         for i in range(len(valid)):
             yield i, self.at_or_above(table[0], table[i + 1], self.run.fed.budget(valid[i][0]), scope)
 
-    def subset_losses(self, subsets: list[list], combine: Callable[[list], State], scope: list[dict | None]
-                      ) -> list[list[float]]:
+    def subset_losses(self, subsets: list[list], combine: Callable[[list], State], scope: list[dict | None],
+                      rest: Callable[[], list[State] | None] | None = None) -> list[list[float]]:
         """[subset][budget]: the loss of each subset's aggregate cut to each budget of ``scope``, the aggregates of
-        one budget evaluated together (:class:`.screen_eval.StackedLosses`) where they fit in memory at once."""
+        one budget evaluated together (:class:`.screen_eval.StackedLosses`) where they fit in memory at once;
+        ``rest``: the aggregates of ``subsets[1:]`` computed at once (a closed form), or None to combine each."""
         first = combine(subsets[0])
         if self.stacked.batched is False or not scope or numel(first) * len(subsets) > MAX_STACKED:
             return [self.losses(first, scope)] + [self.losses(combine(s), scope) for s in subsets[1:]]
-        states = [first] + [combine(s) for s in subsets[1:]]
+        states = [first] + ((rest() if rest is not None else None) or [combine(s) for s in subsets[1:]])
         cols = [self.stacked([s if b is None else self.method.view(s, b) for s in states]) for b in scope]
         return [list(row) for row in zip(*cols)]
 
@@ -220,6 +224,7 @@ class Screen:
         self.excluded: dict[int, int] = {}
         self.cusum: dict[int, float] = {}  # partition id -> one-sided cumulative rise (fed.screen_cusum)
         self._loo: LooScreen | None = None
+        self._global: State | None = None
         f = run.fed
         on = f.screen == "exclude" and f.screen_rollback > 0 and f.server_opt == "none"  # moments: not rolled back
         self.rollback = Rollback(f.screen_rollback) if on else None
@@ -253,6 +258,7 @@ class Screen:
         no entry is kept: the round's other replies trained from the model being undone."""
         if self.rollback is not None:
             self.rollback.remember(rnd, state)
+        self._global = state  # what ``combine`` aggregates into (for the closed-form leave-one-out)
         before = set(self.excluded)
         kept, gone = self.apply(rnd, valid, combine)
         newly = [p for p in self.excluded if p not in before]
@@ -264,6 +270,13 @@ class Screen:
                     "model being undone; fed.screen_rollback=%d)", rnd, ", ".join(map(str, newly)), back[0], back[0],
                     len(kept), self.rollback.window)
         return [], gone + [v[0] for v in kept], back[1]
+
+    def _without_each(self, valid: list) -> list[State] | None:
+        """The round's aggregate without each entry of ``valid``, in closed form where the run aggregates with
+        an averaging rule and no ``fed.robust`` rule (:meth:`.methods.FedMethod.without_each`), else None."""
+        if self.run.fed.robust != "none" or self._global is None:
+            return None
+        return self.method.without_each(self._global, [v[1] for v in valid], [v[2] for v in valid])
 
     def aggregated(self, rnd: int, pids: list[int]) -> None:
         """Round ``rnd`` aggregated these partitions' updates (what a rollback would undo)."""
@@ -292,6 +305,7 @@ class Screen:
         valid = [v for v in valid if v[0] not in self.excluded]
         if self._loo is None:
             self._loo = LooScreen(self.run, self.method)
+            self._loo.without_each = self._without_each
         if mode == "loo":
             bad = self._loo.flagged(valid, combine)
             for i, (rise, at) in bad.items():

@@ -1,6 +1,7 @@
 """Scaling out: central training on two torchrun "nodes" (c10d rendezvous on the loopback) gives the same weights
 as one node with two processes."""
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,15 +25,27 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(steps[-1] / "model.safetensors"))
 
 
-def _communicate_or_kill(procs: list[subprocess.Popen], timeout: float) -> list[str]:
-    """Every process's output; past ``timeout`` (all together) each process tree (agent and worker) is stopped and
-    the test fails with the tail of every node's log, so a hang shows which node stopped where."""
+def _kill_matching(marker: str) -> None:
+    """SIGKILL every process (not this one) whose command line contains ``marker``."""
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int(d.name) != os.getpid() and marker in (d / "cmdline").read_bytes().decode():
+                os.kill(int(d.name), signal.SIGKILL)
+        except (OSError, UnicodeDecodeError):
+            pass
+
+
+def _communicate_or_kill(procs: list[subprocess.Popen], timeout: float, marker: str) -> list[str]:
+    """Every process's output; past ``timeout`` (all together) each process tree (agent and worker) is stopped, and
+    any process whose command line holds ``marker``, and the test fails with the tail of every node's log, so a hang
+    shows which node stopped where."""
     deadline, logs = time.monotonic() + timeout, []
     try:
         for p in procs:
             logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
     except subprocess.TimeoutExpired:
         stop_trees([p.pid for p in procs], grace=10)  # each agent and its workers (in sessions of their own)
+        _kill_matching(marker)  # workers an agent started after that snapshot, orphaned when it died
         logs += [p.communicate()[0] for p in procs[len(logs):]]
         tails = [f"--- node {r} (exit {p.returncode}):\n{log[-2500:]}" for r, (p, log) in enumerate(zip(procs, logs))]
         pytest.fail(f"the two torchrun nodes did not finish within {timeout:.0f} s\n" + "\n".join(tails))
@@ -58,7 +71,7 @@ def test_two_nodes_of_one_process_equal_one_node_of_two(tmp_path):
                                *TRAIN, f"out_dir={two}", f"hydra.run.dir={two}/hydra{r}"],
                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
-    logs = _communicate_or_kill(nodes, 120)
+    logs = _communicate_or_kill(nodes, 120, marker=f"out_dir={two}")
     assert [p.returncode for p in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     a, b = _weights(one), _weights(two)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -22,8 +22,10 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a tensor is loaded: the default runtime's launcher never loads one
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +256,8 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_torch_state(path: Path) -> dict:
     """Optimizer/RNG state saved with ``torch.save``, loaded with ``weights_only=True`` (no code runs)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: missing")

@@ -5,11 +5,15 @@
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import fed_run
+
+from fedlowrank.federated.run_config import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 APPS = ("server", "clients")
@@ -170,3 +174,45 @@ def test_the_simulation_path_never_imports_deploy():
                          env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.timeout(120)
+def test_the_default_runtimes_launcher_in_the_private_network_imports_no_torch():
+    """The first process inside the private network (``python -m fedlowrank.runtime.isolated superlink ...``) only
+    starts the SuperLink and ``flwr run``: its imports load neither torch nor the config schema (main.py validated
+    the run), so it holds ~15 MB instead of ~350 MB for the length of the run."""
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "import fedlowrank.runtime.isolated, fedlowrank.runtime.superlink\n"
+            "from fedlowrank.runtime.superlink import launch\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'fedlowrank.config', 'flwr') if m in sys.modules))" % str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110, cwd=ROOT,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_default_runtime_runs_the_torch_free_launcher_in_the_private_network(tmp_path, monkeypatch):
+    """runner.run_isolated hands the superlink runtime to ``isolated superlink <spec>`` (prepared by main.py), any
+    other runtime to ``isolated runner <config>``."""
+    from fedlowrank.runtime import runner
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def popen(cmd, **kw):
+        seen.append(cmd)
+        raise Stop
+
+    monkeypatch.setattr(runner.subprocess, "Popen", popen)
+    for rt in ("superlink", "simulation"):
+        cfg = compose_cfg(["mode=federated", f"out_dir={tmp_path / rt}", f"fed.runtime={rt}", "fed.num_clients=5"])
+        with pytest.raises(Stop):
+            runner.run_isolated(fed_run(tmp_path / rt, f"fed.runtime={rt}"), cfg)
+    i = seen[0].index("fedlowrank.runtime.isolated")
+    assert seen[0][i + 1] == "superlink" and seen[0][i + 2].endswith("isolated_spec.json")
+    spec = json.loads(Path(seen[0][i + 2]).read_text())
+    assert Path(spec["conf"]).is_file() and "num-supernodes=5" in spec["federation"]
+    j = seen[1].index("fedlowrank.runtime.isolated")
+    assert seen[1][j + 1] == "runner" and seen[1][j + 2].endswith("isolated_config.yaml")

@@ -134,16 +134,23 @@ def use_private_network(fr: FederatedRun) -> bool:
 
 
 def run_isolated(fr: FederatedRun, cfg: DictConfig) -> dict:
-    """Run this module's ``__main__`` on ``cfg`` inside a private network (see :mod:`.private_net`), relaying
-    its log; the summary (or the error that stopped it) comes back as JSON in ``<out_dir>/flwr_runtime``."""
+    """Run ``cfg`` inside a private network (see :mod:`.private_net`) with :mod:`.isolated`, relaying its log; the
+    summary (or the error that stopped it) comes back as JSON in ``<out_dir>/flwr_runtime``."""
     from .logs import relay_stream
 
     work = Path(fr.out_dir).resolve() / "flwr_runtime"
     work.mkdir(parents=True, exist_ok=True)
-    conf, result = work / "isolated_config.yaml", work / "isolated_result.json"
-    OmegaConf.save(cfg, conf, resolve=True)
+    result = work / "isolated_result.json"
     result.unlink(missing_ok=True)
-    proc = subprocess.Popen(private_net.command([sys.executable, "-m", "fedlowrank.runtime.runner", str(conf),
+    if fr.fed.runtime == "superlink":  # prepared here: the process inside only launches (no torch there)
+        from .superlink import prepare
+
+        job, arg = "superlink", work / "isolated_spec.json"
+        arg.write_text(json.dumps(prepare(fr, cfg)))
+    else:
+        job, arg = "runner", work / "isolated_config.yaml"
+        OmegaConf.save(cfg, arg, resolve=True)
+    proc = subprocess.Popen(private_net.command([sys.executable, "-m", "fedlowrank.runtime.isolated", job, str(arg),
                                                  str(result)]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     relay = relay_stream(proc.stdout) if proc.stdout is not None else None
@@ -211,26 +218,3 @@ def check_partitions(fr: FederatedRun) -> None:
         raise ConfigError(f"client(s) {empty[:10]} get fewer than max(1, fed.min_partition_size="
                           f"{fr.fed.min_partition_size}) examples (sizes {sizes[:10]}); lower fed.num_clients or "
                           "fed.min_partition_size")
-
-
-def _isolated_main(conf: str, result: str) -> None:
-    """Inside the private network: run the saved config on its runtime; write {"results": ...} or the error."""
-    from .logs import log_to_stderr
-
-    log_to_stderr("fedlowrank")
-    logging.getLogger("flwr").propagate = False
-    stop.install()
-    cfg = OmegaConf.load(conf)
-    try:
-        out = {"results": run_runtime(federated_run_from_cfg(cfg), cfg)}
-    except KeyboardInterrupt as e:  # Ctrl-C or main.py's SIGTERM: stopped quietly, main.py says how to resume
-        out = {"error": "stopped", "kind": "Stopped", "signum": stop.exit_code(e) - 128}
-    except Exception as e:  # noqa: BLE001 - handed to main.py, which raises it again
-        log.exception("federated run failed")
-        out = {"error": str(e), "kind": type(e).__name__}
-    Path(result).write_text(json.dumps(out))
-    sys.exit(1 if "error" in out else 0)
-
-
-if __name__ == "__main__":
-    _isolated_main(sys.argv[1], sys.argv[2])

@@ -17,13 +17,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from omegaconf import DictConfig, OmegaConf
 
 from fedlowrank.checkpoint import CheckpointError
-from fedlowrank.config import ConfigError, FederatedRun
-from fedlowrank.federated.run_config import PATH_KEYS, TRUST_ENV
+from fedlowrank.schema import ConfigError
 
 from . import reaper
+
+if TYPE_CHECKING:
+    from fedlowrank.config import FederatedRun
 
 log = logging.getLogger(__name__)
 BIN = Path(sys.executable).parent
@@ -131,27 +135,45 @@ def stage_project(dest: Path) -> Path:
 def run_on_superlink(fr: FederatedRun, cfg: DictConfig) -> dict:
     """Run ``fr`` on a private simulation SuperLink; the resolved config goes to
     ``<out_dir>/flwr_runtime/config.yaml``, the summary comes back from ``metrics.json``."""
+    return launch(prepare(fr, cfg))
+
+
+def prepare(fr: FederatedRun, cfg: DictConfig) -> dict:
+    """What :func:`launch` needs, as JSON-able values: the resolved config saved as
+    ``<out_dir>/flwr_runtime/config.yaml`` (file paths made absolute) and the federation's resources."""
     import torch
+
+    from fedlowrank.federated.run_config import TRUST_ENV
 
     out = Path(fr.out_dir).resolve()
     work = out / "flwr_runtime"
     work.mkdir(parents=True, exist_ok=True)
     conf = work / "config.yaml"
     OmegaConf.save(with_absolute_paths(OmegaConf.merge(cfg, {"out_dir": str(out)}), Path.cwd()), conf, resolve=True)
-    metrics, error = out / "metrics.json", out / "error.json"
-    before = metrics.stat().st_mtime_ns if metrics.exists() else None
-    error.unlink(missing_ok=True)
     gpus = fr.fed.client_gpus if torch.cuda.is_available() else 0.0
     fed = (f"num-supernodes={fr.fed.num_clients} client-resources-num-cpus={int(max(1, fr.fed.client_cpus))} "
            f"client-resources-num-gpus={gpus} init-args-num-cpus={os.cpu_count() or 1} "
            f"init-args-num-gpus={torch.cuda.device_count() if gpus else 0}")
+    return {"out": str(out), "conf": str(conf), "federation": fed, "env": {TRUST_ENV: "1"}}
+
+
+def launch(spec: dict) -> dict:
+    """A private SuperLink, ``flwr run`` of the staged project on :func:`prepare`'s config, and the summary from
+    ``metrics.json`` (or the run's error raised). Imports no torch: inside the private network this is the whole
+    job of its first process, which then stays small while the run lasts."""
+    out = Path(spec["out"])
+    work = out / "flwr_runtime"
+    metrics, error = out / "metrics.json", out / "error.json"
+    before = metrics.stat().st_mtime_ns if metrics.exists() else None
+    error.unlink(missing_ok=True)
     watchdog = None
     try:
-        with simulation_superlink(work, env={TRUST_ENV: "1"}) as lb:
+        with simulation_superlink(work, env=spec["env"]) as lb:
             watchdog = reaper.start(roots=tuple(p.pid for p in lb.procs))  # a killed main.py takes them along
             app = stage_project(work / "app")
             proc = subprocess.Popen([str(BIN / "flwr"), "run", str(app), lb.connection, "--stream",
-                                     "--federation-config", fed, "--run-config", f'config-file="{conf}"'],
+                                     "--federation-config", spec["federation"], "--run-config",
+                                     f'config-file="{spec["conf"]}"'],
                                     cwd=work, env=lb.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True)
             lost = wait_for_run(proc, lb.procs[0].pid)
@@ -186,6 +208,8 @@ def with_absolute_paths(cfg: DictConfig, base) -> DictConfig:
     made absolute against ``base``: the apps run in the SuperLink's working directory, while the user (and the
     validation main.py already did) meant main.py's. ``cfg`` itself is not modified."""
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    from fedlowrank.federated.run_config import PATH_KEYS
+
     for key in PATH_KEYS:
         value = OmegaConf.select(out, key, default=None)
         if isinstance(value, str) and value and not os.path.isabs(value):

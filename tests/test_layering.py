@@ -162,18 +162,23 @@ def test_app_shims_are_thin():
         assert len((ROOT / shim).read_text().splitlines()) <= 60
 
 
+def _loaded_after(imports: str, which: str) -> str:
+    """``sorted(which)`` printed by a fresh interpreter (checkout on its path, bare environment) after ``imports``."""
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r})\n{imports}\nprint(sorted({which}))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110, cwd=ROOT,
+                         env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 @pytest.mark.timeout(120)
 def test_the_simulation_path_never_imports_deploy():
     """Importing everything a simulation runs (runtimes, apps, in-process loop) loads no fedlowrank.deploy
     module; the deployment extras are only imported where they are used."""
-    code = ("import sys; sys.path.insert(0, %r)\n"
-            "import fedlowrank.runtime.runner, fedlowrank.runtime.superlink, fedlowrank.runtime.inprocess\n"
-            "import fedlowrank.federated.apps, server.server_app, clients.client_app\n"
-            "print(sorted(m for m in sys.modules if m.startswith('fedlowrank.deploy')))" % str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110, cwd=ROOT,
-                         env={"PATH": "/usr/bin:/bin"})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    loaded = _loaded_after("import fedlowrank.runtime.runner, fedlowrank.runtime.superlink, fedlowrank.runtime.inprocess\n"
+                           "import fedlowrank.federated.apps, server.server_app, clients.client_app",
+                           "[m for m in sys.modules if m.startswith('fedlowrank.deploy')]")
+    assert loaded == "[]"
 
 
 @pytest.mark.timeout(120)
@@ -181,14 +186,10 @@ def test_the_default_runtimes_launcher_in_the_private_network_imports_no_torch()
     """The first process inside the private network (``python -m fedlowrank.runtime.isolated superlink ...``) only
     starts the SuperLink and ``flwr run``: its imports load neither torch nor the config schema (main.py validated
     the run), so it holds ~15 MB instead of ~350 MB for the length of the run."""
-    code = ("import sys; sys.path.insert(0, %r)\n"
-            "import fedlowrank.runtime.isolated, fedlowrank.runtime.superlink\n"
-            "from fedlowrank.runtime.superlink import launch\n"
-            "print(sorted(m for m in ('torch', 'numpy', 'fedlowrank.config', 'flwr') if m in sys.modules))" % str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=110, cwd=ROOT,
-                         env={"PATH": "/usr/bin:/bin"})
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    loaded = _loaded_after("import fedlowrank.runtime.isolated, fedlowrank.runtime.superlink\n"
+                           "from fedlowrank.runtime.superlink import launch",
+                           "[m for m in ('torch', 'numpy', 'fedlowrank.config', 'flwr') if m in sys.modules]")
+    assert loaded == "[]"
 
 
 def test_the_default_runtime_runs_the_torch_free_launcher_in_the_private_network(tmp_path, monkeypatch):

@@ -116,3 +116,26 @@ def test_bf16_local_training_follows_fp32(tmp_path):
     assert ma["train_loss"] < 2.0 and abs(ma["train_loss"] - mb["train_loss"]) < 0.02 * ma["train_loss"]
     for k, t in a.items():
         assert float((t - b[k]).norm() / t.norm()) < 0.05, k
+
+
+@pytest.mark.parametrize("strategy, builds", [("fedavg", 1), ("slice", 3)])
+def test_client_eval_builds_one_model_per_budget_it_cuts_to(tmp_path, monkeypatch, strategy, builds):
+    """Clients of 3 budgets: ``slice`` cuts the global model to each (3 models), ``fedavg`` gives every client the
+    whole model (1 model, not one per budget); each row keeps its client's budget and equals that client alone."""
+    from fedlowrank.federated.methods import fed_method
+    from fedlowrank.federated.report import client_eval
+    from fedlowrank.federated.task import fed_data
+
+    run = _run(tmp_path, f"strategy={strategy}", "fed.num_clients=6", "fed.rank_ratios=[0.25,0.5,1.0]")
+    method = fed_method(run)
+    state = method.initial_state()
+    calls = []
+    real = client_mod.model_from_state
+    monkeypatch.setattr(client_mod, "model_from_state", lambda r, s: calls.append(1) or real(r, s))
+    _, rows = client_eval(run, method, state, fed_data(run), [0, 1, 2, 3, 4, 5])
+    assert len(calls) == builds and len(rows) == 6
+    assert [r["ratio"] for r in rows] == [run.fed.budget(p)["ratio"] for p in range(6)]
+    alone = {p: client_eval(run, method, state, fed_data(run), [p])[1][0] for p in (0, 4)}
+    for p in (0, 4):
+        assert rows[p]["accuracy"] == alone[p]["accuracy"]
+        assert rows[p]["loss"] == pytest.approx(alone[p]["loss"], rel=1e-6)

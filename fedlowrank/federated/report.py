@@ -73,18 +73,17 @@ def _heldout_rows(run: FederatedRun, method, state: State, fd: FedData, pids, cu
 
     if fd.heldout_parts is None:
         return []
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple, list[int]] = {}  # budget -> its clients (one group where every client gets the whole model)
     for pid in pids:
         if len(fd.heldout_parts[pid]):
-            groups.setdefault(tuple(sorted(run.fed.budget(pid).items())), []).append(pid)
+            groups.setdefault(tuple(sorted(run.fed.budget(pid).items())) if cut else (), []).append(pid)
     rows: dict[int, dict] = {}
     for key, members in groups.items():
-        budget = dict(key)
-        model = model_from_state(run, method.view(state, budget) if cut else state)
+        model = model_from_state(run, method.view(state, dict(key)) if cut else state)
         for pid, tot in zip(members, _client_sums(run, model, fd, members)):
             res = mean_loss_accuracy(tot)
-            rows[pid] = {"pid": pid, **budget, "examples": len(fd.heldout_parts[pid]), "accuracy": res["accuracy"],
-                         "loss": res["loss"]}
+            rows[pid] = {"pid": pid, **run.fed.budget(pid), "examples": len(fd.heldout_parts[pid]),
+                         "accuracy": res["accuracy"], "loss": res["loss"]}
     return [rows[p] for p in pids if p in rows]
 
 

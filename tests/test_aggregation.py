@@ -160,8 +160,6 @@ def test_product_with_views_aggregates_changes_against_a_dense_numpy_reference()
 def _slice_reference_without(g, ups, ws, j):
     """numpy float64, by hand: each rank slot averaged over the clients other than j that trained it (global value
     where none did); dense tensors weight-averaged over the others; ints from the first other client."""
-    import numpy as np
-
     keep = [i for i in range(len(ups)) if i != j]
     out = {}
     for k in ("fc.bias", "head.weight"):

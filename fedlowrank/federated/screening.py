@@ -35,7 +35,10 @@ MIN_EXCLUDE = 4
 class LooScreen:
     """The server's validation sample and the run's budgets; :meth:`flagged` names the clients to reject."""
 
-    def __init__(self, run: FederatedRun, method) -> None:
+    def __init__(self, run: FederatedRun, method,
+                 without_each: Callable[[list], list[State] | None] = lambda valid: None) -> None:
+        """``without_each``: valid entries -> the aggregate without each, in closed form (None: combine each
+        subset)."""
         from .task import fed_data
 
         fd = fed_data(run)
@@ -49,8 +52,7 @@ class LooScreen:
         self.loader = batches(TensorDataset(fd.x[idx], y[idx]), 256)
         self.run, self.method = run, method
         self._skeletons: dict[tuple, torch.nn.Module] = {}  # tensor shapes -> a model of those shapes, reloaded
-        # valid entries -> the aggregate without each, in closed form (set by Screen; None: combine each subset)
-        self.without_each: Callable[[list], list[State] | None] = lambda valid: None
+        self.without_each = without_each
         self.stacked = StackedLosses(self.model, self.loader)
         budgets = {tuple(sorted(run.fed.budget(i).items())) for i in range(run.fed.num_clients)}
         self.budgets = [dict(b) for b in sorted(budgets)] if method.budget_views() else [None]
@@ -304,8 +306,7 @@ class Screen:
                         ", ".join(f"{p} (in round {self.excluded[p]})" for p in gone))
         valid = [v for v in valid if v[0] not in self.excluded]
         if self._loo is None:
-            self._loo = LooScreen(self.run, self.method)
-            self._loo.without_each = self._without_each
+            self._loo = LooScreen(self.run, self.method, self._without_each)
         if mode == "loo":
             bad = self._loo.flagged(valid, combine)
             for i, (rise, at) in bad.items():

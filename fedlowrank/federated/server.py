@@ -9,6 +9,7 @@ from pathlib import Path
 
 from flwr.app import MetricRecord
 from flwr.serverapp import Grid
+
 from fedlowrank.checkpoint import BackgroundWriter, append_jsonl, atomic_write_bytes, prune, write_checkpoint_dir
 from fedlowrank.config import FederatedRun
 from fedlowrank.lowrank import count_params, state_bytes

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
@@ -207,9 +206,9 @@ def with_absolute_paths(cfg: DictConfig, base) -> DictConfig:
     """``cfg`` with its relative file paths (``PATH_KEYS``: data.path, data.root, method.from_ckpt, ...)
     made absolute against ``base``: the apps run in the SuperLink's working directory, while the user (and the
     validation main.py already did) meant main.py's. ``cfg`` itself is not modified."""
-    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    from fedlowrank.federated.run_config import PATH_KEYS
+    from fedlowrank.federated.run_config import PATH_KEYS  # here: launch() (no config import) never needs it
 
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     for key in PATH_KEYS:
         value = OmegaConf.select(out, key, default=None)
         if isinstance(value, str) and value and not os.path.isabs(value):

@@ -18,6 +18,7 @@ from fedlowrank.federated.task import fed_data
 from fedlowrank.lowrank.lora import LoRALinear
 from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds
 from fedlowrank.training.loop import evaluate_classifier
+from fedlowrank.training.optim import SGD
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -84,7 +85,7 @@ def test_models_share_one_frozen_base_and_only_adapters_travel(ckpt, play):
         f"{p}.adapter.{s}" for p in lora_rules.adapter_prefixes(g) for s in "UV"}
     assert isinstance(method.local_optimizer([torch.nn.Parameter(torch.zeros(1))]), torch.optim.AdamW)
     sgd = fed_method(lora_run(ckpt, play, "method.optimizer=sgd")).local_optimizer([torch.nn.Parameter(torch.zeros(1))])
-    assert type(sgd) is torch.optim.SGD
+    assert type(sgd) is SGD and sgd.param_groups[0]["lr"] == run.fed.lr
     reply, metrics = local_train(run, 2, 4, small, 1)
     assert {k: tuple(v.shape) for k, v in reply.items()} == method.expected(small, run.fed.budget(2))
     assert any(not torch.equal(reply[k], small[k]) for k in reply)  # it trained

@@ -21,6 +21,7 @@ from fedlowrank.lowrank import factorize
 from fedlowrank.lowrank.factorize import set_submodule
 from fedlowrank.lowrank.layers import rank_from_budget
 from fedlowrank.lowrank.lora import LoRALinear
+from fedlowrank.training.optim import SGD
 
 from . import lora_rules
 from .aggregation import (State, aggregate, budget_ranks, client_view, expected_shapes, layer_ranks, merge_adapters,
@@ -90,10 +91,11 @@ class FedMethod:
     def payload(self, model: nn.Module) -> State:
         return _float_state(model)
 
-    def local_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-        """A client's optimizer for one round: SGD with ``fed.lr``, ``fed.momentum``, ``fed.weight_decay``."""
+    def local_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | SGD:
+        """A client's optimizer for one round: SGD with ``fed.lr``, ``fed.momentum``, ``fed.weight_decay``
+        (torch's update, without torch.optim's import of torch._dynamo: :class:`.training.optim.SGD`)."""
         f = self.run.fed
-        return torch.optim.SGD(params, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
+        return SGD(params, lr=f.lr, momentum=f.momentum, weight_decay=f.weight_decay)
 
     def expected(self, view: State, budget: Budget) -> dict[str, tuple[int, ...]]:
         return expected_shapes(view)
@@ -206,7 +208,7 @@ class WeLoreFed(FedMethod):
         fd = fed_data(self.run)
         pool = torch.as_tensor(np.concatenate(fd.train_parts), dtype=torch.long)  # the clients' training data
         g = torch.Generator().manual_seed(self.run.seed)
-        opt = torch.optim.SGD(model.parameters(), lr=self.run.fed.lr, momentum=0.9)
+        opt = SGD(list(model.parameters()), lr=self.run.fed.lr, momentum=0.9)
         for _ in range(self.cfg.pretrain_steps):
             idx = pool[torch.randint(len(pool), (self.run.fed.batch_size,), generator=g)]
             logits = model(fd.x[idx])
@@ -329,7 +331,7 @@ class LoRAFed(FedMethod):
                   views: list[State] | None = None) -> State:
         return lora_rules.aggregate(self.rule, global_state, updates, weights, self.alpha, views)
 
-    def local_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    def local_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer | SGD:
         if self.cfg.optimizer == "sgd":
             return super().local_optimizer(params)
         return torch.optim.AdamW(params, lr=self.run.fed.lr, weight_decay=self.run.fed.weight_decay)

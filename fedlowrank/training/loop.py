@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader
 
 from fedlowrank.lowrank import frobenius_decay
 
+from .optim import SGD
+
 IGNORE = -100  # a target that is not scored (cross-entropy's ignore_index; left out of accuracy and counts)
 
 
@@ -24,7 +26,7 @@ def _flat(logits: torch.Tensor) -> torch.Tensor:
 def train_classifier(
     model: nn.Module,
     loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | SGD,
     epochs: int = 1,
     max_steps: int | None = None,
     frob_decay: float = 0.0,

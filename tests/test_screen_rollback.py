@@ -173,3 +173,20 @@ def test_on_the_default_slice_run_a_reversed_change_from_the_middle_is_excluded_
     assert st.screen.cusum[2] > 1.5 and all(st.screen.cusum[p] < 1.5 for p in (0, 1, 3))
     assert _equal(st.global_state, initial)  # round 1 undone, round 2's replies set aside
     assert fed_run(tmp_path / "b", "fed.partition=dirichlet").fed.screen_cusum is None
+
+
+def test_rounds_without_a_valid_update_checkpoint_until_the_failure_limit_stops_the_run(tmp_path):
+    """Every client crashes: the global model is the same tensors round after round, so the rollback window holds
+    them twice; each round checkpoint is still written (repeats copied, not refused by safetensors as shared
+    memory), and the run stops at ``fed.max_failed_rounds`` with that cause, not a serialization error."""
+    from safetensors.torch import load_file
+
+    from fedlowrank.runtime.local import run_local
+
+    run = fed_run(tmp_path, "fed.num_clients=2", "fed.rank_ratios=[0.5,1.0]", "fed.rounds=4", "fed.max_failed_rounds=3",
+                  'fed.faults=["0:crash","1:crash"]')
+    with pytest.raises(RuntimeError, match="3 rounds in a row"):
+        run_local(run)
+    saved = load_file(str(tmp_path / "checkpoints" / "round-000002" / "rollback.safetensors"))
+    first = {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith("1/")}
+    assert first and all(torch.equal(v, saved[f"2/{k}"]) for k, v in first.items())

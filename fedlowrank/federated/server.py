@@ -52,8 +52,20 @@ def _round_files(run: FederatedRun, rnd: int, state: State, strategy_state: dict
     if opt_state:
         files["server_opt.safetensors"] = save({k: v.contiguous() for k, v in opt_state.items()})
     if rollback:
-        files["rollback.safetensors"] = save({k: v.contiguous() for k, v in rollback.items()})
+        files["rollback.safetensors"] = save(_own_storage(rollback))
     return files
+
+
+def _own_storage(tensors: State) -> State:
+    """``tensors`` contiguous, each on storage of its own (safetensors refuses shared memory): a round without a
+    valid update keeps the same global tensors, so the rollback window can hold them twice; repeats are copied."""
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        v = v.contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
 
 
 def _write_round(out: Path, keep: int, rnd: int, files: dict[str, bytes]) -> None:

@@ -40,11 +40,12 @@ def test_the_same_parameters_as_torch_sgd_bit_for_bit(momentum, weight_decay):
 
 
 @pytest.mark.timeout(120)
-def test_a_clients_round_does_not_import_torch_dynamo():
+def test_a_clients_imports_and_optimizer_load_neither_torch_dynamo_nor_triton():
     """A federated client's optimizer is built and stepped without loading torch._dynamo (1.2-1.6 s a process
-    with torch.optim); it comes back as soon as ``local_optimizer`` returns a torch optimizer again."""
-    code = ("import torch\nfrom fedlowrank.federated.methods import FedMethod\n"
+    with torch.optim), and the client's modules import no triton (0.2 s, via torch.utils.flop_counter); either
+    comes back as soon as ``local_optimizer`` returns a torch optimizer or the FLOP counter is imported eagerly."""
+    code = ("import torch\nimport clients.client_app\nfrom fedlowrank.federated.methods import FedMethod\n"
             "class R:\n    class fed:\n        lr, momentum, weight_decay = 0.1, 0.9, 1e-4\n"
             "p = torch.nn.Parameter(torch.ones(3))\nopt = FedMethod(R()).local_optimizer([p])\n"
             "p.sum().backward(); opt.step(); opt.zero_grad()")
-    assert _loaded_after(code, "[m for m in ('torch._dynamo',) if m in sys.modules]") == "[]"
+    assert _loaded_after(code, "[m for m in ('torch._dynamo', 'triton') if m in sys.modules]") == "[]"

@@ -104,6 +104,23 @@ def test_federated_summary_lines_report_accuracy_budgets_bytes_and_paths(tmp_pat
     assert "excluded by the screen (trained without from then on): client 3 in round 2" in text
 
 
+
+def test_the_relay_marks_the_summary_done_at_its_last_line_and_not_before(tmp_path):
+    """The SuperLink runtime stops Flower's shutdown short once the relay has re-logged the summary's last line:
+    the flag must rise on exactly that line as the ServerApp logs it (``summary_lines`` through
+    ``log_to_stderr``'s format), not on an earlier line, another logger's or Flower's echo of the same text."""
+    from fedlowrank.federated.report import summary_lines
+
+    lines = summary_lines({"strategy": "slice", "num_clients": 4, "rounds": 2, "final": {"global_accuracy": 0.9}},
+                          str(tmp_path), 1.0)
+    relay = StreamRelay()
+    for decoy in (f"INFO fedlowrank.federated.strategy: {lines[-1]}", f"\x1b[92mINFO \x1b[0m:      {lines[-1]}"):
+        relay(decoy)
+    for line in lines:
+        assert not relay.summary_done.is_set()
+        relay(f"INFO fedlowrank.federated.server: {line}")
+    assert relay.summary_done.is_set()
+
 @pytest.mark.timeout(240)
 def test_central_run_logs_its_output_dir_first_and_summary_last(tmp_path, caplog):
     from helpers import FAST, compose_cfg

@@ -123,6 +123,30 @@ def test_wait_for_run_stops_flwr_run_soon_after_the_simulation_process_dies():
         link.wait()
 
 
+@pytest.mark.timeout(60)
+def test_wait_for_run_stops_flwr_run_once_the_summary_is_relayed_and_the_outputs_are_complete():
+    """After the summary's last line has been relayed and ``complete()`` holds, ``flwr run`` gets ``settle``
+    seconds and is stopped (Flower's own shutdown took 3-4 s of every run); while ``complete()`` does not hold, the
+    same line stops nothing and the run ends on its own."""
+    from fedlowrank.runtime.superlink import wait_for_run
+
+    link = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    script = ("import sys, time; print('INFO fedlowrank.federated.server:   tensorboard --logdir /x', flush=True); "
+              "time.sleep(float(sys.argv[1]))")
+    try:
+        stuck = subprocess.Popen([sys.executable, "-c", script, "60"], stdout=subprocess.PIPE, text=True)
+        t0 = time.time()
+        assert not wait_for_run(stuck, link.pid, poll=0.1, complete=lambda: True, settle=0.2)
+        assert stuck.poll() is not None and time.time() - t0 < 10
+        ends = subprocess.Popen([sys.executable, "-c", script, "2"], stdout=subprocess.PIPE, text=True)
+        t0 = time.time()
+        assert not wait_for_run(ends, link.pid, poll=0.1, complete=lambda: False, settle=0.2)
+        assert ends.returncode == 0 and time.time() - t0 > 1.5
+    finally:
+        link.kill()
+        link.wait()
+
+
 def _zombie(pid: int, timeout: float = 10) -> None:
     deadline = time.time() + timeout
     while reaper._fields(pid)[0] != "Z" and time.time() < deadline:

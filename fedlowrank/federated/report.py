@@ -15,6 +15,7 @@ import torch
 from fedlowrank.config import TEXT_SPECS as TEXT_TASKS
 from fedlowrank.config import FederatedRun
 from fedlowrank.config.fed_lora import INSTRUCTION_SPECS
+from fedlowrank.runtime.logs import SUMMARY_END
 from fedlowrank.training.loop import example_sums, mean_loss_accuracy
 
 from .aggregation import State
@@ -290,5 +291,5 @@ def summary_lines(summary: dict, out_dir: str, wall_s: float) -> list[str]:
             f"client {p} in round {r}" for p, r in summary["excluded"].items()))
     out = os.path.abspath(out_dir)
     lines.append(f"  summary: {os.path.join(out, 'metrics.json')} (per round: {os.path.join(out, 'rounds.jsonl')})")
-    lines.append(f"  tensorboard --logdir {out}")
+    lines.append(f"  {SUMMARY_END[1]}{out}")  # the last line: see runtime.logs.SUMMARY_END
     return lines

@@ -43,6 +43,9 @@ NOISE = (
 NOT_APPLICABLE = ("default simulated SuperNodes changed",)
 # Flower's closing dump of every round's metrics in scientific notation: dropped up to the next line of ours
 FINAL_BLOCK = "Final results:"
+# The last line of a finished run's summary (``federated.report.summary_lines``), logged by the server's logger:
+# once it has been relayed the user has seen everything, and the SuperLink runtime stops Flower's shutdown short
+SUMMARY_END = ("fedlowrank.federated.server", "tensorboard --logdir ")
 
 
 class EngineTracebackFilter(logging.Filter):
@@ -117,11 +120,13 @@ def quiet_flower(logger: logging.Logger | None = None) -> None:
 
 class StreamRelay:
     """Re-logs the lines of ``flwr run --stream``: the project's records under their own logger names and
-    levels, Flower's under ``fedlowrank.flwr`` at theirs, those :class:`FlowerNoise` keeps."""
+    levels, Flower's under ``fedlowrank.flwr`` at theirs, those :class:`FlowerNoise` keeps. ``summary_done`` is
+    set once the run summary's last line (:data:`SUMMARY_END`) has been re-logged."""
 
     def __init__(self, flower_logger: logging.Logger | None = None) -> None:
         self.flower = flower_logger or logging.getLogger("fedlowrank.flwr")
         self.noise = FlowerNoise()
+        self.summary_done = threading.Event()
 
     def __call__(self, line: str) -> None:
         text = _ANSI.sub("", line).strip()
@@ -129,6 +134,8 @@ class StreamRelay:
         if ours:
             self.noise.ours()
             logging.getLogger(ours.group(2)).log(getattr(logging, ours.group(1)), "%s", ours.group(3))
+            if ours.group(2) == SUMMARY_END[0] and ours.group(3).lstrip().startswith(SUMMARY_END[1]):
+                self.summary_done.set()
             return
         m = _FLOWER.match(text)
         level, msg = (getattr(logging, m.group(1)), m.group(2).strip()) if m else (logging.INFO, text)
@@ -136,10 +143,11 @@ class StreamRelay:
             self.flower.log(level, "%s", msg)
 
 
-def relay_stream(lines: Iterable[str], logger: logging.Logger | None = None) -> threading.Thread:
-    """A daemon thread that relays every line of ``lines`` (a subprocess's text stdout) through a
-    :class:`StreamRelay`; join it once the process has ended."""
-    relay = StreamRelay(logger)
+def relay_stream(lines: Iterable[str], logger: logging.Logger | None = None,
+                 relay: StreamRelay | None = None) -> threading.Thread:
+    """A daemon thread that relays every line of ``lines`` (a subprocess's text stdout) through ``relay`` (a new
+    :class:`StreamRelay` by default); join it once the process has ended."""
+    relay = relay or StreamRelay(logger)
 
     def pump() -> None:
         for line in lines:

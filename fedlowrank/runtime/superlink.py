@@ -24,6 +24,7 @@ from fedlowrank.checkpoint import CheckpointError
 from fedlowrank.schema import ConfigError
 
 from . import reaper
+from .logs import StreamRelay, relay_stream
 
 if TYPE_CHECKING:
     from fedlowrank.config import FederatedRun
@@ -165,7 +166,11 @@ def launch(spec: dict) -> dict:
     metrics, error = out / "metrics.json", out / "error.json"
     before = metrics.stat().st_mtime_ns if metrics.exists() else None
     error.unlink(missing_ok=True)
-    watchdog = None
+
+    def fresh() -> bool:  # this run wrote metrics.json (the ServerApp's last write)
+        return metrics.exists() and metrics.stat().st_mtime_ns != before
+
+    watchdog, relay = None, StreamRelay()
     try:
         with simulation_superlink(work, env=spec["env"]) as lb:
             watchdog = reaper.start(roots=tuple(p.pid for p in lb.procs))  # a killed main.py takes them along
@@ -175,11 +180,11 @@ def launch(spec: dict) -> dict:
                                      f'config-file="{spec["conf"]}"'],
                                     cwd=work, env=lb.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True)
-            lost = wait_for_run(proc, lb.procs[0].pid)
+            lost = wait_for_run(proc, lb.procs[0].pid, relay=relay, complete=fresh)
     finally:
         reaper.stop(watchdog)
-    fresh = metrics.exists() and metrics.stat().st_mtime_ns != before
-    _raise_on_failure(out, work, proc.returncode, lost, fresh)
+    done = relay.summary_done.is_set() and fresh()
+    _raise_on_failure(out, work, 0 if done else proc.returncode, lost, fresh())
     return json.loads(metrics.read_text())
 
 
@@ -216,17 +221,27 @@ def with_absolute_paths(cfg: DictConfig, base) -> DictConfig:
     return out
 
 
-def wait_for_run(proc: subprocess.Popen, superlink_pid: int, grace: float = 10.0, poll: float = 0.5) -> bool:
-    """Wait for ``flwr run`` (``proc``), relaying its output (see :mod:`.logs`). The SuperLink notices a dead
-    simulation process only after a heartbeat timeout (about a minute), and ``flwr run --stream`` waits that
-    long, then exits 0; so once the SuperLink's ``flwr-simulation`` child is gone, ``flwr run`` gets ``grace``
-    seconds, then is stopped. Returns whether it had to be stopped."""
-    from .logs import relay_stream
+def wait_for_run(proc: subprocess.Popen, superlink_pid: int, grace: float = 10.0, poll: float = 0.5,
+                 relay: StreamRelay | None = None, complete: Callable[[], bool] = lambda: False,
+                 settle: float = 0.5) -> bool:
+    """Wait for ``flwr run`` (``proc``), relaying its output through ``relay`` (see :mod:`.logs`).
 
-    relay = relay_stream(proc.stdout) if proc.stdout is not None else None
+    The SuperLink notices a dead simulation process only after a heartbeat timeout (about a minute), and
+    ``flwr run --stream`` waits that long, then exits 0; so once the SuperLink's ``flwr-simulation`` child is gone,
+    ``flwr run`` gets ``grace`` seconds, then is stopped. Returns whether it had to be stopped that way.
+    Once the relay has shown the run summary's last line and ``complete()`` holds (the run's outputs are on disk),
+    nothing is left to wait for but Flower's own shutdown (3-4 s): ``flwr run`` gets ``settle`` seconds, then is
+    stopped, and the caller stops the SuperLink."""
+    relay = relay or StreamRelay()
+    pump = relay_stream(proc.stdout, relay=relay) if proc.stdout is not None else None
     seen = gone_at = None
     try:
         while proc.poll() is None:
+            if relay.summary_done.is_set() and complete():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=settle)
+                reaper.terminate(proc)
+                return False
             alive = any("flwr-simulation" in reaper.cmdline(p) for p, _ in reaper.tree(superlink_pid)
                         if p != superlink_pid)
             seen = seen or alive
@@ -235,11 +250,11 @@ def wait_for_run(proc: subprocess.Popen, superlink_pid: int, grace: float = 10.0
                 if time.time() - gone_at > grace:
                     reaper.terminate(proc)
                     return True
-            time.sleep(poll)
+            relay.summary_done.wait(poll)
         return False
     finally:
-        if relay is not None:
-            relay.join(timeout=5)
+        if pump is not None:
+            pump.join(timeout=5)
 
 
 def check_superlink_runtime() -> None:

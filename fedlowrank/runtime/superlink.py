@@ -223,7 +223,7 @@ def with_absolute_paths(cfg: DictConfig, base) -> DictConfig:
 
 def wait_for_run(proc: subprocess.Popen, superlink_pid: int, grace: float = 10.0, poll: float = 0.5,
                  relay: StreamRelay | None = None, complete: Callable[[], bool] = lambda: False,
-                 settle: float = 0.5) -> bool:
+                 settle: float = 0.1) -> bool:
     """Wait for ``flwr run`` (``proc``), relaying its output through ``relay`` (see :mod:`.logs`).
 
     The SuperLink notices a dead simulation process only after a heartbeat timeout (about a minute), and

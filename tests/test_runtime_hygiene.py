@@ -127,7 +127,7 @@ def test_wait_for_run_stops_flwr_run_soon_after_the_simulation_process_dies():
 def test_wait_for_run_stops_flwr_run_once_the_summary_is_relayed_and_the_outputs_are_complete():
     """After the summary's last line has been relayed and ``complete()`` holds, ``flwr run`` gets ``settle``
     seconds and is stopped (Flower's own shutdown took 3-4 s of every run); while ``complete()`` does not hold, the
-    same line stops nothing and the run ends on its own."""
+    same line stops nothing, the wait keeps polling (no busy loop) and the run ends on its own."""
     from fedlowrank.runtime.superlink import wait_for_run
 
     link = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
@@ -139,9 +139,10 @@ def test_wait_for_run_stops_flwr_run_once_the_summary_is_relayed_and_the_outputs
         assert not wait_for_run(stuck, link.pid, poll=0.1, complete=lambda: True, settle=0.2)
         assert stuck.poll() is not None and time.time() - t0 < 10
         ends = subprocess.Popen([sys.executable, "-c", script, "2"], stdout=subprocess.PIPE, text=True)
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         assert not wait_for_run(ends, link.pid, poll=0.1, complete=lambda: False, settle=0.2)
         assert ends.returncode == 0 and time.time() - t0 > 1.5
+        assert time.process_time() - cpu0 < 0.5 * (time.time() - t0)  # it polled; it did not spin
     finally:
         link.kill()
         link.wait()

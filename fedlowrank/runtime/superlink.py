@@ -53,7 +53,9 @@ def wait_port(port: int, timeout: float) -> None:
 
 def stop(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
     """Stop what each (unreaped) process owns, itself included: SIGTERM, SIGKILL after ``grace`` seconds
-    (:func:`reaper.stop_trees`: by (pid, start time), never by name or group alone); then reap them."""
+    (:func:`reaper.stop_trees`: by (pid, start time), never by name or group alone); then reap them. Processes
+    this one has reaped already are left out: their pids may have been reused."""
+    procs = [p for p in procs if p.returncode is None]
     reaper.stop_trees([p.pid for p in procs], grace)
     for p in procs:
         p.wait(timeout=10)
@@ -254,6 +256,8 @@ def wait_for_run(proc: subprocess.Popen, superlink_pid: int, grace: float = 10.0
                 if time.time() - gone_at > grace:
                     reaper.terminate(proc)
                     return True
+            if relay.summary_done.is_set():  # out, but the outputs not yet complete: no busy loop
+                time.sleep(poll)
             relay.summary_done.wait(poll)
         return False
     finally:

@@ -2,6 +2,8 @@
 bit, step after step, and a client's round that never imports torch._dynamo."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from test_layering import _loaded_after
@@ -12,9 +14,7 @@ from fedlowrank.training.optim import SGD
 def _models(seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(seed)
     a = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3), torch.nn.Linear(3, 2))
-    b = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3), torch.nn.Linear(3, 2))
-    b.load_state_dict(a.state_dict())
-    return a, b
+    return a, copy.deepcopy(a)
 
 
 @pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.0, 1e-2), (0.5, 3e-3)])

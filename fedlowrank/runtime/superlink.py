@@ -185,11 +185,11 @@ def launch(spec: dict) -> dict:
                                     cwd=work, env=lb.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True)
             lost = wait_for_run(proc, lb.procs[0].pid, relay=relay, complete=fresh)
-            if relay.summary_done.is_set() and fresh():  # complete: Ray's processes take ~3 s to honour SIGTERM
+            done = relay.summary_done.is_set() and fresh()  # the relay is joined: its flag is final
+            if done:  # complete: Ray's processes take ~3 s to honour SIGTERM
                 stop(lb.procs, grace=1.0)
     finally:
         reaper.stop(watchdog)
-    done = relay.summary_done.is_set() and fresh()
     _raise_on_failure(out, work, 0 if done else proc.returncode, lost, fresh())
     return json.loads(metrics.read_text())
 

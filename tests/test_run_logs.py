@@ -245,3 +245,30 @@ def test_tensorboard_overlays_every_budgets_accuracy_and_the_report_has_its_pane
     assert {t for t in tags if re.search(regex, t)} == want
     assert any("clients_mean_accuracy" in t for t in tags)  # present, and left out of the budget chart
     assert summary["report_png"] and Path(summary["report_png"]).stat().st_size > 10_000
+
+
+def test_partition_assignment_is_one_short_line_grouped_by_budget(tmp_path, caplog):
+    """The server logged the assignment as a dict with one entry per partition (a 1000-entry wall of text at
+    1000 clients); it is one line with each budget's count, its first ids and its last, checked against the
+    budgets the config gives each partition."""
+    import logging
+    import re
+
+    from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy
+
+    from helpers import fed_run as _run
+
+    run = _run(tmp_path, "fed.num_clients=200", "fed.fraction_train=0.05")
+    st, grid = make_strategy(run), InProcessGrid(run)
+    with caplog.at_level(logging.INFO, logger="fedlowrank.federated.strategy"):
+        list(st.configure_train(1, None, None, grid))
+    [line] = [r.getMessage() for r in caplog.records if "partitions assigned" in r.getMessage()]
+    assert len(line) < 300, line
+    expected: dict[str, list[int]] = {}
+    for pid in range(200):
+        expected.setdefault(", ".join(f"{k}={v}" for k, v in run.fed.budget(pid).items()), []).append(pid)
+    assert len(expected) == 4  # the default four budgets, or the line shows nothing grouped
+    for budget, pids in expected.items():
+        m = re.search(re.escape(budget) + r": (\d+) \((\d+), (\d+), (\d+), \.\.\., (\d+)\)", line)
+        assert m, (budget, line)
+        assert [int(g) for g in m.groups()] == [len(pids), *pids[:3], pids[-1]]

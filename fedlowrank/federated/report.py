@@ -42,6 +42,22 @@ def budget_tag(budget: dict) -> str:
     return "_".join(f"{k}{v}" for k, v in budget.items())
 
 
+def budget_groups(by_partition: dict[int, dict], show: int = 4) -> str:
+    """Partition ids grouped by budget, e.g. ``ratio=0.1: 250 (0, 4, 8, ..., 996); ratio=0.25: 1 (1)``: one short
+    line for any number of clients, where the dict itself would print one entry per partition."""
+    groups: dict[str, list[int]] = {}
+    for pid, budget in sorted(by_partition.items()):
+        groups.setdefault(", ".join(f"{k}={v}" for k, v in budget.items()), []).append(pid)
+    return "; ".join(f"{b}: {len(p)} ({_first_and_last(p, show)})" for b, p in groups.items())
+
+
+def _first_and_last(ids: list[int], show: int) -> str:
+    """``0, 4, 8, ..., 996``: at most ``show`` ids, the last always among them."""
+    if len(ids) <= show:
+        return ", ".join(map(str, ids))
+    return ", ".join(map(str, ids[: show - 1])) + f", ..., {ids[-1]}"
+
+
 def _budget_accuracies(res: dict) -> dict[str, float]:
     """``ratio0.5_accuracy``-style entries of an evaluation, keyed by budget tag."""
     return {k[: -len("_accuracy")]: v for k, v in res.items()

@@ -23,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from fedlowrank.config import FederatedRun
 from fedlowrank.federated.aggregation import State, layer_ranks, validate_update
 from fedlowrank.federated.methods import FedMethod
+from fedlowrank.federated.report import budget_groups
 from fedlowrank.federated.screening import Screen
 from fedlowrank.federated.simclock import SimClock
 from fedlowrank.federated.tb import RunWriters
@@ -134,8 +135,8 @@ class HeteroRankStrategy(Strategy):
             log.warning("%d node(s) beyond fed.num_clients=%d get no partition", len(new) - len(free),
                         self.run.fed.num_clients)
         if new:
-            log.info("partitions assigned to %d node(s); budgets by partition: %s", min(len(new), len(free)),
-                     {self.partition[n]: self.budgets[n] for n in new if n in self.partition})
+            log.info("partitions assigned to %d node(s); partitions by budget: %s", min(len(new), len(free)),
+                     budget_groups({self.partition[n]: self.budgets[n] for n in new if n in self.partition}))
 
     # ----------------------------------------------------------------- train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

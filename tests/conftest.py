@@ -2,9 +2,15 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# The README's command runs the suite on two xdist workers (-n 2), one intra-op thread each (torch, numpy's BLAS,
+# and every subprocess a test starts, which inherit it): with a thread per core on each worker, two workers
+# oversubscribed a 2-core machine and took longer than one (docs/results.md, "The test suite"). Set before torch
+# is imported; a run's own settings (fed.client_cpus, spawned central workers) still apply.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

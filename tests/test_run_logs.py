@@ -272,3 +272,25 @@ def test_partition_assignment_is_one_short_line_grouped_by_budget(tmp_path, capl
         m = re.search(re.escape(budget) + r": (\d+) \((\d+), (\d+), (\d+), \.\.\., (\d+)\)", line)
         assert m, (budget, line)
         assert [int(g) for g in m.groups()] == [len(pids), *pids[:3], pids[-1]]
+
+
+def test_the_simulation_runtimes_deprecation_and_rays_address_lookup_are_dropped_other_warnings_kept(caplog):
+    """fed.runtime=simulation: Flower's run_simulation deprecation (three lines, the user chose the runtime and the
+    run's first line names it) and Ray's lookup of its address in the private network (no route out, by design)
+    are dropped from the relay; any other Flower warning still shows."""
+    caplog.set_level(logging.DEBUG)
+    relay = StreamRelay()
+    for line in ["\x1b[93mWARNING \x1b[0m:   DEPRECATED FEATURE: The `run_simulation` function is deprecated and will "
+                 "be removed in a future version of Flower. Please use `flwr run` in the CLI instead.",
+                 "\x1b[92mINFO \x1b[0m:      This is a deprecated feature. It will be removed",
+                 "\x1b[92mINFO \x1b[0m:      entirely in future versions of Flower.",
+                 "[2026-12-05 21:26:13,452 W 7881 7881] network_util.cc:296: Failed to determine local IP via "
+                 "external connectivity to: 8.8.8.8:53, falling back to hostname resolution",
+                 "\x1b[93mWARNING \x1b[0m:   DEPRECATED FEATURE: some other function is deprecated"]:
+        relay(line)
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("WARNING", "DEPRECATED FEATURE: some other function is deprecated")]
+    f = FlowerNoiseFilter()  # the same in the process that runs run_simulation
+    rec = logging.LogRecord("flwr", logging.WARNING, __file__, 1, "DEPRECATED FEATURE: The `run_simulation` function "
+                            "is deprecated and will be removed", None, None)
+    assert not f.filter(rec)

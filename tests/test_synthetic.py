@@ -141,3 +141,9 @@ def test_a_thousand_synthetic_clients_reach_and_finish_their_round(tmp_path):
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["num_clients"] == 1000 and [r["clients_ok"] for r in m["rounds_detail"]] == [10]
+    # a clean console at 1000 clients: no warning (run_simulation's deprecation, which the user chose, nor Ray's
+    # address lookup in the private network) and no line that grows with the population (the partition dict did)
+    lines = (p.stdout + p.stderr).splitlines()
+    assert not [line for line in lines if "WARNING" in line or "ERROR" in line or "deprecated feature" in line]
+    assert not [line for line in lines if "Failed to determine local IP" in line]
+    assert max(map(len, lines)) < 1000 and len(lines) < 40

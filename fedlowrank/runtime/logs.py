@@ -37,10 +37,16 @@ NOISE = (
     "Initial global evaluation results", "Loading project configuration",
     "Manually terminating ClientAppActor", "Strategy execution finished",
     "[ROUND ",  # Flower's round banner: the project's own line ("round k/n: accuracy ...") marks each round
+    # the tail of run_simulation's deprecation notice (see NOT_APPLICABLE), and Ray in a private network, which by
+    # design has no route out: it then resolves its address by hostname, as it says
+    "This is a deprecated feature. It will be removed", "entirely in future versions of Flower.",
+    "Failed to determine local IP via external connectivity",
 )
 # Flower's warnings that never apply to a run of this project: flwr 1.41 says the default federation size changed
-# on every simulation start, though the runtime always sets num-supernodes itself. Other warnings always show.
-NOT_APPLICABLE = ("default simulated SuperNodes changed",)
+# on every simulation start, though the runtime always sets num-supernodes itself; and with fed.runtime=simulation
+# that run_simulation is deprecated (the user chose it; the run's first line and docs/federated.md say so, and the
+# default runtime is the `flwr run` Flower points to). Other warnings always show.
+NOT_APPLICABLE = ("default simulated SuperNodes changed", "The `run_simulation` function is deprecated")
 # Flower's closing dump of every round's metrics in scientific notation: dropped up to the next line of ours
 FINAL_BLOCK = "Final results:"
 # The last line of a finished run's summary (``federated.report.summary_lines``), logged by the server's logger:
@@ -139,7 +145,9 @@ class StreamRelay:
             return
         m = _FLOWER.match(text)
         level, msg = (getattr(logging, m.group(1)), m.group(2).strip()) if m else (logging.INFO, text)
-        if level >= logging.WARNING and msg and not any(n in msg for n in NOT_APPLICABLE) or self.noise.keep(msg):
+        keep = (bool(msg) and not any(n in msg for n in NOT_APPLICABLE) if level >= logging.WARNING
+                else self.noise.keep(msg))  # as FlowerNoiseFilter: every warning but those that never apply
+        if keep:
             self.flower.log(level, "%s", msg)
 
 

@@ -42,7 +42,8 @@ def run(cfg: DictConfig) -> dict:
     check_resume_state(fr)
     os.makedirs(fr.out_dir, exist_ok=True)
     log.info("federated run: strategy=%s clients=%d rounds=%d budgets=%s runtime=%s%s; output in %s", fr.strategy,
-             fr.fed.num_clients, fr.fed.rounds, fr.fed.ranks or fr.fed.rank_ratios, fr.fed.runtime,
+             fr.fed.num_clients, fr.fed.rounds, fr.fed.ranks or fr.fed.rank_ratios, fr.fed.runtime
+             + (" (Flower's run_simulation, deprecated in flwr 1.41)" if fr.fed.runtime == "simulation" else ""),
              " in a private network" if isolate else "", os.path.abspath(fr.out_dir))
     t0 = time.time()
     with handed_over(fr):

@@ -261,3 +261,47 @@ def test_a_root_whose_start_time_changed_is_not_signalled():
     finally:
         victim.kill()
         victim.wait()
+
+
+@pytest.mark.timeout(60)
+def test_an_isolated_run_is_ended_once_its_summary_is_relayed_and_its_outputs_are_complete():
+    """fed.runtime=simulation in a private network: after the summary's last line and ``complete()``, the run's
+    process is killed at once (its handlers would only begin run_simulation's ~3 s shutdown) and what it started
+    gets SIGTERM; while ``complete()`` does not hold, nothing is stopped, the wait polls (no busy loop) and the
+    run ends on its own."""
+    from fedlowrank.runtime.logs import StreamRelay, relay_stream
+    from fedlowrank.runtime.runner import wait_or_end
+
+    # a stand-in run: starts a child in a session of its own (as Ray's processes), prints the summary's last line
+    script = ("import subprocess, sys, time; c = subprocess.Popen([sys.executable, '-c', 'import time; "
+              "time.sleep(60)'], start_new_session=True); print(c.pid, flush=True); "
+              "print('INFO fedlowrank.federated.server:   tensorboard --logdir /x', flush=True); "
+              "time.sleep(float(sys.argv[1]))")
+
+    def start(seconds: str) -> tuple[subprocess.Popen, StreamRelay, int]:
+        proc = subprocess.Popen([sys.executable, "-c", script, seconds], stdout=subprocess.PIPE, text=True)
+        child = int(proc.stdout.readline())
+        relay = StreamRelay()
+        relay_stream(proc.stdout, relay=relay)
+        return proc, relay, child
+
+    run, relay, child = start("60")
+    t0 = time.time()
+    assert wait_or_end(run, relay, complete=lambda: True, grace=5.0)
+    assert run.returncode == -signal.SIGKILL and time.time() - t0 < 10
+    _gone_or_zombie(child)
+    run, relay, child = start("2")
+    t0, cpu0 = time.time(), time.process_time()
+    try:
+        assert not wait_or_end(run, relay, complete=lambda: False)
+        assert run.returncode == 0 and time.time() - t0 > 1.5 and _alive(child)  # ended by itself, nothing killed
+        assert time.process_time() - cpu0 < 0.5 * (time.time() - t0)  # it polled; it did not spin
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def _gone_or_zombie(pid: int, timeout: float = 10) -> None:
+    deadline = time.time() + timeout
+    while reaper._stat(pid) is not None and time.time() < deadline:
+        time.sleep(0.1)
+    assert reaper._stat(pid) is None, f"process {pid} outlived the run's end"

@@ -118,6 +118,18 @@ def stop_trees(roots: list[int], grace: float = 10.0) -> int:
     return kill_known(owned((0, 0), idents), grace)  # owned() includes the live roots themselves
 
 
+def end_tree(root: subprocess.Popen, grace: float = 1.0) -> int:
+    """End a finished run's process tree without its own shutdown: what ``root`` (a child of this process, not
+    reaped yet) owns is recorded first, then ``root`` is killed at once (its handlers would only start the
+    shutdown this skips) and reaped, and the rest get SIGTERM, then SIGKILL after ``grace``. Returns how many of
+    the rest needed SIGKILL."""
+    ident = identity(root.pid) if root.returncode is None else None
+    known = owned((0, 0), (ident,)) - {ident} if ident is not None else set()
+    root.kill()
+    root.wait()
+    return kill_known(known, grace)
+
+
 def kill_known(known: set[tuple[int, int]], grace: float = 10.0) -> int:
     """SIGTERM every process of ``known`` that is still itself, then SIGKILL those that outlive ``grace``;
     returns how many needed SIGKILL."""

@@ -137,7 +137,7 @@ def use_private_network(fr: FederatedRun) -> bool:
 def run_isolated(fr: FederatedRun, cfg: DictConfig) -> dict:
     """Run ``cfg`` inside a private network (see :mod:`.private_net`) with :mod:`.isolated`, relaying its log; the
     summary (or the error that stopped it) comes back as JSON in ``<out_dir>/flwr_runtime``."""
-    from .logs import relay_stream
+    from .logs import StreamRelay, relay_stream
 
     work = Path(fr.out_dir).resolve() / "flwr_runtime"
     work.mkdir(parents=True, exist_ok=True)
@@ -151,18 +151,27 @@ def run_isolated(fr: FederatedRun, cfg: DictConfig) -> dict:
     else:
         job, arg = "runner", work / "isolated_config.yaml"
         OmegaConf.save(cfg, arg, resolve=True)
+    metrics = Path(fr.out_dir).resolve() / "metrics.json"
+    complete = written_again(metrics)
     proc = subprocess.Popen(private_net.command([sys.executable, "-m", "fedlowrank.runtime.isolated", job, str(arg),
                                                  str(result)]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    relay = relay_stream(proc.stdout) if proc.stdout is not None else None
-    try:
-        proc.wait()
+    relay = StreamRelay()
+    pump = relay_stream(proc.stdout, relay=relay) if proc.stdout is not None else None
+    ended = False
+    try:  # the SuperLink job ends its Flower and Ray early itself (superlink.launch); run_simulation's end here
+        if job == "runner":
+            ended = wait_or_end(proc, relay, complete)
+        else:
+            proc.wait()
     finally:
         if proc.poll() is None:  # interrupted here: stop the run (its own watchdog stops what it started)
             proc.terminate()
             proc.wait(timeout=60)
-        if relay is not None:
-            relay.join(timeout=5)
+        if pump is not None:
+            pump.join(timeout=5)
+    if ended:
+        return json.loads(metrics.read_text())
     out = json.loads(result.read_text()) if result.exists() else {}
     if out.get("kind") == "Stopped":
         raise stop.Stopped(int(out.get("signum", 2)))
@@ -172,6 +181,27 @@ def run_isolated(fr: FederatedRun, cfg: DictConfig) -> dict:
         raise RuntimeError(f"the federated run in its private network exited {proc.returncode} without a result; "
                            f"see the log above and {fr.out_dir}")
     return out["results"]
+
+
+def written_again(path: Path):
+    """A check that ``path`` has been written since now (a run's ``metrics.json``: its server's last write)."""
+    before = path.stat().st_mtime_ns if path.exists() else None
+    return lambda: path.exists() and path.stat().st_mtime_ns != before
+
+
+def wait_or_end(proc: subprocess.Popen, relay, complete, poll: float = 0.05, grace: float = 1.0) -> bool:
+    """Wait for ``proc`` (a run's process); once its summary has been relayed (``relay.summary_done``) and
+    ``complete()`` holds, end it and everything it started (:func:`.reaper.end_tree`) instead of waiting for
+    run_simulation's and Ray's shutdown (~3 s). True if it was ended so, False if it exited by itself."""
+    while True:
+        try:
+            proc.wait(timeout=poll)
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+        if relay.summary_done.is_set() and complete():
+            reaper.end_tree(proc, grace=grace)
+            return True
 
 
 def run_in_process(fr: FederatedRun) -> dict:

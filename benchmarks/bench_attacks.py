@@ -66,6 +66,9 @@ SETTINGS = {"defaults": [], "dirichlet": ["fed.partition=dirichlet", "fed.alpha=
             "fedavg_nocusum": ["strategy=fedavg", "fed.screen_cusum=null"],
             "fedavg_dirichlet_nocusum": ["strategy=fedavg", "fed.partition=dirichlet", "fed.alpha=0.1",
                                          "fed.screen_cusum=null"],
+            # the bound of the cumulative rule on slice iid (fed.screen_cusum) against the CNN's honest sums
+            "cusum3": ["fed.screen_cusum=3.0"], "cnn": ["model=cnn"],
+            "cnn_cusum3": ["model=cnn", "fed.screen_cusum=3.0"],
             "krum": ["strategy=fedavg", "fed.robust=krum", "fed.screen=none", "fed.clip_auto=null"],
             "fedmedian": ["strategy=fedavg", "fed.robust=median", "fed.screen=none", "fed.clip_auto=null"]}
 ATTACKS = ("crash", "scale", "budget", "flip", "flip1.4", "flip5", "constant", "duplicate")  # crash: never replies

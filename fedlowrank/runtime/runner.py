@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +24,7 @@ from fedlowrank.federated.report import keep_matplotlib_in
 from fedlowrank.federated.server import partition_sizes
 
 from . import private_net, reaper
+from .logs import StreamRelay
 
 log = logging.getLogger(__name__)
 _ERRORS: dict[str, type[Exception]] = {"ConfigError": ConfigError, "CheckpointError": CheckpointError}  # exit 2
@@ -137,7 +139,7 @@ def use_private_network(fr: FederatedRun) -> bool:
 def run_isolated(fr: FederatedRun, cfg: DictConfig) -> dict:
     """Run ``cfg`` inside a private network (see :mod:`.private_net`) with :mod:`.isolated`, relaying its log; the
     summary (or the error that stopped it) comes back as JSON in ``<out_dir>/flwr_runtime``."""
-    from .logs import StreamRelay, relay_stream
+    from .logs import relay_stream
 
     work = Path(fr.out_dir).resolve() / "flwr_runtime"
     work.mkdir(parents=True, exist_ok=True)
@@ -183,13 +185,14 @@ def run_isolated(fr: FederatedRun, cfg: DictConfig) -> dict:
     return out["results"]
 
 
-def written_again(path: Path):
+def written_again(path: Path) -> Callable[[], bool]:
     """A check that ``path`` has been written since now (a run's ``metrics.json``: its server's last write)."""
     before = path.stat().st_mtime_ns if path.exists() else None
     return lambda: path.exists() and path.stat().st_mtime_ns != before
 
 
-def wait_or_end(proc: subprocess.Popen, relay, complete, poll: float = 0.05, grace: float = 1.0) -> bool:
+def wait_or_end(proc: subprocess.Popen, relay: StreamRelay, complete: Callable[[], bool], poll: float = 0.05,
+                grace: float = 1.0) -> bool:
     """Wait for ``proc`` (a run's process); once its summary has been relayed (``relay.summary_done``) and
     ``complete()`` holds, end it and everything it started (:func:`.reaper.end_tree`) instead of waiting for
     run_simulation's and Ray's shutdown (~3 s). True if it was ended so, False if it exited by itself."""

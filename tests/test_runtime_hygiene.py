@@ -302,6 +302,6 @@ def test_an_isolated_run_is_ended_once_its_summary_is_relayed_and_its_outputs_ar
 
 def _gone_or_zombie(pid: int, timeout: float = 10) -> None:
     deadline = time.time() + timeout
-    while reaper._stat(pid) is not None and time.time() < deadline:
+    while _alive(pid) and time.time() < deadline:
         time.sleep(0.1)
-    assert reaper._stat(pid) is None, f"process {pid} outlived the run's end"
+    assert not _alive(pid), f"process {pid} outlived the run's end"

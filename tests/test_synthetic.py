@@ -149,7 +149,8 @@ def test_a_thousand_synthetic_clients_reach_and_finish_their_round(tmp_path):
     assert max(map(len, lines)) < 1000 and len(lines) < 40
     # the run is ended once its summary is out (runner.wait_or_end): nothing it wrote is missing
     rows = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
-    assert [(r["round"], "train" in r, "eval" in r) for r in rows] == [(0, False, True), (1, True, False), (1, False, True)]
+    assert [(r["round"], "train" in r, "eval" in r) for r in rows] == [(0, False, True), (1, True, False),
+                                                                         (1, False, True)]
     ckpt = tmp_path / "checkpoints"
     assert (ckpt / "round-000001").is_dir() and (ckpt / "last.safetensors").is_file()
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*")) and (tmp_path / "report.png").is_file()

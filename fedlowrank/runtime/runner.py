@@ -25,6 +25,7 @@ from fedlowrank.federated.server import partition_sizes
 
 from . import private_net, reaper
 from .logs import StreamRelay
+from .superlink import written_again
 
 log = logging.getLogger(__name__)
 _ERRORS: dict[str, type[Exception]] = {"ConfigError": ConfigError, "CheckpointError": CheckpointError}  # exit 2
@@ -183,12 +184,6 @@ def run_isolated(fr: FederatedRun, cfg: DictConfig) -> dict:
         raise RuntimeError(f"the federated run in its private network exited {proc.returncode} without a result; "
                            f"see the log above and {fr.out_dir}")
     return out["results"]
-
-
-def written_again(path: Path) -> Callable[[], bool]:
-    """A check that ``path`` has been written since now (a run's ``metrics.json``: its server's last write)."""
-    before = path.stat().st_mtime_ns if path.exists() else None
-    return lambda: path.exists() and path.stat().st_mtime_ns != before
 
 
 def wait_or_end(proc: subprocess.Popen, relay: StreamRelay, complete: Callable[[], bool], poll: float = 0.05,

@@ -161,6 +161,12 @@ def prepare(fr: FederatedRun, cfg: DictConfig) -> dict:
     return {"out": str(out), "conf": str(conf), "federation": fed, "env": {TRUST_ENV: "1"}}
 
 
+def written_again(path: Path) -> Callable[[], bool]:
+    """A check that ``path`` has been written since now (a run's ``metrics.json``: its server's last write)."""
+    before = path.stat().st_mtime_ns if path.exists() else None
+    return lambda: path.exists() and path.stat().st_mtime_ns != before
+
+
 def launch(spec: dict) -> dict:
     """A private SuperLink, ``flwr run`` of the staged project on :func:`prepare`'s config, and the summary from
     ``metrics.json`` (or the run's error raised). Imports no torch: inside the private network this is the whole
@@ -168,12 +174,8 @@ def launch(spec: dict) -> dict:
     out = Path(spec["out"])
     work = out / "flwr_runtime"
     metrics, error = out / "metrics.json", out / "error.json"
-    before = metrics.stat().st_mtime_ns if metrics.exists() else None
+    fresh = written_again(metrics)  # this run wrote metrics.json (the ServerApp's last write)
     error.unlink(missing_ok=True)
-
-    def fresh() -> bool:  # this run wrote metrics.json (the ServerApp's last write)
-        return metrics.exists() and metrics.stat().st_mtime_ns != before
-
     watchdog, relay = None, StreamRelay()
     try:
         with simulation_superlink(work, env=spec["env"]) as lb:

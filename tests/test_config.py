@@ -131,6 +131,7 @@ def test_section_defaults_are_written_once_in_the_dataclasses():
     from omegaconf import OmegaConf
 
     from fedlowrank.config.central import TrainerConfig
+    from fedlowrank.config.defences import LR_DEFAULT
     from fedlowrank.config.federated import FedConfig
     from fedlowrank.schema import defaults
 
@@ -151,7 +152,7 @@ def test_section_defaults_are_written_once_in_the_dataclasses():
         assert not (CONF / "method" / f"{name}.yaml").exists()
     # a command-line override still reaches the typed run, and a nested default can be overridden
     run = federated_run_from_cfg(_compose(["mode=federated", "fed.rounds=3", "fed.devices.spread=2"]))
-    assert run.fed.rounds == 3 and run.fed.devices.spread == 2.0 and run.fed.lr == FedConfig().lr
+    assert run.fed.rounds == 3 and run.fed.devices.spread == 2.0 and run.fed.lr == LR_DEFAULT
 
 
 @pytest.mark.parametrize("argv, hint", [

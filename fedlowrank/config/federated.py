@@ -14,7 +14,7 @@ from fedlowrank.data.vision import IMAGE_SPECS, VECTOR_SPECS
 from fedlowrank.schema import ConfigError, check_top_level, to_dataclass
 
 from .budgets import check_budget_count, check_budgets, client_budget
-from .defences import ROBUST, check_defences, resolve_defences
+from .defences import ROBUST, check_defences, resolve_defences, resolve_lr
 from .devices import DevicesConfig, population
 from .fed_lora import INSTRUCTION_SPECS, LORA_ONLY, check_lora_run
 
@@ -39,7 +39,7 @@ class FedConfig:
     local_epochs: int = 3
     local_steps: int | None = None
     batch_size: int = 32
-    lr: float = 0.05
+    lr: Any = "auto"  # auto: by model.arch, 0.02 for the CNN and 0.05 otherwise (defences.py)
     momentum: float = 0.9
     weight_decay: float = 0.0
     frob_decay: float = 0.0
@@ -281,6 +281,7 @@ class FederatedRun:
     def validate(self) -> None:
         """Each section validates itself; then what crosses sections: strategy x method x options,
         the method's own schema, and data x model."""
+        resolve_lr(self)
         self.fed.validate()
         self.data.validate()
         lora = self.method.get("name") == "lora" or self.strategy in LORA_ONLY

@@ -1,4 +1,6 @@
 """``fed.runtime=local``: the same ServerApp/ClientApp message flow as Flower's simulation, in one process."""
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +38,26 @@ def test_local_runtime_trains_the_same_model_as_flowers_simulation(tmp_path):
     assert sum(r["failures"] + r["rejected"] for r in loc["rounds_detail"]) > 0  # the faults did reach the server
     assert loc["final"]["global_accuracy"] == sim["final"]["global_accuracy"]
     assert not (tmp_path / "loc" / "flwr_runtime").exists()  # no SuperLink, no staged app
+
+
+@pytest.mark.timeout(120)
+def test_eval_every_skips_evaluations_and_leaves_training_alone(tmp_path, caplog):
+    """``fed.eval_every=2`` over 3 rounds: the global and the clients' held-out evaluations in rounds 0, 2 and 3
+    (the last) only, a "not evaluated" line for round 1, and the model and final figures of evaluating every round
+    (an evaluation that drew from a generator the training uses would change them)."""
+    every = run(_cfg(tmp_path / "e1", "fed.runtime=local"))
+    with caplog.at_level(logging.INFO, logger="fedlowrank.federated.server"):
+        sparse = run(_cfg(tmp_path / "e2", "fed.runtime=local", "fed.eval_every=2"))
+    rows = [json.loads(line) for line in (tmp_path / "e2" / "rounds.jsonl").read_text().splitlines()]
+    assert sorted(r["round"] for r in rows if "eval" in r) == [0, 2, 3]
+    assert sorted(r["round"] for r in rows if "train" in r) == [1, 2, 3]
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("round 1/3: not evaluated (fed.eval_every) | 2 trained") for m in said), said
+    assert any(m.startswith("round 2/3: accuracy") for m in said), said
+    a = load_file(str(tmp_path / "e1" / "checkpoints" / "last.safetensors"))
+    b = load_file(str(tmp_path / "e2" / "checkpoints" / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sparse["final"] == every["final"] and sparse["final_clients"] == every["final_clients"]
 
 
 def test_local_grid_runs_the_client_app_and_delivers_a_duplicate_twice(tmp_path):

@@ -148,6 +148,9 @@ def test_one_readable_line_per_round():
     assert line == ("round 15/15: accuracy 0.9721 (loss 0.1508) | budgets 0.1 0.908, 1.0 0.972 | clients mean 0.951, "
                     "p10 0.914 | 3 trained, 1 failed, train loss 0.0288, 0.34 MB up, 0.68 MB down")
     assert round_line(0, 15, res, train).endswith("p10 0.914")  # the initial evaluation has no training part
+    train["round"] = 3  # a round fed.eval_every skips: its training alone
+    assert round_line(3, 15, {}, train) == ("round 3/15: not evaluated (fed.eval_every) | 3 trained, 1 failed, train "
+                                            "loss 0.0288, 0.34 MB up, 0.68 MB down")
 
 
 def test_clipping_is_one_info_line_per_round_never_a_warning_per_client(tmp_path, caplog):

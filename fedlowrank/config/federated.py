@@ -61,8 +61,7 @@ class FedConfig:
     poll_s: float = 0.1  # seconds between the server's pulls for replies (Flower's deployed Grid: a fixed 3 s)
     client_cpus: float = 1.0
     client_gpus: float = 0.0  # a fraction (e.g. 0.25) puts several clients on one GPU
-    # where clients train and the server evaluates: auto (cuda when fed.client_gpus > 0 and CUDA is present) | cpu | cuda
-    device: str = "auto"
+    device: str = "auto"  # clients and server evaluation: auto (cuda if client_gpus > 0 and present) | cpu | cuda
     bf16: bool = False  # bf16 autocast for local training and evaluation
     batched_clients: bool = False  # fed.runtime=local: a round's clients of one budget train vectorized (batched.py)
     # superlink: Flower's simulation runtime (a private `flower-superlink --simulation` + `flwr run`); simulation: the
@@ -71,11 +70,11 @@ class FedConfig:
     # auto: run inside a private user+network namespace where the kernel allows it (no other local process can
     # reach the SuperLink's or Ray's ports; fedlowrank.runtime.private_net), else warn; netns: require it; none: off
     isolation: str = "auto"
-    # an existing Ray cluster ("<head ip>:6379", fed.runtime=simulation): the clients run on its nodes
-    ray_address: str | None = None
+    ray_address: str | None = None  # an existing Ray cluster ("<head ip>:6379", fed.runtime=simulation)
     nested: bool = False  # ordered dropout: each local step trains a sampled budget <= the client's (slice/product)
     eval_budgets: bool = True  # also evaluate the global model truncated to each client budget
     checkpoint_every: int = 1
+    eval_every: int = 1  # the global and the clients' held-out evaluation every k rounds (always rounds 0 and last)
     keep_checkpoints: int = 2  # complete per-round checkpoints kept under <out_dir>/checkpoints
     # "auto": continue from the newest complete round checkpoint in out_dir (a bad one stops the run, exit 2);
     # "auto_or_fresh": the same, but a refused checkpoint is moved aside and the run starts afresh
@@ -152,8 +151,9 @@ class FedConfig:
         if any(pid >= self.num_clients for pid in faults):
             raise ConfigError(f"fed.faults names client(s) {sorted(p for p in faults if p >= self.num_clients)} but "
                               f"fed.num_clients={self.num_clients} (ids 0..{self.num_clients - 1})")
-        if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.max_failed_rounds < 1:
-            raise ConfigError("fed.checkpoint_every, fed.keep_checkpoints and fed.max_failed_rounds must be >= 1")
+        if min(self.checkpoint_every, self.eval_every, self.keep_checkpoints, self.max_failed_rounds) < 1:
+            raise ConfigError("fed.checkpoint_every, fed.eval_every, fed.keep_checkpoints and fed.max_failed_rounds "
+                              "must be >= 1")
         if self.resume not in (None, "auto", "auto_or_fresh"):
             raise ConfigError(f"fed.resume must be null, 'auto' or 'auto_or_fresh', got {self.resume!r}")
         check_defences(self)

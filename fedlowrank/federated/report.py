@@ -67,8 +67,8 @@ def _budget_accuracies(res: dict) -> dict[str, float]:
 def round_line(rnd: int, rounds: int, res: dict, train: dict | None) -> str:
     """One readable console line for a round: global accuracy, each budget's, the clients' held-out mean and p10,
     and the round's training (clients, loss, bytes). The whole record stays in ``rounds.jsonl``."""
-    parts = [f"round {rnd}/{rounds}: accuracy {res.get('global_accuracy', float('nan')):.4f} "
-             f"(loss {res.get('global_loss', float('nan')):.4f})"]
+    parts = [f"round {rnd}/{rounds}: " + (f"accuracy {res['global_accuracy']:.4f} (loss {res['global_loss']:.4f})"
+                                          if "global_accuracy" in res else "not evaluated (fed.eval_every)")]
     budgets = _budget_accuracies(res)
     if budgets:
         parts.append("budgets " + ", ".join(f"{k.removeprefix('ratio')} {v:.3f}" for k, v in sorted(budgets.items())))

@@ -112,7 +112,7 @@ def _run_server(grid: Grid, run: FederatedRun) -> dict:
         if done < run.fed.rounds:
             strategy.start(PollingGrid(grid, run.fed.poll_s), to_record(strategy.global_state),
                            num_rounds=run.fed.rounds - done, timeout=run.fed.timeout,
-                           evaluate_fn=lambda rnd, arrays: MetricRecord(sr.evaluate(rnd + done, strategy.global_state)))
+                           evaluate_fn=lambda rnd, arrays: sr.evaluated(rnd + done, strategy.global_state))
     finally:  # a failing run still leaves every round checkpoint it had written
         sr.saver.close()
     sr.writers.close()
@@ -144,6 +144,16 @@ class _ServerRun:
                                            sizes=partition_sizes(run), round_offset=self.done)
         if resumed:
             self.strategy.restore(resumed[2], resumed[3])
+
+    def evaluated(self, rnd: int, state: State) -> MetricRecord | None:
+        """Flower's ``evaluate_fn``: :meth:`evaluate` in the rounds ``fed.eval_every`` picks (always round 0 and
+        the last); in the others only the round's console line (its training)."""
+        f = self.run.fed
+        if rnd % f.eval_every and rnd != f.rounds:
+            h = self.strategy.history[-1] if self.strategy.history else None
+            log.info("%s", round_line(rnd, f.rounds, {}, h))
+            return None
+        return MetricRecord(self.evaluate(rnd, state))
 
     def evaluate(self, rnd: int, state: State) -> dict[str, float]:
         """Global model on the test set (and cut to each client budget), logged to TensorBoard and

@@ -82,13 +82,13 @@ def overrides(n: int, rounds: int, per_round: int, steps: int) -> list[str]:
 
 
 def one_main(n: int, rounds: int, per_round: int, steps: int, tmp: str, runtime: str = "superlink",
-             data: list[str] | None = None) -> dict:
+             data: list[str] | None = None, eval_every: int = 1) -> dict:
     """``main.py ... fed.runtime=<runtime>`` in a child process: wall, server round times, tree peak RSS."""
     import json
 
     out = Path(tmp) / f"{runtime}{n}"
     cmd = [sys.executable, "main.py", *overrides(n, rounds, per_round, steps), *(data or []), f"fed.runtime={runtime}",
-           "fed.eval_budgets=false", f"out_dir={out}"]
+           "fed.eval_budgets=false", f"fed.eval_every={eval_every}", f"out_dir={out}"]
     env = {k: v for k, v in os.environ.items() if k != "FEDLOWRANK_CACHE_DIR"}  # simulations use no node cache
     done = run_sampled(cmd, Path(__file__).resolve().parents[1], env=env, every_s=0.25)
     if done["returncode"] != 0:
@@ -97,10 +97,13 @@ def one_main(n: int, rounds: int, per_round: int, steps: int, tmp: str, runtime:
     m = json.loads((out / "metrics.json").read_text())
     times = [r["round_s"] for r in m["rounds_detail"]]
     first_start = m["rounds_detail"][0].get("started_at")
+    starts = [r["started_at"] for r in m["rounds_detail"]]
+    gaps = [b - a for a, b in zip(starts, starts[1:])]  # a round, the evaluation after it, the next one's sampling
     sent = [r["clients_ok"] for r in m["rounds_detail"]]
     return {"clients": n, "fraction_train": min(1.0, per_round / n), "clients_per_round": statistics.fmean(sent),
             "local_steps": steps, "wall_s": wall, "round_s_median": statistics.median(times),
             "round_s_first": times[0], "outside_rounds_s": wall - sum(times), "runtime": runtime,
+            "round_start_to_start_s_median": statistics.median(gaps) if gaps else None,
             "startup_s": first_start - t_launch if first_start else None,  # launch to round 1's start
             "outside_rounds_note": "start-up, evaluation, shutdown",
             "clients_per_s": sum(sent) / sum(times), "peak_tree_rss_mb": peak[0],
@@ -117,6 +120,7 @@ def main() -> None:
     ap.add_argument("--runtime", choices=["inprocess", "superlink", "simulation", "local"], default="inprocess")
     ap.add_argument("--data", choices=["digits", "synthetic"], default="digits",
                     help="synthetic: FedProx's Synthetic(1, 1), one client per user (main.py runtimes only)")
+    ap.add_argument("--eval-every", type=int, default=1, help="fed.eval_every (main.py runtimes only)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
@@ -126,7 +130,8 @@ def main() -> None:
             if args.runtime == "inprocess":
                 rows.append(one(n, args.rounds, args.per_round, args.steps, tmp))
             else:
-                rows.append(one_main(n, args.rounds, args.per_round, args.steps, tmp, args.runtime, DATA[args.data]))
+                rows.append(one_main(n, args.rounds, args.per_round, args.steps, tmp, args.runtime, DATA[args.data],
+                                     args.eval_every))
             logging.getLogger("bench").error("%s", rows[-1])
     base = rows[0]
     for r in rows:
@@ -134,12 +139,15 @@ def main() -> None:
     note = ("in-process loop; memory is the process's peak RSS so far (monotone across rows)"
             if args.runtime == "inprocess" else
             f"main.py fed.runtime={args.runtime}; one process tree per row; round_s from the server's metrics.json; "
-            "startup_s: launch to round 1's start; memory: the tree's peak summed RSS and PSS")
+            "startup_s: launch to round 1's start; round_start_to_start_s: one round's start to the next's (the "
+            "round, the evaluation after it, the next round's sampling); memory: the tree's peak summed RSS and PSS")
     for r in rows:
         if r.get("startup_s") and base.get("startup_s"):
             r["startup_ratio"] = r["startup_s"] / base["startup_s"]
+        if r.get("round_start_to_start_s_median") and base.get("round_start_to_start_s_median"):
+            r["start_to_start_ratio"] = r["round_start_to_start_s_median"] / base["round_start_to_start_s_median"]
     data = "digits (1,437 training images)" if args.data == "digits" else "Synthetic(1, 1), one client per user"
-    emit("fed_scale", {**environment("cpu"), "data": data, "rounds": args.rounds,
+    emit("fed_scale", {**environment("cpu"), "data": data, "rounds": args.rounds, "eval_every": args.eval_every,
                        "runtime": args.runtime, "note": note, "results": rows}, args.out)
 
 

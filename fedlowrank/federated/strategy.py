@@ -120,7 +120,8 @@ class HeteroRankStrategy(Strategy):
         server's config gives that partition. Nodes are never asked: an id or budget is never a client's claim,
         so no node can take another's partition or a larger budget, and start-up sends no query round."""
         nodes = sorted(self._wait_for_nodes(grid))
-        for gone in [n for n in self.partition if n not in set(nodes)]:  # a node that left frees its partition
+        here = set(nodes)
+        for gone in [n for n in self.partition if n not in here]:  # a node that left frees its partition
             del self.partition[gone], self.budgets[gone]
         free = sorted(set(range(self.run.fed.num_clients)) - set(self.partition.values()))
         new = [n for n in nodes if n not in self.partition]

@@ -18,6 +18,32 @@ def test_client_sizes_follow_the_power_law():
     assert np.array_equal(every, np.arange(len(d.y)))  # a partition of all examples
 
 
+@pytest.mark.parametrize("iid", [False, True])
+def test_the_same_seed_gives_the_examples_of_a_literal_transcription(iid):
+    """Published figures depend on these exact examples: the generator (filled in place, float32) equals the
+    definition drawn client by client (u, B, W, b, v, x, then the held-out permutation) in float64, bit for bit."""
+    d = generate(40, 0.5, 1.0, iid=iid, seed=3)
+    rng = np.random.default_rng(3)
+    sizes = rng.lognormal(4, 2, 40).astype(np.int64) + 50
+    W0, b0 = rng.normal(0, 1, (10, DIM)), rng.normal(0, 1, 10)
+    start = 0
+    for k, n in enumerate(sizes):
+        if iid:
+            W, b, v = W0, b0, np.zeros(DIM)
+        else:
+            u, B = rng.normal(0, 0.5), rng.normal(0, 1.0)
+            W, b = rng.normal(u, 1, (10, DIM)), rng.normal(u, 1, 10)
+            v = rng.normal(B, 1, DIM)
+        x = v + rng.normal(0, 1, (n, DIM)) * np.sqrt(np.arange(1, DIM + 1, dtype=np.float64) ** -1.2)
+        assert np.array_equal(d.x[start:start + n].numpy(), x.astype(np.float32))
+        assert np.array_equal(d.y[start:start + n].numpy(), np.argmax(x @ W.T + b, axis=1))
+        assert np.array_equal(d.models[k][0], W) and np.array_equal(d.models[k][1], b)
+        idx = start + rng.permutation(n)
+        assert np.array_equal(d.heldout_parts[k], np.sort(idx[:round(0.2 * n)]))
+        start += n
+    assert start == len(d.y) == len(d.x)
+
+
 def test_inputs_labels_and_heterogeneity_match_the_definition():
     d = generate(300, 1.0, 1.0, seed=1, max_per_client=400)
     x, y = d.x.double().numpy(), d.y.numpy()

@@ -42,25 +42,27 @@ def generate(n_clients: int, alpha: float, beta: float, iid: bool = False, seed:
     sizes = client_sizes(rng, n_clients)
     if max_per_client is not None:
         sizes = np.minimum(sizes, max_per_client)
-    sigma = np.arange(1, DIM + 1, dtype=np.float64) ** -1.2  # the diagonal of Σ
+    sd = np.sqrt(np.arange(1, DIM + 1, dtype=np.float64) ** -1.2)  # Σ's diagonal, square-rooted
     W0, b0 = rng.normal(0, 1, (CLASSES, DIM)), rng.normal(0, 1, CLASSES)
-    xs, ys, models, train, held, start = [], [], [], [], [], 0
-    for k, n in enumerate(sizes):
+    total = int(sizes.sum())
+    x_all, y_all = np.empty((total, DIM), dtype=np.float32), np.empty(total, dtype=np.int64)  # filled in place
+    models, train, held, start = [], [], [], 0
+    for n in sizes:
         if iid:
             W, b, v = W0, b0, np.zeros(DIM)
         else:
             u, B = rng.normal(0, alpha), rng.normal(0, beta)
             W, b = rng.normal(u, 1, (CLASSES, DIM)), rng.normal(u, 1, CLASSES)
             v = rng.normal(B, 1, DIM)
-        x = v + rng.normal(0, 1, (n, DIM)) * np.sqrt(sigma)  # N(v, Σ), Σ diagonal
-        xs.append(x.astype(np.float32))  # the float32 the tensor holds; labels come from the float64 x
-        ys.append(np.argmax(x @ W.T + b, axis=1))  # softmax is monotone: argmax of the logits
+        x = rng.standard_normal((n, DIM))  # the draws rng.normal(0, 1, ...) makes; scaled and shifted in place:
+        x *= sd
+        x += v  # N(v, Σ), Σ diagonal
+        x_all[start:start + n] = x  # the float32 the tensor holds; labels come from the float64 x
+        y_all[start:start + n] = np.argmax(x @ W.T + b, axis=1)  # softmax is monotone: argmax of the logits
         models.append((W, b))
         idx = start + rng.permutation(n)
         h = max(1, int(round(test_fraction * n)))
         held.append(np.sort(idx[:h]))
         train.append(np.sort(idx[h:]))
         start += n
-    x = torch.as_tensor(np.concatenate(xs), dtype=torch.float32)
-    y = torch.as_tensor(np.concatenate(ys), dtype=torch.long)
-    return SyntheticData(x, y, train, held, models)
+    return SyntheticData(torch.from_numpy(x_all), torch.from_numpy(y_all), train, held, models)

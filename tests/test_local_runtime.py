@@ -58,6 +58,9 @@ def test_eval_every_skips_evaluations_and_leaves_training_alone(tmp_path, caplog
     b = load_file(str(tmp_path / "e2" / "checkpoints" / "last.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sparse["final"] == every["final"] and sparse["final_clients"] == every["final_clients"]
+    # metrics.json keeps the settings the run resolved, not only the asked-for ``auto``
+    fed = json.loads((tmp_path / "e2" / "metrics.json").read_text())["settings"]["fed"]
+    assert (fed["eval_every"], fed["lr"], fed["screen"], fed["clip_auto"]) == (2, 0.05, "exclude", None)
 
 
 def test_local_grid_runs_the_client_app_and_delivers_a_duplicate_twice(tmp_path):

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from flwr.app import MetricRecord
@@ -237,8 +238,16 @@ class _ServerRun:
             "final_clients": self.client_rows.get(run.fed.rounds, []),  # the last round's sampled clients
             "label_skew": label_skew(fed_data(run)), "report_png": str(png) if png else None,
             "excluded": {str(p): r for p, r in sorted(st.screen.excluded.items())},  # partition id -> round
+            "settings": settings(run),
         }
         atomic_write_bytes(out / "metrics.json", json.dumps(summary, indent=2, default=float).encode())
         for line in summary_lines(summary, os.fspath(out), wall_s):
             log.info("%s", line)
         return summary
+
+
+def settings(run: FederatedRun) -> dict:
+    """What the run ran with, every ``auto`` resolved (``fed.lr``, ``fed.screen``, ``fed.clip_auto``, ...); the
+    Hydra config beside the outputs keeps what was asked for."""
+    return {"seed": run.seed, "strategy": run.strategy, "fed": asdict(run.fed), "data": asdict(run.data),
+            "model": dict(run.model), "method": dict(run.method)}

@@ -140,6 +140,25 @@ def test_the_unplanted_checkpoint_resumes(tmp_path):
     assert saved["rng"] == json.loads(json.dumps(st.state()["rng"]))
 
 
+def test_a_resume_with_other_settings_names_them_and_more_rounds_do_not(tmp_path, caplog):
+    """Each round checkpoint keeps the settings it was written with, every ``auto`` resolved: resuming with another
+    learning rate warns and names it (the run is not the uninterrupted one); more rounds, what resuming is for,
+    do not; a garbled ``settings.json`` is reported, never fatal."""
+    run, st, ckpt = _saved(tmp_path)
+    assert json.loads((ckpt / "settings.json").read_text())["fed"]["lr"] == run.fed.lr == 0.05  # auto, resolved
+    with caplog.at_level(logging.WARNING):
+        assert resume_point(tmp_path, _fed_run(tmp_path, "fed.rounds=8"), st.global_state)[0] == 2
+        assert "settings differ" not in caplog.text
+        assert resume_point(tmp_path, _fed_run(tmp_path, "fed.lr=0.02"), st.global_state)[0] == 2
+        assert "settings differ from the checkpoint's" in caplog.text and "fed.lr (0.05 -> 0.02)" in caplog.text
+        assert "fed.rounds" not in caplog.text
+        (ckpt / "settings.json").write_text("{")
+        _reseal(ckpt)
+        caplog.clear()
+        assert resume_point(tmp_path, run, st.global_state)[0] == 2
+        assert "unreadable" in caplog.text
+
+
 def test_auto_or_fresh_sets_a_bad_checkpoint_aside_and_continues_from_a_good_one(tmp_path, caplog):
     run, st, good = _saved(tmp_path, 2, "fed.resume=auto_or_fresh")
     _, _, bad = _saved(tmp_path, 4, "fed.resume=auto_or_fresh")

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -141,6 +142,45 @@ def _moments(initial: State) -> State:
             for k, shape in shapes.items()}
 
 
+def settings(run: FederatedRun) -> dict:
+    """What the run ran with, every ``auto`` resolved (``fed.lr``, ``fed.screen``, ``fed.clip_auto``, ...), as
+    ``metrics.json`` and each round checkpoint keep it; the Hydra config beside the outputs keeps what was asked."""
+    return {"seed": run.seed, "strategy": run.strategy, "fed": asdict(run.fed), "data": asdict(run.data),
+            "model": dict(run.model), "method": dict(run.method)}
+
+
+RESUME_MAY_CHANGE = ("fed.rounds", "fed.resume")  # a resumed run continues for longer, and is one
+
+
+def changed_settings(saved: object, now: dict, prefix: str = "") -> list[str]:
+    """``key (saved -> now)`` for every setting of ``now`` that ``saved`` (a checkpoint's, untrusted) holds
+    otherwise, nested keys dotted; what a resume may change is left out."""
+    if not isinstance(saved, dict):
+        return [] if prefix else ["the whole record (not a JSON object)"]
+    out = []
+    for k, v in now.items():
+        key, old = f"{prefix}{k}", saved.get(k, "(missing)")
+        if isinstance(v, dict):
+            out += changed_settings(old if isinstance(old, dict) else {}, v, f"{key}.")
+        elif old != v and key not in RESUME_MAY_CHANGE:
+            out.append(f"{key} ({str(old)[:40]} -> {str(v)[:40]})")
+    return out
+
+
+def _warn_if_changed(path: Path, run: FederatedRun) -> None:
+    """A warning naming the settings this run changes against the checkpoint's ``settings.json`` (none in
+    checkpoints written before it existed). Only compared: a change never stops the resume."""
+    if not path.is_file():
+        return
+    try:
+        diff = changed_settings(read_json(path), settings(run))
+    except CheckpointError as e:
+        diff = [f"unreadable ({str(e)[:80]})"]
+    if diff:
+        log.warning("fed.resume: this run's settings differ from the checkpoint's, so it does not continue the same "
+                    "run: %s", "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else ""))
+
+
 def _load(ckpt: Path, out: Path, run: FederatedRun, initial: State) -> tuple[int, State, dict, list[dict]]:
     rnd, st = check_strategy_state(read_json(ckpt / "strategy.json"), run, ckpt / "strategy.json")
     records = read_rounds(out / "rounds.jsonl", rnd, run)
@@ -197,5 +237,6 @@ def resume_point(out: Path, run: FederatedRun, initial: State,
         body = "".join(json.dumps(r, default=float) + "\n" for r in records)
         atomic_write_bytes(out / "rounds.jsonl", body.encode())
         log.info("fed.resume=%s: continuing after round %d from %s", run.fed.resume, rnd, ckpt)
+        _warn_if_changed(ckpt / "settings.json", run)
     evals = {int(r["round"]): r["eval"] for r in records if "eval" in r}
     return rnd, global_state, st, [r["train"] for r in records if "train" in r], evals

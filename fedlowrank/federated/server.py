@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from flwr.app import MetricRecord
@@ -22,7 +21,7 @@ from .client import autocast, compute_device, model_from_state
 from .grid import PollingGrid
 from .methods import fed_method
 from .report import budget_tag, round_line
-from .resume import resume_point
+from .resume import resume_point, settings
 from .task import build_model, eval_batch, fed_data
 from .tb import RunWriters
 
@@ -49,7 +48,8 @@ def _round_files(run: FederatedRun, rnd: int, state: State, strategy_state: dict
 
     files = {"global.safetensors": save({k: v.contiguous() for k, v in state.items()},
                                         metadata={"round": str(rnd), "strategy": run.strategy}),
-             "strategy.json": json.dumps({"round": rnd, **strategy_state}).encode()}
+             "strategy.json": json.dumps({"round": rnd, **strategy_state}).encode(),
+             "settings.json": json.dumps(settings(run), default=str).encode()}
     if opt_state:
         files["server_opt.safetensors"] = save({k: v.contiguous() for k, v in opt_state.items()})
     if rollback:
@@ -244,10 +244,3 @@ class _ServerRun:
         for line in summary_lines(summary, os.fspath(out), wall_s):
             log.info("%s", line)
         return summary
-
-
-def settings(run: FederatedRun) -> dict:
-    """What the run ran with, every ``auto`` resolved (``fed.lr``, ``fed.screen``, ``fed.clip_auto``, ...); the
-    Hydra config beside the outputs keeps what was asked for."""
-    return {"seed": run.seed, "strategy": run.strategy, "fed": asdict(run.fed), "data": asdict(run.data),
-            "model": dict(run.model), "method": dict(run.method)}

@@ -70,6 +70,7 @@ SETTINGS = {"defaults": [], "dirichlet": ["fed.partition=dirichlet", "fed.alpha=
             # MLP's learning rate (the CNN's fed.lr=auto until 2026-12-06; 0.02 since: "cnn", its defaults)
             "cusum3": ["fed.screen_cusum=3.0"], "cnn": ["model=cnn"], "cnn_lr05": ["model=cnn", "fed.lr=0.05"],
             "cnn_cusum3": ["model=cnn", "fed.lr=0.05", "fed.screen_cusum=3.0"],
+            "cnn_dirichlet": ["model=cnn", "fed.partition=dirichlet", "fed.alpha=0.1"],
             "krum": ["strategy=fedavg", "fed.robust=krum", "fed.screen=none", "fed.clip_auto=null"],
             "fedmedian": ["strategy=fedavg", "fed.robust=median", "fed.screen=none", "fed.clip_auto=null"]}
 ATTACKS = ("crash", "scale", "budget", "flip", "flip1.4", "flip5", "constant", "duplicate")  # crash: never replies

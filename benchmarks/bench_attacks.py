@@ -71,6 +71,9 @@ SETTINGS = {"defaults": [], "dirichlet": ["fed.partition=dirichlet", "fed.alpha=
             "cusum3": ["fed.screen_cusum=3.0"], "cnn": ["model=cnn"], "cnn_lr05": ["model=cnn", "fed.lr=0.05"],
             "cnn_cusum3": ["model=cnn", "fed.lr=0.05", "fed.screen_cusum=3.0"],
             "cnn_dirichlet": ["model=cnn", "fed.partition=dirichlet", "fed.alpha=0.1"],
+            # the other vision models at 0.05 (their fed.lr=auto until 2026-12-06), 0.02 and 0.01
+            **{f"{m}_lr{r[2:]}": [f"model={m}", f"fed.lr={r}"] for m in ("resnet", "vgg", "vit")
+               for r in ("0.05", "0.02", "0.01")},
             "krum": ["strategy=fedavg", "fed.robust=krum", "fed.screen=none", "fed.clip_auto=null"],
             "fedmedian": ["strategy=fedavg", "fed.robust=median", "fed.screen=none", "fed.clip_auto=null"]}
 ATTACKS = ("crash", "scale", "budget", "flip", "flip1.4", "flip5", "constant", "duplicate")  # crash: never replies
@@ -126,7 +129,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--settings", nargs="+", default=["defaults", "dirichlet"], choices=list(SETTINGS))
-    ap.add_argument("--attacks", nargs="+", default=list(ATTACKS), choices=ATTACKS)
+    ap.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=ATTACKS, help="none: clean runs only")
     ap.add_argument("--attackers", nargs="+", default=list(ATTACKERS), choices=list(ATTACKERS))
     ap.add_argument("--out", default=None)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="runs in parallel, one thread each")

@@ -36,7 +36,8 @@ def test_auto_defaults_resolve_per_run():
     run = fed_run("/tmp/x", "fed.clip_auto=2", "fed.screen=loo")
     assert (run.fed.screen, run.fed.clip_auto) == ("loo", 2.0)
     # the clients' rate by model: the CNN's honest rounds blow up at the MLP's 0.05, and the screen excludes them
-    assert (fed_run("/tmp/x").fed.lr, fed_run("/tmp/x", "model=cnn").fed.lr) == (0.05, 0.02)
+    assert [fed_run("/tmp/x", f"model={m}").fed.lr for m in ("mlp", "cnn", "vgg", "vit", "resnet")] == \
+        [0.05, 0.02, 0.02, 0.01, 0.05]
     assert fed_run("/tmp/x", "model=cnn", "fed.lr=0.1").fed.lr == 0.1  # an explicit rate wins
     for bad in ("fed.screen=krum", "fed.clip_auto=0.5", "fed.clip_auto=often", "fed.screen_nats=0",
                 "fed.screen_rollback=-1", "fed.screen_rollback=1.5", "fed.lr=fast", "fed.lr=0", "fed.lr=true"):

@@ -39,7 +39,7 @@ class FedConfig:
     local_epochs: int = 3
     local_steps: int | None = None
     batch_size: int = 32
-    lr: Any = "auto"  # auto: by model.arch, 0.02 for the CNN and 0.05 otherwise (defences.py)
+    lr: Any = "auto"  # auto: by model.arch (cnn, vgg 0.02; vit 0.01; others 0.05; defences.py)
     momentum: float = 0.9
     weight_decay: float = 0.0
     frob_decay: float = 0.0

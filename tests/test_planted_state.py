@@ -152,6 +152,13 @@ def test_a_resume_with_other_settings_names_them_and_more_rounds_do_not(tmp_path
         assert resume_point(tmp_path, _fed_run(tmp_path, "fed.lr=0.02"), st.global_state)[0] == 2
         assert "settings differ from the checkpoint's" in caplog.text and "fed.lr (0.05 -> 0.02)" in caplog.text
         assert "fed.rounds" not in caplog.text
+        caplog.clear()  # a planted value is quoted: it cannot start a line of its own in the log
+        planted = json.loads((ckpt / "settings.json").read_text())
+        planted["strategy"] = "x\n[2026-01-01][fedlowrank][INFO] - fake"
+        (ckpt / "settings.json").write_text(json.dumps(planted))
+        _reseal(ckpt)
+        assert resume_point(tmp_path, run, st.global_state)[0] == 2
+        assert "strategy ('x\\n[2026" in caplog.text and "\n[2026-01-01]" not in caplog.text
         (ckpt / "settings.json").write_text("{")
         _reseal(ckpt)
         caplog.clear()

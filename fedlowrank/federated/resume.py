@@ -163,7 +163,7 @@ def changed_settings(saved: object, now: dict, prefix: str = "") -> list[str]:
         if isinstance(v, dict):
             out += changed_settings(old if isinstance(old, dict) else {}, v, f"{key}.")
         elif old != v and key not in RESUME_MAY_CHANGE:
-            out.append(f"{key} ({str(old)[:40]} -> {str(v)[:40]})")
+            out.append(f"{key} ({repr(old)[:40]} -> {repr(v)[:40]})")  # repr: a planted value cannot break lines
     return out
 
 

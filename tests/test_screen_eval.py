@@ -11,7 +11,7 @@ from fedlowrank.federated import screen_eval
 from fedlowrank.federated.client import model_from_state
 from fedlowrank.federated.screening import LooScreen
 from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy
-from fedlowrank.training.loop import evaluate_classifier
+from fedlowrank.training.loop import eval_sums, evaluate_classifier, mean_loss_accuracy
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -33,6 +33,34 @@ def test_batched_losses_equal_one_model_at_a_time(tmp_path, model):
         assert got == pytest.approx(want, rel=1e-5)
         assert loo.stacked(views) == pytest.approx(want, rel=1e-5)
     assert loo.stacked.batched is True
+
+
+def test_batchnorm_is_judged_with_each_batchs_own_statistics_and_left_unchanged(tmp_path):
+    """ResNet (BatchNorm), its smallest budget's view: the screen's loss is the model's with each batch normalized
+    by its own statistics (torch's training-mode BatchNorm on a separate copy), not with the aggregated running
+    statistics (shifted here, so those give another loss); the evaluation leaves the buffers as loaded, and the
+    batched path gives the same losses."""
+    run = fed_run(tmp_path, "fed.num_clients=4", "model=resnet")
+    st = make_strategy(run)
+    loo = LooScreen(run, st.method)
+    b = loo.budgets[0]
+    torch.manual_seed(0)
+    states = [{k: (v + 3.0 if "running_mean" in k else v + 0.05 * i * torch.randn_like(v)) if v.is_floating_point()
+               else v for k, v in st.global_state.items()} for i in range(3)]
+    view = st.method.view(states[0], b)
+    ref = model_from_state(run, view).train()
+    with torch.no_grad():
+        want = mean_loss_accuracy(sum(eval_sums(ref(x), y) for x, y in loo.loader))["loss"]
+    got = loo.losses(states[0], [b])[0]
+    assert got == pytest.approx(want, rel=1e-6)
+    running = evaluate_classifier(model_from_state(run, view), loo.loader)["loss"]
+    assert abs(got - running) > 1e-3 * abs(running)  # the running statistics would have given another loss
+    m = loo.model(view)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    evaluate_classifier(m, loo.loader)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    views = [st.method.view(s, b) for s in states]
+    assert loo.stacked(views) == pytest.approx([loo.losses(s, [b])[0] for s in states], rel=1e-5)
 
 
 def test_the_screen_keeps_to_one_model_at_a_time_where_the_batched_path_disagrees_or_fails(tmp_path, monkeypatch):

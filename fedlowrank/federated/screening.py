@@ -22,7 +22,7 @@ from fedlowrank.training.batches import batches
 from fedlowrank.training.loop import evaluate_classifier
 
 from .aggregation import State
-from .screen_eval import MAX_STACKED, StackedLosses, numel
+from .screen_eval import MAX_STACKED, StackedLosses, batch_statistics, numel
 
 log = logging.getLogger(__name__)
 MIN_CLIENTS = 3  # with fewer, "without client i" is one other client's update: no majority to compare with
@@ -77,7 +77,7 @@ class LooScreen:
         if key not in self._skeletons:
             if len(self._skeletons) > 2 * len(self.budgets):  # shapes that change every round (rank growth)
                 self._skeletons.clear()
-            self._skeletons[key] = model_from_state(self.run, state)
+            self._skeletons[key] = batch_statistics(model_from_state(self.run, state))
         else:
             self._skeletons[key].load_state_dict(state, strict=True)
         return self._skeletons[key]

@@ -96,7 +96,6 @@ def one_main(n: int, rounds: int, per_round: int, steps: int, tmp: str, runtime:
     wall, t_launch, peak = done["wall_s"], done["t_launch"], (done["peak_rss_mb"], done["peak_pss_mb"])
     m = json.loads((out / "metrics.json").read_text())
     times = [r["round_s"] for r in m["rounds_detail"]]
-    first_start = m["rounds_detail"][0].get("started_at")
     starts = [r["started_at"] for r in m["rounds_detail"]]
     gaps = [b - a for a, b in zip(starts, starts[1:])]  # a round, the evaluation after it, the next one's sampling
     sent = [r["clients_ok"] for r in m["rounds_detail"]]
@@ -104,7 +103,7 @@ def one_main(n: int, rounds: int, per_round: int, steps: int, tmp: str, runtime:
             "local_steps": steps, "wall_s": wall, "round_s_median": statistics.median(times),
             "round_s_first": times[0], "outside_rounds_s": wall - sum(times), "runtime": runtime,
             "round_start_to_start_s_median": statistics.median(gaps) if gaps else None,
-            "startup_s": first_start - t_launch if first_start else None,  # launch to round 1's start
+            "startup_s": starts[0] - t_launch,  # launch to round 1's start
             "outside_rounds_note": "start-up, evaluation, shutdown",
             "clients_per_s": sum(sent) / sum(times), "peak_tree_rss_mb": peak[0],
             "peak_tree_pss_mb": peak[1],  # shared pages (libraries, the mapped data) counted once

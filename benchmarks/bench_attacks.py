@@ -12,7 +12,7 @@ coordinate-wise median (``fedmedian``), both without screen or clipping; ``norol
 ``fedavg_nocusum`` / ``fedavg_dirichlet_nocusum`` are the defaults without ``fed.screen_rollback`` or
 ``fed.screen_cusum`` (``nocusum``: the iid defaults without it);
 per run: global test accuracy and each budget's (the global model
-cut to that budget; 359 held-out images), replies rejected, and honest updates the defence altered (scaled, capped
+cut to that budget; 359 held-out images; BatchNorm models also with the aggregated statistics, ``*_running``), replies rejected, and honest updates the defence altered (scaled, capped
 or rejected). Differences to the clean run of the same settings and seed, with paired 95 % intervals.
 
     python benchmarks/bench_attacks.py [--seeds 0 1 2 3 4] [--settings defaults dirichlet] [--attacks ...]
@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from fedlowrank.config import federated_run_from_cfg  # noqa: E402
+from fedlowrank.federated.bn_stats import batchnorms, eval_model  # noqa: E402
 from fedlowrank.federated.client import model_from_state  # noqa: E402
 from fedlowrank.federated.report import budget_tag  # noqa: E402
 from fedlowrank.federated.run_config import compose_cfg  # noqa: E402
@@ -95,16 +96,25 @@ def one_run(overrides: list[str], seed: int, tmp: str, attacker: int | None) -> 
         run_rounds(st, InProcessGrid(run), run.fed.rounds)
     except NoValidUpdates as e:
         stopped = str(e)
-    test = DataLoader(fed_data(run).test, batch_size=256)
-    accs = {"global": float("nan")} if stopped else {
-        "global": evaluate_classifier(model_from_state(run, st.global_state), test)["accuracy"],
-        **{budget_tag(b): evaluate_classifier(model_from_state(run, st.method.view(st.global_state, b)), test)["accuracy"]
-           for b in ({"ratio": r} for r in run.fed.rank_ratios)}}
+    accs = {"global": float("nan")} if stopped else accuracies(run, st)
     altered = sum(1 for h in st.history for c in h["clients"]
                   if c["pid"] != attacker and (c.get("clipped_excess") or c.get("clipped_slots")))
     altered += sum(1 for _, pid in st.rejections if pid != attacker)
     return {"acc": accs, "rejected_attacker": sum(1 for _, pid in st.rejections if pid == attacker),
             "altered_honest": altered, "stopped": stopped, "excluded": dict(st.screen.excluded)}
+
+
+def accuracies(run, st) -> dict[str, float]:
+    """Test accuracy of the global model and of each budget's view, as the run evaluates them (``fed.bn_stats``);
+    for BatchNorm models under ``fed.bn_stats=server`` also with the aggregated running statistics (``<key>_running``,
+    the figures before 2026-12-06), from the same trained model."""
+    test = DataLoader(fed_data(run).test, batch_size=256)
+    views = {"global": st.global_state,
+             **{budget_tag(b): st.method.view(st.global_state, b) for b in ({"ratio": r} for r in run.fed.rank_ratios)}}
+    out = {k: evaluate_classifier(eval_model(run, v), test)["accuracy"] for k, v in views.items()}
+    if run.fed.bn_stats == "server" and batchnorms(model_from_state(run, st.global_state)):
+        out |= {f"{k}_running": evaluate_classifier(model_from_state(run, v), test)["accuracy"] for k, v in views.items()}
+    return out
 
 
 def cells(settings: list[str], attacks=ATTACKS, positions=tuple(ATTACKERS)) -> list[tuple[str, str, str]]:

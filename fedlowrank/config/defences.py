@@ -10,7 +10,8 @@ many rounds that aggregated its update. ``fed.screen_cusum=auto`` (``exclude``: 
 partition) also excludes a client whose one-sided cumulative loss rise passes 0.5 (1.5) nats. See
 docs/reliability.md.
 ``fed.lr=auto`` (default) is the clients' learning rate for the model: the screen's bounds hold only where honest
-training does not blow up, which the CNN's does at the MLP's rate."""
+training does not blow up, which the CNN's does at the MLP's rate. ``fed.bn_stats=auto`` (default) is ``server`` where
+the run holds examples out for the server's sample, else ``aggregate`` (fedlowrank.federated.bn_stats)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ CUSUM_SHARED, CUSUM_SLICE_IID = 0.5, 1.5
 # sample's loss to 14.4 nats; 17 honest updates of 10 clean runs excluded), at 0.02 not (0 altered, 0.979 against
 # 0.961). Clean runs, 5 seeds: vit 0.832 at 0.01 against 0.656 at 0.05; vgg 0.865 at 0.02 against 0.829 (honest
 # updates altered 21 against 46); resnet no better below 0.05. Others keep 0.05. results.md, "Hostile clients"
+BN_STATS = ("auto", "server", "aggregate")
 LR_BY_ARCH, LR_DEFAULT = {"cnn": 0.02, "vgg": 0.02, "vit": 0.01}, 0.05
 
 
@@ -64,6 +66,23 @@ def resolve_lr(run: FederatedRun) -> None:
         f.lr = LR_BY_ARCH.get(run.model.get("arch"), LR_DEFAULT)
     elif isinstance(f.lr, bool) or not isinstance(f.lr, (int, float)):
         raise ConfigError(f"fed.lr must be auto or a number > 0, got {f.lr!r}")
+
+
+def resolve_bn_stats(run: FederatedRun) -> None:
+    """``fed.bn_stats``: ``auto`` becomes ``server`` where the run holds examples out (the server's sample exists:
+    every task but local image data with ``fed.client_holdout=0``), else ``aggregate``; ``server`` without them is
+    refused."""
+    from fedlowrank.data.vision import IMAGE_SPECS
+
+    f = run.fed
+    holds_out = run.data.source == "hub" or run.data.name not in IMAGE_SPECS or f.client_holdout > 0
+    if f.bn_stats not in BN_STATS:
+        raise ConfigError(f"fed.bn_stats must be one of {BN_STATS}, got {f.bn_stats!r}")
+    if f.bn_stats == "auto":
+        f.bn_stats = "server" if holds_out else "aggregate"
+    elif f.bn_stats == "server" and not holds_out:
+        raise ConfigError("fed.bn_stats=server recomputes BatchNorm statistics on the server's sample, drawn from the "
+                          "clients' held-out splits: set fed.client_holdout > 0, or fed.bn_stats=aggregate")
 
 
 def check_defences(f: FedConfig) -> None:
@@ -98,7 +117,8 @@ def screened(run: FederatedRun, text_specs: tuple[str, ...]) -> bool:
 
 
 def resolve_defences(run: FederatedRun, lora: bool, text_specs: tuple[str, ...]) -> None:
-    """Turn ``auto`` into the run's screen and clipping factor (in place, before anything reads them)."""
+    """Turn ``auto`` into the run's screen, clipping factor and BatchNorm statistics (in place, before anything reads
+    them)."""
     f = run.fed
     if f.screen == "auto":
         f.screen = "exclude" if not lora and screened(run, text_specs) else "none"
@@ -110,3 +130,4 @@ def resolve_defences(run: FederatedRun, lora: bool, text_specs: tuple[str, ...])
         f.screen_cusum = bound.get(run.strategy) if plain else None
     elif f.screen_cusum is not None:
         f.screen_cusum = float(f.screen_cusum)
+    resolve_bn_stats(run)

@@ -73,6 +73,7 @@ class FedConfig:
     ray_address: str | None = None  # an existing Ray cluster ("<head ip>:6379", fed.runtime=simulation)
     nested: bool = False  # ordered dropout: each local step trains a sampled budget <= the client's (slice/product)
     eval_budgets: bool = True  # also evaluate the global model truncated to each client budget
+    bn_stats: str = "auto"  # evaluations' BatchNorm statistics: server (recomputed per view) | aggregate | auto
     checkpoint_every: int = 1
     eval_every: int = 1  # the global and the clients' held-out evaluation every k rounds (always rounds 0 and last)
     keep_checkpoints: int = 2  # complete per-round checkpoints kept under <out_dir>/checkpoints
@@ -84,9 +85,8 @@ class FedConfig:
     trim_ratio: float = 0.1  # fraction cut from each end for trimmed_mean
     krum_f: int = 1  # clients Krum assumes hostile
     clip_norm: float | None = None  # clip each client's change (update - what it downloaded) to this L2 norm
-    # a number: scale a client's change down until no tensor or slot group exceeds this multiple of the round's
-    # median change, cap slots fewer than 3 clients trained (fedlowrank.federated.clipping); null: off; auto: off
-    # where a screen runs, 1.5 where none does. screen: exclude | loo | none | auto (fedlowrank.config.defences)
+    # a number: scale a client's change until no tensor or slot group exceeds this multiple of the round's median
+    # change (federated/clipping.py); null: off; auto, and screen exclude|loo|none|auto: config/defences.py
     clip_auto: Any = "auto"
     screen: str = "auto"
     screen_examples: int = 200

@@ -85,8 +85,10 @@ def round_line(rnd: int, rounds: int, res: dict, train: dict | None) -> str:
 def _heldout_rows(run: FederatedRun, method, state: State, fd: FedData, pids, cut: bool) -> list[dict]:
     """Per client of ``pids`` with held-out examples: the global model cut to its budget, on those examples.
     One model per budget, its clients' examples evaluated together (chunks of :data:`EVAL_CHUNK`) and the sums
-    split by client, so ten thousand clients cost a few forward passes, not ten thousand model builds."""
-    from .client import model_from_state
+    split by client, so ten thousand clients cost a few forward passes, not ten thousand model builds
+    (:func:`.bn_stats.eval_model`)."""
+    from .bn_stats import eval_model
+    from .client import compute_device
 
     if fd.heldout_parts is None:
         return []
@@ -96,7 +98,7 @@ def _heldout_rows(run: FederatedRun, method, state: State, fd: FedData, pids, cu
             groups.setdefault(tuple(sorted(run.fed.budget(pid).items())) if cut else (), []).append(pid)
     rows: dict[int, dict] = {}
     for key, members in groups.items():
-        model = model_from_state(run, method.view(state, dict(key)) if cut else state)
+        model = eval_model(run, method.view(state, dict(key)) if cut else state, compute_device(run))
         for pid, tot in zip(members, _client_sums(run, model, fd, members)):
             res = mean_loss_accuracy(tot)
             rows[pid] = {"pid": pid, **run.fed.budget(pid), "examples": len(fd.heldout_parts[pid]),

@@ -15,13 +15,13 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 
 from fedlowrank.config import ConfigError, FederatedRun
 from fedlowrank.training.batches import batches
 from fedlowrank.training.loop import evaluate_classifier
 
 from .aggregation import State
+from .bn_stats import server_sample
 from .screen_eval import MAX_STACKED, StackedLosses, batch_statistics, numel
 
 log = logging.getLogger(__name__)
@@ -39,17 +39,11 @@ class LooScreen:
                  without_each: Callable[[list], list[State] | None] = lambda valid: None) -> None:
         """``without_each``: valid entries -> the aggregate without each, in closed form (None: combine each
         subset)."""
-        from .task import fed_data
-
-        fd = fed_data(run)
-        if not fd.heldout_parts or not sum(len(p) for p in fd.heldout_parts):
+        sample = server_sample(run)
+        if sample is None:
             raise ConfigError("fed.screen=loo needs clients' held-out splits to draw the server's sample from "
                               "(image tasks: fed.client_holdout > 0)")
-        pool = np.concatenate(fd.heldout_parts)
-        idx = torch.as_tensor(np.sort(np.random.default_rng(run.seed + 11).choice(
-            pool, min(run.fed.screen_examples, len(pool)), replace=False)), dtype=torch.long)
-        y = fd.y_eval if fd.y_eval is not None else fd.y
-        self.loader = batches(TensorDataset(fd.x[idx], y[idx]), 256)
+        self.loader = batches(sample, 256)
         self.run, self.method = run, method
         self._skeletons: dict[tuple, torch.nn.Module] = {}  # tensor shapes -> a model of those shapes, reloaded
         self.without_each = without_each

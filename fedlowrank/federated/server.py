@@ -17,6 +17,7 @@ from fedlowrank.training.batches import batches
 from fedlowrank.training.loop import evaluate_classifier
 
 from .aggregation import State
+from .bn_stats import eval_model
 from .client import autocast, compute_device, model_from_state
 from .grid import PollingGrid
 from .methods import fed_method
@@ -192,10 +193,12 @@ class _ServerRun:
                 for b in self.budgets}
 
     def _eval(self, state: State) -> dict[str, float]:
-        """A global model (or a budget's view of it) on the test set, on the run's device."""
+        """A global model (or a budget's view of it) on the test set, on the run's device, with BatchNorm
+        statistics per view (:func:`.bn_stats.eval_model`)."""
         device = compute_device(self.run)
+        model = eval_model(self.run, state, device)
         with autocast(self.run, device):
-            return evaluate_classifier(model_from_state(self.run, state).to(device), self.test_loader, device)
+            return evaluate_classifier(model, self.test_loader, device)
 
     def _client_eval(self, rnd: int, state: State) -> tuple[dict[str, float], list[dict]]:
         """This round's sampled clients, each on its own held-out split (tasks that have one): their accuracies

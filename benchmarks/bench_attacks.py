@@ -75,6 +75,8 @@ SETTINGS = {"defaults": [], "dirichlet": ["fed.partition=dirichlet", "fed.alpha=
             # the other vision models at 0.05 (their fed.lr=auto until 2026-12-06), 0.02 and 0.01
             **{f"{m}_lr{r[2:]}": [f"model={m}", f"fed.lr={r}"] for m in ("resnet", "vgg", "vit")
                for r in ("0.05", "0.02", "0.01")},
+            # the ViT at its rate without undoing an excluded client's rounds (is the rollback what reversed changes cost?)
+            "vit_norollback": ["model=vit", "fed.lr=0.01", "fed.screen_rollback=0"],
             # the BatchNorm models without the screen (clipping at 1.5 instead)
             "resnet_noscreen": ["model=resnet", "fed.lr=0.05", "fed.screen=none"],
             "vgg_noscreen": ["model=vgg", "fed.lr=0.02", "fed.screen=none"],

@@ -124,3 +124,19 @@ def test_the_screen_leaves_each_client_out_in_closed_form_with_the_same_table(tm
     assert [b for _, b in fast] == [b for _, b in want]
     assert [r for r, _ in fast] == pytest.approx([r for r, _ in want], rel=1e-5, abs=1e-6)
     assert len({round(r, 6) for r, _ in want}) > 1
+
+
+def test_the_batched_vit_evaluation_prints_no_vmap_fallback_warning(tmp_path):
+    """vmap has no batching rule for CPU attention and warns at every call; the screen's batched losses for the ViT
+    (still checked against one model at a time) must not print it into every ViT run's console."""
+    import warnings
+
+    run = fed_run(tmp_path, "fed.num_clients=4", "model=vit")
+    st = make_strategy(run)
+    loo = LooScreen(run, st.method)
+    view = st.method.view(st.global_state, loo.budgets[-1])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = screen_eval.stacked_losses(loo.model(view), [view, view], loo.loader)
+    assert got[0] == pytest.approx(evaluate_classifier(model_from_state(run, view), loo.loader)["loss"], rel=1e-5)
+    assert not [w for w in seen if "batching rule" in str(w.message)], [str(w.message)[:80] for w in seen]

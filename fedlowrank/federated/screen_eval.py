@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import types
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -45,7 +46,10 @@ def stacked_losses(model: nn.Module, states: list[State], loader) -> list[float]
     model.eval()
     batched = vmap(lambda p, x: functional_call(model, p, (x,)), in_dims=(0, None))
     tot = torch.zeros(len(states), 3, dtype=torch.float64)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # vmap runs attention (ViT) through its per-sample fallback and warns of it at every call; the losses are
+        # checked against one model at a time on first use, so the warning tells the user nothing to act on
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
         for x, y in loader:
             logits = batched(stacked, x)
             for m in range(len(states)):

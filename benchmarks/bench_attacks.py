@@ -77,6 +77,8 @@ SETTINGS = {"defaults": [], "dirichlet": ["fed.partition=dirichlet", "fed.alpha=
                for r in ("0.05", "0.02", "0.01")},
             # the ViT at its rate without undoing an excluded client's rounds (is the rollback what reversed changes cost?)
             "vit_norollback": ["model=vit", "fed.lr=0.01", "fed.screen_rollback=0"],
+            "vit_rollback1": ["model=vit", "fed.lr=0.01", "fed.screen_rollback=1"],
+            "vit_rollback5": ["model=vit", "fed.lr=0.01", "fed.screen_rollback=5"],
             # the BatchNorm models without the screen (clipping at 1.5 instead)
             "resnet_noscreen": ["model=resnet", "fed.lr=0.05", "fed.screen=none"],
             "vgg_noscreen": ["model=vgg", "fed.lr=0.02", "fed.screen=none"],

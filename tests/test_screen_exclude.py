@@ -39,8 +39,12 @@ def test_auto_defaults_resolve_per_run():
     assert [fed_run("/tmp/x", f"model={m}").fed.lr for m in ("mlp", "cnn", "vgg", "vit", "resnet")] == \
         [0.05, 0.02, 0.02, 0.01, 0.05]
     assert fed_run("/tmp/x", "model=cnn", "fed.lr=0.1").fed.lr == 0.1  # an explicit rate wins
+    # the rollback by model: the ViT loses more by undone rounds than reversed changes cost it
+    assert [fed_run("/tmp/x", f"model={m}").fed.screen_rollback for m in ("mlp", "cnn", "vit")] == [5, 5, 1]
+    assert fed_run("/tmp/x", "model=vit", "fed.screen_rollback=3").fed.screen_rollback == 3
     for bad in ("fed.screen=krum", "fed.clip_auto=0.5", "fed.clip_auto=often", "fed.screen_nats=0",
-                "fed.screen_rollback=-1", "fed.screen_rollback=1.5", "fed.lr=fast", "fed.lr=0", "fed.lr=true"):
+                "fed.screen_rollback=-1", "fed.screen_rollback=1.5", "fed.screen_rollback=often", "fed.lr=fast",
+                "fed.lr=0", "fed.lr=true"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             fed_run("/tmp/x", bad)
 

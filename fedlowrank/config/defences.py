@@ -6,9 +6,9 @@ splits.
 ``fed.clip_auto=auto`` (default) is off where a screen runs (neither alters an honest update of the default run)
 and 1.5 where none does (``method=lora``: clipping in the space of ΔW). ``fed.screen_rollback`` (``exclude``,
 no server optimizer): excluding a client takes the global model back to before the earliest of the last that
-many rounds that aggregated its update. ``fed.screen_cusum=auto`` (``exclude``: dense FedAvg, and ``slice`` on an iid
-partition) also excludes a client whose one-sided cumulative loss rise passes 0.5 (1.5) nats. See
-docs/reliability.md.
+many rounds that aggregated its update (``auto``: 5, 1 for the ViT). ``fed.screen_cusum=auto`` (``exclude``: dense
+FedAvg, and ``slice`` on an iid partition) also excludes a client whose one-sided cumulative loss rise passes 0.5
+(1.5) nats. See docs/reliability.md.
 ``fed.lr=auto`` (default) is the clients' learning rate for the model: the screen's bounds hold only where honest
 training does not blow up, which the CNN's does at the MLP's rate. ``fed.bn_stats=auto`` (default) is ``server`` where
 the run holds examples out for the server's sample, else ``aggregate`` (fedlowrank.federated.bn_stats)."""
@@ -34,6 +34,13 @@ CUSUM_SHARED, CUSUM_SLICE_IID = 0.5, 1.5
 # sample's loss to 14.4 nats; 17 honest updates of 10 clean runs excluded), at 0.02 not (0 altered, 0.979 against
 # 0.961). Clean runs, 5 seeds: vit 0.832 at 0.01 against 0.656 at 0.05; vgg 0.865 at 0.02 against 0.829 (honest
 # updates altered 21 against 46); resnet no better below 0.05. Others keep 0.05. results.md, "Hostile clients"
+# fed.screen_rollback=auto: 5 rounds, 1 for the ViT. Undoing an excluded client's rounds keeps a reversed change from
+# leaving a fast learner unstable (MLP, flip1.4 from the middle budget: -1.6 pt against -7.7 without, one seed at
+# chance), while a slow learner loses more by undone rounds than the attack cost it. ViT on digits, 5 seeds, reversed
+# changes k = 1 / 1.4 / 5: -9.9 to -20.8 pt undoing 5 rounds, -9.9 to -14.6 undoing 1, -6.1 to -13.6 undoing none;
+# but without any a 100x change aggregated in round 1 left one seed at chance (-17.9 mean; -9.0 undoing 1, the
+# crash floor). results.md, "Hostile clients"
+ROLLBACK_BY_ARCH, ROLLBACK_DEFAULT = {"vit": 1}, 5
 BN_STATS = ("auto", "server", "aggregate")
 LR_BY_ARCH, LR_DEFAULT = {"cnn": 0.02, "vgg": 0.02, "vit": 0.01}, 0.05
 
@@ -94,8 +101,8 @@ def check_defences(f: FedConfig) -> None:
         raise ConfigError(f"fed.robust must be one of {ROBUST}, got {f.robust!r}")
     if f.robust == "krum" and f.krum_f < 0:
         raise ConfigError(f"fed.krum_f must be >= 0, got {f.krum_f}")
-    if type(f.screen_rollback) is not int or f.screen_rollback < 0:
-        raise ConfigError(f"fed.screen_rollback must be an integer >= 0 (rounds an exclusion may undo), got "
+    if f.screen_rollback != "auto" and (type(f.screen_rollback) is not int or f.screen_rollback < 0):
+        raise ConfigError(f"fed.screen_rollback must be auto or an integer >= 0 (rounds an exclusion may undo), got "
                           f"{f.screen_rollback!r}")
     if f.screen_cusum not in ("auto", None) and (isinstance(f.screen_cusum, bool) or not _positive(f.screen_cusum)):
         raise ConfigError(f"fed.screen_cusum must be auto, null or a number of nats > 0, got {f.screen_cusum!r}")
@@ -122,6 +129,8 @@ def resolve_defences(run: FederatedRun, lora: bool, text_specs: tuple[str, ...])
     f = run.fed
     if f.screen == "auto":
         f.screen = "exclude" if not lora and screened(run, text_specs) else "none"
+    if f.screen_rollback == "auto":
+        f.screen_rollback = ROLLBACK_BY_ARCH.get(run.model.get("arch"), ROLLBACK_DEFAULT)
     if f.clip_auto == "auto":
         f.clip_auto = None if f.screen != "none" else CLIP_WHERE_UNSCREENED
     if f.screen_cusum == "auto":

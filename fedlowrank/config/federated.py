@@ -92,7 +92,7 @@ class FedConfig:
     screen_examples: int = 200
     screen_tolerance: float = 0.1
     screen_nats: float = 2.0
-    screen_rollback: int = 5  # exclude: undo up to this many rounds of an excluded client (defences.py)
+    screen_rollback: Any = "auto"  # exclude: undo up to this many rounds of an excluded client (auto: defences.py)
     screen_cusum: Any = "auto"  # exclude: a client's summed loss rises above this (nats); auto: defences.py
     max_weight: float = 1e6  # aggregation weight cap (weights are also capped at the known partition size)
     max_abs_value: float = 1e4  # replies with a larger tensor entry (or metric) are rejected

@@ -124,8 +124,8 @@ def screened(run: FederatedRun, text_specs: tuple[str, ...]) -> bool:
 
 
 def resolve_defences(run: FederatedRun, lora: bool, text_specs: tuple[str, ...]) -> None:
-    """Turn ``auto`` into the run's screen, clipping factor and BatchNorm statistics (in place, before anything reads
-    them)."""
+    """Turn ``auto`` into the run's screen, rollback, clipping factor, cumulative bound and BatchNorm statistics (in
+    place, before anything reads them)."""
     f = run.fed
     if f.screen == "auto":
         f.screen = "exclude" if not lora and screened(run, text_specs) else "none"

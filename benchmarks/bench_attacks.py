@@ -79,6 +79,7 @@ SETTINGS = {"defaults": [], "dirichlet": ["fed.partition=dirichlet", "fed.alpha=
             "vit_norollback": ["model=vit", "fed.lr=0.01", "fed.screen_rollback=0"],
             "vit_rollback1": ["model=vit", "fed.lr=0.01", "fed.screen_rollback=1"],
             "vit_rollback5": ["model=vit", "fed.lr=0.01", "fed.screen_rollback=5"],
+            "vit_40rounds": ["model=vit", "fed.rounds=40"],  # its defaults, trained nearer convergence
             # the BatchNorm models without the screen (clipping at 1.5 instead)
             "resnet_noscreen": ["model=resnet", "fed.lr=0.05", "fed.screen=none"],
             "vgg_noscreen": ["model=vgg", "fed.lr=0.02", "fed.screen=none"],

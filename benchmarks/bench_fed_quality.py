@@ -91,7 +91,7 @@ def one_run(job: tuple[str, str, list[str], str, int, str]) -> dict:
 def _federated(run) -> dict[str, float]:
     from torch.utils.data import DataLoader
 
-    from fedlowrank.federated.client import model_from_state
+    from fedlowrank.federated.bn_stats import eval_model
     from fedlowrank.federated.report import client_eval
     from fedlowrank.federated.task import fed_data
     from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds
@@ -105,11 +105,11 @@ def _federated(run) -> dict[str, float]:
     except NoValidUpdates:  # every client's loss went non-finite: the run diverged and stopped
         return {"global": float("nan"), "diverged_at_round": len(st.history)}
     test = DataLoader(fd.test, batch_size=512)
-    out = {"global": evaluate_classifier(model_from_state(run, st.global_state), test)["accuracy"]}
+    out = {"global": evaluate_classifier(eval_model(run, st.global_state), test)["accuracy"]}
     if st.method.budget_views():
         for b in sorted(set(run.fed.rank_ratios)):
             view = st.method.view(st.global_state, {"ratio": b})
-            out[f"budget {b}"] = evaluate_classifier(model_from_state(run, view), test)["accuracy"]
+            out[f"budget {b}"] = evaluate_classifier(eval_model(run, view), test)["accuracy"]
     stats, _ = client_eval(run, st.method, st.global_state, fd, list(range(run.fed.num_clients)))
     for k in ("mean", "p10", "worst"):
         if f"clients_{k}_accuracy" in stats:

@@ -35,7 +35,7 @@ from _common import emit, environment, run_sampled  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from fedlowrank.config import federated_run_from_cfg  # noqa: E402
-from fedlowrank.federated.client import model_from_state  # noqa: E402
+from fedlowrank.federated.bn_stats import eval_model  # noqa: E402
 from fedlowrank.federated.run_config import compose_cfg  # noqa: E402
 from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy  # noqa: E402
 from fedlowrank.federated.task import fed_data  # noqa: E402
@@ -63,7 +63,7 @@ def one(n: int, rounds: int, per_round: int, steps: int, tmp: str) -> dict:
         strategy.aggregate_train(rnd, grid.send_and_receive(msgs))
         times.append(time.perf_counter() - t0)
         sent.append(len(msgs))
-    acc = evaluate_classifier(model_from_state(run, strategy.global_state), DataLoader(fd.test, batch_size=256))
+    acc = evaluate_classifier(eval_model(run, strategy.global_state), DataLoader(fd.test, batch_size=256))
     return {"clients": n, "fraction_train": frac, "clients_per_round": statistics.fmean(sent), "local_steps": steps,
             "partition_s": t_part, "partition_cached_s": t_cached,
             "examples_per_client": {"min": min(map(len, fd.train_parts)), "max": max(map(len, fd.train_parts))},

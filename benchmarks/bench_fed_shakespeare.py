@@ -43,7 +43,7 @@ def one_run(job: tuple[str, list[str], int, int, str]) -> dict:
     from torch.utils.data import DataLoader
 
     from fedlowrank.config import federated_run_from_cfg
-    from fedlowrank.federated.client import model_from_state
+    from fedlowrank.federated.bn_stats import eval_model
     from fedlowrank.federated.run_config import compose_cfg
     from fedlowrank.federated.task import fed_data
     from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy
@@ -59,7 +59,7 @@ def one_run(job: tuple[str, list[str], int, int, str]) -> dict:
     for rnd in range(1, rounds + 1):
         st.aggregate_train(rnd, grid.send_and_receive(list(st.configure_train(rnd, None, None, grid))))
         up += st.history[-1]["upload_bytes"]
-        acc = evaluate_classifier(model_from_state(run, st.global_state), test)["accuracy"]
+        acc = evaluate_classifier(eval_model(run, st.global_state), test)["accuracy"]
         rows.append({"round": rnd, "accuracy": acc, "upload_bytes": up})
     return {"method": method, "seed": seed, "rounds": rows, "wall_s": time.perf_counter() - t0,
             "test_windows": len(fed_data(run).test)}

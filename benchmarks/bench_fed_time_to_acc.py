@@ -30,7 +30,7 @@ from _common import emit, environment, paired  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from fedlowrank.config import federated_run_from_cfg  # noqa: E402
-from fedlowrank.federated.client import model_from_state  # noqa: E402
+from fedlowrank.federated.bn_stats import eval_model  # noqa: E402
 from fedlowrank.federated.run_config import compose_cfg  # noqa: E402
 from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy  # noqa: E402
 from fedlowrank.federated.task import fed_data  # noqa: E402
@@ -72,7 +72,7 @@ def one(base: list[str], method: list[str], pop: list[str], seed: int, tmp: str,
         st.aggregate_train(rnd, grid.send_and_receive(msgs))
         h = st.history[-1]
         up, down = up + h["upload_bytes"], down + h["download_bytes"]
-        acc = evaluate_classifier(model_from_state(run, st.global_state), test)["accuracy"]
+        acc = evaluate_classifier(eval_model(run, st.global_state), test)["accuracy"]
         rows.append({"round": rnd, "accuracy": acc, "sim_time_s": h["sim_time_s"], "upload_bytes": up,
                      "total_bytes": up + down, "global_rank_sum": h["global_rank_sum"], "stragglers": h["stragglers"]})
     return {"rounds": rows, "budgets": sorted({run.fed.budget(i)["ratio"] for i in range(run.fed.num_clients)})}

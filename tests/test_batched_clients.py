@@ -25,22 +25,20 @@ def _replies(msgs, results):
                     reply_to=m) for m, (st, met) in zip(msgs, results)]
 
 
-@pytest.mark.parametrize("strategy", ["slice", "product", "fedlmt", "fedavg"])
-def test_batched_replies_equal_the_sequential_ones_and_so_does_the_aggregate(tmp_path, strategy):
-    run = fed_run(tmp_path, f"strategy={strategy}", "fed.num_clients=6", "fed.rank_ratios=[0.5,1.0]",
+@pytest.mark.parametrize("strategy,nested", [("slice", False), ("product", False), ("fedlmt", False),
+                                             ("fedavg", False), ("slice", True), ("product", True)])
+def test_batched_replies_equal_the_sequential_ones_and_so_does_the_aggregate(tmp_path, strategy, nested):
+    """Clients of different budgets train in one padded group (and, nested, each on its own sub-model draws)."""
+    run = fed_run(tmp_path, f"strategy={strategy}", "fed.num_clients=6", "fed.rank_ratios=[0.25,0.5,1.0]",
                   "fed.partition=dirichlet", "fed.alpha=0.3", "fed.local_epochs=2", "fed.weight_decay=1e-3",
-                  "fed.batched_clients=true", "fed.runtime=local", "fed.clip_auto=1.5")
+                  "fed.batched_clients=true", "fed.runtime=local", "fed.clip_auto=1.5", f"fed.nested={nested}")
     seq_strategy, bat_strategy = make_strategy(run), make_strategy(run)
     msgs, jobs = _jobs(run, seq_strategy, 1)
-    assert jobs == [] or len({tuple(run.fed.budget(p).items()) for p, _, _ in jobs}) < len(jobs)  # groups of >1
     seq = [local_train(run, pid, run.fed.num_clients, st, rnd) for pid, st, rnd in jobs]
-    by_budget: dict = {}
-    for i, (pid, _, _) in enumerate(jobs):
-        by_budget.setdefault(tuple(run.fed.budget(pid).items()), []).append(i)
-    bat: list = [None] * len(jobs)
-    for members in by_budget.values():
-        for i, res in zip(members, train_group(run, [jobs[i] for i in members], run.fed.num_clients)):
-            bat[i] = res
+    bat = train_group(run, jobs, run.fed.num_clients)  # the whole round at once
+    assert len({tuple(run.fed.budget(p).items()) for p, _, _ in jobs}) == 3
+    shapes = {tuple((k, tuple(v.shape)) for k, v in sorted(st.items())) for _, st, _ in jobs}
+    assert len(shapes) == (1 if strategy in ("fedavg", "fedlmt") else 3)  # three ranks trained in one padded group
     sizes = sorted(m["num-examples"] for _, m in seq)
     assert sizes[0] < sizes[-1]  # unequal clients: different step counts and short last batches are exercised
     for (s_state, s_met), (b_state, b_met) in zip(seq, bat):
@@ -73,7 +71,7 @@ def test_data_orders_are_the_sequential_clients_batches(tmp_path):
 
 
 @pytest.mark.parametrize("extra,why", [
-    (["fed.nested=true"], "fed.nested"), (["fed.prox_mu=0.01"], "fed.prox_mu"),
+    (["fed.prox_mu=0.01"], "fed.prox_mu"),
     (["experiment=fed_relora"], "method=relora"), (["+model.dropout=0.2"], "Dropout"),
     (["fed.runtime=simulation"], "needs fed.runtime=local")])
 def test_what_cannot_be_batched_is_refused_before_any_work(tmp_path, extra, why):

@@ -85,21 +85,14 @@ def register(app: ClientApp, get_run: Callable[[Context], FederatedRun]) -> Clie
 
 
 def train_messages_batched(run: FederatedRun, msgs: list[Message]) -> list[Message]:
-    """The replies to a round's train messages, the clients of each budget trained together
-    (``fed.batched_clients``, :mod:`.batched`); a failing client gets an error reply, as from the ClientApp."""
+    """The replies to a round's train messages, the clients trained together (``fed.batched_clients``,
+    :mod:`.batched`: one vectorized computation per group of models that differ only in rank); a failing client
+    gets an error reply, as from the ClientApp."""
     from .batched import train_group
 
-    groups: dict[tuple, list[int]] = {}
-    jobs = []
-    for i, msg in enumerate(msgs):
-        pid = _partition(msg, run)
-        jobs.append((pid, msg.content["arrays"].to_torch_state_dict(), int(msg.content["config"]["server-round"])))
-        groups.setdefault(tuple(sorted(run.fed.budget(pid).items())), []).append(i)
-    replies: list[Message | None] = [None] * len(msgs)
-    for members in groups.values():
-        for i, res in zip(members, train_group(run, [jobs[i] for i in members], run.fed.num_clients)):
-            replies[i] = train_reply(msgs[i], res)
-    return replies  # type: ignore[return-value]
+    jobs = [(_partition(msg, run), msg.content["arrays"].to_torch_state_dict(),
+             int(msg.content["config"]["server-round"])) for msg in msgs]
+    return [train_reply(msg, res) for msg, res in zip(msgs, train_group(run, jobs, run.fed.num_clients))]
 
 
 def make_client_app(run: FederatedRun) -> ClientApp:

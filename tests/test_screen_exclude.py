@@ -213,6 +213,7 @@ def test_a_round_without_cumulative_exclusion_runs_one_leave_one_out_pass():
     screen = object.__new__(Screen)
     screen.run = SimpleNamespace(fed=SimpleNamespace(screen="exclude", screen_nats=2.0, screen_cusum=50.0))
     screen.method, screen.excluded, screen.cusum, screen._loo = None, {}, {}, loo
-    kept, gone = screen.apply(1, [(p,) for p in range(5)], None)
+    zero = {"w": torch.zeros(2)}
+    kept, gone = screen.apply(1, [(p, {"w": torch.ones(2)}, 1.0, {}, zero) for p in range(5)], None)
     assert gone == [1] and [v[0] for v in kept] == [0, 2, 3, 4]
     assert calls == [[0, 1, 2, 3, 4], [0, 2, 3, 4]]

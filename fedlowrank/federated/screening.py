@@ -22,6 +22,7 @@ from fedlowrank.training.loop import evaluate_classifier
 
 from .aggregation import State
 from .bn_stats import server_sample
+from .directions import DISAGREE, change, cosines
 from .screen_eval import MAX_STACKED, StackedLosses, batch_statistics, numel
 
 log = logging.getLogger(__name__)
@@ -311,22 +312,27 @@ class Screen:
 
     def _accumulate(self, rnd: int, valid: list, combine: Callable[[list], State], gone: list[int]
                     ) -> tuple[list, list | None]:
-        """``fed.screen_cusum``: add each client's rise to its one-sided cumulative sum (S = max(0, S + rise)); with at
-        least ``MIN_EXCLUDE`` valid replies, a client whose sum passes the bound is rejected and excluded (a reversed
-        change on a shared model rises a few hundredths of a nat a round and slows learning without ever crossing
-        ``fed.screen_nats``). Returns (kept entries, the rises table of ``valid`` when it kept them all, else None)."""
+        """``fed.screen_cusum``: add each client's rise to its one-sided cumulative sum (S = max(0, S + rise)) in
+        rounds where its change points away from the others' (:mod:`.directions`: cosine below ``DISAGREE``; in
+        other rounds only a fall counts); with at least ``MIN_EXCLUDE`` valid replies, a client whose sum passes the
+        bound is rejected and excluded (a reversed change on a shared model rises a few hundredths of a nat a round
+        and slows learning without ever crossing ``fed.screen_nats``). Returns (kept entries, the rises table of
+        ``valid`` when it kept them all, else None)."""
         bound = self.run.fed.screen_cusum
         if bound is None or len(valid) < MIN_CLIENTS:
             return valid, None
         table = self._loo.table(valid, combine)
-        for v, (rise, _) in zip(valid, table):
-            self.cusum[v[0]] = max(0.0, self.cusum.get(v[0], 0.0) + rise) if np.isfinite(rise) else 0.0
+        cos = cosines([change(v[1], v[4]) for v in valid])
+        for v, (rise, _), c in zip(valid, table, cos):
+            counted = rise if c is None or c < DISAGREE else min(rise, 0.0)  # a change along the others': no rise
+            self.cusum[v[0]] = max(0.0, self.cusum.get(v[0], 0.0) + counted) if np.isfinite(rise) else 0.0
         over = [v[0] for v in valid if self.cusum[v[0]] > bound] if len(valid) >= MIN_EXCLUDE else []
         for pid in sorted(over, key=lambda p: -self.cusum[p])[:len(valid) - MIN_CLIENTS]:
             self.excluded[pid] = rnd
             gone.append(pid)
             log.warning("round %d: rejected the update of client %d and excluded it from the rest of the run: its "
-                        "rises of the server sample's loss sum to %.3g nats (above fed.screen_cusum=%g)", rnd, pid,
+                        "rises of the server sample's loss, in rounds its change pointed away from the others', sum to "
+                        "%.3g nats (above fed.screen_cusum=%g)", rnd, pid,
                         self.cusum[pid], bound)
         kept = [v for v in valid if v[0] not in self.excluded]
         return kept, table if len(kept) == len(valid) else None

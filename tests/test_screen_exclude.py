@@ -211,7 +211,8 @@ def test_a_round_without_cumulative_exclusion_runs_one_leave_one_out_pass():
 
     loo.table = table
     screen = object.__new__(Screen)
-    screen.run = SimpleNamespace(fed=SimpleNamespace(screen="exclude", screen_nats=2.0, screen_cusum=50.0))
+    screen.run = SimpleNamespace(strategy="slice",
+                                 fed=SimpleNamespace(screen="exclude", screen_nats=2.0, screen_cusum=50.0))
     screen.method, screen.excluded, screen.cusum, screen._loo = None, {}, {}, loo
     zero = {"w": torch.zeros(2)}
     kept, gone = screen.apply(1, [(p, {"w": torch.ones(2)}, 1.0, {}, zero) for p in range(5)], None)

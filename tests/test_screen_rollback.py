@@ -121,7 +121,8 @@ def test_a_persistent_small_rise_accumulates_to_an_exclusion_and_an_alternating_
     from fedlowrank.federated.screening import Screen
 
     screen = object.__new__(Screen)
-    screen.run = SimpleNamespace(fed=SimpleNamespace(screen="exclude", screen_nats=2.0, screen_cusum=0.5))
+    screen.run = SimpleNamespace(strategy="slice",
+                                 fed=SimpleNamespace(screen="exclude", screen_nats=2.0, screen_cusum=0.5))
     screen.method, screen.excluded, screen.cusum = None, {}, {}
     rises = {0: [-0.1] * 4, 1: [0.3, -0.3, 0.3, -0.3], 2: [0.4] * 4, 3: [0.2] * 4, 4: [0.0] * 4}
     along, against = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.1])
@@ -139,6 +140,11 @@ def test_a_persistent_small_rise_accumulates_to_an_exclusion_and_an_alternating_
     clock["round"] = 4
     kept, gone = screen.apply(4, [entry(p) for p in (1, 2, 3)], None)  # three: too few to exclude on
     assert gone == [] and screen.excluded == {}
+    screen.run.strategy, screen.excluded, screen.cusum = "fedavg", {}, {}  # dense FedAvg: no direction gate
+    for rnd in (1, 2):
+        clock["round"] = rnd
+        screen.apply(rnd, [entry(p) for p in range(5)], None)
+    assert screen.excluded == {2: 2} and screen.cusum[2] == pytest.approx(0.8)
     screen.run.fed.screen_cusum = None  # off: sums are not kept
     screen.cusum = {}
     screen.apply(4, [entry(p) for p in range(5)], None)

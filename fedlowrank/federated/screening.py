@@ -312,9 +312,10 @@ class Screen:
 
     def _accumulate(self, rnd: int, valid: list, combine: Callable[[list], State], gone: list[int]
                     ) -> tuple[list, list | None]:
-        """``fed.screen_cusum``: add each client's rise to its one-sided cumulative sum (S = max(0, S + rise)) in
-        rounds where its change points away from the others' (:mod:`.directions`: cosine below ``DISAGREE``; in
-        other rounds only a fall counts); with at least ``MIN_EXCLUDE`` valid replies, a client whose sum passes the
+        """``fed.screen_cusum``: add each client's rise to its one-sided cumulative sum (S = max(0, S + rise)); where
+        factors are averaged slot by slot (every strategy but ``fedavg``), only in rounds where its change points
+        away from the others' (:mod:`.directions`: cosine below ``DISAGREE``; in other rounds only a fall counts),
+        since two honest clients that share slots can raise the loss together; with at least ``MIN_EXCLUDE`` valid replies, a client whose sum passes the
         bound is rejected and excluded (a reversed change on a shared model rises a few hundredths of a nat a round
         and slows learning without ever crossing ``fed.screen_nats``). Returns (kept entries, the rises table of
         ``valid`` when it kept them all, else None)."""
@@ -322,7 +323,8 @@ class Screen:
         if bound is None or len(valid) < MIN_CLIENTS:
             return valid, None
         table = self._loo.table(valid, combine)
-        cos = cosines([change(v[1], v[4]) for v in valid])
+        # the direction gate where factors are averaged slot by slot (not dense fedavg, where honest sums stay small)
+        cos = cosines([change(v[1], v[4]) for v in valid]) if self.run.strategy != "fedavg" else [None] * len(valid)
         for v, (rise, _), c in zip(valid, table, cos):
             counted = rise if c is None or c < DISAGREE else min(rise, 0.0)  # a change along the others': no rise
             self.cusum[v[0]] = max(0.0, self.cusum.get(v[0], 0.0) + counted) if np.isfinite(rise) else 0.0

@@ -114,17 +114,18 @@ def test_the_rollback_memory_survives_a_round_checkpoint(tmp_path):
 def test_a_persistent_small_rise_accumulates_to_an_exclusion_and_an_alternating_one_does_not():
     """``fed.screen_cusum``: against hand-computed one-sided sums. Clients 1 and 3 change the model against the
     other three (cosine with the others' summed change about -1); 0, 2 and 4 along it. Client 3 raises the loss 0.2
-    nats every round (never near ``fed.screen_nats``); client 1 alternates +0.3 / -0.3; client 2 raises it 0.4 every
-    round, but along the others' change. With a 0.5 bound client 3 is excluded in round 3 (0.2 + 0.2 + 0.2 = 0.6),
-    client 1 never (0.3, 0, 0.3, 0), client 2 never (an agreeing round counts only a fall); among 3 replies nobody
-    is excluded."""
+    nats every round (never near ``fed.screen_nats``); client 1 alternates +0.3 / -0.3; client 2 raises it 1.0 once,
+    along the others' change, then lowers it 0.1 a round. With a 0.5 bound client 3 is excluded in round 3
+    (0.2 + 0.2 + 0.2 = 0.6), client 1 never (0.3, 0, 0.3, 0), client 2 never (an agreeing round counts at most
+    ALONG_CAP = 0.3: 0.3, 0.2, 0.1; without the gate, on dense fedavg, 1.0 excludes it at once); among 3 replies
+    nobody is excluded."""
     from fedlowrank.federated.screening import Screen
 
     screen = object.__new__(Screen)
     screen.run = SimpleNamespace(strategy="slice",
                                  fed=SimpleNamespace(screen="exclude", screen_nats=2.0, screen_cusum=0.5))
     screen.method, screen.excluded, screen.cusum = None, {}, {}
-    rises = {0: [-0.1] * 4, 1: [0.3, -0.3, 0.3, -0.3], 2: [0.4] * 4, 3: [0.2] * 4, 4: [0.0] * 4}
+    rises = {0: [-0.1] * 4, 1: [0.3, -0.3, 0.3, -0.3], 2: [1.0, -0.1, -0.1, -0.1], 3: [0.2] * 4, 4: [0.0] * 4}
     along, against = torch.tensor([1.0, 0.0]), torch.tensor([-1.0, 0.1])
     zero = {"w": torch.zeros(2)}
     entry = lambda p: (p, {"w": against if p in (1, 3) else along}, 1.0, {}, zero)  # noqa: E731
@@ -135,16 +136,15 @@ def test_a_persistent_small_rise_accumulates_to_an_exclusion_and_an_alternating_
         clock["round"] = rnd
         kept, gone = screen.apply(rnd, [entry(p) for p in range(5)], None)
         assert (gone, screen.excluded) == (([3], {3: 3}) if rnd == 3 else ([], {})), rnd
-    assert screen.cusum == pytest.approx({0: 0.0, 1: 0.3, 2: 0.0, 3: 0.6, 4: 0.0})
+    assert screen.cusum == pytest.approx({0: 0.0, 1: 0.3, 2: 0.1, 3: 0.6, 4: 0.0})
     screen.excluded, screen.cusum = {}, {3: 10.0}
     clock["round"] = 4
     kept, gone = screen.apply(4, [entry(p) for p in (1, 2, 3)], None)  # three: too few to exclude on
     assert gone == [] and screen.excluded == {}
     screen.run.strategy, screen.excluded, screen.cusum = "fedavg", {}, {}  # dense FedAvg: no direction gate
-    for rnd in (1, 2):
-        clock["round"] = rnd
-        screen.apply(rnd, [entry(p) for p in range(5)], None)
-    assert screen.excluded == {2: 2} and screen.cusum[2] == pytest.approx(0.8)
+    clock["round"] = 1
+    screen.apply(1, [entry(p) for p in range(5)], None)
+    assert screen.excluded == {2: 1} and screen.cusum[2] == pytest.approx(1.0)
     screen.run.fed.screen_cusum = None  # off: sums are not kept
     screen.cusum = {}
     screen.apply(4, [entry(p) for p in range(5)], None)

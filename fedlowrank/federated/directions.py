@@ -11,14 +11,15 @@ import torch
 
 from .aggregation import State
 
-# fed.screen_cusum counts a round's rise only where the client's change points away from the others' (cosine with
-# the sum of their changes below this). Default MLP on digits, iid, 40 clean runs: honest cosines >= -0.17 in every
-# round where a client raised the server sample's loss by more than 0.1 nat (by up to 1.6 nats, which alone passed
-# the 1.5-nat bound in 2 of 20 seeds), below -0.2 only with rises of <= 0.02 nat; reversed changes (k = 1, 1.4) at
-# -0.50 to -0.66 in their first round. The ViT (5 seeds): honest >= -0.10, reversed changes -0.22 to -0.61 in rounds
-# 1-8, whose rises are small (0.1-0.75 nat) and must all count (docs/results.md, "The cumulative rule counts only
-# disagreeing rounds").
-DISAGREE = -0.2
+# fed.screen_cusum counts a round's rise in full where the client's change points away from the others' (cosine with
+# the sum of their changes below DISAGREE) and at most ALONG_CAP nats where it does not. Default MLP on digits, iid,
+# 40 clean runs: honest cosines >= -0.17 in every round where a client raised the server sample's loss by more than
+# 0.1 nat (by up to 1.6 nats in one round, which alone passed the 1.5-nat bound in 2 of 20 seeds); reversed changes
+# (k = 1, 1.4) at -0.50 to -0.66 in their first round. The ViT (5 seeds): reversed changes' rises are small (0.1-0.75
+# nat a round) and point at -0.22 to -0.61, sometimes above -0.2: capped, not dropped, such rounds still add up.
+# Honest sums with the cap stay <= 0.86 (40 MLP seeds; 1.93 without the gate). docs/results.md, "The cumulative rule
+# counts only disagreeing rounds".
+DISAGREE, ALONG_CAP = -0.2, 0.3
 STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 

@@ -22,7 +22,7 @@ from fedlowrank.training.loop import evaluate_classifier
 
 from .aggregation import State
 from .bn_stats import server_sample
-from .directions import DISAGREE, change, cosines
+from .directions import ALONG_CAP, DISAGREE, change, cosines
 from .screen_eval import MAX_STACKED, StackedLosses, batch_statistics, numel
 
 log = logging.getLogger(__name__)
@@ -313,12 +313,13 @@ class Screen:
     def _accumulate(self, rnd: int, valid: list, combine: Callable[[list], State], gone: list[int]
                     ) -> tuple[list, list | None]:
         """``fed.screen_cusum``: add each client's rise to its one-sided cumulative sum (S = max(0, S + rise)); where
-        factors are averaged slot by slot (every strategy but ``fedavg``), only in rounds where its change points
-        away from the others' (:mod:`.directions`: cosine below ``DISAGREE``; in other rounds only a fall counts),
-        since two honest clients that share slots can raise the loss together; with at least ``MIN_EXCLUDE`` valid replies, a client whose sum passes the
-        bound is rejected and excluded (a reversed change on a shared model rises a few hundredths of a nat a round
-        and slows learning without ever crossing ``fed.screen_nats``). Returns (kept entries, the rises table of
-        ``valid`` when it kept them all, else None)."""
+        factors are averaged slot by slot (every strategy but ``fedavg``) a rise counts in full only in rounds where
+        its change points away from the others' (:mod:`.directions`: cosine below ``DISAGREE``), at most
+        ``ALONG_CAP`` in other rounds (two honest clients that share slots can raise the loss together in one round).
+        With at least ``MIN_EXCLUDE`` valid replies, a client whose sum passes the bound is rejected and excluded (a
+        reversed change on a shared model rises a few hundredths of a nat a round and slows learning without ever
+        crossing ``fed.screen_nats``). Returns (kept entries, the rises table of ``valid`` when it kept them all,
+        else None)."""
         bound = self.run.fed.screen_cusum
         if bound is None or len(valid) < MIN_CLIENTS:
             return valid, None
@@ -326,7 +327,7 @@ class Screen:
         # the direction gate where factors are averaged slot by slot (not dense fedavg, where honest sums stay small)
         cos = cosines([change(v[1], v[4]) for v in valid]) if self.run.strategy != "fedavg" else [None] * len(valid)
         for v, (rise, _), c in zip(valid, table, cos):
-            counted = rise if c is None or c < DISAGREE else min(rise, 0.0)  # a change along the others': no rise
+            counted = rise if c is None or c < DISAGREE else min(rise, ALONG_CAP)  # along the others': capped
             self.cusum[v[0]] = max(0.0, self.cusum.get(v[0], 0.0) + counted) if np.isfinite(rise) else 0.0
         over = [v[0] for v in valid if self.cusum[v[0]] > bound] if len(valid) >= MIN_EXCLUDE else []
         for pid in sorted(over, key=lambda p: -self.cusum[p])[:len(valid) - MIN_CLIENTS]:

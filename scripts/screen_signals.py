@@ -4,7 +4,8 @@ clipping, iid and Dirichlet 0.1, clean and with one attacker (top budget, pid 3;
 drop the attacker before aggregating (an oracle), so the trajectory is the defended one and the attacker's rises are
 those it would show there. Prints, per cell, the rises' quantiles (min, 10 %, median, 90 %, max) for honest
 clients (clean runs) and for the attacker, and the same of each client's largest one-sided cumulative sum of its
-rises (a slow, persistent attack's signal); this sets ``fed.screen_nats`` (docs/reliability.md).
+rises as ``fed.screen_cusum`` counts them (with the direction gate except on dense ``fedavg``: a slow, persistent
+attack's signal); this sets ``fed.screen_nats`` and ``fed.screen_cusum`` (docs/reliability.md).
 
     python scripts/screen_signals.py [--seeds 0 1 2 3] [--attacks flip flip1.4 flip5 constant scale]
         [--partitions iid "dirichlet 0.1"] [--attackers top mid] [--overrides strategy=fedavg]
@@ -20,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlowrank.config import federated_run_from_cfg  # noqa: E402
+from fedlowrank.federated.directions import change, cosines, counted  # noqa: E402
 from fedlowrank.federated.run_config import compose_cfg  # noqa: E402
 from fedlowrank.federated.screening import LooScreen  # noqa: E402
 from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds  # noqa: E402
@@ -28,8 +30,9 @@ PARTITIONS = {"iid": [], "dirichlet 0.1": ["fed.partition=dirichlet", "fed.alpha
 ATTACKERS = {"top": 3, "mid": 2}
 
 
-def rises(seed: int, extra: list[str], attacker: int | None) -> dict[int, list[float]]:
-    """Partition id -> its rise in every round it replied (the attacker's replies dropped after measuring)."""
+def rises(seed: int, extra: list[str], attacker: int | None) -> dict[int, list[tuple[float, float]]]:
+    """Partition id -> (its rise, what the cumulative rule adds for it: :func:`directions.counted`) in every round it
+    replied (the attacker's replies dropped after measuring)."""
     run = federated_run_from_cfg(compose_cfg(["mode=federated", "out_dir=/tmp/screen_signals", f"seed={seed}",
                                               "fed.eval_budgets=false", "fed.clip_auto=null", *extra]))
     st = make_strategy(run)
@@ -37,8 +40,11 @@ def rises(seed: int, extra: list[str], attacker: int | None) -> dict[int, list[f
     out: dict[int, list[float]] = {}
 
     def measure(rnd: int, valid: list) -> tuple[list, int]:
+        gate = run.strategy != "fedavg"  # as the screen's cumulative rule (Screen._accumulate)
+        cos = cosines([change(v[1], v[4]) for v in valid]) if gate else [None] * len(valid)
         for i, reached in loo.leave_one_out(valid, st._combine):
-            out.setdefault(valid[i][0], []).append(max(f - w for f, w, _ in reached))
+            rise = max(f - w for f, w, _ in reached)
+            out.setdefault(valid[i][0], []).append((rise, counted(rise, cos[i])))
         return [v for v in valid if v[0] != attacker], 0
 
     st._screen = measure  # the strategy's own hook point, after the per-reply checks
@@ -76,8 +82,8 @@ def main() -> None:
             honest, bad, honest_sum, bad_sum = [], [], [], []
             for seed in args.seeds:
                 for p, r in rises(seed, [*PARTITIONS[part], *args.overrides, *faults], pid).items():
-                    (bad if p == pid else honest).extend(r)
-                    (bad_sum if p == pid else honest_sum).append(cusum(r))
+                    (bad if p == pid else honest).extend(x for x, _ in r)
+                    (bad_sum if p == pid else honest_sum).append(cusum([c for _, c in r]))
             # honest rises of attack runs include rounds with the attacker in the aggregate: only clean runs say
             print(f"{part} | {attack} {pos or ''} | " + (
                 f"attacker: {quantiles(bad)}; cumulative: {quantiles(bad_sum)}" if pos else

@@ -54,3 +54,9 @@ def cosines(changes: list[torch.Tensor]) -> list[float | None]:
         den = float(c.norm() * o.norm())
         out.append(float(c @ o) / den if den > 0 else 0.0)
     return out
+
+
+def counted(rise: float, cos: float | None) -> float:
+    """What a round's rise adds to a client's cumulative sum: all of it where its change points away from the
+    others' (cosine below ``DISAGREE``) or the direction is unknown (None), at most ``ALONG_CAP`` otherwise."""
+    return rise if cos is None or cos < DISAGREE else min(rise, ALONG_CAP)

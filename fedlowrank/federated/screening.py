@@ -22,7 +22,7 @@ from fedlowrank.training.loop import evaluate_classifier
 
 from .aggregation import State
 from .bn_stats import server_sample
-from .directions import ALONG_CAP, DISAGREE, change, cosines
+from .directions import change, cosines, counted
 from .screen_eval import MAX_STACKED, StackedLosses, batch_statistics, numel
 
 log = logging.getLogger(__name__)
@@ -327,8 +327,7 @@ class Screen:
         # the direction gate where factors are averaged slot by slot (not dense fedavg, where honest sums stay small)
         cos = cosines([change(v[1], v[4]) for v in valid]) if self.run.strategy != "fedavg" else [None] * len(valid)
         for v, (rise, _), c in zip(valid, table, cos):
-            counted = rise if c is None or c < DISAGREE else min(rise, ALONG_CAP)  # along the others': capped
-            self.cusum[v[0]] = max(0.0, self.cusum.get(v[0], 0.0) + counted) if np.isfinite(rise) else 0.0
+            self.cusum[v[0]] = max(0.0, self.cusum.get(v[0], 0.0) + counted(rise, c)) if np.isfinite(rise) else 0.0
         over = [v[0] for v in valid if self.cusum[v[0]] > bound] if len(valid) >= MIN_EXCLUDE else []
         for pid in sorted(over, key=lambda p: -self.cusum[p])[:len(valid) - MIN_CLIENTS]:
             self.excluded[pid] = rnd

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fedlowrank.config import federated_run_from_cfg  # noqa: E402
-from fedlowrank.federated.directions import change, cosines, counted  # noqa: E402
+from fedlowrank.federated.directions import counted, round_cosines  # noqa: E402
 from fedlowrank.federated.run_config import compose_cfg  # noqa: E402
 from fedlowrank.federated.screening import LooScreen  # noqa: E402
 from fedlowrank.runtime.inprocess import InProcessGrid, make_strategy, run_rounds  # noqa: E402
@@ -40,8 +40,7 @@ def rises(seed: int, extra: list[str], attacker: int | None) -> dict[int, list[t
     out: dict[int, list[float]] = {}
 
     def measure(rnd: int, valid: list) -> tuple[list, int]:
-        gate = run.strategy != "fedavg"  # as the screen's cumulative rule (Screen._accumulate)
-        cos = cosines([change(v[1], v[4]) for v in valid]) if gate else [None] * len(valid)
+        cos = round_cosines(run.strategy, valid)  # as the screen's cumulative rule (Screen._accumulate)
         for i, reached in loo.leave_one_out(valid, st._combine):
             rise = max(f - w for f, w, _ in reached)
             out.setdefault(valid[i][0], []).append((rise, counted(rise, cos[i])))

@@ -56,6 +56,14 @@ def cosines(changes: list[torch.Tensor]) -> list[float | None]:
     return out
 
 
+def round_cosines(strategy: str, valid: list) -> list[float | None]:
+    """Per valid reply of a round ((pid, update, weight, metrics, sent) entries), the cosine the cumulative rule gates
+    on; None everywhere on dense ``fedavg``, which averages whole tensors and needs no gate (honest sums stay small)."""
+    if strategy == "fedavg":
+        return [None] * len(valid)
+    return cosines([change(v[1], v[4]) for v in valid])
+
+
 def counted(rise: float, cos: float | None) -> float:
     """What a round's rise adds to a client's cumulative sum: all of it where its change points away from the
     others' (cosine below ``DISAGREE``) or the direction is unknown (None), at most ``ALONG_CAP`` otherwise."""

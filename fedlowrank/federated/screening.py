@@ -22,7 +22,7 @@ from fedlowrank.training.loop import evaluate_classifier
 
 from .aggregation import State
 from .bn_stats import server_sample
-from .directions import change, cosines, counted
+from .directions import counted, round_cosines
 from .screen_eval import MAX_STACKED, StackedLosses, batch_statistics, numel
 
 log = logging.getLogger(__name__)
@@ -324,17 +324,14 @@ class Screen:
         if bound is None or len(valid) < MIN_CLIENTS:
             return valid, None
         table = self._loo.table(valid, combine)
-        # the direction gate where factors are averaged slot by slot (not dense fedavg, where honest sums stay small)
-        cos = cosines([change(v[1], v[4]) for v in valid]) if self.run.strategy != "fedavg" else [None] * len(valid)
-        for v, (rise, _), c in zip(valid, table, cos):
+        for v, (rise, _), c in zip(valid, table, round_cosines(self.run.strategy, valid)):
             self.cusum[v[0]] = max(0.0, self.cusum.get(v[0], 0.0) + counted(rise, c)) if np.isfinite(rise) else 0.0
         over = [v[0] for v in valid if self.cusum[v[0]] > bound] if len(valid) >= MIN_EXCLUDE else []
         for pid in sorted(over, key=lambda p: -self.cusum[p])[:len(valid) - MIN_CLIENTS]:
             self.excluded[pid] = rnd
             gone.append(pid)
             log.warning("round %d: rejected the update of client %d and excluded it from the rest of the run: its "
-                        "rises of the server sample's loss, in rounds its change pointed away from the others', sum to "
-                        "%.3g nats (above fed.screen_cusum=%g)", rnd, pid,
+                        "rises of the server sample's loss sum to %.3g nats (above fed.screen_cusum=%g)", rnd, pid,
                         self.cusum[pid], bound)
         kept = [v for v in valid if v[0] not in self.excluded]
         return kept, table if len(kept) == len(valid) else None
